@@ -1,0 +1,22 @@
+"""The agent client: finds the longest cached prefix of a token sequence on the edges, streams it,
+verifies every frame's BLAKE3 digest, writes frames straight into preallocated per-layer tensors and
+hands back a transformers DynamicCache, so generation continues exactly as after a local prefill.
+
+```python
+from kvcdn.client import KVClient, generate_from_cache
+from kvcdn.models import load_model
+from kvcdn.prompt import document_ids, question_ids
+
+model = load_model("smollm2-135m")
+doc = document_ids(model.tokenizer, text)
+async with KVClient(["127.0.0.1:7080"]) as client:
+    fetched = await client.fetch(model, doc)           # FetchedCache: .cache(), .cached_tokens, ...
+answer = generate_from_cache(model, fetched, doc + question_ids(model.tokenizer, "Who?"), 24)
+```
+`BlockingKVClient` offers the same calls without asyncio.
+"""
+
+from kvcdn.client.api import BlockingKVClient, ClientConfig, FetchedCache, KVClient, generate_from_cache
+from kvcdn.client.reader import CacheReader
+
+__all__ = ["BlockingKVClient", "CacheReader", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]

@@ -1,0 +1,229 @@
+"""KVClient: fetch the longest cached prefix of a token sequence from the edges as a DynamicCache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from kvcdn import adapter
+from kvcdn.client.reader import CacheReader
+from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
+from kvcdn.frames import decode_frame, verify_frame
+from kvcdn.identity import block_keys
+from kvcdn.layout import Geometry, KVAssembler, LayerKV
+from kvcdn.models import LoadedModel
+from kvcdn.v1 import kvcdn_pb2 as pb
+
+__all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRYABLE = (Unavailable, DeadlineExceeded)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    edges: tuple[str, ...]
+    """Edge addresses HOST:PORT, tried in order; the next one takes over when one fails."""
+    timeout_s: float = 30.0
+    """Deadline of each unary call."""
+    stream_timeout_s: float = 300.0
+    """Deadline of one block stream."""
+
+    def __post_init__(self) -> None:
+        if not self.edges:
+            raise InvalidArgument("no edge address given (--edges HOST:PORT[,...])")
+
+
+@dataclass
+class FetchedCache:
+    """The KV of the first `cached_tokens` tokens of a sequence, verified and on the model's device."""
+
+    layers: list[LayerKV]
+    """Per layer (keys, values), each `[1, kv_heads, cached_tokens, head_dim]`; empty if nothing was cached."""
+    cached_tokens: int
+    n_bytes: int
+    """Payload bytes streamed."""
+    fetch_s: float
+    """Seconds from the first lookup to a cache ready for generate(): lookup, stream, verify, rebuild."""
+    edges_used: list[str] = field(default_factory=list)
+
+    def cache(self, model: LoadedModel) -> Any:
+        """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
+        each call returns a new one, and the stored tensors are never modified)."""
+        return adapter.build_cache(model.model, self.layers)
+
+
+def generate_from_cache(
+    model: LoadedModel, fetched: FetchedCache, ids: list[int], max_new_tokens: int
+) -> adapter.Generation:
+    """Greedy continuation of `ids` (the cached prefix followed by new tokens, e.g. a question)."""
+    if fetched.cached_tokens >= len(ids):
+        raise InvalidArgument("ids must extend past the cached prefix by at least one token")
+    return adapter.greedy(model.model, ids, max_new_tokens, cache=fetched.layers or None)
+
+
+class KVClient:
+    """Async client over a list of edges. Use inside one event loop (`async with`)."""
+
+    def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
+        self.config = edges if isinstance(edges, ClientConfig) else ClientConfig(tuple(edges))
+        self._readers = [
+            CacheReader(a, self.config.timeout_s, self.config.stream_timeout_s) for a in self.config.edges
+        ]
+        self._info: pb.ServerInfo | None = None
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            await reader.close()
+
+    async def __aenter__(self) -> KVClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _first(self, call: Any) -> Any:
+        """`call(reader)` on the first edge that answers."""
+        last: Exception | None = None
+        for reader in self._readers:
+            try:
+                return await call(reader)
+            except _RETRYABLE as exc:
+                log.warning("edge %s failed (%s); trying the next one", reader.address, exc)
+                last = exc
+        assert last is not None
+        raise last
+
+    async def info(self) -> pb.ServerInfo:
+        if self._info is None:
+            self._info = await self._first(lambda r: r.info())
+        assert self._info is not None
+        return self._info
+
+    async def geometry_for(self, model: LoadedModel) -> Geometry:
+        """The network's geometry, after checking it serves caches of `model`."""
+        info = await self.info()
+        if info.fingerprint != model.fingerprint_hex:
+            raise FingerprintMismatch(
+                f"the edges serve caches of model fingerprint {info.fingerprint[:16]}… ({info.model}); "
+                f"the local model {model.name} is {model.fingerprint_hex[:16]}…: load the same model, "
+                "dtype and attention implementation"
+            )
+        return Geometry.from_proto(info.geometry)
+
+    async def lookup(self, model: LoadedModel, ids: Sequence[int]) -> list[pb.BlockInfo]:
+        """Infos of the longest cached prefix of `ids`, in block order."""
+        geometry = await self.geometry_for(model)
+        keys = block_keys(model.fingerprint, ids, geometry.block_tokens)
+        if not keys:
+            raise InvalidArgument("the token sequence is empty")
+        blocks: list[pb.BlockInfo] = await self._first(lambda r: r.lookup(model.fingerprint_hex, keys))
+        for i, info in enumerate(blocks):
+            expected_tokens = min(geometry.block_tokens, len(ids) - i * geometry.block_tokens)
+            if (
+                i >= len(keys)
+                or info.key != keys[i]
+                or info.index != i
+                or info.n_tokens != expected_tokens
+                or info.n_bytes != geometry.block_bytes(info.n_tokens)
+                or len(info.frame_digests) != geometry.frame_count(info.n_bytes)
+            ):
+                raise DigestMismatch(f"edge answered a lookup with a malformed block {i}")
+        return blocks
+
+    async def fetch(self, model: LoadedModel, ids: Sequence[int]) -> FetchedCache:
+        """Stream and verify the longest cached prefix of `ids` into tensors on the model's device."""
+        t0 = time.perf_counter()
+        blocks = await self.lookup(model, ids)
+        geometry = await self.geometry_for(model)
+        n_tokens = sum(b.n_tokens for b in blocks)
+        if not blocks:
+            return FetchedCache([], 0, 0, time.perf_counter() - t0)
+        assembler = KVAssembler(geometry, n_tokens, model.device)
+        used = await self._stream_into(model.fingerprint_hex, geometry, blocks, assembler)
+        layers = await asyncio.get_running_loop().run_in_executor(None, assembler.layers)
+        return FetchedCache(
+            layers=layers,
+            cached_tokens=n_tokens,
+            n_bytes=sum(b.n_bytes for b in blocks),
+            fetch_s=time.perf_counter() - t0,
+            edges_used=used,
+        )
+
+    async def _stream_into(
+        self, fingerprint: str, geometry: Geometry, blocks: list[pb.BlockInfo], assembler: KVAssembler
+    ) -> list[str]:
+        """Write every frame of `blocks` into `assembler`, resuming on the next edge after a failure
+        at exactly the frame where the stream broke."""
+        block_i, frame_i = 0, 0
+        used: list[str] = []
+        errors: list[Exception] = []
+        for reader in self._readers:
+            used.append(reader.address)
+            try:
+                async for raw in reader.stream(fingerprint, [b.key for b in blocks[block_i:]], frame_i):
+                    header, payload = decode_frame(raw)
+                    info = blocks[block_i]
+                    if header.block_key != info.key or header.frame_index != frame_i:
+                        raise DigestMismatch(
+                            f"{reader.address} sent frame {header.frame_index} of block "
+                            f"{header.block_key.hex()[:16]}… where frame {frame_i} of block {block_i} was due"
+                        )
+                    verify_frame(info, geometry.frame_bytes, header, payload)
+                    assembler.write(block_i * geometry.block_tokens, info.n_tokens, header.offset, payload)
+                    frame_i += 1
+                    if frame_i == len(info.frame_digests):
+                        block_i, frame_i = block_i + 1, 0
+                if block_i == len(blocks):
+                    return used
+                errors.append(Unavailable(f"{reader.address} ended the stream early at block {block_i}"))
+            except _RETRYABLE as exc:
+                errors.append(exc)
+            log.warning("stream from %s broke at block %d frame %d: %s", reader.address, block_i, frame_i, errors[-1])
+        raise Unavailable(f"no edge could complete the stream: {'; '.join(map(str, errors))}")
+
+
+class BlockingKVClient:
+    """KVClient for code without an event loop; owns a private loop."""
+
+    def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._run(self._make(edges))
+
+    @staticmethod
+    async def _make(edges: Sequence[str] | ClientConfig) -> KVClient:
+        return KVClient(edges)
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    def info(self) -> pb.ServerInfo:
+        info: pb.ServerInfo = self._run(self._client.info())
+        return info
+
+    def lookup(self, model: LoadedModel, ids: Sequence[int]) -> list[pb.BlockInfo]:
+        blocks: list[pb.BlockInfo] = self._run(self._client.lookup(model, ids))
+        return blocks
+
+    def fetch(self, model: LoadedModel, ids: Sequence[int]) -> FetchedCache:
+        fetched: FetchedCache = self._run(self._client.fetch(model, ids))
+        return fetched
+
+    def close(self) -> None:
+        self._run(self._client.close())
+        self._loop.close()
+
+    def __enter__(self) -> BlockingKVClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

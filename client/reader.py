@@ -1,0 +1,89 @@
+"""A thin async stub for one kvcdn server (origin or edge): each call has a deadline, every failure
+comes back as a kvcdn.errors type, and StreamBlocks yields frames as raw `Frame` bytes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+
+from kvcdn.errors import from_rpc_error
+from kvcdn.rpc import CHANNEL_OPTIONS, STREAM_BLOCKS
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+
+__all__ = ["CacheReader"]
+
+
+class CacheReader:
+    """Calls to one server. Create and use it inside the event loop that runs it."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, stream_timeout_s: float = 300.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.stream_timeout_s = stream_timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._kv = pb_grpc.KVCacheStub(self._channel)
+        self._publisher = pb_grpc.PublisherStub(self._channel)
+        self._stream = self._channel.unary_stream(
+            STREAM_BLOCKS,
+            request_serializer=pb.StreamBlocksRequest.SerializeToString,
+            response_deserializer=None,  # raw bytes: kvcdn.frames.decode_frame slices them
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> CacheReader:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def info(self) -> pb.ServerInfo:
+        try:
+            return await self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+
+    async def manifest(self, document: str, version: int = 0) -> pb.Manifest:
+        try:
+            return await self._kv.GetManifest(
+                pb.GetManifestRequest(document=document, version=version), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+
+    async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
+        try:
+            resp = await self._kv.LookupPrefix(
+                pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+        return list(resp.blocks)
+
+    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
+        """Encoded frames of `keys` in order, from frame `start_frame` of the first key."""
+        call = self._stream(
+            pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start_frame),
+            timeout=self.stream_timeout_s,
+        )
+        try:
+            async for raw in call:
+                yield raw
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+        finally:
+            call.cancel()
+
+    async def publish(self, document: str, text: str, timeout_s: float = 1800.0) -> pb.PublishResponse:
+        try:
+            return await self._publisher.Publish(
+                pb.PublishRequest(document=document, text=text), timeout=timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None

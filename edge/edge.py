@@ -1,0 +1,104 @@
+"""The edge's domain logic: a memory tier over the origin with single-flight misses. No gRPC here
+beyond the client stub it pulls from the origin with."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from kvcdn.client.reader import CacheReader
+from kvcdn.errors import DigestMismatch, InvalidArgument, NotFound, Unavailable
+from kvcdn.frames import EncodedBlock, decode_frame, verify_frame
+from kvcdn.lru import ByteLRU
+from kvcdn.rpc import check_fingerprint, check_keys
+from kvcdn.singleflight import SingleFlight
+from kvcdn.v1 import kvcdn_pb2 as pb
+
+__all__ = ["Edge"]
+
+log = logging.getLogger(__name__)
+
+
+class Edge:
+    """Memory LRU of encoded blocks in front of one origin."""
+
+    def __init__(self, origin: CacheReader, mem_bytes: int) -> None:
+        self.origin = origin
+        self.memory: ByteLRU[bytes, EncodedBlock] = ByteLRU(mem_bytes, lambda b: b.n_bytes)
+        self._fetches: SingleFlight[EncodedBlock] = SingleFlight()
+        self._origin_info: pb.ServerInfo | None = None
+        self.origin_fetches = 0
+        self.hits = 0
+        self.misses = 0
+
+    async def origin_info(self) -> pb.ServerInfo:
+        if self._origin_info is None:
+            self._origin_info = await self.origin.info()
+        return self._origin_info
+
+    async def info(self) -> pb.ServerInfo:
+        info = pb.ServerInfo()
+        info.CopyFrom(await self.origin_info())
+        info.role = "edge"
+        return info
+
+    async def manifest(self, document: str, version: int) -> pb.Manifest:
+        return await self.origin.manifest(document, version)
+
+    async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
+        check_fingerprint(fingerprint, (await self.origin_info()).fingerprint)
+        check_keys(keys)
+        found: list[pb.BlockInfo] = []
+        for key in keys:
+            block = self.memory.get(key)
+            if block is None:
+                break
+            found.append(block.info)
+        if len(found) < len(keys):
+            try:
+                found += await self.origin.lookup(fingerprint, keys[len(found) :])
+            except Unavailable:
+                if not found:
+                    raise
+                log.warning("origin unreachable; answering the lookup from memory alone")
+        return found
+
+    async def block(self, fingerprint: str, key: bytes) -> EncodedBlock:
+        cached = self.memory.get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self.misses += 1
+        return await self._fetches.do(key, lambda: self._pull(fingerprint, key))
+
+    async def _pull(self, fingerprint: str, key: bytes) -> EncodedBlock:
+        """Fetch one block from the origin, verifying every frame before it is cached."""
+        infos = await self.origin.lookup(fingerprint, [key])
+        if not infos:
+            raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
+        info = infos[0]
+        frame_bytes = (await self.origin_info()).geometry.frame_bytes
+        frames: list[bytes] = []
+        async for raw in self.origin.stream(fingerprint, [key]):
+            header, payload = decode_frame(raw)
+            if header.frame_index != len(frames):
+                raise DigestMismatch(f"origin sent frame {header.frame_index} out of order")
+            verify_frame(info, frame_bytes, header, payload)
+            frames.append(raw)
+        if len(frames) != len(info.frame_digests):
+            raise Unavailable(f"origin ended block {key.hex()[:16]}… after {len(frames)} frames")
+        self.origin_fetches += 1
+        block = EncodedBlock(info=info, frames=tuple(frames))
+        self.memory.put(key, block)
+        return block
+
+    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
+        check_fingerprint(fingerprint, (await self.origin_info()).fingerprint)
+        check_keys(keys)
+        for i, key in enumerate(keys):
+            block = await self.block(fingerprint, key)
+            skip = start_frame if i == 0 else 0
+            if skip and skip >= len(block.frames):
+                raise InvalidArgument(f"start_frame {skip} is past the {len(block.frames)} frames of the block")
+            for frame in block.frames[skip:]:
+                yield frame

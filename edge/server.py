@@ -1,0 +1,33 @@
+"""Starting and running the edge's gRPC server."""
+
+from __future__ import annotations
+
+import logging
+
+from kvcdn.client.reader import CacheReader
+from kvcdn.edge.config import EdgeConfig
+from kvcdn.edge.edge import Edge
+from kvcdn.edge.service import EdgeService
+from kvcdn.rpc import Server, start_server
+from kvcdn.serving import serve_until_stopped
+
+__all__ = ["run_edge", "start_edge"]
+
+log = logging.getLogger(__name__)
+
+
+async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
+    """Start an edge; the caller stops the returned server (and closes `edge.origin`)."""
+    origin = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
+    edge = Edge(origin, config.mem_bytes)
+    server = await start_server(config.listen, EdgeService(edge))
+    log.info("edge serving on %s in front of origin %s", server.address, config.origin)
+    return edge, server
+
+
+async def run_edge(config: EdgeConfig, port_file: str | None = None) -> None:
+    edge, server = await start_edge(config)
+    try:
+        await serve_until_stopped(server, port_file)
+    finally:
+        await edge.origin.close()

@@ -1,0 +1,42 @@
+"""Translates the edge's gRPC requests to Edge calls and back; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvcdn.edge.edge import Edge
+from kvcdn.rpc import rpc_errors, stream_errors
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+
+__all__ = ["EdgeService"]
+
+
+class EdgeService(pb_grpc.KVCacheServicer):
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    @rpc_errors
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        return await self.edge.info()
+
+    @rpc_errors
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Manifest:
+        return await self.edge.manifest(request.document, request.version)
+
+    @rpc_errors
+    async def LookupPrefix(
+        self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupPrefixResponse:
+        return pb.LookupPrefixResponse(blocks=await self.edge.lookup(request.fingerprint, request.keys))
+
+    @stream_errors
+    async def StreamBlocks(
+        self, request: pb.StreamBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for frame in self.edge.stream(request.fingerprint, request.keys, request.start_frame):
+            yield frame

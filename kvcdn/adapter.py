@@ -1,0 +1,107 @@
+"""The one module that touches transformers' cache API (5.x).
+
+transformers renamed and removed its cache API between 4.x and 5.x (`from_legacy_cache`, `key_cache`
+and `past_key_values=` are gone or deprecated); keeping every such call here means the next change is
+a one-file change. Everything else in kvcdn sees a cache as `list[LayerKV]`: per layer `(keys,
+values)`, each `[batch=1, kv_heads, tokens, head_dim]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.layout import LayerKV
+
+__all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill"]
+
+
+def _ids_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def build_cache(model: Any, layers: list[LayerKV]) -> DynamicCache:
+    """A DynamicCache holding `layers` without copying them.
+
+    The tensors become the cache's storage as they are (possibly non-contiguous views); the first
+    `update()` concatenates onto them, which is exactly what a cache filled by prefill does.
+    """
+    cache = DynamicCache(config=model.config)
+    if len(cache.layers) != len(layers):
+        raise InvalidArgument(f"model has {len(cache.layers)} cache layers, the cache holds {len(layers)}")
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        if layer.is_sliding:
+            raise InvalidArgument("models with sliding-window attention layers are not supported yet")
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return cache
+
+
+def _layers_of(cache: DynamicCache) -> list[LayerKV]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.inference_mode()
+def prefill(model: Any, ids: list[int], past: list[LayerKV] | None = None) -> list[LayerKV]:
+    """Run the model over `ids` (continuing `past`, which covers the tokens before them) and return
+    the per-layer KV of the whole sequence."""
+    device = model.device
+    cache = build_cache(model, past) if past else DynamicCache(config=model.config)
+    model(input_ids=_ids_tensor(ids, device), cache=cache, use_cache=True, logits_to_keep=1)
+    return _layers_of(cache)
+
+
+def kv_shape(model: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the model's cache, read off a one-token prefill so that any
+    architecture's config naming works."""
+    layers = prefill(model, [0])
+    shapes = {(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in layers}
+    if len(shapes) != 1:
+        raise InvalidArgument("models whose layers differ in KV shape are not supported yet")
+    heads, dim, v_heads, v_dim = shapes.pop()
+    if (heads, dim) != (v_heads, v_dim):
+        raise InvalidArgument("models whose keys and values differ in shape are not supported yet")
+    return len(layers), int(heads), int(dim)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Greedy continuation: the new token ids and the logits that chose each."""
+
+    tokens: list[int]
+    logits: list[torch.Tensor]
+
+
+@torch.inference_mode()
+def greedy(model: Any, ids: list[int], max_new_tokens: int, cache: list[LayerKV] | None = None) -> Generation:
+    """Greedy-decode up to `max_new_tokens` after `ids`.
+
+    With `cache` (KV of a prefix of `ids`), only the uncached tail of `ids` is run through the model;
+    the cache is copied into a fresh DynamicCache and the caller's tensors are not modified. `ids` is
+    always the full sequence with an all-ones mask, as generate() requires.
+    """
+    device = model.device
+    input_ids = _ids_tensor(ids, device)
+    kwargs: dict[str, Any] = {}
+    if cache is not None:
+        kwargs["cache"] = build_cache(model, cache)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        generation_config=config,
+        **kwargs,
+    )
+    new = out.sequences[0, len(ids) :].tolist()
+    return Generation(tokens=new, logits=[step[0].float().cpu() for step in out.logits])

@@ -1,0 +1,93 @@
+"""kvcdn's exception hierarchy and its one mapping onto gRPC status codes.
+
+```
+KVCDNError                      base; `.code` is the gRPC status it travels as
+├── NotFound                    NOT_FOUND            unknown block key or document
+├── InvalidArgument             INVALID_ARGUMENT     malformed request or input
+├── FingerprintMismatch         FAILED_PRECONDITION  caller's model differs from the server's
+├── LimitExceeded               RESOURCE_EXHAUSTED   over a configured limit
+├── Unavailable                 UNAVAILABLE          origin or peer unreachable (retryable)
+├── DigestMismatch              DATA_LOSS            bytes do not match their digest
+└── DeadlineExceeded            DEADLINE_EXCEEDED    the call ran past its deadline
+```
+
+Servers abort with `exc.code` and `str(exc)`; clients turn a `grpc.RpcError` back into the same class
+with `from_rpc_error`, so callers catch domain errors, never transport ones.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "DeadlineExceeded",
+    "DigestMismatch",
+    "FingerprintMismatch",
+    "InvalidArgument",
+    "KVCDNError",
+    "LimitExceeded",
+    "NotFound",
+    "Unavailable",
+    "from_rpc_error",
+]
+
+
+class KVCDNError(Exception):
+    """Base of every error kvcdn raises on purpose."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class NotFound(KVCDNError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidArgument(KVCDNError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FingerprintMismatch(KVCDNError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LimitExceeded(KVCDNError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(KVCDNError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DigestMismatch(KVCDNError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class DeadlineExceeded(KVCDNError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[KVCDNError]] = {
+    cls.code: cls
+    for cls in (
+        NotFound,
+        InvalidArgument,
+        FingerprintMismatch,
+        LimitExceeded,
+        Unavailable,
+        DigestMismatch,
+        DeadlineExceeded,
+    )
+}
+
+
+def from_rpc_error(err: grpc.RpcError, peer: str) -> KVCDNError:
+    """The typed error for a failed call to `peer`; unknown codes become a plain KVCDNError."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _BY_CODE.get(code, KVCDNError)
+    exc = cls(f"{peer}: {details}" if details else f"{peer}: {code.name}")
+    if cls is KVCDNError:
+        exc.args = (f"{peer}: {code.name}: {details}",)
+    return exc

@@ -1,0 +1,128 @@
+"""Wire framing of block payloads: digests, cutting, and zero-copy encode/decode of `Frame` messages.
+
+A `Frame` is encoded by hand as exactly what protobuf itself would write (field 1, the small header
+message, then field 2, the payload), so any protobuf client can parse it, while kvcdn's receivers
+slice the payload out as a `memoryview` instead of copying it, and senders keep encoded frames ready
+to write. The StreamBlocks method is registered with pass-through serializers for that reason
+(kvcdn.rpc), which the architecture measured at ~4x protobuf's speed for 1 MiB messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blake3
+
+from kvcdn.errors import DigestMismatch
+from kvcdn.v1 import kvcdn_pb2 as pb
+
+__all__ = ["EncodedBlock", "decode_frame", "digest", "encode_block", "verify_frame"]
+
+_HEADER_TAG = 0x0A  # field 1, length-delimited
+_PAYLOAD_TAG = 0x12  # field 2, length-delimited
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """BLAKE3-256 of `data`."""
+    return blake3.blake3(data).digest()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    """A block ready to stream: its info and its frames encoded as `Frame` messages."""
+
+    info: pb.BlockInfo
+    frames: tuple[bytes, ...]
+
+    @property
+    def n_bytes(self) -> int:
+        """Memory the encoded block holds (frames plus a small allowance for the info)."""
+        return sum(len(f) for f in self.frames) + 64 * len(self.frames) + 128
+
+
+def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_bytes: int) -> EncodedBlock:
+    """Cut a block payload into frames, digest each and encode them."""
+    view = memoryview(payload)
+    frames: list[bytes] = []
+    digests: list[bytes] = []
+    for frame_index, offset in enumerate(range(0, len(payload), frame_bytes)):
+        chunk = view[offset : offset + frame_bytes]
+        d = digest(chunk)
+        digests.append(d)
+        header = pb.FrameHeader(
+            block_key=key, frame_index=frame_index, offset=offset, digest=d
+        ).SerializeToString()
+        frames.append(
+            b"".join(
+                (
+                    bytes((_HEADER_TAG,)),
+                    _varint(len(header)),
+                    header,
+                    bytes((_PAYLOAD_TAG,)),
+                    _varint(len(chunk)),
+                    chunk,
+                )
+            )
+        )
+    info = pb.BlockInfo(key=key, index=index, n_tokens=n_tokens, n_bytes=len(payload), frame_digests=digests)
+    return EncodedBlock(info=info, frames=tuple(frames))
+
+
+def decode_frame(data: bytes) -> tuple[pb.FrameHeader, memoryview]:
+    """Split an encoded `Frame` into its header and a zero-copy view of its payload."""
+    buf = memoryview(data)
+    try:
+        if buf[0] != _HEADER_TAG:
+            raise ValueError("header first")
+        n, pos = _read_varint(buf, 1)
+        header = pb.FrameHeader.FromString(buf[pos : pos + n])
+        pos += n
+        if pos == len(buf):
+            return header, buf[pos:]
+        if buf[pos] != _PAYLOAD_TAG:
+            raise ValueError("payload second")
+        n, pos = _read_varint(buf, pos + 1)
+        if pos + n != len(buf):
+            raise ValueError("trailing fields")
+        return header, buf[pos : pos + n]
+    except (ValueError, IndexError):
+        # Another writer's field order: parse properly (copies the payload).
+        frame = pb.Frame.FromString(data)
+        return frame.header, memoryview(frame.payload)
+
+
+def verify_frame(info: pb.BlockInfo, frame_bytes: int, header: pb.FrameHeader, payload: memoryview) -> None:
+    """Check a frame against the block's published digests; raise DigestMismatch otherwise."""
+    index = header.frame_index
+    if header.block_key != info.key or index >= len(info.frame_digests):
+        raise DigestMismatch(f"frame {index} does not belong to block {info.key.hex()[:16]}")
+    expected_len = min(frame_bytes, info.n_bytes - index * frame_bytes)
+    if header.offset != index * frame_bytes or len(payload) != expected_len:
+        raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} has the wrong offset or size")
+    if digest(payload) != info.frame_digests[index]:
+        raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} fails its BLAKE3 digest")

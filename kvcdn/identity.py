@@ -1,0 +1,87 @@
+"""Cache identity: the model fingerprint and the chained block keys (ARCHITECTURE.md, one spec).
+
+Everything here is a pure function of its arguments and hashes with SHA-256 over explicit
+little-endian encodings, so two processes (or two machines) always agree on a key. Never use Python's
+process-salted `hash()` for identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_BLOCK_TOKENS",
+    "KEY_BYTES",
+    "block_keys",
+    "block_spans",
+    "content_digest",
+    "model_fingerprint",
+]
+
+DEFAULT_BLOCK_TOKENS = 256
+KEY_BYTES = 32
+
+
+def model_fingerprint(
+    *,
+    architecture: str,
+    config: Mapping[str, Any],
+    weights_digest: str,
+    tokenizer_digest: str,
+    dtype: str,
+    attn_implementation: str,
+) -> bytes:
+    """SHA-256 over a canonical JSON encoding of everything that changes the KV numbers."""
+    canonical = json.dumps(
+        {
+            "architecture": architecture,
+            "config": config,
+            "weights": weights_digest,
+            "tokenizer": tokenizer_digest,
+            "dtype": dtype,
+            "attn_implementation": attn_implementation,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode("ascii")).digest()
+
+
+def _le_u32(ids: Sequence[int]) -> bytes:
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must fit in an unsigned 32-bit integer")
+    return arr.astype("<u4").tobytes()
+
+
+def block_spans(n_tokens: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of the blocks of an n-token sequence; the last may be short."""
+    if block_tokens <= 0:
+        raise ValueError("block_tokens must be positive")
+    return [(s, min(s + block_tokens, n_tokens)) for s in range(0, n_tokens, block_tokens)]
+
+
+def block_keys(
+    fingerprint: bytes, ids: Sequence[int], block_tokens: int = DEFAULT_BLOCK_TOKENS
+) -> list[bytes]:
+    """Chained keys: key_0 = SHA-256(fingerprint || ids_0), key_i = SHA-256(key_{i-1} || ids_i)."""
+    if len(fingerprint) != KEY_BYTES:
+        raise ValueError("fingerprint must be 32 raw bytes")
+    keys: list[bytes] = []
+    prev = fingerprint
+    for start, end in block_spans(len(ids), block_tokens):
+        prev = hashlib.sha256(prev + _le_u32(ids[start:end])).digest()
+        keys.append(prev)
+    return keys
+
+
+def content_digest(ids: Sequence[int]) -> str:
+    """Hex SHA-256 of a token sequence as LE-u32: a document version's content identity."""
+    return hashlib.sha256(_le_u32(ids)).hexdigest()

@@ -1,0 +1,182 @@
+"""gRPC plumbing shared by every kvcdn server and client: limits, service registration with the
+zero-copy StreamBlocks method, health and reflection, and the domain-error-to-status boundary."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, LimitExceeded
+from kvcdn.identity import KEY_BYTES
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "MAX_KEYS_PER_REQUEST",
+    "STREAM_BLOCKS",
+    "Server",
+    "check_fingerprint",
+    "check_keys",
+    "rpc_errors",
+    "start_server",
+    "stream_errors",
+]
+
+log = logging.getLogger(__name__)
+
+# Frames are ~1 MiB; leave room for framing and keep gRPC's guard against runaway messages.
+MAX_MESSAGE_BYTES = 8 << 20
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+MAX_KEYS_PER_REQUEST = 4096
+STREAM_BLOCKS = "/kvcdn.v1.KVCache/StreamBlocks"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, KVCDNError):
+        log.debug("%s failed: %s %s", method, exc.code.name, exc)
+        await context.abort(exc.code, str(exc))
+    log.error("%s failed unexpectedly", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def rpc_errors(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Map domain errors raised by a unary servicer method onto their gRPC status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__name__)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def stream_errors(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    """Map domain errors raised by a streaming servicer method onto their gRPC status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__name__)
+
+    return wrapper
+
+
+def check_keys(keys: Sequence[bytes]) -> None:
+    """Reject a malformed key list with INVALID_ARGUMENT / RESOURCE_EXHAUSTED."""
+    if not keys:
+        raise InvalidArgument("the request names no block keys")
+    if len(keys) > MAX_KEYS_PER_REQUEST:
+        raise LimitExceeded(f"{len(keys)} keys in one request; the limit is {MAX_KEYS_PER_REQUEST}")
+    for i, key in enumerate(keys):
+        if len(key) != KEY_BYTES:
+            raise InvalidArgument(f"key {i} is {len(key)} bytes; block keys are {KEY_BYTES} raw bytes")
+
+
+def check_fingerprint(asked: str, served: str) -> None:
+    """FAILED_PRECONDITION unless the caller's model is the one this server's caches belong to."""
+    if asked != served:
+        raise FingerprintMismatch(
+            f"this network serves caches of model fingerprint {served[:16]}…, the request is for "
+            f"{asked[:16] or '(none)'}…: load the same model, dtype and attention implementation"
+        )
+
+
+def _kvcache_handlers(servicer: pb_grpc.KVCacheServicer) -> grpc.GenericRpcHandler:
+    handlers = {
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo,
+            request_deserializer=pb.GetInfoRequest.FromString,
+            response_serializer=pb.ServerInfo.SerializeToString,
+        ),
+        "GetManifest": grpc.unary_unary_rpc_method_handler(
+            servicer.GetManifest,
+            request_deserializer=pb.GetManifestRequest.FromString,
+            response_serializer=pb.Manifest.SerializeToString,
+        ),
+        "LookupPrefix": grpc.unary_unary_rpc_method_handler(
+            servicer.LookupPrefix,
+            request_deserializer=pb.LookupPrefixRequest.FromString,
+            response_serializer=pb.LookupPrefixResponse.SerializeToString,
+        ),
+        # Servicers yield frames already encoded as `Frame` bytes (kvcdn.frames): no serializer.
+        "StreamBlocks": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamBlocks,
+            request_deserializer=pb.StreamBlocksRequest.FromString,
+            response_serializer=None,
+        ),
+    }
+    return grpc.method_handlers_generic_handler("kvcdn.v1.KVCache", handlers)
+
+
+class Server:
+    """A started grpc.aio server and the port it bound."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, host: str) -> None:
+        self.grpc = server
+        self.port = port
+        self.host = host
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self.grpc.stop(grace_s)
+
+
+async def start_server(
+    listen: str,
+    kvcache: pb_grpc.KVCacheServicer,
+    publisher: pb_grpc.PublisherServicer | None = None,
+) -> Server:
+    """Build, bind and start a server with the KVCache service (plus Publisher on the origin),
+    health checking and reflection. `listen` may use port 0; the bound port is returned."""
+    host, _, port_text = listen.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise InvalidArgument(f"--listen {listen!r} is not HOST:PORT")
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((_kvcache_handlers(kvcache),))
+    names = [pb.DESCRIPTOR.services_by_name["KVCache"].full_name]
+    if publisher is not None:
+        pb_grpc.add_PublisherServicer_to_server(publisher, server)
+        names.append(pb.DESCRIPTOR.services_by_name["Publisher"].full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise InvalidArgument(f"cannot bind {listen}: the address is in use or not local")
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Server(server, port, host.strip("[]"))

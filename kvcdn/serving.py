@@ -1,0 +1,36 @@
+"""Running a started server in the foreground until SIGINT or SIGTERM (the CLI's servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+from kvcdn.rpc import Server
+
+__all__ = ["serve_until_stopped", "write_port_file"]
+
+
+def write_port_file(path: str, address: str) -> None:
+    """Atomically write the bound address, so a parent process can wait for the file to appear."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(address + "\n")
+    os.replace(tmp, target)
+
+
+async def serve_until_stopped(server: Server, port_file: str | None = None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if port_file:
+        write_port_file(port_file, server.address)
+    print(f"serving on {server.address}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace_s=2.0)

@@ -1,0 +1,43 @@
+"""Origin configuration, built from `kvcdn origin` flags (or directly by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.identity import DEFAULT_BLOCK_TOKENS
+from kvcdn.layout import DEFAULT_FRAME_BYTES
+from kvcdn.models import DEFAULT_MODEL
+
+__all__ = ["OriginConfig"]
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    store_dir: Path
+    """Folder of the block and manifest store; created when missing."""
+    listen: str = "127.0.0.1:7070"
+    """HOST:PORT to serve on; port 0 picks a free port."""
+    model: str = DEFAULT_MODEL
+    """Alias, local model directory or hub id."""
+    dtype: str = "auto"
+    """Compute (and wire) dtype: auto, float32, float16 or bfloat16."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    models_dir: Path | None = None
+    """Where the embedded default model is provisioned (default ~/.cache/kvcdn/models)."""
+    max_document_tokens: int = 32768
+    """Longest document accepted for publishing (RESOURCE_EXHAUSTED above)."""
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+    """Tokens per block."""
+    frame_bytes: int = DEFAULT_FRAME_BYTES
+    """Payload bytes per streamed frame."""
+    read_cache_bytes: int = 256 << 20
+    """Memory for recently streamed blocks, so hot blocks are not re-read from disk."""
+
+    def __post_init__(self) -> None:
+        if self.max_document_tokens <= 0:
+            raise InvalidArgument("max_document_tokens must be positive")
+        if self.read_cache_bytes < 0:
+            raise InvalidArgument("read_cache_bytes must be >= 0")

@@ -1,0 +1,186 @@
+"""The origin's domain logic: publishing (prefill once, store blocks, version manifests) and the
+read side (info, manifests, longest-prefix lookup, block streaming). Knows nothing about gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from kvcdn import adapter
+from kvcdn.errors import InvalidArgument, LimitExceeded
+from kvcdn.frames import EncodedBlock, encode_block
+from kvcdn.identity import block_keys, block_spans, content_digest
+from kvcdn.layout import KVAssembler, LayerKV, block_payload
+from kvcdn.lru import ByteLRU
+from kvcdn.models import LoadedModel
+from kvcdn.origin.config import OriginConfig
+from kvcdn.origin.store import BlockStore, ManifestStore, check_document_name
+from kvcdn.prompt import document_ids
+from kvcdn.rpc import check_fingerprint, check_keys
+from kvcdn.singleflight import SingleFlight
+from kvcdn.v1 import kvcdn_pb2 as pb
+
+__all__ = ["Origin", "PublishResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: pb.Manifest
+    computed_blocks: int
+    """Blocks this publish computed; 0 when everything was stored already."""
+    prefill_s: float
+
+
+class Origin:
+    """Publishes documents with one model and serves their blocks."""
+
+    def __init__(self, config: OriginConfig, model: LoadedModel) -> None:
+        self.config = config
+        self.model = model
+        self.geometry = model.geometry
+        self.blocks = BlockStore(config.store_dir, self.geometry.frame_bytes)
+        self.manifests = ManifestStore(config.store_dir)
+        self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
+        self._publishing: SingleFlight[tuple[int, float]] = SingleFlight()
+        self._model_lock = asyncio.Lock()
+        self._manifest_lock = asyncio.Lock()
+        self.prefill_runs = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint_hex
+
+    def info(self) -> pb.ServerInfo:
+        return pb.ServerInfo(
+            role="origin",
+            fingerprint=self.fingerprint,
+            model=self.model.name,
+            geometry=self.geometry.to_proto(),
+            max_document_tokens=self.config.max_document_tokens,
+        )
+
+    # --- write side -------------------------------------------------------------------------------
+
+    async def publish(self, document: str, text: str) -> PublishResult:
+        check_document_name(document)
+        if not text.strip():
+            raise InvalidArgument("the document text is empty")
+        ids = document_ids(self.model.tokenizer, text)
+        if len(ids) > self.config.max_document_tokens:
+            raise LimitExceeded(
+                f"document {document!r} is {len(ids)} tokens; this origin accepts at most "
+                f"{self.config.max_document_tokens} (--max-document-tokens)"
+            )
+        keys = block_keys(self.model.fingerprint, ids, self.geometry.block_tokens)
+        digest = content_digest(ids)
+        computed, prefill_s = await self._publishing.do(digest, lambda: self._compute(ids, keys))
+        async with self._manifest_lock:
+            versions = self.manifests.versions(document)
+            if versions:
+                latest = self.manifests.get(document, versions[-1])
+                if latest.content_digest == digest:
+                    return PublishResult(latest, computed, prefill_s)
+            manifest = pb.Manifest(
+                document=document,
+                version=(versions[-1] + 1) if versions else 1,
+                fingerprint=self.fingerprint,
+                geometry=self.geometry.to_proto(),
+                token_count=len(ids),
+                blocks=[self._stored_info(k) for k in keys],
+                content_digest=digest,
+            )
+            self.manifests.put(manifest)
+        log.info(
+            "published %s v%d: %d tokens, %d blocks (%d computed)",
+            document,
+            manifest.version,
+            len(ids),
+            len(keys),
+            computed,
+        )
+        return PublishResult(manifest, computed, prefill_s)
+
+    def _stored_info(self, key: bytes) -> pb.BlockInfo:
+        info = self.blocks.info(key)
+        assert info is not None, "publish stores every block before its manifest"
+        return info
+
+    async def _compute(self, ids: list[int], keys: list[bytes]) -> tuple[int, float]:
+        """Prefill what is not stored yet, reusing the longest stored prefix; store the new blocks."""
+        spans = block_spans(len(ids), self.geometry.block_tokens)
+        have = 0
+        while have < len(keys) and keys[have] in self.blocks:
+            have += 1
+        if have == len(keys):
+            return 0, 0.0
+        loop = asyncio.get_running_loop()
+        async with self._model_lock:
+            past = await loop.run_in_executor(None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0)
+            start = spans[have][0]
+            t0 = time.perf_counter()
+            layers = await loop.run_in_executor(None, adapter.prefill, self.model.model, ids[start:], past)
+            prefill_s = time.perf_counter() - t0
+            self.prefill_runs += 1
+        for i in range(have, len(keys)):
+            s, e = spans[i]
+            await loop.run_in_executor(None, self._store_block, keys[i], i, layers, s, e)
+        return len(keys) - have, prefill_s
+
+    def _load_prefix(self, keys: Sequence[bytes], n_tokens: int) -> list[LayerKV] | None:
+        if not keys:
+            return None
+        assembler = KVAssembler(self.geometry, n_tokens, self.model.device)
+        for key in keys:
+            info, payload = self.blocks.get(key)
+            assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, memoryview(payload))
+        return assembler.layers()
+
+    def _store_block(self, key: bytes, index: int, layers: list[LayerKV], start: int, end: int) -> None:
+        if key in self.blocks:
+            return
+        payload = block_payload(self.geometry, layers, start, end)
+        block = encode_block(key, index, end - start, payload, self.geometry.frame_bytes)
+        self.blocks.put(block.info, payload)
+        self._read_cache.put(key, block)
+
+    # --- read side --------------------------------------------------------------------------------
+
+    def manifest(self, document: str, version: int) -> pb.Manifest:
+        return self.manifests.get(document, version)
+
+    def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
+        check_fingerprint(fingerprint, self.fingerprint)
+        check_keys(keys)
+        found: list[pb.BlockInfo] = []
+        for key in keys:
+            info = self.blocks.info(key)
+            if info is None:
+                break
+            found.append(info)
+        return found
+
+    async def block(self, key: bytes) -> EncodedBlock:
+        cached = self._read_cache.get(key)
+        if cached is not None:
+            return cached
+        info, payload = await asyncio.get_running_loop().run_in_executor(None, self.blocks.get, key)
+        block = encode_block(key, info.index, info.n_tokens, payload, self.geometry.frame_bytes)
+        self._read_cache.put(key, block)
+        return block
+
+    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
+        """Encoded frames of `keys` in order, starting at frame `start_frame` of the first key."""
+        check_fingerprint(fingerprint, self.fingerprint)
+        check_keys(keys)
+        for i, key in enumerate(keys):
+            block = await self.block(key)
+            skip = start_frame if i == 0 else 0
+            if skip >= len(block.frames) and skip:
+                raise InvalidArgument(f"start_frame {skip} is past the {len(block.frames)} frames of the block")
+            for frame in block.frames[skip:]:
+                yield frame

@@ -1,0 +1,49 @@
+"""Translates the origin's gRPC requests to Origin calls and back; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvcdn.origin.origin import Origin
+from kvcdn.rpc import rpc_errors, stream_errors
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+
+__all__ = ["OriginService"]
+
+
+class OriginService(pb_grpc.KVCacheServicer, pb_grpc.PublisherServicer):
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+
+    @rpc_errors
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        return self.origin.info()
+
+    @rpc_errors
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Manifest:
+        return self.origin.manifest(request.document, request.version)
+
+    @rpc_errors
+    async def LookupPrefix(
+        self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupPrefixResponse:
+        return pb.LookupPrefixResponse(blocks=self.origin.lookup(request.fingerprint, request.keys))
+
+    @stream_errors
+    async def StreamBlocks(
+        self, request: pb.StreamBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for frame in self.origin.stream(request.fingerprint, request.keys, request.start_frame):
+            yield frame
+
+    @rpc_errors
+    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:
+        result = await self.origin.publish(request.document, request.text)
+        return pb.PublishResponse(
+            manifest=result.manifest, computed_blocks=result.computed_blocks, prefill_s=result.prefill_s
+        )

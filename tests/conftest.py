@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny model directories (built once per session), loaded models, and in-process
+origin + edge networks on 127.0.0.1 ephemeral ports that are always stopped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvcdn.edge import Edge, EdgeConfig, start_edge
+from kvcdn.models import LoadedModel, load_model
+from kvcdn.origin import Origin, OriginConfig, start_origin
+from kvcdn.rpc import Server
+from tests.tinymodels import ARCHITECTURES, make_tiny_model
+
+SAMPLES = Path(__file__).resolve().parent.parent / "kvcdn" / "samples"
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
+    # Small blocks and frames so that short texts span several blocks and blocks several frames.
+    return {
+        arch: load_model(str(path), dtype="float32", device="cpu", block_tokens=32, frame_bytes=4096)
+        for arch, path in tiny_dirs.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models: dict[str, LoadedModel]) -> LoadedModel:
+    return tiny_models["llama"]
+
+
+@dataclass
+class Network:
+    model: LoadedModel
+    origin: Origin
+    origin_server: Server
+    edge: Edge
+    edge_server: Server
+
+    @property
+    def edge_address(self) -> str:
+        return self.edge_server.address
+
+
+async def start_network(model: LoadedModel, store: Path, **origin_kwargs: int) -> Network:
+    origin, origin_server = await start_origin(
+        OriginConfig(
+            store_dir=store,
+            listen="127.0.0.1:0",
+            model=model.name,
+            block_tokens=model.geometry.block_tokens,
+            frame_bytes=model.geometry.frame_bytes,
+            **origin_kwargs,
+        ),
+        model,
+    )
+    edge, edge_server = await start_edge(EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0"))
+    return Network(model, origin, origin_server, edge, edge_server)
+
+
+async def stop_network(net: Network) -> None:
+    await net.edge_server.stop(0)
+    await net.edge.origin.close()
+    await net.origin_server.stop(0)
+
+
+@pytest.fixture
+async def network(llama: LoadedModel, tmp_path: Path) -> AsyncIterator[Network]:
+    net = await start_network(llama, tmp_path / "store", max_document_tokens=2000)
+    try:
+        yield net
+    finally:
+        await stop_network(net)
+
+
+@pytest.fixture
+def sample_text() -> Iterator[str]:
+    yield (SAMPLES / "apache-2.0.txt").read_text()[:3000]

@@ -1,0 +1,70 @@
+"""Tiny seeded random causal LMs of several architectures, saved as local model directories so
+tests load them exactly as users load theirs (`--model PATH`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
+
+ARCHITECTURES = ("llama", "qwen3", "mistral")
+
+_CORPUS = (Path(__file__).resolve().parent.parent / "kvcdn" / "samples").glob("*.txt")
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [p.read_text() for p in sorted(_CORPUS)] or ["the quick brown fox jumps over the lazy dog"]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def _config(arch: str, vocab: int) -> PretrainedConfig:
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=16)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
+    """Write a seeded random `arch` model and its tokenizer to `path`."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer)))
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
