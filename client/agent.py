@@ -1,0 +1,92 @@
+"""What an agent does with a document: fetch its cache, ask a question, and (when asked to verify)
+prefill locally and compare. Shared by `kvcdn ask`, `kvcdn demo` and the benchmark."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from kvcdn import adapter
+from kvcdn.client.api import KVClient, generate_from_cache
+from kvcdn.models import LoadedModel
+from kvcdn.prompt import document_ids, question_ids
+
+__all__ = ["AskResult", "ask", "compare"]
+
+
+@dataclass(frozen=True)
+class AskResult:
+    answer: str
+    new_tokens: int
+    """Tokens generated from the fetched cache."""
+    doc_tokens: int
+    cached_tokens: int
+    """Tokens of the document served from the cache (the rest, if any, were prefilled locally)."""
+    cache_bytes: int
+    fetch_s: float
+    """Lookup + stream + verify + rebuild, seconds."""
+    generate_s: float
+    """Generation from the fetched cache, seconds."""
+    matched_tokens: int | None = None
+    """With verify: leading generated tokens equal to those after a local prefill."""
+    max_abs_logit_diff: float | None = None
+    """With verify: largest logit difference over the steps whose inputs matched."""
+    prefill_s: float | None = None
+    """With verify: seconds of a local prefill of the document alone (what the cache replaces)."""
+
+    @property
+    def speedup(self) -> float | None:
+        if self.prefill_s is None or self.fetch_s <= 0:
+            return None
+        return self.prefill_s / self.fetch_s
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def compare(cached: adapter.Generation, local: adapter.Generation) -> tuple[int, float]:
+    """(matched leading tokens, max |logit diff| over every step whose inputs were identical)."""
+    matched = 0
+    for a, b in zip(cached.tokens, local.tokens, strict=False):
+        if a != b:
+            break
+        matched += 1
+    steps = min(matched + 1, len(cached.logits), len(local.logits))
+    diff = max((float((cached.logits[i] - local.logits[i]).abs().max()) for i in range(steps)), default=0.0)
+    return matched, diff
+
+
+async def ask(
+    client: KVClient,
+    model: LoadedModel,
+    text: str,
+    question: str,
+    max_new_tokens: int = 24,
+    verify: bool = False,
+) -> AskResult:
+    """Fetch `text`'s cache from the edges and answer `question`; optionally verify exactness."""
+    doc = document_ids(model.tokenizer, text)
+    ids = doc + question_ids(model.tokenizer, question)
+    fetched = await client.fetch(model, doc)
+    t0 = time.perf_counter()
+    gen = generate_from_cache(model, fetched, ids, max_new_tokens)
+    generate_s = time.perf_counter() - t0
+    result = AskResult(
+        answer=model.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(),
+        new_tokens=len(gen.tokens),
+        doc_tokens=len(doc),
+        cached_tokens=fetched.cached_tokens,
+        cache_bytes=fetched.n_bytes,
+        fetch_s=fetched.fetch_s,
+        generate_s=generate_s,
+    )
+    if not verify:
+        return result
+    t0 = time.perf_counter()
+    adapter.prefill(model.model, doc)
+    prefill_s = time.perf_counter() - t0
+    local = adapter.greedy(model.model, ids, max_new_tokens)
+    matched, diff = compare(gen, local)
+    return AskResult(
+        **{**asdict(result), "matched_tokens": matched, "max_abs_logit_diff": diff, "prefill_s": prefill_s}
+    )

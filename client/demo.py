@@ -1,0 +1,86 @@
+"""`kvcdn demo`: the main job end to end on the embedded default model. Starts an origin and an edge
+as processes, publishes the bundled sample documents, and has an agent fetch each cache, answer a
+question and verify the answer against its own local prefill."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kvcdn.client.agent import AskResult, ask
+from kvcdn.client.api import KVClient
+from kvcdn.client.reader import CacheReader
+from kvcdn.launcher import Cluster
+from kvcdn.models import LoadedModel, load_model
+
+__all__ = ["run_demo", "sample_documents"]
+
+
+def sample_documents() -> list[tuple[str, str, str]]:
+    """(name, text, question) of each bundled sample that has a demo question."""
+    root = resources.files("kvcdn.samples")
+    questions: dict[str, str] = json.loads(root.joinpath("questions.json").read_text())
+    return [(Path(f).stem, root.joinpath(f).read_text(encoding="utf-8"), q) for f, q in questions.items()]
+
+
+async def _run(
+    console: Console, model: LoadedModel, cluster: Cluster, max_new_tokens: int
+) -> list[tuple[str, AskResult]]:
+    docs = sample_documents()
+    async with CacheReader(cluster.origin_address) as origin:
+        for name, text, _ in docs:
+            with console.status(f"origin: prefilling and storing {name} ..."):
+                r = await origin.publish(name, text)
+            console.print(
+                f"published {name} v{r.manifest.version}: {r.manifest.token_count} tokens, "
+                f"{len(r.manifest.blocks)} blocks, prefill {r.prefill_s:.1f} s"
+            )
+    results = []
+    async with KVClient(cluster.edge_addresses) as client:
+        for name, text, question in docs:
+            with console.status(f"agent: fetching {name} from the edge, answering, verifying ..."):
+                results.append((name, await ask(client, model, text, question, max_new_tokens, verify=True)))
+    return results
+
+
+def run_demo(cluster_args: list[str], models_dir: Path | None, args: argparse.Namespace) -> int:
+    console = Console()
+    with console.status("agent: loading the model (provisioning it on first use) ..."):
+        model = load_model(args.model, dtype=args.dtype, device=args.device, models_dir=models_dir)
+    with tempfile.TemporaryDirectory(prefix="kvcdn-demo-") as store:
+        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=cluster_args)
+        with console.status("starting an origin and an edge on loopback ..."):
+            cluster.start()
+        try:
+            console.print(f"origin {cluster.origin_address}, edge {cluster.edge_addresses[0]}")
+            results = asyncio.run(_run(console, model, cluster, args.max_new_tokens))
+        finally:
+            cluster.stop()
+    table = Table(title=f"kvcdn demo: {model.name} ({model.geometry.dtype}, {model.device})")
+    for col in ("document", "tokens", "cache MB", "fetch s", "local prefill s", "speed-up", "matched", "answer"):
+        table.add_column(col, justify="left" if col in ("document", "answer") else "right")
+    ok = True
+    for name, r in results:
+        ok = ok and r.matched_tokens == r.new_tokens
+        table.add_row(
+            name,
+            str(r.doc_tokens),
+            f"{r.cache_bytes / 1e6:.1f}",
+            f"{r.fetch_s:.3f}",
+            f"{r.prefill_s:.2f}",
+            f"{r.speedup:.0f}x",
+            f"{r.matched_tokens}/{r.new_tokens}",
+            r.answer[:60],
+        )
+    console.print(table)
+    console.print(
+        "every cache token-exact" if ok else "[red]a cache diverged from local prefill[/red]",
+    )
+    return 0 if ok else 1

@@ -1,0 +1,3 @@
+from kvcdn.cli import main
+
+raise SystemExit(main())

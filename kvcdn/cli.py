@@ -1,0 +1,332 @@
+"""The `kvcdn` command line: the interface operators, agent developers and deploy manifests use.
+
+This module is the composition root: it builds each component's config from flags and imports the
+components lazily, so `kvcdn --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvcdn.errors import InvalidArgument, KVCDNError
+
+__all__ = ["main", "parse_size"]
+
+log = logging.getLogger("kvcdn")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2G', '1048576' -> bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower().removesuffix("b") if m else ""
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512MiB, 2GiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _edges(text: str) -> list[str]:
+    edges = [e.strip() for e in text.split(",") if e.strip()]
+    if not edges:
+        raise argparse.ArgumentTypeError("give at least one edge address HOST:PORT")
+    return edges
+
+
+def _models_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.models_dir) if args.models_dir else None
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias smollm2-135m (default), model directory, or hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--models-dir",
+        default=os.environ.get("KVCDN_MODELS_DIR"),
+        help="where the default model is provisioned (env KVCDN_MODELS_DIR; default ~/.cache/kvcdn/models)",
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from kvcdn.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, models_dir=_models_dir(args))
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_origin(args: argparse.Namespace) -> int:
+    from kvcdn.origin import OriginConfig, run_origin
+
+    config = OriginConfig(
+        store_dir=Path(args.store),
+        listen=args.listen,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        models_dir=_models_dir(args),
+        max_document_tokens=args.max_document_tokens,
+    )
+    asyncio.run(run_origin(config, args.port_file))
+    return 0
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from kvcdn.edge import EdgeConfig, run_edge
+
+    config = EdgeConfig(origin=args.origin, listen=args.listen, mem_bytes=args.mem_bytes)
+    asyncio.run(run_edge(config, args.port_file))
+    return 0
+
+
+def _cluster_args(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
+    if args.models_dir:
+        out += ["--models-dir", args.models_dir]
+    return out
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from kvcdn.launcher import Cluster
+
+    if args.edges < 1:
+        raise InvalidArgument("--edges must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="kvcdn-store-") as tmp:
+        store = Path(args.store) if args.store else Path(tmp)
+        cluster = Cluster(store_dir=store, edges=args.edges, origin_args=_cluster_args(args))
+        print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
+        with cluster:
+            print(f"origin  {cluster.origin_address}  (store {store})")
+            for i, addr in enumerate(cluster.edge_addresses):
+                print(f"edge{i}   {addr}")
+            print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}", flush=True)
+            print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                print("stopping ...", file=sys.stderr)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvcdn.client import CacheReader
+
+    files = [Path(f) for f in args.files]
+    if args.name and len(files) != 1:
+        raise InvalidArgument("--name applies to a single FILE")
+
+    async def run() -> list[Any]:
+        async with CacheReader(args.origin) as origin:
+            return [
+                await origin.publish(args.name or f.stem, f.read_text(encoding="utf-8")) for f in files
+            ]
+
+    results = asyncio.run(run())
+    table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "first key")
+    for r in results:
+        m = r.manifest
+        first = m.blocks[0].key.hex()[:16] if m.blocks else "-"
+        table.add_row(
+            m.document, str(m.version), str(m.token_count), str(len(m.blocks)), str(r.computed_blocks),
+            f"{r.prefill_s:.2f}", first,
+        )
+    Console().print(table)
+    return 0
+
+
+def _read_doc(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read --doc {path}: {exc.strerror}") from None
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from kvcdn.client import KVClient
+    from kvcdn.prompt import document_ids
+
+    text = _read_doc(args.doc)
+    model = _load(args)
+    doc = document_ids(model.tokenizer, text)
+
+    async def run() -> Any:
+        async with KVClient(args.edges) as client:
+            return await client.fetch(model, doc)
+
+    fetched = asyncio.run(run())
+    if fetched.cached_tokens == 0:
+        print(f"{args.doc}: not cached on the edges (publish it first)", file=sys.stderr)
+        return 1
+    result = {
+        "doc_tokens": len(doc),
+        "cached_tokens": fetched.cached_tokens,
+        "bytes": fetched.n_bytes,
+        "fetch_s": round(fetched.fetch_s, 4),
+        "gb_per_s": round(fetched.n_bytes / fetched.fetch_s / 1e9, 3),
+        "verified_frames": "all (BLAKE3)",
+        "edges": fetched.edges_used,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{fetched.cached_tokens}/{len(doc)} tokens, {fetched.n_bytes / 1e6:.1f} MB in "
+            f"{fetched.fetch_s * 1e3:.0f} ms ({result['gb_per_s']} GB/s), every frame verified"
+        )
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from kvcdn.client import KVClient
+    from kvcdn.client.agent import ask
+
+    text = _read_doc(args.doc)
+    model = _load(args)
+
+    async def run() -> Any:
+        async with KVClient(args.edges) as client:
+            return await ask(client, model, text, args.question, args.max_new_tokens, args.verify)
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.answer)
+    line = (
+        f"[{result.cached_tokens}/{result.doc_tokens} tokens from cache, {result.cache_bytes / 1e6:.1f} MB "
+        f"in {result.fetch_s:.3f} s"
+    )
+    if args.verify:
+        line += (
+            f"; verify: {result.matched_tokens}/{result.new_tokens} tokens matched, max |logit diff| "
+            f"{result.max_abs_logit_diff:.2e}, local prefill {result.prefill_s:.2f} s ({result.speedup:.0f}x)"
+        )
+    print(line + "]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvcdn.client.demo import run_demo
+
+    return run_demo(_cluster_args(args), _models_dir(args), args)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from kvcdn.models import default_models_dir, provision_default_model
+
+    print(provision_default_model(_models_dir(args) or default_models_dir()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.bench import run_bench
+
+    return run_bench(args)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvcdn", description="A prefill CDN for AI agents.")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("origin", help="run the origin: prefill, store and stream caches")
+    s.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (port 0: any free port)")
+    s.add_argument("--store", required=True, help="folder of the block and manifest store")
+    s.add_argument("--max-document-tokens", type=int, default=32768)
+    s.add_argument("--port-file", help=argparse.SUPPRESS)
+    _add_model_flags(s)
+    s.set_defaults(fn=cmd_origin, server=True)
+
+    s = sub.add_parser("edge", help="run an edge: memory tier in front of the origin")
+    s.add_argument("--listen", default="127.0.0.1:7080", help="HOST:PORT (port 0: any free port)")
+    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
+    s.add_argument("--port-file", help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_edge, server=True)
+
+    s = sub.add_parser("up", help="origin + N edges as processes on loopback, until Ctrl-C")
+    s.add_argument("--edges", type=int, default=1)
+    s.add_argument("--store", help="store folder (default: a temporary one)")
+    _add_model_flags(s)
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("publish", help="compute and store the caches of documents; prints their keys")
+    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    s.add_argument("--name", help="document name (default: the file name without extension)")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.set_defaults(fn=cmd_publish)
+
+    for name, fn, help_text in (
+        ("fetch", cmd_fetch, "stream and verify a document's cache; print size, time, GB/s"),
+        ("ask", cmd_ask, "answer a question about a document from its cache"),
+    ):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument(
+            "--edges", type=_edges, default=os.environ.get("KVCDN_EDGES"), required="KVCDN_EDGES" not in os.environ,
+            help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
+        )
+        s.add_argument("--doc", required=True, metavar="FILE")
+        s.add_argument("--json", action="store_true", help="print one JSON object")
+        _add_model_flags(s)
+        s.set_defaults(fn=fn)
+        if name == "ask":
+            s.add_argument("--question", required=True)
+            s.add_argument("--max-new-tokens", type=int, default=24)
+            s.add_argument("--verify", action="store_true", help="also prefill locally and compare")
+
+    s = sub.add_parser("demo", help="the main job on the embedded default model, with a table")
+    s.add_argument("--max-new-tokens", type=int, default=24)
+    _add_model_flags(s)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("provision", help="fetch and convert the embedded default model")
+    s.add_argument("--models-dir", default=os.environ.get("KVCDN_MODELS_DIR"))
+    s.set_defaults(fn=cmd_provision)
+
+    s = sub.add_parser("loadtest", help="benchmarks and load tests")
+    lt = s.add_subparsers(dest="loadtest_command", required=True, metavar="KIND")
+    b = lt.add_parser("bench", help="prefill vs fetch from a warm edge, and fetch vs raw TCP, per length")
+    b.add_argument("--lengths", default="256,1024,3774,8192", help="document lengths in tokens")
+    b.add_argument("--repeats", type=int, default=3, help="fetches per length (best is reported)")
+    b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    _add_model_flags(b)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level.upper()
+    if getattr(args, "server", False) and level == "WARNING":
+        level = "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        code: int = args.fn(args)
+        return code
+    except KVCDNError as exc:
+        print(f"kvcdn {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,99 @@
+"""Starting an origin and N edges as separate `kvcdn` processes on loopback (`kvcdn up`, `kvcdn demo`),
+waiting until each has bound its port, and stopping them all cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from kvcdn.errors import Unavailable
+
+__all__ = ["Cluster"]
+
+
+@dataclass
+class Cluster:
+    """An origin and `edges` edges, started by `start()` (or `with`) and stopped by `stop()`."""
+
+    store_dir: Path
+    edges: int = 1
+    host: str = "127.0.0.1"
+    origin_args: list[str] = field(default_factory=list)
+    """Extra `kvcdn origin` flags (model, dtype, device...)."""
+    edge_args: list[str] = field(default_factory=list)
+    start_timeout_s: float = 600.0
+    origin_address: str = ""
+    edge_addresses: list[str] = field(default_factory=list)
+    _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def _spawn(self, name: str, args: list[str]) -> Path:
+        assert self._tmp is not None
+        port_file = Path(self._tmp.name) / f"{name}.addr"
+        cmd = [sys.executable, "-m", "kvcdn", *args, "--listen", f"{self.host}:0", "--port-file", str(port_file)]
+        with (Path(self._tmp.name) / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs.append((name, proc))
+        return port_file
+
+    def _wait(self, name: str, port_file: Path) -> str:
+        assert self._tmp is not None
+        deadline = time.monotonic() + self.start_timeout_s
+        proc = dict(self._procs)[name]
+        while time.monotonic() < deadline:
+            if port_file.exists():
+                return port_file.read_text().strip()
+            if proc.poll() is not None:
+                log = (Path(self._tmp.name) / f"{name}.log").read_text(errors="replace")
+                raise Unavailable(f"{name} exited with status {proc.returncode}:\n{log[-3000:]}")
+            time.sleep(0.05)
+        raise Unavailable(f"{name} did not start within {self.start_timeout_s:.0f} s")
+
+    def start(self) -> Cluster:
+        self._tmp = tempfile.TemporaryDirectory(prefix="kvcdn-up-")
+        try:
+            origin_file = self._spawn("origin", ["origin", "--store", str(self.store_dir), *self.origin_args])
+            self.origin_address = self._wait("origin", origin_file)
+            files = [
+                self._spawn(f"edge{i}", ["edge", "--origin", self.origin_address, *self.edge_args])
+                for i in range(self.edges)
+            ]
+            self.edge_addresses = [self._wait(f"edge{i}", f) for i, f in enumerate(files)]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_path(self, name: str) -> Path:
+        assert self._tmp is not None
+        return Path(self._tmp.name) / f"{name}.log"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every process (edges first), then SIGKILL what has not exited in time."""
+        for _, proc in reversed(self._procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, proc in reversed(self._procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._procs.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
