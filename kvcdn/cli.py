@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kvcdn.tuning import tune_malloc
+
+    tune_malloc()
     args = build_parser().parse_args(argv)
     level = args.log_level.upper()
     if getattr(args, "server", False) and level == "WARNING":
