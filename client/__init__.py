@@ -19,4 +19,11 @@ answer = generate_from_cache(model, fetched, doc + question_ids(model.tokenizer,
 from kvcdn.client.api import BlockingKVClient, ClientConfig, FetchedCache, KVClient, generate_from_cache
 from kvcdn.client.reader import CacheReader
 
-__all__ = ["BlockingKVClient", "CacheReader", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]
+__all__ = [
+    "BlockingKVClient",
+    "CacheReader",
+    "ClientConfig",
+    "FetchedCache",
+    "KVClient",
+    "generate_from_cache",
+]

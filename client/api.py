@@ -46,7 +46,7 @@ class FetchedCache:
     """The KV of the first `cached_tokens` tokens of a sequence, verified and on the model's device."""
 
     layers: list[LayerKV]
-    """Per layer (keys, values), each `[1, kv_heads, cached_tokens, head_dim]`; empty if nothing was cached."""
+    """Per layer (keys, values), each `[1, kv_heads, cached_tokens, head_dim]`; empty if none was cached."""
     cached_tokens: int
     n_bytes: int
     """Payload bytes streamed."""
@@ -188,7 +188,9 @@ class KVClient:
                 errors.append(Unavailable(f"{reader.address} ended the stream early at block {block_i}"))
             except _RETRYABLE as exc:
                 errors.append(exc)
-            log.warning("stream from %s broke at block %d frame %d: %s", reader.address, block_i, frame_i, errors[-1])
+            log.warning(
+                "stream from %s broke at block %d frame %d: %s", reader.address, block_i, frame_i, errors[-1]
+            )
         raise Unavailable(f"no edge could complete the stream: {'; '.join(map(str, errors))}")
 
 
@@ -225,5 +227,7 @@ class BlockingKVClient:
     def __enter__(self) -> BlockingKVClient:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -64,7 +64,16 @@ def run_demo(cluster_args: list[str], models_dir: Path | None, args: argparse.Na
         finally:
             cluster.stop()
     table = Table(title=f"kvcdn demo: {model.name} ({model.geometry.dtype}, {model.device})")
-    for col in ("document", "tokens", "cache MB", "fetch s", "local prefill s", "speed-up", "matched", "answer"):
+    for col in (
+        "document",
+        "tokens",
+        "cache MB",
+        "fetch s",
+        "local prefill s",
+        "speed-up",
+        "matched",
+        "answer",
+    ):
         table.add_column(col, justify="left" if col in ("document", "answer") else "right")
     ok = True
     for name, r in results:

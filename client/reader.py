@@ -45,17 +45,19 @@ class CacheReader:
 
     async def info(self) -> pb.ServerInfo:
         try:
-            return await self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s)
+            info: pb.ServerInfo = await self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
+        return info
 
     async def manifest(self, document: str, version: int = 0) -> pb.Manifest:
         try:
-            return await self._kv.GetManifest(
+            manifest: pb.Manifest = await self._kv.GetManifest(
                 pb.GetManifestRequest(document=document, version=version), timeout=self.timeout_s
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
+        return manifest
 
     async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
         try:
@@ -66,7 +68,9 @@ class CacheReader:
             raise from_rpc_error(err, self.address) from None
         return list(resp.blocks)
 
-    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
+    async def stream(
+        self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0
+    ) -> AsyncIterator[bytes]:
         """Encoded frames of `keys` in order, from frame `start_frame` of the first key."""
         call = self._stream(
             pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start_frame),
@@ -82,8 +86,9 @@ class CacheReader:
 
     async def publish(self, document: str, text: str, timeout_s: float = 1800.0) -> pb.PublishResponse:
         try:
-            return await self._publisher.Publish(
+            resp: pb.PublishResponse = await self._publisher.Publish(
                 pb.PublishRequest(document=document, text=text), timeout=timeout_s
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
+        return resp

@@ -9,12 +9,13 @@ import grpc
 from kvcdn.edge.edge import Edge
 from kvcdn.rpc import rpc_errors, stream_errors
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 
 __all__ = ["EdgeService"]
 
 
-class EdgeService(pb_grpc.KVCacheServicer):
+class EdgeService:
+    """KVCache, registered by kvcdn.rpc with pass-through frames."""
+
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+import transformers
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.layout import LayerKV
@@ -20,11 +20,16 @@ from kvcdn.layout import LayerKV
 __all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill"]
 
 
+# transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
+DynamicCache: Any = transformers.DynamicCache
+GenerationConfig: Any = transformers.GenerationConfig
+
+
 def _ids_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def build_cache(model: Any, layers: list[LayerKV]) -> DynamicCache:
+def build_cache(model: Any, layers: list[LayerKV]) -> Any:
     """A DynamicCache holding `layers` without copying them.
 
     The tensors become the cache's storage as they are (possibly non-contiguous views); the first
@@ -41,7 +46,7 @@ def build_cache(model: Any, layers: list[LayerKV]) -> DynamicCache:
     return cache
 
 
-def _layers_of(cache: DynamicCache) -> list[LayerKV]:
+def _layers_of(cache: Any) -> list[LayerKV]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

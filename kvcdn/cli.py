@@ -25,7 +25,17 @@ __all__ = ["main", "parse_size"]
 log = logging.getLogger("kvcdn")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+_UNITS = {
+    "": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -49,7 +59,9 @@ def _models_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="alias smollm2-135m (default), model directory, or hub id")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="alias smollm2-135m (default), model directory, or hub id"
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
@@ -136,9 +148,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     async def run() -> list[Any]:
         async with CacheReader(args.origin) as origin:
-            return [
-                await origin.publish(args.name or f.stem, f.read_text(encoding="utf-8")) for f in files
-            ]
+            return [await origin.publish(args.name or f.stem, f.read_text(encoding="utf-8")) for f in files]
 
     results = asyncio.run(run())
     table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "first key")
@@ -146,8 +156,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         m = r.manifest
         first = m.blocks[0].key.hex()[:16] if m.blocks else "-"
         table.add_row(
-            m.document, str(m.version), str(m.token_count), str(len(m.blocks)), str(r.computed_blocks),
-            f"{r.prefill_s:.2f}", first,
+            m.document,
+            str(m.version),
+            str(m.token_count),
+            str(len(m.blocks)),
+            str(r.computed_blocks),
+            f"{r.prefill_s:.2f}",
+            first,
         )
     Console().print(table)
     return 0
@@ -284,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_text)
         s.add_argument(
-            "--edges", type=_edges, default=os.environ.get("KVCDN_EDGES"), required="KVCDN_EDGES" not in os.environ,
+            "--edges",
+            type=_edges,
+            default=os.environ.get("KVCDN_EDGES"),
+            required="KVCDN_EDGES" not in os.environ,
             help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
         )
         s.add_argument("--doc", required=True, metavar="FILE")
@@ -324,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level.upper()
     if getattr(args, "server", False) and level == "WARNING":
         level = "INFO"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         code: int = args.fn(args)
         return code

@@ -100,7 +100,7 @@ def decode_frame(data: bytes) -> tuple[pb.FrameHeader, memoryview]:
         if buf[0] != _HEADER_TAG:
             raise ValueError("header first")
         n, pos = _read_varint(buf, 1)
-        header = pb.FrameHeader.FromString(buf[pos : pos + n])
+        header = pb.FrameHeader.FromString(bytes(buf[pos : pos + n]))
         pos += n
         if pos == len(buf):
             return header, buf[pos:]

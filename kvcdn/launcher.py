@@ -37,7 +37,16 @@ class Cluster:
     def _spawn(self, name: str, args: list[str]) -> Path:
         assert self._tmp is not None
         port_file = Path(self._tmp.name) / f"{name}.addr"
-        cmd = [sys.executable, "-m", "kvcdn", *args, "--listen", f"{self.host}:0", "--port-file", str(port_file)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvcdn",
+            *args,
+            "--listen",
+            f"{self.host}:0",
+            "--port-file",
+            str(port_file),
+        ]
         with (Path(self._tmp.name) / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._procs.append((name, proc))
@@ -95,5 +104,7 @@ class Cluster:
     def __enter__(self) -> Cluster:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -133,8 +133,7 @@ class KVAssembler:
         pin = device.type == "cuda"
         shape = (n_tokens, geometry.kv_heads, geometry.head_dim)
         self._buffers = [
-            torch.empty(shape, dtype=geometry.torch_dtype, pin_memory=pin)
-            for _ in range(2 * geometry.layers)
+            torch.empty(shape, dtype=geometry.torch_dtype, pin_memory=pin) for _ in range(2 * geometry.layers)
         ]
         self._views = [_u8(b) for b in self._buffers]
         self._row_bytes = geometry.segment_bytes(1)

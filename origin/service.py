@@ -14,7 +14,9 @@ from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 __all__ = ["OriginService"]
 
 
-class OriginService(pb_grpc.KVCacheServicer, pb_grpc.PublisherServicer):
+class OriginService(pb_grpc.PublisherServicer):
+    """KVCache (registered by kvcdn.rpc with pass-through frames) and Publisher."""
+
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
 
@@ -42,7 +44,9 @@ class OriginService(pb_grpc.KVCacheServicer, pb_grpc.PublisherServicer):
             yield frame
 
     @rpc_errors
-    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:
+    async def Publish(
+        self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PublishResponse:
         result = await self.origin.publish(request.document, request.text)
         return pb.PublishResponse(
             manifest=result.manifest, computed_blocks=result.computed_blocks, prefill_s=result.prefill_s

