@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from kvcdn import adapter
-from kvcdn.client import KVClient, generate_from_cache
+from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
 from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids, question_ids
 from tests.conftest import SAMPLES, Network, start_network, stop_network
@@ -54,3 +56,103 @@ async def test_fetched_layers_equal_origin_prefill_bit_for_bit(network: Network,
     # The DynamicCache handed to generate() holds the same tensors and is reusable.
     cache = fetched.cache(model)
     assert cache.get_seq_length() == len(doc)
+
+
+async def test_publishing_the_same_text_twice_computes_nothing_new(network: Network, sample_text: str) -> None:
+    first = await network.origin.publish("apache", sample_text)
+    again = await network.origin.publish("apache", sample_text)
+    assert first.computed_blocks == len(first.manifest.blocks) > 1
+    assert again.computed_blocks == 0 and again.prefill_s == 0.0
+    assert again.manifest == first.manifest and again.manifest.version == 1
+    assert network.origin.prefill_runs == 1
+
+
+async def test_concurrent_publishes_of_one_text_prefill_once(network: Network, sample_text: str) -> None:
+    results = await asyncio.gather(*(network.origin.publish("apache", sample_text) for _ in range(5)))
+    assert network.origin.prefill_runs == 1
+    assert {r.manifest.version for r in results} == {1}
+    assert sum(r.computed_blocks for r in results) == 5 * len(results[0].manifest.blocks)
+
+
+async def test_changed_content_gets_a_new_version_and_old_versions_stay(network: Network, sample_text: str) -> None:
+    v1 = (await network.origin.publish("doc", sample_text)).manifest
+    v2 = (await network.origin.publish("doc", sample_text + " Amended.")).manifest
+    assert (v1.version, v2.version) == (1, 2)
+    async with CacheReader(network.edge_address) as edge:
+        assert (await edge.manifest("doc")).version == 2
+        assert (await edge.manifest("doc", 1)).content_digest == v1.content_digest
+
+
+async def test_shared_prefix_is_reused_by_publisher_and_client(network: Network, sample_text: str) -> None:
+    model = network.model
+    other = sample_text[:1500] + " A different ending that changes the later blocks entirely."
+    await network.origin.publish("a", sample_text)
+    doc_b = document_ids(model.tokenizer, other)
+    shared = 0
+    doc_a = document_ids(model.tokenizer, sample_text)
+    while doc_a[shared] == doc_b[shared]:
+        shared += 1
+    full_blocks = shared // model.geometry.block_tokens
+    assert full_blocks >= 2
+    # Before B is published, the longest cached prefix of B is A's shared blocks.
+    async with KVClient([network.edge_address]) as client:
+        partial = await client.fetch(model, doc_b)
+        assert partial.cached_tokens == full_blocks * model.geometry.block_tokens
+        # Continuing from the partial cache prefills only the rest, and still matches local prefill.
+        ids = doc_b + question_ids(model.tokenizer, "What changed?")
+        cached = generate_from_cache(model, partial, ids, NEW_TOKENS)
+        assert cached.tokens == adapter.greedy(model.model, ids, NEW_TOKENS).tokens
+        # Publishing B computes only the blocks after the shared prefix.
+        result = await network.origin.publish("b", other)
+        assert result.computed_blocks == len(result.manifest.blocks) - full_blocks
+        assert (await client.fetch(model, doc_b)).cached_tokens == len(doc_b)
+
+
+async def test_edge_pulls_each_block_from_the_origin_once(network: Network, sample_text: str) -> None:
+    model = network.model
+    manifest = (await network.origin.publish("apache", sample_text)).manifest
+    doc = document_ids(model.tokenizer, sample_text)
+    clients = [KVClient([network.edge_address]) for _ in range(8)]
+    try:
+        fetched = await asyncio.gather(*(c.fetch(model, doc) for c in clients))
+    finally:
+        for c in clients:
+            await c.close()
+    assert all(f.cached_tokens == len(doc) for f in fetched)
+    assert network.edge.origin_fetches == len(manifest.blocks)
+    async with KVClient([network.edge_address]) as client:
+        await client.fetch(model, doc)
+    assert network.edge.origin_fetches == len(manifest.blocks)
+    assert network.edge.hits >= len(manifest.blocks)
+
+
+async def test_nothing_cached_yields_an_empty_fetch_and_generation_prefills_locally(network: Network) -> None:
+    model = network.model
+    doc = document_ids(model.tokenizer, "never published text")
+    async with KVClient([network.edge_address]) as client:
+        fetched = await client.fetch(model, doc)
+    assert fetched.cached_tokens == 0 and fetched.layers == []
+    ids = doc + question_ids(model.tokenizer, "?")
+    assert generate_from_cache(model, fetched, ids, 4).tokens == adapter.greedy(model.model, ids, 4).tokens
+
+
+def test_blocking_client_fetches_without_an_event_loop(llama: LoadedModel, tmp_path: Path) -> None:
+    async def setup() -> Network:
+        net = await start_network(llama, tmp_path / "store")
+        await net.origin.publish("x", (SAMPLES / "gpl-2.0.txt").read_text()[:1200])
+        return net
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    net = asyncio.run_coroutine_threadsafe(setup(), loop).result(60)
+    try:
+        doc = document_ids(llama.tokenizer, (SAMPLES / "gpl-2.0.txt").read_text()[:1200])
+        with BlockingKVClient([net.edge_address]) as client:
+            assert client.info().role == "edge"
+            assert client.fetch(llama, doc).cached_tokens == len(doc)
+    finally:
+        asyncio.run_coroutine_threadsafe(stop_network(net), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -1,0 +1,54 @@
+"""Block payload layout: cut from a prefill, reassembled in place from arbitrary frame boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.identity import block_spans
+from kvcdn.layout import Geometry, KVAssembler, block_payload
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("frame_bytes", [100, 1536, 1 << 20])
+def test_blocks_cut_and_reassembled_are_bit_identical(dtype: str, frame_bytes: int) -> None:
+    g = Geometry(layers=3, kv_heads=2, head_dim=8, dtype=dtype, block_tokens=16, frame_bytes=frame_bytes)
+    torch.manual_seed(0)
+    n = 45
+    layers = [
+        (torch.randn(1, 2, n, 8).to(g.torch_dtype), torch.randn(1, 2, n, 8).to(g.torch_dtype)) for _ in range(3)
+    ]
+    asm = KVAssembler(g, n, torch.device("cpu"))
+    for start, end in block_spans(n, g.block_tokens):
+        payload = block_payload(g, layers, start, end)
+        assert len(payload) == g.block_bytes(end - start)
+        for off in range(0, len(payload), frame_bytes):
+            asm.write(start, end - start, off, memoryview(payload)[off : off + frame_bytes])
+    for (k, v), (rk, rv) in zip(asm.layers(), layers, strict=True):
+        assert k.shape == rk.shape == (1, 2, n, 8)
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+
+
+def test_geometry_rejects_bad_values() -> None:
+    with pytest.raises(InvalidArgument, match="dtype"):
+        Geometry(layers=1, kv_heads=1, head_dim=1, dtype="int8")
+    with pytest.raises(InvalidArgument, match="positive"):
+        Geometry(layers=0, kv_heads=1, head_dim=1, dtype="float32")
+    with pytest.raises(InvalidArgument, match="4 MiB"):
+        Geometry(layers=1, kv_heads=1, head_dim=1, dtype="float32", frame_bytes=8 << 20)
+
+
+def test_assembler_rejects_frames_outside_the_cache() -> None:
+    g = Geometry(layers=1, kv_heads=1, head_dim=4, dtype="float32", block_tokens=4)
+    asm = KVAssembler(g, 4, torch.device("cpu"))
+    with pytest.raises(InvalidArgument):
+        asm.write(4, 4, 0, memoryview(bytes(16)))
+    with pytest.raises(InvalidArgument):
+        asm.write(0, 4, g.block_bytes(4) - 8, memoryview(bytes(16)))
+
+
+def test_geometry_round_trips_through_proto() -> None:
+    g = Geometry(layers=30, kv_heads=3, head_dim=64, dtype="bfloat16")
+    assert Geometry.from_proto(g.to_proto()) == g
+    assert g.token_bytes == 30 * 2 * 3 * 64 * 2 == 23040
