@@ -74,9 +74,7 @@ class KVClient:
 
     def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
         self.config = edges if isinstance(edges, ClientConfig) else ClientConfig(tuple(edges))
-        self._readers = [
-            CacheReader(a, self.config.timeout_s, self.config.stream_timeout_s) for a in self.config.edges
-        ]
+        self._readers = [CacheReader(a, self.config.timeout_s, self.config.stream_timeout_s) for a in self.config.edges]
         self._info: pb.ServerInfo | None = None
 
     async def close(self) -> None:
@@ -188,9 +186,7 @@ class KVClient:
                 errors.append(Unavailable(f"{reader.address} ended the stream early at block {block_i}"))
             except _RETRYABLE as exc:
                 errors.append(exc)
-            log.warning(
-                "stream from %s broke at block %d frame %d: %s", reader.address, block_i, frame_i, errors[-1]
-            )
+            log.warning("stream from %s broke at block %d frame %d: %s", reader.address, block_i, frame_i, errors[-1])
         raise Unavailable(f"no edge could complete the stream: {'; '.join(map(str, errors))}")
 
 
@@ -227,7 +223,5 @@ class BlockingKVClient:
     def __enter__(self) -> BlockingKVClient:
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

@@ -68,9 +68,7 @@ class CacheReader:
             raise from_rpc_error(err, self.address) from None
         return list(resp.blocks)
 
-    async def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0
-    ) -> AsyncIterator[bytes]:
+    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
         """Encoded frames of `keys` in order, from frame `start_frame` of the first key."""
         call = self._stream(
             pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start_frame),

@@ -99,8 +99,6 @@ class Edge:
             block = await self.block(fingerprint, key)
             skip = start_frame if i == 0 else 0
             if skip and skip >= len(block.frames):
-                raise InvalidArgument(
-                    f"start_frame {skip} is past the {len(block.frames)} frames of the block"
-                )
+                raise InvalidArgument(f"start_frame {skip} is past the {len(block.frames)} frames of the block")
             for frame in block.frames[skip:]:
                 yield frame

@@ -24,9 +24,7 @@ class EdgeService:
         return await self.edge.info()
 
     @rpc_errors
-    async def GetManifest(
-        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Manifest:
+    async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
         return await self.edge.manifest(request.document, request.version)
 
     @rpc_errors

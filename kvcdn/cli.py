@@ -59,9 +59,7 @@ def _models_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default="smollm2-135m", help="alias smollm2-135m (default), model directory, or hub id"
-    )
+    p.add_argument("--model", default="smollm2-135m", help="alias smollm2-135m (default), model directory, or hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
@@ -342,9 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level.upper()
     if getattr(args, "server", False) and level == "WARNING":
         level = "INFO"
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         code: int = args.fn(args)
         return code

@@ -74,9 +74,7 @@ def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_by
         chunk = view[offset : offset + frame_bytes]
         d = digest(chunk)
         digests.append(d)
-        header = pb.FrameHeader(
-            block_key=key, frame_index=frame_index, offset=offset, digest=d
-        ).SerializeToString()
+        header = pb.FrameHeader(block_key=key, frame_index=frame_index, offset=offset, digest=d).SerializeToString()
         frames.append(
             b"".join(
                 (

@@ -68,9 +68,7 @@ def block_spans(n_tokens: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> list
     return [(s, min(s + block_tokens, n_tokens)) for s in range(0, n_tokens, block_tokens)]
 
 
-def block_keys(
-    fingerprint: bytes, ids: Sequence[int], block_tokens: int = DEFAULT_BLOCK_TOKENS
-) -> list[bytes]:
+def block_keys(fingerprint: bytes, ids: Sequence[int], block_tokens: int = DEFAULT_BLOCK_TOKENS) -> list[bytes]:
     """Chained keys: key_0 = SHA-256(fingerprint || ids_0), key_i = SHA-256(key_{i-1} || ids_i)."""
     if len(fingerprint) != KEY_BYTES:
         raise ValueError("fingerprint must be 32 raw bytes")

