@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from kvcdn import adapter
+from kvcdn.bulk import Progress, receive_into
 from kvcdn.client.reader import CacheReader
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.frames import decode_frame, verify_frame
@@ -34,7 +35,9 @@ class ClientConfig:
     timeout_s: float = 30.0
     """Deadline of each unary call."""
     stream_timeout_s: float = 300.0
-    """Deadline of one block stream."""
+    """Deadline of one block stream (on the bulk path: the longest wait for data)."""
+    bulk: bool = True
+    """Stream frames over an edge's bulk TCP port when it offers one (else over gRPC)."""
 
     def __post_init__(self) -> None:
         if not self.edges:
@@ -162,32 +165,66 @@ class KVClient:
     ) -> list[str]:
         """Write every frame of `blocks` into `assembler`, resuming on the next edge after a failure
         at exactly the frame where the stream broke."""
-        block_i, frame_i = 0, 0
+        progress = Progress()
         used: list[str] = []
         errors: list[Exception] = []
+        loop = asyncio.get_running_loop()
         for reader in self._readers:
             used.append(reader.address)
             try:
-                async for raw in reader.stream(fingerprint, [b.key for b in blocks[block_i:]], frame_i):
-                    header, payload = decode_frame(raw)
-                    info = blocks[block_i]
-                    if header.block_key != info.key or header.frame_index != frame_i:
-                        raise DigestMismatch(
-                            f"{reader.address} sent frame {header.frame_index} of block "
-                            f"{header.block_key.hex()[:16]}… where frame {frame_i} of block {block_i} was due"
-                        )
-                    verify_frame(info, geometry.frame_bytes, header, payload)
-                    assembler.write(block_i * geometry.block_tokens, info.n_tokens, header.offset, payload)
-                    frame_i += 1
-                    if frame_i == len(info.frame_digests):
-                        block_i, frame_i = block_i + 1, 0
-                if block_i == len(blocks):
-                    return used
-                errors.append(Unavailable(f"{reader.address} ended the stream early at block {block_i}"))
+                bulk = await reader.bulk_address() if self.config.bulk else None
+                if bulk is not None:
+                    await loop.run_in_executor(
+                        None,
+                        receive_into,
+                        bulk,
+                        fingerprint,
+                        blocks,
+                        geometry,
+                        assembler,
+                        progress,
+                        self.config.stream_timeout_s,
+                    )
+                else:
+                    await self._grpc_stream_into(reader, fingerprint, geometry, blocks, assembler, progress)
+                return used
             except _RETRYABLE as exc:
                 errors.append(exc)
-            log.warning("stream from %s broke at block %d frame %d: %s", reader.address, block_i, frame_i, errors[-1])
+            log.warning(
+                "stream from %s broke at block %d frame %d: %s",
+                reader.address,
+                progress.block,
+                progress.frame,
+                errors[-1],
+            )
         raise Unavailable(f"no edge could complete the stream: {'; '.join(map(str, errors))}")
+
+    @staticmethod
+    async def _grpc_stream_into(
+        reader: CacheReader,
+        fingerprint: str,
+        geometry: Geometry,
+        blocks: list[pb.BlockInfo],
+        assembler: KVAssembler,
+        progress: Progress,
+    ) -> None:
+        async for raw in reader.stream(fingerprint, [b.key for b in blocks[progress.block :]], progress.frame):
+            if progress.block == len(blocks):
+                raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
+            header, payload = decode_frame(raw)
+            info = blocks[progress.block]
+            if header.block_key != info.key or header.frame_index != progress.frame:
+                raise DigestMismatch(
+                    f"{reader.address} sent frame {header.frame_index} of block {header.block_key.hex()[:16]}… "
+                    f"where frame {progress.frame} of block {progress.block} was due"
+                )
+            verify_frame(info, geometry.frame_bytes, header, payload)
+            assembler.write(progress.block * geometry.block_tokens, info.n_tokens, header.offset, payload)
+            progress.frame += 1
+            if progress.frame == len(info.frame_digests):
+                progress.block, progress.frame = progress.block + 1, 0
+        if progress.block < len(blocks):
+            raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
 
 
 class BlockingKVClient:

@@ -26,6 +26,7 @@ class CacheReader:
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._kv = pb_grpc.KVCacheStub(self._channel)
         self._publisher = pb_grpc.PublisherStub(self._channel)
+        self._info: pb.ServerInfo | None = None
         self._stream = self._channel.unary_stream(
             STREAM_BLOCKS,
             request_serializer=pb.StreamBlocksRequest.SerializeToString,
@@ -48,7 +49,15 @@ class CacheReader:
             info: pb.ServerInfo = await self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
+        self._info = info
         return info
+
+    async def bulk_address(self) -> tuple[str, int] | None:
+        """(host, port) of the server's bulk frame stream, or None when it offers none."""
+        info = self._info or await self.info()
+        if not info.bulk_port:
+            return None
+        return self.address.rpartition(":")[0].strip("[]"), info.bulk_port
 
     async def manifest(self, document: str, version: int = 0) -> pb.Manifest:
         try:

@@ -17,6 +17,8 @@ class EdgeConfig:
     """HOST:PORT to serve on; port 0 picks a free port."""
     mem_bytes: int = 1 << 30
     """Byte budget of the in-memory block tier."""
+    bulk_port: int = 0
+    """TCP port of the bulk frame stream on the listen host: 0 picks a free port, -1 turns it off."""
     origin_timeout_s: float = 10.0
     """Deadline of each unary call to the origin (a stream gets ten times this)."""
 

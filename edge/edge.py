@@ -30,6 +30,8 @@ class Edge:
         self.origin_fetches = 0
         self.hits = 0
         self.misses = 0
+        self.bulk_port = 0
+        """Port of this edge's bulk frame stream (set by the server once bound; 0: none)."""
 
     async def origin_info(self) -> pb.ServerInfo:
         if self._origin_info is None:
@@ -40,6 +42,7 @@ class Edge:
         info = pb.ServerInfo()
         info.CopyFrom(await self.origin_info())
         info.role = "edge"
+        info.bulk_port = self.bulk_port
         return info
 
     async def manifest(self, document: str, version: int) -> pb.Manifest:

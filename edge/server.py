@@ -20,7 +20,13 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
     """Start an edge; the caller stops the returned server (and closes `edge.origin`)."""
     origin = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
     edge = Edge(origin, config.mem_bytes)
-    server = await start_server(config.listen, EdgeService(edge))
+    server = await start_server(
+        config.listen,
+        EdgeService(edge),
+        bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
+        bulk_port=config.bulk_port,
+    )
+    edge.bulk_port = server.bulk_port
     log.info("edge serving on %s in front of origin %s", server.address, config.origin)
     return edge, server
 

@@ -89,6 +89,7 @@ def cmd_origin(args: argparse.Namespace) -> int:
         device=args.device,
         models_dir=_models_dir(args),
         max_document_tokens=args.max_document_tokens,
+        bulk_port=args.bulk_port,
     )
     asyncio.run(run_origin(config, args.port_file))
     return 0
@@ -97,7 +98,7 @@ def cmd_origin(args: argparse.Namespace) -> int:
 def cmd_edge(args: argparse.Namespace) -> int:
     from kvcdn.edge import EdgeConfig, run_edge
 
-    config = EdgeConfig(origin=args.origin, listen=args.listen, mem_bytes=args.mem_bytes)
+    config = EdgeConfig(origin=args.origin, listen=args.listen, mem_bytes=args.mem_bytes, bulk_port=args.bulk_port)
     asyncio.run(run_edge(config, args.port_file))
     return 0
 
@@ -259,6 +260,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------------
 
 
+_BULK_HELP = "TCP port of the bulk frame stream on the listen host (0: any free port, -1: off)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcdn", description="A prefill CDN for AI agents.")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
@@ -268,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (port 0: any free port)")
     s.add_argument("--store", required=True, help="folder of the block and manifest store")
     s.add_argument("--max-document-tokens", type=int, default=32768)
+    s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)
     _add_model_flags(s)
     s.set_defaults(fn=cmd_origin, server=True)
@@ -276,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:7080", help="HOST:PORT (port 0: any free port)")
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
     s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
+    s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_edge, server=True)
 

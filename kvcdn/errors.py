@@ -30,6 +30,7 @@ __all__ = [
     "LimitExceeded",
     "NotFound",
     "Unavailable",
+    "error_for",
     "from_rpc_error",
 ]
 
@@ -86,6 +87,11 @@ def from_rpc_error(err: grpc.RpcError, peer: str) -> KVCDNError:
     """The typed error for a failed call to `peer`; unknown codes become a plain KVCDNError."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    return error_for(code, details, peer)
+
+
+def error_for(code: grpc.StatusCode, details: str, peer: str) -> KVCDNError:
+    """The typed error for status `code` reported by `peer`."""
     cls = _BY_CODE.get(code, KVCDNError)
     exc = cls(f"{peer}: {details}" if details else f"{peer}: {code.name}")
     if cls is KVCDNError:

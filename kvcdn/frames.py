@@ -16,7 +16,7 @@ import blake3
 from kvcdn.errors import DigestMismatch
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["EncodedBlock", "decode_frame", "digest", "encode_block", "verify_frame"]
+__all__ = ["EncodedBlock", "decode_frame", "digest", "encode_block", "frame_parts", "verify_frame"]
 
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
@@ -91,27 +91,37 @@ def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_by
     return EncodedBlock(info=info, frames=tuple(frames))
 
 
-def decode_frame(data: bytes) -> tuple[pb.FrameHeader, memoryview]:
-    """Split an encoded `Frame` into its header and a zero-copy view of its payload."""
+def frame_parts(data: bytes) -> tuple[memoryview, memoryview]:
+    """Zero-copy views of an encoded `Frame`'s serialized header and its payload, for frames written
+    header first (as kvcdn writes them); ValueError for any other layout."""
     buf = memoryview(data)
     try:
         if buf[0] != _HEADER_TAG:
             raise ValueError("header first")
         n, pos = _read_varint(buf, 1)
-        header = pb.FrameHeader.FromString(bytes(buf[pos : pos + n]))
+        header = buf[pos : pos + n]
         pos += n
         if pos == len(buf):
             return header, buf[pos:]
         if buf[pos] != _PAYLOAD_TAG:
             raise ValueError("payload second")
         n, pos = _read_varint(buf, pos + 1)
-        if pos + n != len(buf):
-            raise ValueError("trailing fields")
-        return header, buf[pos : pos + n]
-    except (ValueError, IndexError):
+    except IndexError:
+        raise ValueError("truncated frame") from None
+    if pos + n != len(buf):
+        raise ValueError("trailing fields")
+    return header, buf[pos : pos + n]
+
+
+def decode_frame(data: bytes) -> tuple[pb.FrameHeader, memoryview]:
+    """Split an encoded `Frame` into its header and a zero-copy view of its payload."""
+    try:
+        header, payload = frame_parts(data)
+    except ValueError:
         # Another writer's field order: parse properly (copies the payload).
         frame = pb.Frame.FromString(data)
         return frame.header, memoryview(frame.payload)
+    return pb.FrameHeader.FromString(bytes(header)), payload
 
 
 def verify_frame(info: pb.BlockInfo, frame_bytes: int, header: pb.FrameHeader, payload: memoryview) -> None:

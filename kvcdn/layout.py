@@ -138,20 +138,31 @@ class KVAssembler:
         self._views = [_u8(b) for b in self._buffers]
         self._row_bytes = geometry.segment_bytes(1)
 
-    def write(self, block_start: int, block_tokens: int, offset: int, payload: memoryview) -> None:
-        """Write `payload`, found at byte `offset` of the block covering tokens
-        [block_start, block_start + block_tokens), into the buffers."""
+    def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
+        """Writable byte views of the buffers that bytes [offset, offset + length) of the block
+        covering tokens [block_start, block_start + block_tokens) belong to, in payload order."""
         seg = self.geometry.segment_bytes(block_tokens)
-        if block_start + block_tokens > self.n_tokens or offset + len(payload) > seg * len(self._views):
+        if block_start + block_tokens > self.n_tokens or offset < 0 or offset + length > seg * len(self._views):
             raise InvalidArgument("frame lies outside the cache being assembled")
         base = block_start * self._row_bytes
+        out = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            index, within = divmod(pos, seg)
+            take = min(seg - within, end - pos)
+            out.append(self._views[index][base + within : base + within + take])
+            pos += take
+        return out
+
+    def write(self, block_start: int, block_tokens: int, offset: int, payload: memoryview) -> None:
+        """Copy `payload`, found at byte `offset` of the block covering tokens
+        [block_start, block_start + block_tokens), into the buffers."""
         src = np.frombuffer(payload, dtype=np.uint8)
         pos = 0
-        while pos < len(src):
-            index, within = divmod(offset + pos, seg)
-            take = min(seg - within, len(src) - pos)
-            self._views[index][base + within : base + within + take] = src[pos : pos + take]
-            pos += take
+        for region in self.regions(block_start, block_tokens, offset, len(src)):
+            region[:] = src[pos : pos + len(region)]
+            pos += len(region)
 
     def layers(self) -> list[LayerKV]:
         """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device."""

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvcdn.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, LimitExceeded
 from kvcdn.identity import KEY_BYTES
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -146,18 +147,25 @@ def _kvcache_handlers(servicer: KVCacheHandlers) -> grpc.GenericRpcHandler:
 
 
 class Server:
-    """A started grpc.aio server and the port it bound."""
+    """A started grpc.aio server, the port it bound, and its bulk frame server if any."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, host: str) -> None:
+    def __init__(self, server: grpc.aio.Server, port: int, host: str, bulk: BulkServer | None) -> None:
         self.grpc = server
         self.port = port
         self.host = host
+        self.bulk = bulk
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def bulk_port(self) -> int:
+        return self.bulk.port if self.bulk else 0
+
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self.bulk:
+            await self.bulk.stop()
         await self.grpc.stop(grace_s)
 
 
@@ -165,9 +173,12 @@ async def start_server(
     listen: str,
     kvcache: KVCacheHandlers,
     publisher: pb_grpc.PublisherServicer | None = None,
+    bulk_stream: StreamFn | None = None,
+    bulk_port: int = 0,
 ) -> Server:
     """Build, bind and start a server with the KVCache service (plus Publisher on the origin),
-    health checking and reflection. `listen` may use port 0; the bound port is returned."""
+    health checking and reflection, and the bulk frame stream of `bulk_stream` on `bulk_port` of the
+    same host (0: any free port; -1: none). `listen` may use port 0; the bound ports are returned."""
     host, _, port_text = listen.rpartition(":")
     if not host or not port_text.isdigit():
         raise InvalidArgument(f"--listen {listen!r} is not HOST:PORT")
@@ -186,7 +197,15 @@ async def start_server(
         port = 0
     if port == 0:
         raise InvalidArgument(f"cannot bind {listen}: the address is in use or not local")
+    host = host.strip("[]")
+    bulk = None
+    if bulk_stream is not None and bulk_port >= 0:
+        try:
+            bulk = await start_bulk_server(host, bulk_port, bulk_stream)
+        except BaseException:
+            await server.stop(0)
+            raise
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Server(server, port, host.strip("[]"))
+    return Server(server, port, host, bulk)

@@ -33,6 +33,8 @@ class OriginConfig:
     """Tokens per block."""
     frame_bytes: int = DEFAULT_FRAME_BYTES
     """Payload bytes per streamed frame."""
+    bulk_port: int = 0
+    """TCP port of the bulk frame stream on the listen host: 0 picks a free port, -1 turns it off."""
     read_cache_bytes: int = 256 << 20
     """Memory for recently streamed blocks, so hot blocks are not re-read from disk."""
 

@@ -50,6 +50,8 @@ class Origin:
         self._model_lock = asyncio.Lock()
         self._manifest_lock = asyncio.Lock()
         self.prefill_runs = 0
+        self.bulk_port = 0
+        """Port of this origin's bulk frame stream (set by the server once bound; 0: none)."""
 
     @property
     def fingerprint(self) -> str:
@@ -62,6 +64,7 @@ class Origin:
             model=self.model.name,
             geometry=self.geometry.to_proto(),
             max_document_tokens=self.config.max_document_tokens,
+            bulk_port=self.bulk_port,
         )
 
     # --- write side -------------------------------------------------------------------------------

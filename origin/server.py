@@ -21,7 +21,14 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
     """Start an origin for an already loaded model; the caller stops the returned server."""
     origin = Origin(config, model)
     service = OriginService(origin)
-    server = await start_server(config.listen, service, publisher=service)
+    server = await start_server(
+        config.listen,
+        service,
+        publisher=service,
+        bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
+        bulk_port=config.bulk_port,
+    )
+    origin.bulk_port = server.bulk_port
     log.info("origin serving %s on %s (fingerprint %s…)", model.name, server.address, origin.fingerprint[:16])
     return origin, server
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvcdn import adapter
-from kvcdn.client import KVClient
+from kvcdn.client import ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import Unavailable
 from kvcdn.frames import encode_block
@@ -26,36 +26,37 @@ async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, s
     assert fetched.cached_tokens == len(doc)
 
 
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
 async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
-    network: Network, sample_text: str
+    network: Network, sample_text: str, bulk: bool
 ) -> None:
     model = network.model
     manifest = (await network.origin.publish("doc", sample_text)).manifest
     assert len(manifest.blocks[1].frame_digests) > 1, "the test needs multi-frame blocks"
     edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
     requests: list[tuple[int, int]] = []
+    n_first_block = len(manifest.blocks[0].frame_digests)
+    real_first, real_second = network.edge.stream, edge2.stream
+
+    async def dies_mid_stream(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+        sent = 0
+        async for raw in real_first(fp, keys, start):
+            if sent == n_first_block + 1:  # one frame into the second block
+                raise Unavailable("edge died")
+            sent += 1
+            yield raw
+
+    async def records(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+        requests.append((len(keys), start))
+        async for raw in real_second(fp, keys, start):
+            yield raw
+
+    network.edge.stream = dies_mid_stream  # type: ignore[method-assign]
+    edge2.stream = records  # type: ignore[method-assign]
     try:
         doc = document_ids(model.tokenizer, sample_text)
-        async with KVClient([network.edge_address, server2.address]) as client:
-            first, second = client._readers
-            real_first, real_second = first.stream, second.stream
-            n_first_block = len(manifest.blocks[0].frame_digests)
-
-            async def dies_mid_stream(fp: str, keys: Sequence[bytes], start: int = 0) -> AsyncIterator[bytes]:
-                sent = 0
-                async for raw in real_first(fp, keys, start):
-                    if sent == n_first_block + 1:  # one frame into the second block
-                        raise Unavailable("edge died")
-                    sent += 1
-                    yield raw
-
-            async def records(fp: str, keys: Sequence[bytes], start: int = 0) -> AsyncIterator[bytes]:
-                requests.append((len(keys), start))
-                async for raw in real_second(fp, keys, start):
-                    yield raw
-
-            first.stream = dies_mid_stream  # type: ignore[method-assign]
-            second.stream = records  # type: ignore[method-assign]
+        config = ClientConfig((network.edge_address, server2.address), bulk=bulk)
+        async with KVClient(config) as client:
             fetched = await client.fetch(model, doc)
         assert fetched.edges_used == [network.edge_address, server2.address]
         assert requests == [(len(manifest.blocks) - 1, 1)]

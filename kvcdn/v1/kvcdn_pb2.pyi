@@ -21,6 +21,14 @@ frames of `frame_bytes` bytes (the last frame of a block may be short); frame i 
 [i * frame_bytes, min((i + 1) * frame_bytes, n_bytes)). From a frame's offset a receiver knows which
 layer and tensor (keys or values) each byte belongs to, and writes it straight into place.
 
+Bulk frame stream: beside gRPC, every server may offer the frames of StreamBlocks on a plain TCP
+port (ServerInfo.bulk_port), because gRPC's per-message costs cap a 1 MiB stream at about half of
+what the socket carries. The client sends `u32 n | StreamBlocksRequest (n bytes)`; the server answers
+per frame `u32 header_len | u32 payload_len | FrameHeader | payload`, then `u32 0xFFFFFFFF | u32 0`
+at the end, or `u32 0xFFFFFFFE | u32 n | u32 grpc status code | message (n - 4 bytes, UTF-8)` on an
+error. All integers are little-endian. Receivers write payloads straight into their tensors and
+check each frame's BLAKE3 digest there. Same requests, same frames, same errors as StreamBlocks.
+
 Errors use gRPC status codes: NOT_FOUND unknown key or document; INVALID_ARGUMENT malformed request;
 FAILED_PRECONDITION model fingerprint mismatch; RESOURCE_EXHAUSTED over a configured limit;
 UNAVAILABLE origin unreachable (retryable); DATA_LOSS digest mismatch.
@@ -107,6 +115,7 @@ class ServerInfo(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     GEOMETRY_FIELD_NUMBER: _builtins.int
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _builtins.int
+    BULK_PORT_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"origin" or "edge"."""
     fingerprint: _builtins.str
@@ -115,6 +124,8 @@ class ServerInfo(_message.Message):
     """Human-readable model name (an alias, a directory or a hub id)."""
     max_document_tokens: _builtins.int
     """Longest document, in tokens, that the origin accepts for publishing."""
+    bulk_port: _builtins.int
+    """TCP port of this server's bulk frame stream on the same host; 0 when it offers none."""
     @_builtins.property
     def geometry(self) -> Global___Geometry:
         """KV geometry of the model."""
@@ -127,10 +138,11 @@ class ServerInfo(_message.Message):
         model: _builtins.str = ...,
         geometry: Global___Geometry | None = ...,
         max_document_tokens: _builtins.int = ...,
+        bulk_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "geometry", b"geometry", "max_document_tokens", b"max_document_tokens", "model", b"model", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "fingerprint", b"fingerprint", "geometry", b"geometry", "max_document_tokens", b"max_document_tokens", "model", b"model", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

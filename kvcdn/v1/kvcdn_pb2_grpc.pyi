@@ -21,6 +21,14 @@ frames of `frame_bytes` bytes (the last frame of a block may be short); frame i 
 [i * frame_bytes, min((i + 1) * frame_bytes, n_bytes)). From a frame's offset a receiver knows which
 layer and tensor (keys or values) each byte belongs to, and writes it straight into place.
 
+Bulk frame stream: beside gRPC, every server may offer the frames of StreamBlocks on a plain TCP
+port (ServerInfo.bulk_port), because gRPC's per-message costs cap a 1 MiB stream at about half of
+what the socket carries. The client sends `u32 n | StreamBlocksRequest (n bytes)`; the server answers
+per frame `u32 header_len | u32 payload_len | FrameHeader | payload`, then `u32 0xFFFFFFFF | u32 0`
+at the end, or `u32 0xFFFFFFFE | u32 n | u32 grpc status code | message (n - 4 bytes, UTF-8)` on an
+error. All integers are little-endian. Receivers write payloads straight into their tensors and
+check each frame's BLAKE3 digest there. Same requests, same frames, same errors as StreamBlocks.
+
 Errors use gRPC status codes: NOT_FOUND unknown key or document; INVALID_ARGUMENT malformed request;
 FAILED_PRECONDITION model fingerprint mismatch; RESOURCE_EXHAUSTED over a configured limit;
 UNAVAILABLE origin unreachable (retryable); DATA_LOSS digest mismatch.
