@@ -218,7 +218,7 @@ def _receive_frame(
     hasher = blake3.blake3()
     start = progress.block * geometry.block_tokens
     for region in assembler.regions(start, info.n_tokens, header.offset, payload_len):
-        view = memoryview(region)
+        view = memoryview(region.data)
         _recv_into(sock, view)
         hasher.update(view)
     if hasher.digest() != info.frame_digests[index]:
