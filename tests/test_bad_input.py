@@ -3,12 +3,16 @@ servers keep serving afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import struct
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
-from kvcdn.client import CacheReader, KVClient
+from kvcdn.bulk import Progress, receive_into
+from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import (
     DigestMismatch,
@@ -20,6 +24,7 @@ from kvcdn.errors import (
 )
 from kvcdn.frames import decode_frame
 from kvcdn.identity import block_keys
+from kvcdn.layout import KVAssembler
 from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -142,11 +147,14 @@ async def _still_serving_health(address: str) -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(network: Network, sample_text: str) -> None:
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
+async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(
+    network: Network, sample_text: str, bulk: bool
+) -> None:
     model = network.model
     manifest = (await network.origin.publish("doc", sample_text)).manifest
     doc = document_ids(model.tokenizer, sample_text)
-    async with KVClient([network.edge_address]) as client:
+    async with KVClient(ClientConfig((network.edge_address,), bulk=bulk)) as client:
         await client.fetch(model, doc)  # the edge now holds every block
         # A compromised edge flips one byte of a cached frame (the last byte is payload).
         key = manifest.blocks[1].key
@@ -199,3 +207,45 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidArgument, match="not a model directory"):
         load_model(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "match"),
+    [
+        (struct.pack("<I", 5) + b"\xff\xff\xff\xff\xff", "not a StreamBlocksRequest"),
+        (struct.pack("<I", 1 << 30), "over the"),
+        (struct.pack("<I", 2) + b"\x12\x00", "fingerprint"),
+    ],
+)
+async def test_bulk_port_answers_bad_requests_with_a_status_and_keeps_serving(
+    network: Network, request_bytes: bytes, match: str
+) -> None:
+    port = network.edge_server.bulk_port
+    assert port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request_bytes)
+        await writer.drain()
+        marker, length = struct.unpack("<II", await reader.readexactly(8))
+        record = await reader.readexactly(length)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert marker == 0xFFFFFFFE
+    expected = grpc.StatusCode.FAILED_PRECONDITION if match == "fingerprint" else grpc.StatusCode.INVALID_ARGUMENT
+    assert struct.unpack_from("<I", record)[0] == expected.value[0]
+    assert match in record[4:].decode()
+    await _still_serving(network.edge_address)
+
+
+async def test_bulk_stream_errors_reach_the_client_typed(network: Network) -> None:
+    async with KVClient([network.edge_address]) as client:
+        address = await client._readers[0].bulk_address()
+    assert address is not None
+    blocks = [pb.BlockInfo(key=bytes(32), index=0, n_tokens=1, n_bytes=8, frame_digests=[bytes(32)])]
+    geometry = network.model.geometry
+    assembler = KVAssembler(geometry, 1, torch.device("cpu"))
+    with pytest.raises(NotFound, match="not stored"):
+        await asyncio.to_thread(
+            receive_into, address, network.model.fingerprint_hex, blocks, geometry, assembler, Progress(), 5.0
+        )
