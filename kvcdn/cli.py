@@ -112,6 +112,7 @@ def _cluster_args(args: argparse.Namespace) -> list[str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
+    import threading
 
     from kvcdn.launcher import Cluster
 
@@ -127,11 +128,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"edge{i}   {addr}")
             print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}", flush=True)
             print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-            try:
-                signal.pause()
-            except KeyboardInterrupt:
-                print("stopping ...", file=sys.stderr)
+            stop = threading.Event()
+            # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(0.5):
+                pass
+            print("stopping ...", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,11 @@ def cluster() -> Iterator[tuple[str, str]]:
         proc.send_signal(signal.SIGINT)
         try:
             assert proc.wait(timeout=30) == 0
+            for address in (origin, *edges.split(",")):  # every child process is gone with it
+                if address:
+                    host, _, port = address.rpartition(":")
+                    with pytest.raises(ConnectionRefusedError):
+                        socket.create_connection((host, int(port)), timeout=5).close()
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
