@@ -17,8 +17,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def tune_malloc(mmap_threshold_bytes: int = 64 << 20) -> bool:
-    """Raise glibc's mmap and trim thresholds; False where the C library is not glibc."""
+def tune_malloc(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes: int = 1 << 30) -> bool:
+    """Raise glibc's mmap and trim thresholds; False where the C library is not glibc.
+
+    The trim threshold keeps up to `trim_threshold_bytes` of freed heap mapped, so the tensors of the
+    next fetched cache reuse the pages of a dropped one instead of faulting in fresh ones."""
     name = ctypes.util.find_library("c")
     if not name:
         return False
@@ -28,4 +31,4 @@ def tune_malloc(mmap_threshold_bytes: int = 64 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes) == 1
-    return bool(ok and mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold_bytes) == 1)
+    return bool(ok and mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes) == 1)

@@ -100,6 +100,7 @@ async def measure(
                 local_s = time.perf_counter() - t0
             cached_s = fetch_s = float("inf")
             matched = True
+            n_bytes = 0
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 fetched = await client.fetch(model, doc)
@@ -107,11 +108,15 @@ async def measure(
                 cached_s = min(cached_s, time.perf_counter() - t0)
                 fetch_s = min(fetch_s, fetched.fetch_s)
                 matched = matched and gen.tokens == local.tokens
-            raw = raw_tcp_gbps(fetched.n_bytes, repeats)
+                n_bytes = fetched.n_bytes
+                # An agent done with a cache drops it; the next fetch then reuses that memory, as
+                # the TCP baseline reuses its buffer.
+                del fetched, gen
+            raw = raw_tcp_gbps(n_bytes, repeats)
             rows.append(
                 BenchRow(
                     tokens=len(doc),
-                    cache_bytes=fetched.n_bytes,
+                    cache_bytes=n_bytes,
                     prefill_s=prefill_s,
                     fetch_s=fetch_s,
                     local_s=local_s,
@@ -167,6 +172,8 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
 
 def run_bench(args: argparse.Namespace) -> int:
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and CI: do not squeeze the table into 80 columns
     lengths = [int(x) for x in args.lengths.split(",")]
     models_dir = Path(args.models_dir) if args.models_dir else None
     with console.status("loading the model ..."):
