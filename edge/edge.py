@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from kvcdn.client.reader import CacheReader
-from kvcdn.errors import DigestMismatch, InvalidArgument, NotFound, Unavailable
-from kvcdn.frames import EncodedBlock, decode_frame, verify_frame
+from kvcdn.errors import DigestMismatch, NotFound, Unavailable
+from kvcdn.frames import EncodedBlock, decode_frame, stream_blocks, verify_frame
 from kvcdn.lru import ByteLRU
-from kvcdn.rpc import check_fingerprint, check_keys
+from kvcdn.rpc import check_read_request
 from kvcdn.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 
@@ -49,8 +49,7 @@ class Edge:
         return await self.origin.manifest(document, version)
 
     async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
-        check_fingerprint(fingerprint, (await self.origin_info()).fingerprint)
-        check_keys(keys)
+        check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
         found: list[pb.BlockInfo] = []
         for key in keys:
             block = self.memory.get(key)
@@ -96,12 +95,6 @@ class Edge:
         return block
 
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
-        check_fingerprint(fingerprint, (await self.origin_info()).fingerprint)
-        check_keys(keys)
-        for i, key in enumerate(keys):
-            block = await self.block(fingerprint, key)
-            skip = start_frame if i == 0 else 0
-            if skip and skip >= len(block.frames):
-                raise InvalidArgument(f"start_frame {skip} is past the {len(block.frames)} frames of the block")
-            for frame in block.frames[skip:]:
-                yield frame
+        check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
+        async for frame in stream_blocks(keys, start_frame, lambda key: self.block(fingerprint, key)):
+            yield frame

@@ -9,14 +9,15 @@ to write. The StreamBlocks method is registered with pass-through serializers fo
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import blake3
 
-from kvcdn.errors import DigestMismatch
+from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["EncodedBlock", "decode_frame", "digest", "encode_block", "frame_parts", "verify_frame"]
+__all__ = ["EncodedBlock", "decode_frame", "digest", "encode_block", "frame_parts", "stream_blocks", "verify_frame"]
 
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
@@ -134,3 +135,17 @@ def verify_frame(info: pb.BlockInfo, frame_bytes: int, header: pb.FrameHeader, p
         raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} has the wrong offset or size")
     if digest(payload) != info.frame_digests[index]:
         raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} fails its BLAKE3 digest")
+
+
+async def stream_blocks(
+    keys: Sequence[bytes], start_frame: int, block: Callable[[bytes], Awaitable[EncodedBlock]]
+) -> AsyncIterator[bytes]:
+    """The encoded frames of `keys` in order, from frame `start_frame` of the first key, each block
+    obtained from `block(key)` (a server's tiers)."""
+    for i, key in enumerate(keys):
+        encoded = await block(key)
+        skip = start_frame if i == 0 else 0
+        if skip and skip >= len(encoded.frames):
+            raise InvalidArgument(f"start_frame {skip} is past the {len(encoded.frames)} frames of the block")
+        for frame in encoded.frames[skip:]:
+            yield frame

@@ -24,8 +24,7 @@ __all__ = [
     "STREAM_BLOCKS",
     "KVCacheHandlers",
     "Server",
-    "check_fingerprint",
-    "check_keys",
+    "check_read_request",
     "rpc_errors",
     "start_server",
     "stream_errors",
@@ -90,8 +89,14 @@ def stream_errors(
     return wrapper
 
 
-def check_keys(keys: Sequence[bytes]) -> None:
-    """Reject a malformed key list with INVALID_ARGUMENT / RESOURCE_EXHAUSTED."""
+def check_read_request(asked_fingerprint: str, served_fingerprint: str, keys: Sequence[bytes]) -> None:
+    """Validate a LookupPrefix/StreamBlocks request: FAILED_PRECONDITION unless the caller's model is
+    the one this server's caches belong to; INVALID_ARGUMENT / RESOURCE_EXHAUSTED for bad keys."""
+    if asked_fingerprint != served_fingerprint:
+        raise FingerprintMismatch(
+            f"this network serves caches of model fingerprint {served_fingerprint[:16]}…, the request is for "
+            f"{asked_fingerprint[:16] or '(none)'}…: load the same model, dtype and attention implementation"
+        )
     if not keys:
         raise InvalidArgument("the request names no block keys")
     if len(keys) > MAX_KEYS_PER_REQUEST:
@@ -99,15 +104,6 @@ def check_keys(keys: Sequence[bytes]) -> None:
     for i, key in enumerate(keys):
         if len(key) != KEY_BYTES:
             raise InvalidArgument(f"key {i} is {len(key)} bytes; block keys are {KEY_BYTES} raw bytes")
-
-
-def check_fingerprint(asked: str, served: str) -> None:
-    """FAILED_PRECONDITION unless the caller's model is the one this server's caches belong to."""
-    if asked != served:
-        raise FingerprintMismatch(
-            f"this network serves caches of model fingerprint {served[:16]}…, the request is for "
-            f"{asked[:16] or '(none)'}…: load the same model, dtype and attention implementation"
-        )
 
 
 class KVCacheHandlers(Protocol):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kvcdn import adapter
 from kvcdn.errors import InvalidArgument, LimitExceeded
-from kvcdn.frames import EncodedBlock, encode_block
+from kvcdn.frames import EncodedBlock, encode_block, stream_blocks
 from kvcdn.identity import block_keys, block_spans, content_digest
 from kvcdn.layout import KVAssembler, LayerKV, block_payload
 from kvcdn.lru import ByteLRU
@@ -19,7 +19,7 @@ from kvcdn.models import LoadedModel
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import BlockStore, ManifestStore, check_document_name
 from kvcdn.prompt import document_ids
-from kvcdn.rpc import check_fingerprint, check_keys
+from kvcdn.rpc import check_read_request
 from kvcdn.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 
@@ -157,8 +157,7 @@ class Origin:
         return self.manifests.get(document, version)
 
     def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
-        check_fingerprint(fingerprint, self.fingerprint)
-        check_keys(keys)
+        check_read_request(fingerprint, self.fingerprint, keys)
         found: list[pb.BlockInfo] = []
         for key in keys:
             info = self.blocks.info(key)
@@ -178,12 +177,6 @@ class Origin:
 
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
         """Encoded frames of `keys` in order, starting at frame `start_frame` of the first key."""
-        check_fingerprint(fingerprint, self.fingerprint)
-        check_keys(keys)
-        for i, key in enumerate(keys):
-            block = await self.block(key)
-            skip = start_frame if i == 0 else 0
-            if skip >= len(block.frames) and skip:
-                raise InvalidArgument(f"start_frame {skip} is past the {len(block.frames)} frames of the block")
-            for frame in block.frames[skip:]:
-                yield frame
+        check_read_request(fingerprint, self.fingerprint, keys)
+        async for frame in stream_blocks(keys, start_frame, self.block):
+            yield frame
