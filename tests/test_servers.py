@@ -1,0 +1,68 @@
+"""Server plumbing every operator relies on: health, reflection, ports, and the CLI's size parsing."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from kvcdn.cli import parse_size
+from kvcdn.edge.service import EdgeService
+from kvcdn.errors import InvalidArgument
+from kvcdn.rpc import start_server
+from tests.conftest import Network
+
+
+async def _services(address: str) -> set[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        call = stub.ServerReflectionInfo(iter([request]), timeout=5)
+        async for response in call:
+            return {s.name for s in response.list_services_response.service}
+    return set()
+
+
+async def test_origin_and_edge_expose_health_and_reflection(network: Network) -> None:
+    for address in (network.origin_server.address, network.edge_address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            for service in ("", "kvcdn.v1.KVCache"):
+                resp = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=5
+                )
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    assert {"kvcdn.v1.KVCache", "kvcdn.v1.Publisher", "grpc.health.v1.Health"} <= await _services(
+        network.origin_server.address
+    )
+    edge_services = await _services(network.edge_address)
+    assert "kvcdn.v1.KVCache" in edge_services and "kvcdn.v1.Publisher" not in edge_services
+
+
+async def test_servers_report_the_ports_they_bound(network: Network) -> None:
+    assert network.edge_server.port > 0 and network.edge_server.bulk_port > 0
+    info = await network.edge.info()
+    assert info.role == "edge" and info.bulk_port == network.edge_server.bulk_port
+    assert network.origin.info().bulk_port == network.origin_server.bulk_port
+
+
+@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:notaport", "203.0.113.1:0"])
+async def test_a_bad_listen_address_is_a_clear_error(network: Network, listen: str) -> None:
+    with pytest.raises(InvalidArgument):
+        await start_server(listen, EdgeService(network.edge))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1048576", 1 << 20), ("512MiB", 512 << 20), ("2GiB", 2 << 30), ("1.5G", 1_500_000_000), ("10kb", 10_000)],
+)
+def test_sizes_parse_with_units(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "5 parsecs", "-3"])
+def test_bad_sizes_are_rejected_with_an_example(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="512MiB"):
+        parse_size(text)
