@@ -18,6 +18,7 @@ from kvcdn.frames import decode_frame, verify_frame
 from kvcdn.identity import block_keys
 from kvcdn.layout import Geometry, KVAssembler, LayerKV
 from kvcdn.models import LoadedModel
+from kvcdn.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]
@@ -31,7 +32,9 @@ _RETRYABLE = (Unavailable, DeadlineExceeded)
 @dataclass(frozen=True)
 class ClientConfig:
     edges: tuple[str, ...]
-    """Edge addresses HOST:PORT, tried in order; the next one takes over when one fails."""
+    """Edge addresses `HOST:PORT[=WEIGHT]`; a DNS name stands for every address it resolves to."""
+    replicas: int = DEFAULT_REPLICAS
+    """Owners per block on the consistent-hash ring (asked first, in ring order)."""
     timeout_s: float = 30.0
     """Deadline of each unary call."""
     stream_timeout_s: float = 300.0
@@ -40,8 +43,7 @@ class ClientConfig:
     """Stream frames over an edge's bulk TCP port when it offers one (else over gRPC)."""
 
     def __post_init__(self) -> None:
-        if not self.edges:
-            raise InvalidArgument("no edge address given (--edges HOST:PORT[,...])")
+        parse_edges(self.edges)  # fail early on a malformed list
 
 
 @dataclass
@@ -73,15 +75,23 @@ def generate_from_cache(
 
 
 class KVClient:
-    """Async client over a list of edges. Use inside one event loop (`async with`)."""
+    """Async client over a ring of edges. Use inside one event loop (`async with`).
+
+    Each block is asked of its owners on the consistent-hash ring (kvcdn.placement), then of the
+    other edges; consecutive blocks with the same primary owner travel in one stream.
+    """
 
     def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
         self.config = edges if isinstance(edges, ClientConfig) else ClientConfig(tuple(edges))
-        self._readers = [CacheReader(a, self.config.timeout_s, self.config.stream_timeout_s) for a in self.config.edges]
+        self.placement = Placement(resolve_edges(parse_edges(self.config.edges)), self.config.replicas)
+        self._readers = {
+            address: CacheReader(address, self.config.timeout_s, self.config.stream_timeout_s)
+            for address in self.placement.nodes
+        }
         self._info: pb.ServerInfo | None = None
 
     async def close(self) -> None:
-        for reader in self._readers:
+        for reader in self._readers.values():
             await reader.close()
 
     async def __aenter__(self) -> KVClient:
@@ -92,21 +102,21 @@ class KVClient:
     ) -> None:
         await self.close()
 
-    async def _first(self, call: Any) -> Any:
-        """`call(reader)` on the first edge that answers."""
+    async def _first(self, order: Sequence[str], call: Any) -> Any:
+        """`call(reader)` on the first edge of `order` that answers."""
         last: Exception | None = None
-        for reader in self._readers:
+        for address in order:
             try:
-                return await call(reader)
+                return await call(self._readers[address])
             except _RETRYABLE as exc:
-                log.warning("edge %s failed (%s); trying the next one", reader.address, exc)
+                log.warning("edge %s failed (%s); trying the next one", address, exc)
                 last = exc
         assert last is not None
         raise last
 
     async def info(self) -> pb.ServerInfo:
         if self._info is None:
-            self._info = await self._first(lambda r: r.info())
+            self._info = await self._first(self.placement.nodes, lambda r: r.info())
         assert self._info is not None
         return self._info
 
@@ -127,7 +137,9 @@ class KVClient:
         keys = block_keys(model.fingerprint, ids, geometry.block_tokens)
         if not keys:
             raise InvalidArgument("the token sequence is empty")
-        blocks: list[pb.BlockInfo] = await self._first(lambda r: r.lookup(model.fingerprint_hex, keys))
+        blocks: list[pb.BlockInfo] = await self._first(
+            self.placement.route(keys[0]), lambda r: r.lookup(model.fingerprint_hex, keys)
+        )
         for i, info in enumerate(blocks):
             expected_tokens = min(geometry.block_tokens, len(ids) - i * geometry.block_tokens)
             if (
@@ -150,7 +162,11 @@ class KVClient:
         if not blocks:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
         assembler = KVAssembler(geometry, n_tokens, model.device)
-        used = await self._stream_into(model.fingerprint_hex, geometry, blocks, assembler)
+        used: list[str] = []
+        for run in self._runs(blocks):
+            for address in await self._stream_into(model.fingerprint_hex, geometry, run, assembler):
+                if address not in used:
+                    used.append(address)
         layers = await asyncio.get_running_loop().run_in_executor(None, assembler.layers)
         return FetchedCache(
             layers=layers,
@@ -160,17 +176,33 @@ class KVClient:
             edges_used=used,
         )
 
+    def _runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
+        """Consecutive blocks grouped by their primary owner."""
+        runs: list[list[pb.BlockInfo]] = []
+        owner = None
+        for info in blocks:
+            first = self.placement.owners(info.key)[0]
+            if runs and first == owner:
+                runs[-1].append(info)
+            else:
+                runs.append([info])
+                owner = first
+        return runs
+
     async def _stream_into(
         self, fingerprint: str, geometry: Geometry, blocks: list[pb.BlockInfo], assembler: KVAssembler
     ) -> list[str]:
-        """Write every frame of `blocks` into `assembler`, resuming on the next edge after a failure
-        at exactly the frame where the stream broke."""
+        """Write every frame of `blocks` into `assembler`, asking the first block's route on the ring
+        in order and resuming on the next edge after a failure at exactly the frame where it broke."""
         progress = Progress()
         used: list[str] = []
         errors: list[Exception] = []
         loop = asyncio.get_running_loop()
-        for reader in self._readers:
-            used.append(reader.address)
+        for address in self.placement.route(blocks[0].key):
+            if progress.block == len(blocks):
+                return used  # every frame arrived and verified before the stream failed
+            reader = self._readers[address]
+            used.append(address)
             try:
                 bulk = await reader.bulk_address() if self.config.bulk else None
                 if bulk is not None:
@@ -197,6 +229,8 @@ class KVClient:
                 progress.frame,
                 errors[-1],
             )
+        if progress.block == len(blocks):
+            return used
         raise Unavailable(f"no edge could complete the stream: {'; '.join(map(str, errors))}")
 
     @staticmethod
@@ -219,7 +253,7 @@ class KVClient:
                     f"where frame {progress.frame} of block {progress.block} was due"
                 )
             verify_frame(info, geometry.frame_bytes, header, payload)
-            assembler.write(progress.block * geometry.block_tokens, info.n_tokens, header.offset, payload)
+            assembler.write(info.index * geometry.block_tokens, info.n_tokens, header.offset, payload)
             progress.frame += 1
             if progress.frame == len(info.frame_digests):
                 progress.block, progress.frame = progress.block + 1, 0

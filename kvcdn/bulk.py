@@ -176,13 +176,23 @@ def receive_into(
             sock.sendall(_U32.pack(len(request)) + request)
             while progress.block < len(blocks):
                 _receive_frame(sock, peer, blocks, geometry, assembler, progress)
-            first, _ = _PAIR.unpack(_recv(sock, _PAIR.size))
+            first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
+            _raise_if_error(sock, peer, first, second)
             if first != _END:
                 raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
     except TimeoutError:
         raise DeadlineExceeded(f"{peer}: no data for {timeout_s:.0f} s") from None
     except (ConnectionError, OSError) as exc:
         raise Unavailable(f"{peer}: {exc}") from None
+
+
+def _raise_if_error(sock: socket.socket, peer: str, marker: int, length: int) -> None:
+    """Raise the typed error an error record carries (`marker` and `length` already read)."""
+    if marker != _ERROR:
+        return
+    record = _recv(sock, min(length, _MAX_REQUEST_BYTES))
+    (code,) = _U32.unpack_from(record)
+    raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
 
 
 def _receive_frame(
@@ -194,10 +204,7 @@ def _receive_frame(
     progress: Progress,
 ) -> None:
     header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size))
-    if header_len == _ERROR:
-        record = _recv(sock, payload_len)
-        (code,) = _U32.unpack_from(record)
-        raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
+    _raise_if_error(sock, peer, header_len, payload_len)
     info = blocks[progress.block]
     if header_len == _END or header_len > _MAX_HEADER_BYTES:
         raise Unavailable(f"{peer} ended the stream at block {progress.block} frame {progress.frame}")
@@ -216,7 +223,7 @@ def _receive_frame(
             f"where frame {index} of block {progress.block} was due"
         )
     hasher = blake3.blake3()
-    start = progress.block * geometry.block_tokens
+    start = info.index * geometry.block_tokens
     for region in assembler.regions(start, info.n_tokens, header.offset, payload_len):
         view = memoryview(region.data)
         _recv_into(sock, view)

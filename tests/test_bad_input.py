@@ -240,7 +240,7 @@ async def test_bulk_port_answers_bad_requests_with_a_status_and_keeps_serving(
 
 async def test_bulk_stream_errors_reach_the_client_typed(network: Network) -> None:
     async with KVClient([network.edge_address]) as client:
-        address = await client._readers[0].bulk_address()
+        address = await next(iter(client._readers.values())).bulk_address()
     assert address is not None
     blocks = [pb.BlockInfo(key=bytes(32), index=0, n_tokens=1, n_bytes=8, frame_digests=[bytes(32)])]
     geometry = network.model.geometry

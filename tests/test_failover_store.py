@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -32,39 +33,61 @@ async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
 ) -> None:
     model = network.model
     manifest = (await network.origin.publish("doc", sample_text)).manifest
-    assert len(manifest.blocks[1].frame_digests) > 1, "the test needs multi-frame blocks"
+    assert len(manifest.blocks[0].frame_digests) > 1, "the test needs multi-frame blocks"
     edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
-    requests: list[tuple[int, int]] = []
-    n_first_block = len(manifest.blocks[0].frame_digests)
-    real_first, real_second = network.edge.stream, edge2.stream
-
-    async def dies_mid_stream(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
-        sent = 0
-        async for raw in real_first(fp, keys, start):
-            if sent == n_first_block + 1:  # one frame into the second block
-                raise Unavailable("edge died")
-            sent += 1
-            yield raw
-
-    async def records(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
-        requests.append((len(keys), start))
-        async for raw in real_second(fp, keys, start):
-            yield raw
-
-    network.edge.stream = dies_mid_stream  # type: ignore[method-assign]
-    edge2.stream = records  # type: ignore[method-assign]
+    by_address = {network.edge_address: network.edge, server2.address: edge2}
+    requests: list[tuple[str, int, int]] = []
     try:
         doc = document_ids(model.tokenizer, sample_text)
         config = ClientConfig((network.edge_address, server2.address), bulk=bulk)
         async with KVClient(config) as client:
+            first, second = client.placement.route(manifest.blocks[0].key)
+            # The first block's primary owner dies one frame into its stream.
+            real_first, real_second = by_address[first].stream, by_address[second].stream
+
+            async def dies_mid_stream(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+                requests.append((first, len(keys), start))
+                async for raw in real_first(fp, keys, start):
+                    yield raw
+                    raise Unavailable("edge died")
+
+            async def records(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+                requests.append((second, len(keys), start))
+                async for raw in real_second(fp, keys, start):
+                    yield raw
+
+            by_address[first].stream = dies_mid_stream  # type: ignore[method-assign]
+            by_address[second].stream = records  # type: ignore[method-assign]
+            run = client._runs(list(manifest.blocks))[0]
             fetched = await client.fetch(model, doc)
-        assert fetched.edges_used == [network.edge_address, server2.address]
-        assert requests == [(len(manifest.blocks) - 1, 1)]
+        # The second replica was asked for the rest of the first run, from frame 1 of its first block.
+        assert requests[:2] == [(first, len(run), 0), (second, len(run), 1)]
+        assert set(fetched.edges_used) == {first, second}
         for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
             assert torch.equal(k, rk) and torch.equal(v, rv)
     finally:
         await server2.stop(0)
         await edge2.origin.close()
+
+
+async def test_blocks_travel_from_their_owner_on_the_ring(network: Network, sample_text: str) -> None:
+    model = network.model
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    extra = [await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0")) for _ in range(2)]
+    edges = {network.edge_address: network.edge} | {server.address: edge for edge, server in extra}
+    try:
+        doc = document_ids(model.tokenizer, sample_text)
+        async with KVClient(ClientConfig(tuple(edges), replicas=2)) as client:
+            fetched = await client.fetch(model, doc)
+            owners = Counter(client.placement.owners(b.key)[0] for b in manifest.blocks)
+        assert fetched.cached_tokens == len(doc)
+        # Each edge pulled from the origin exactly the blocks it owns: no block twice, none astray.
+        assert {a: e.origin_fetches for a, e in edges.items() if e.origin_fetches} == dict(owners)
+        assert len(owners) > 1, "with 3 edges a multi-block document spreads over several owners"
+    finally:
+        for edge, server in extra:
+            await server.stop(0)
+            await edge.origin.close()
 
 
 async def test_every_edge_failing_is_unavailable(network: Network, sample_text: str) -> None:
@@ -101,3 +124,23 @@ def test_store_rejects_a_truncated_block_file(tmp_path: Path) -> None:
     with pytest.raises(DigestMismatch):
         BlockStore(tmp_path, frame_bytes=64).get(bytes(32))
     assert not path.exists()
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
+async def test_a_failure_after_the_last_frame_still_yields_the_verified_cache(
+    network: Network, sample_text: str, bulk: bool
+) -> None:
+    model = network.model
+    await network.origin.publish("doc", sample_text)
+    real = network.edge.stream
+
+    async def fails_at_the_end(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+        async for raw in real(fp, keys, start):
+            yield raw
+        raise Unavailable("edge died after sending everything")
+
+    network.edge.stream = fails_at_the_end  # type: ignore[method-assign]
+    doc = document_ids(model.tokenizer, sample_text)
+    async with KVClient(ClientConfig((network.edge_address,), bulk=bulk)) as client:
+        fetched = await client.fetch(model, doc)
+    assert fetched.cached_tokens == len(doc)

@@ -1,0 +1,78 @@
+"""Placement: balance, minimal movement, distinct replicas, weights and DNS membership."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import pytest
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.placement import Placement, parse_edges, resolve_edges
+
+KEYS = [hashlib.sha256(str(i).encode()).digest() for i in range(20_000)]
+NODES = [f"edge-{i}.test:7080" for i in range(8)]
+
+
+def test_load_is_balanced_across_nodes() -> None:
+    ring = Placement(NODES)
+    load = Counter(ring.owners(k)[0] for k in KEYS)
+    mean = len(KEYS) / len(NODES)
+    assert set(load) == set(NODES)
+    assert max(load.values()) / mean < 1.2
+
+
+def test_adding_a_node_moves_about_one_nth_of_keys_all_onto_it() -> None:
+    ring = Placement(NODES)
+    before = {k: ring.owners(k)[0] for k in KEYS}
+    ring.add("edge-8.test:7080")
+    moved = [k for k in KEYS if ring.owners(k)[0] != before[k]]
+    assert all(ring.owners(k)[0] == "edge-8.test:7080" for k in moved)
+    assert 0.5 / 9 < len(moved) / len(KEYS) < 1.5 / 9
+
+
+def test_removing_a_node_moves_only_its_keys_to_their_next_replica() -> None:
+    ring = Placement(NODES)
+    before = {k: ring.owners(k) for k in KEYS}
+    ring.remove(NODES[3])
+    for k in KEYS:
+        if before[k][0] != NODES[3]:
+            assert ring.owners(k)[0] == before[k][0]
+        else:
+            assert ring.owners(k)[0] == before[k][1]
+    share = sum(before[k][0] == NODES[3] for k in KEYS) / len(KEYS)
+    assert 0.5 / 8 < share < 1.5 / 8
+
+
+def test_owners_are_distinct_and_route_covers_every_node() -> None:
+    ring = Placement(NODES, replicas=3)
+    for k in KEYS[:200]:
+        owners = ring.owners(k)
+        assert len(owners) == len(set(owners)) == 3
+        route = ring.route(k)
+        assert route[:3] == owners and sorted(route) == sorted(NODES)
+    assert Placement(NODES[:1], replicas=2).owners(KEYS[0]) == NODES[:1]
+
+
+def test_weights_scale_a_nodes_share() -> None:
+    ring = Placement({"a:1": 1, "b:1": 1, "c:1": 2})
+    load = Counter(ring.owners(k)[0] for k in KEYS)
+    assert 1.6 < load["c:1"] / load["a:1"] < 2.5
+
+
+def test_edge_flags_parse_weights_and_reject_nonsense() -> None:
+    assert parse_edges(["h:1", "h:2=3"]) == {"h:1": 1, "h:2": 3}
+    for bad in (["h"], ["h:x"], ["h:1=0"], ["h:1=w"], []):
+        with pytest.raises(InvalidArgument):
+            parse_edges(bad)
+    with pytest.raises(InvalidArgument):
+        Placement([], replicas=2)
+    with pytest.raises(InvalidArgument):
+        Placement(NODES, replicas=0)
+
+
+def test_a_dns_name_expands_to_one_edge_per_address() -> None:
+    resolved = resolve_edges({"localhost:7080": 2, "192.0.2.3:7081": 1})
+    assert resolved["127.0.0.1:7080"] == 2
+    assert resolved["192.0.2.3:7081"] == 1
+    assert all(a.endswith((":7080", ":7081")) for a in resolved)
