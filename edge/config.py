@@ -19,6 +19,8 @@ class EdgeConfig:
     """Byte budget of the in-memory block tier."""
     bulk_port: int = 0
     """TCP port of the bulk frame stream on the listen host: 0 picks a free port, -1 turns it off."""
+    metrics_port: int = -1
+    """Port of the Prometheus `/metrics` endpoint on the listen host: 0 picks a free port, -1 turns it off."""
     origin_timeout_s: float = 10.0
     """Deadline of each unary call to the origin (a stream gets ten times this)."""
 

@@ -10,6 +10,7 @@ from kvcdn.client.reader import CacheReader
 from kvcdn.errors import DigestMismatch, NotFound, Unavailable
 from kvcdn.frames import EncodedBlock, decode_frame, stream_blocks, verify_frame
 from kvcdn.lru import ByteLRU
+from kvcdn.metrics import Stat
 from kvcdn.rpc import check_read_request
 from kvcdn.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -28,10 +29,24 @@ class Edge:
         self._fetches: SingleFlight[EncodedBlock] = SingleFlight()
         self._origin_info: pb.ServerInfo | None = None
         self.origin_fetches = 0
+        self.bytes_from_origin = 0
         self.hits = 0
         self.misses = 0
         self.bulk_port = 0
         """Port of this edge's bulk frame stream (set by the server once bound; 0: none)."""
+
+    def stats(self) -> list[Stat]:
+        """The edge's counters, for kvcdn.metrics (read at scrape time)."""
+        return [
+            ("edge_block_hits_memory_total", "counter", "Blocks served from the memory tier", self.hits),
+            ("edge_block_misses_memory_total", "counter", "Blocks missing from the memory tier", self.misses),
+            ("edge_origin_fetches_total", "counter", "Blocks pulled from the origin", self.origin_fetches),
+            ("edge_bytes_from_origin_total", "counter", "Frame bytes pulled from the origin", self.bytes_from_origin),
+            ("edge_evictions_memory_total", "counter", "Blocks evicted from the memory tier", self.memory.evictions),
+            ("edge_memory_bytes", "gauge", "Bytes held by the memory tier", self.memory.bytes),
+            ("edge_memory_blocks", "gauge", "Blocks held by the memory tier", len(self.memory)),
+            ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._fetches)),
+        ]
 
     async def origin_info(self) -> pb.ServerInfo:
         if self._origin_info is None:
@@ -90,6 +105,7 @@ class Edge:
         if len(frames) != len(info.frame_digests):
             raise Unavailable(f"origin ended block {key.hex()[:16]}… after {len(frames)} frames")
         self.origin_fetches += 1
+        self.bytes_from_origin += sum(len(f) for f in frames)
         block = EncodedBlock(info=info, frames=tuple(frames))
         self.memory.put(key, block)
         return block

@@ -8,6 +8,7 @@ from kvcdn.client.reader import CacheReader
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.edge import Edge
 from kvcdn.edge.service import EdgeService
+from kvcdn.metrics import ServerMetrics
 from kvcdn.rpc import Server, start_server
 from kvcdn.serving import serve_until_stopped
 
@@ -22,9 +23,10 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
     edge = Edge(origin, config.mem_bytes)
     server = await start_server(
         config.listen,
-        EdgeService(edge),
+        EdgeService(edge, ServerMetrics(edge.stats)),
         bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
         bulk_port=config.bulk_port,
+        metrics_port=config.metrics_port,
     )
     edge.bulk_port = server.bulk_port
     log.info("edge serving on %s in front of origin %s", server.address, config.origin)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvcdn.edge.edge import Edge
+from kvcdn.metrics import ServerMetrics
 from kvcdn.rpc import rpc_errors, stream_errors
 from kvcdn.v1 import kvcdn_pb2 as pb
 
@@ -16,8 +17,9 @@ __all__ = ["EdgeService"]
 class EdgeService:
     """KVCache, registered by kvcdn.rpc with pass-through frames."""
 
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: Edge, metrics: ServerMetrics) -> None:
         self.edge = edge
+        self.metrics = metrics
 
     @rpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import grpc
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, Unavailable, error_for
 from kvcdn.frames import frame_parts
 from kvcdn.layout import Geometry, KVAssembler
+from kvcdn.metrics import ServerMetrics
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = ["BulkServer", "Progress", "receive_into", "start_bulk_server"]
@@ -73,7 +75,14 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
     return bytes(buf)
 
 
-async def _serve(loop: asyncio.AbstractEventLoop, sock: socket.socket, stream: StreamFn) -> None:
+async def _serve(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, stream: StreamFn, metrics: ServerMetrics
+) -> None:
+    code = grpc.StatusCode.OK
+    started = time.perf_counter()
+    served = metrics.bytes_served.labels("bulk")
+    in_flight = metrics.streams_in_flight.labels("bulk")
+    in_flight.inc()
     with sock:
         try:
             (n,) = _U32.unpack(await _recv_exact(loop, sock, 4))
@@ -87,19 +96,27 @@ async def _serve(loop: asyncio.AbstractEventLoop, sock: socket.socket, stream: S
                 header, payload = frame_parts(raw)
                 await loop.sock_sendall(sock, _PAIR.pack(len(header), len(payload)) + bytes(header))
                 await loop.sock_sendall(sock, payload)
+                served.inc(len(raw))
             await loop.sock_sendall(sock, _PAIR.pack(_END, 0))
         except KVCDNError as exc:
+            code = exc.code
             message = str(exc).encode()
             record = _PAIR.pack(_ERROR, 4 + len(message)) + _U32.pack(exc.code.value[0]) + message
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, record)
         except (ConnectionError, OSError) as exc:
+            code = grpc.StatusCode.CANCELLED
             log.debug("bulk connection ended: %s", exc)
         except Exception:
+            code = grpc.StatusCode.INTERNAL
             log.exception("bulk stream failed unexpectedly")
+        finally:
+            in_flight.dec()
+            metrics.requests.labels("BulkStreamBlocks", code.name).inc()
+            metrics.latency.labels("BulkStreamBlocks").observe(time.perf_counter() - started)
 
 
-async def start_bulk_server(host: str, port: int, stream: StreamFn) -> BulkServer:
+async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: ServerMetrics) -> BulkServer:
     """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -119,7 +136,7 @@ async def start_bulk_server(host: str, port: int, stream: StreamFn) -> BulkServe
             conn, _ = await loop.sock_accept(sock)
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_serve(loop, conn, stream))
+            task = asyncio.create_task(_serve(loop, conn, stream, metrics))
             conns.add(task)
             task.add_done_callback(conns.discard)
 

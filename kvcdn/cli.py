@@ -90,6 +90,7 @@ def cmd_origin(args: argparse.Namespace) -> int:
         models_dir=_models_dir(args),
         max_document_tokens=args.max_document_tokens,
         bulk_port=args.bulk_port,
+        metrics_port=args.metrics_port,
     )
     asyncio.run(run_origin(config, args.port_file))
     return 0
@@ -98,7 +99,13 @@ def cmd_origin(args: argparse.Namespace) -> int:
 def cmd_edge(args: argparse.Namespace) -> int:
     from kvcdn.edge import EdgeConfig, run_edge
 
-    config = EdgeConfig(origin=args.origin, listen=args.listen, mem_bytes=args.mem_bytes, bulk_port=args.bulk_port)
+    config = EdgeConfig(
+        origin=args.origin,
+        listen=args.listen,
+        mem_bytes=args.mem_bytes,
+        bulk_port=args.bulk_port,
+        metrics_port=args.metrics_port,
+    )
     asyncio.run(run_edge(config, args.port_file))
     return 0
 
@@ -123,9 +130,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = Cluster(store_dir=store, edges=args.edges, origin_args=_cluster_args(args))
         print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
         with cluster:
-            print(f"origin  {cluster.origin_address}  (store {store})")
+            print(f"origin  {cluster.origin_address}  metrics {cluster.metrics_urls['origin']}  (store {store})")
             for i, addr in enumerate(cluster.edge_addresses):
-                print(f"edge{i}   {addr}")
+                print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}")
             print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}", flush=True)
             print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
             stop = threading.Event()
@@ -264,6 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 _BULK_HELP = "TCP port of the bulk frame stream on the listen host (0: any free port, -1: off)"
+_METRICS_HELP = "HTTP port of the Prometheus /metrics endpoint on the listen host (0: any free port, -1: off)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", required=True, help="folder of the block and manifest store")
     s.add_argument("--max-document-tokens", type=int, default=32768)
     s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
+    s.add_argument("--metrics-port", type=int, default=0, help=_METRICS_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)
     _add_model_flags(s)
     s.set_defaults(fn=cmd_origin, server=True)
@@ -285,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
     s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
     s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
+    s.add_argument("--metrics-port", type=int, default=0, help=_METRICS_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_edge, server=True)
 

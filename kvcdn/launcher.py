@@ -3,6 +3,7 @@ waiting until each has bound its port, and stopping them all cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,8 @@ class Cluster:
     start_timeout_s: float = 600.0
     origin_address: str = ""
     edge_addresses: list[str] = field(default_factory=list)
+    metrics_urls: dict[str, str] = field(default_factory=dict)
+    """Prometheus endpoint of each process by name (origin, edge0, ...)."""
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -58,7 +61,9 @@ class Cluster:
         proc = dict(self._procs)[name]
         while time.monotonic() < deadline:
             if port_file.exists():
-                return port_file.read_text().strip()
+                bound = json.loads(port_file.read_text())
+                self.metrics_urls[name] = bound["metrics"]
+                return str(bound["address"])
             if proc.poll() is not None:
                 log = (Path(self._tmp.name) / f"{name}.log").read_text(errors="replace")
                 raise Unavailable(f"{name} exited with status {proc.returncode}:\n{log[-3000:]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from kvcdn.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, LimitExceeded
 from kvcdn.identity import KEY_BYTES
+from kvcdn.metrics import ServerMetrics
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 
@@ -60,13 +62,21 @@ def rpc_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        metrics: ServerMetrics = self.metrics
+        code = grpc.StatusCode.OK
+        started = time.perf_counter()
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:
+            code = grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
+            code = exc.code if isinstance(exc, KVCDNError) else grpc.StatusCode.INTERNAL
             await _abort(context, exc, fn.__name__)
             raise  # unreachable: abort raises
+        finally:
+            metrics.requests.labels(fn.__name__, code.name).inc()
+            metrics.latency.labels(fn.__name__).observe(time.perf_counter() - started)
 
     return wrapper
 
@@ -78,13 +88,26 @@ def stream_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        metrics: ServerMetrics = self.metrics
+        code = grpc.StatusCode.OK
+        started = time.perf_counter()
+        served = metrics.bytes_served.labels("grpc")
+        in_flight = metrics.streams_in_flight.labels("grpc")
+        in_flight.inc()
         try:
             async for item in fn(self, request, context):
+                served.inc(len(item))  # type: ignore[arg-type]
                 yield item
         except grpc.aio.AbortError:
+            code = grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
+            code = exc.code if isinstance(exc, KVCDNError) else grpc.StatusCode.INTERNAL
             await _abort(context, exc, fn.__name__)
+        finally:
+            in_flight.dec()
+            metrics.requests.labels(fn.__name__, code.name).inc()
+            metrics.latency.labels(fn.__name__).observe(time.perf_counter() - started)
 
     return wrapper
 
@@ -107,7 +130,10 @@ def check_read_request(asked_fingerprint: str, served_fingerprint: str, keys: Se
 
 
 class KVCacheHandlers(Protocol):
-    """The KVCache service as kvcdn servers implement it: StreamBlocks yields encoded frames."""
+    """The KVCache service as kvcdn servers implement it: StreamBlocks yields encoded frames, and
+    `metrics` is where the error-mapping decorators record each call."""
+
+    metrics: ServerMetrics
 
     def GetInfo(self, request: pb.GetInfoRequest, context: Any, /) -> Awaitable[pb.ServerInfo]: ...
     def GetManifest(self, request: pb.GetManifestRequest, context: Any, /) -> Awaitable[pb.Manifest]: ...
@@ -143,13 +169,28 @@ def _kvcache_handlers(servicer: KVCacheHandlers) -> grpc.GenericRpcHandler:
 
 
 class Server:
-    """A started grpc.aio server, the port it bound, and its bulk frame server if any."""
+    """A started grpc.aio server, the port it bound, its bulk frame server and its metrics endpoint."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, host: str, bulk: BulkServer | None) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        host: str,
+        bulk: BulkServer | None,
+        metrics: ServerMetrics,
+        metrics_port: int,
+    ) -> None:
         self.grpc = server
         self.port = port
         self.host = host
         self.bulk = bulk
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        """Port of the `/metrics` HTTP endpoint; 0 when it is off."""
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port else ""
 
     @property
     def address(self) -> str:
@@ -163,6 +204,7 @@ class Server:
         if self.bulk:
             await self.bulk.stop()
         await self.grpc.stop(grace_s)
+        self.metrics.stop()
 
 
 async def start_server(
@@ -171,10 +213,12 @@ async def start_server(
     publisher: pb_grpc.PublisherServicer | None = None,
     bulk_stream: StreamFn | None = None,
     bulk_port: int = 0,
+    metrics_port: int = -1,
 ) -> Server:
     """Build, bind and start a server with the KVCache service (plus Publisher on the origin),
-    health checking and reflection, and the bulk frame stream of `bulk_stream` on `bulk_port` of the
-    same host (0: any free port; -1: none). `listen` may use port 0; the bound ports are returned."""
+    health checking and reflection, the bulk frame stream of `bulk_stream` on `bulk_port` and the
+    `/metrics` endpoint of `kvcache.metrics` on `metrics_port`, both on the same host (0: any free
+    port; -1: none). `listen` may use port 0; the bound ports are returned."""
     host, _, port_text = listen.rpartition(":")
     if not host or not port_text.isdigit():
         raise InvalidArgument(f"--listen {listen!r} is not HOST:PORT")
@@ -195,13 +239,21 @@ async def start_server(
         raise InvalidArgument(f"cannot bind {listen}: the address is in use or not local")
     host = host.strip("[]")
     bulk = None
-    if bulk_stream is not None and bulk_port >= 0:
-        try:
-            bulk = await start_bulk_server(host, bulk_port, bulk_stream)
-        except BaseException:
-            await server.stop(0)
-            raise
+    bound_metrics = 0
+    try:
+        if bulk_stream is not None and bulk_port >= 0:
+            bulk = await start_bulk_server(host, bulk_port, bulk_stream, kvcache.metrics)
+        if metrics_port >= 0:
+            try:
+                bound_metrics = kvcache.metrics.start_http(host, metrics_port)
+            except OSError as exc:
+                raise InvalidArgument(f"cannot bind the metrics port {host}:{metrics_port}: {exc.strerror}") from None
+    except BaseException:
+        if bulk is not None:
+            await bulk.stop()
+        await server.stop(0)
+        raise
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Server(server, port, host, bulk)
+    return Server(server, port, host, bulk, kvcache.metrics, bound_metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import tempfile
@@ -13,12 +14,12 @@ from kvcdn.rpc import Server
 __all__ = ["serve_until_stopped", "write_port_file"]
 
 
-def write_port_file(path: str, address: str) -> None:
-    """Atomically write the bound address, so a parent process can wait for the file to appear."""
+def write_port_file(path: str, server: Server) -> None:
+    """Atomically write what the server bound, as JSON, so a parent process can wait for the file."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
     with os.fdopen(fd, "w") as f:
-        f.write(address + "\n")
+        json.dump({"address": server.address, "bulk_port": server.bulk_port, "metrics": server.metrics_url}, f)
     os.replace(tmp, target)
 
 
@@ -28,8 +29,10 @@ async def serve_until_stopped(server: Server, port_file: str | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if port_file:
-        write_port_file(port_file, server.address)
-    print(f"serving on {server.address}", flush=True)
+        write_port_file(port_file, server)
+    extras = [f"bulk port {server.bulk_port}"] if server.bulk_port else []
+    extras += [f"metrics {server.metrics_url}"] if server.metrics_url else []
+    print(f"serving on {server.address}" + (f" ({', '.join(extras)})" if extras else ""), flush=True)
     try:
         await stop.wait()
     finally:

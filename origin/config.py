@@ -35,6 +35,8 @@ class OriginConfig:
     """Payload bytes per streamed frame."""
     bulk_port: int = 0
     """TCP port of the bulk frame stream on the listen host: 0 picks a free port, -1 turns it off."""
+    metrics_port: int = -1
+    """Port of the Prometheus `/metrics` endpoint on the listen host: 0 picks a free port, -1 turns it off."""
     read_cache_bytes: int = 256 << 20
     """Memory for recently streamed blocks, so hot blocks are not re-read from disk."""
 

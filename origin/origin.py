@@ -15,6 +15,7 @@ from kvcdn.frames import EncodedBlock, encode_block, stream_blocks
 from kvcdn.identity import block_keys, block_spans, content_digest
 from kvcdn.layout import KVAssembler, LayerKV, block_payload
 from kvcdn.lru import ByteLRU
+from kvcdn.metrics import Stat
 from kvcdn.models import LoadedModel
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import BlockStore, ManifestStore, check_document_name
@@ -50,8 +51,21 @@ class Origin:
         self._model_lock = asyncio.Lock()
         self._manifest_lock = asyncio.Lock()
         self.prefill_runs = 0
+        self.prefill_s = 0.0
+        self.blocks_computed = 0
+        self.publishes = 0
         self.bulk_port = 0
         """Port of this origin's bulk frame stream (set by the server once bound; 0: none)."""
+
+    def stats(self) -> list[Stat]:
+        """The origin's counters, for kvcdn.metrics (read at scrape time)."""
+        return [
+            ("origin_publishes_total", "counter", "Publish requests accepted", self.publishes),
+            ("origin_prefill_runs_total", "counter", "Prefill runs (one per publish that computed)", self.prefill_runs),
+            ("origin_prefill_seconds_total", "counter", "Seconds spent in prefill", self.prefill_s),
+            ("origin_blocks_computed_total", "counter", "Blocks computed and stored", self.blocks_computed),
+            ("origin_read_cache_bytes", "gauge", "Bytes of encoded blocks held in memory", self._read_cache.bytes),
+        ]
 
     @property
     def fingerprint(self) -> str:
@@ -81,6 +95,7 @@ class Origin:
             )
         keys = block_keys(self.model.fingerprint, ids, self.geometry.block_tokens)
         digest = content_digest(ids)
+        self.publishes += 1
         computed, prefill_s = await self._publishing.do(digest, lambda: self._compute(ids, keys))
         async with self._manifest_lock:
             versions = self.manifests.versions(document)
@@ -129,9 +144,11 @@ class Origin:
             layers = await loop.run_in_executor(None, adapter.prefill, self.model.model, ids[start:], past)
             prefill_s = time.perf_counter() - t0
             self.prefill_runs += 1
+            self.prefill_s += prefill_s
         for i in range(have, len(keys)):
             s, e = spans[i]
             await loop.run_in_executor(None, self._store_block, keys[i], i, layers, s, e)
+            self.blocks_computed += 1
         return len(keys) - have, prefill_s
 
     def _load_prefix(self, keys: Sequence[bytes], n_tokens: int) -> list[LayerKV] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kvcdn.metrics import ServerMetrics
 from kvcdn.models import LoadedModel, load_model
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.origin import Origin
@@ -20,13 +21,14 @@ log = logging.getLogger(__name__)
 async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin, Server]:
     """Start an origin for an already loaded model; the caller stops the returned server."""
     origin = Origin(config, model)
-    service = OriginService(origin)
+    service = OriginService(origin, ServerMetrics(origin.stats))
     server = await start_server(
         config.listen,
         service,
         publisher=service,
         bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
         bulk_port=config.bulk_port,
+        metrics_port=config.metrics_port,
     )
     origin.bulk_port = server.bulk_port
     log.info("origin serving %s on %s (fingerprint %s…)", model.name, server.address, origin.fingerprint[:16])

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvcdn.metrics import ServerMetrics
 from kvcdn.origin.origin import Origin
 from kvcdn.rpc import rpc_errors, stream_errors
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -17,8 +18,9 @@ __all__ = ["OriginService"]
 class OriginService(pb_grpc.PublisherServicer):
     """KVCache (registered by kvcdn.rpc with pass-through frames) and Publisher."""
 
-    def __init__(self, origin: Origin) -> None:
+    def __init__(self, origin: Origin, metrics: ServerMetrics) -> None:
         self.origin = origin
+        self.metrics = metrics
 
     @rpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:

@@ -51,7 +51,7 @@ class Network:
         return self.edge_server.address
 
 
-async def start_network(model: LoadedModel, store: Path, **origin_kwargs: int) -> Network:
+async def start_network(model: LoadedModel, store: Path, metrics: bool = False, **origin_kwargs: int) -> Network:
     origin, origin_server = await start_origin(
         OriginConfig(
             store_dir=store,
@@ -59,11 +59,14 @@ async def start_network(model: LoadedModel, store: Path, **origin_kwargs: int) -
             model=model.name,
             block_tokens=model.geometry.block_tokens,
             frame_bytes=model.geometry.frame_bytes,
+            metrics_port=0 if metrics else -1,
             **origin_kwargs,
         ),
         model,
     )
-    edge, edge_server = await start_edge(EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0"))
+    edge, edge_server = await start_edge(
+        EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0", metrics_port=0 if metrics else -1)
+    )
     return Network(model, origin, origin_server, edge, edge_server)
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -25,11 +26,11 @@ def _run(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[str, str]]:
+def cluster() -> Iterator[tuple[str, str, str]]:
     proc = subprocess.Popen(
         [*KVCDN, "up", "--edges", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    origin = edges = ""
+    origin = edges = edge_metrics = ""
     deadline = time.monotonic() + 300
     try:
         assert proc.stdout is not None
@@ -39,10 +40,13 @@ def cluster() -> Iterator[tuple[str, str]]:
                 break
             if line.startswith("origin"):
                 origin = line.split()[1]
+            if line.startswith("edge0"):
+                edge_metrics = line.split("metrics")[1].split()[0]
             if line.startswith("export KVCDN_EDGES="):
                 edges = line.strip().split("=", 1)[1]
         assert origin and edges, "kvcdn up did not print its addresses"
-        yield origin, edges
+        assert edge_metrics.startswith("http://127.0.0.1:")
+        yield origin, edges, edge_metrics
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -59,8 +63,8 @@ def cluster() -> Iterator[tuple[str, str]]:
             proc.stdout.close()
 
 
-def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str]) -> None:
-    origin, edges = cluster
+def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -> None:
+    origin, edges, edge_metrics = cluster
     doc = str(SAMPLES / "apache-2.0.txt")
     published = _run("publish", "--origin", origin, doc)
     assert published.returncode == 0, published.stderr
@@ -100,9 +104,15 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str]) -> Non
     assert result["max_abs_logit_diff"] <= 1e-3
     assert result["cached_tokens"] == stats["doc_tokens"]
 
+    # The edge pulled each block from the origin once, whatever the agents asked for since.
+    with urllib.request.urlopen(edge_metrics, timeout=5) as resp:
+        metrics = resp.read().decode()
+    blocks = -(-stats["doc_tokens"] // 256)
+    assert f"kvcdn_edge_origin_fetches_total {float(blocks)}" in metrics
 
-def test_cli_reports_bad_input_with_status_and_exit_code(cluster: tuple[str, str]) -> None:
-    _, edges = cluster
+
+def test_cli_reports_bad_input_with_status_and_exit_code(cluster: tuple[str, str, str]) -> None:
+    _, edges, _ = cluster
     missing = _run("ask", "--edges", edges, "--doc", "/nonexistent.txt", "--question", "?")
     assert missing.returncode == 2 and "INVALID_ARGUMENT" in missing.stderr
     unreachable = _run("publish", "--origin", "127.0.0.1:1", str(SAMPLES / "apache-2.0.txt"))

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvcdn.cli import parse_size
 from kvcdn.edge.service import EdgeService
 from kvcdn.errors import InvalidArgument
+from kvcdn.metrics import ServerMetrics
 from kvcdn.rpc import start_server
 from tests.conftest import Network
 
@@ -51,7 +52,7 @@ async def test_servers_report_the_ports_they_bound(network: Network) -> None:
 @pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:notaport", "203.0.113.1:0"])
 async def test_a_bad_listen_address_is_a_clear_error(network: Network, listen: str) -> None:
     with pytest.raises(InvalidArgument):
-        await start_server(listen, EdgeService(network.edge))
+        await start_server(listen, EdgeService(network.edge, ServerMetrics()))
 
 
 @pytest.mark.parametrize(
