@@ -34,6 +34,8 @@ class Edge:
         self.misses = 0
         self.bulk_port = 0
         """Port of this edge's bulk frame stream (set by the server once bound; 0: none)."""
+        self.metrics_port = 0
+        """Port of this edge's /metrics endpoint (set by the server once bound; 0: none)."""
 
     def stats(self) -> list[Stat]:
         """The edge's counters, for kvcdn.metrics (read at scrape time)."""
@@ -58,6 +60,7 @@ class Edge:
         info.CopyFrom(await self.origin_info())
         info.role = "edge"
         info.bulk_port = self.bulk_port
+        info.metrics_port = self.metrics_port
         return info
 
     async def manifest(self, document: str, version: int) -> pb.Manifest:

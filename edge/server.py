@@ -28,7 +28,7 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
         bulk_port=config.bulk_port,
         metrics_port=config.metrics_port,
     )
-    edge.bulk_port = server.bulk_port
+    edge.bulk_port, edge.metrics_port = server.bulk_port, server.metrics_port
     log.info("edge serving on %s in front of origin %s", server.address, config.origin)
     return edge, server
 

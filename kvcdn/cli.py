@@ -248,6 +248,49 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvcdn.client.stats import edge_stats
+
+    rows = asyncio.run(edge_stats(args.edges))
+    table = Table(
+        "edge",
+        "up",
+        "memory blocks",
+        "memory MB",
+        "hits",
+        "misses",
+        "hit ratio",
+        "evictions",
+        "origin fetches",
+        "MB from origin",
+        "MB served",
+        "streams now",
+    )
+    for r in rows:
+        if not r.up:
+            table.add_row(r.address, "[red]no[/red]", r.error, *[""] * 9)
+            continue
+        table.add_row(
+            r.address,
+            "yes",
+            f"{r.memory_blocks:.0f}",
+            f"{r.memory_bytes / 1e6:.1f}",
+            f"{r.hits:.0f}",
+            f"{r.misses:.0f}",
+            f"{r.hit_ratio:.0%}",
+            f"{r.evictions:.0f}",
+            f"{r.origin_fetches:.0f}",
+            f"{r.bytes_from_origin / 1e6:.1f}",
+            f"{r.bytes_served / 1e6:.1f}",
+            f"{r.streams_in_flight:.0f}",
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return 0 if all(r.up for r in rows) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvcdn.client.demo import run_demo
 
@@ -330,6 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--question", required=True)
             s.add_argument("--max-new-tokens", type=int, default=24)
             s.add_argument("--verify", action="store_true", help="also prefill locally and compare")
+
+    s = sub.add_parser("stats", help="a table of the edges' state (tiers, hit ratios, origin traffic)")
+    s.add_argument(
+        "--edges",
+        type=_edges,
+        default=os.environ.get("KVCDN_EDGES"),
+        required="KVCDN_EDGES" not in os.environ,
+        help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
+    )
+    s.set_defaults(fn=cmd_stats)
 
     s = sub.add_parser("demo", help="the main job on the embedded default model, with a table")
     s.add_argument("--max-new-tokens", type=int, default=24)

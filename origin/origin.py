@@ -56,6 +56,8 @@ class Origin:
         self.publishes = 0
         self.bulk_port = 0
         """Port of this origin's bulk frame stream (set by the server once bound; 0: none)."""
+        self.metrics_port = 0
+        """Port of this origin's /metrics endpoint (set by the server once bound; 0: none)."""
 
     def stats(self) -> list[Stat]:
         """The origin's counters, for kvcdn.metrics (read at scrape time)."""
@@ -79,6 +81,7 @@ class Origin:
             geometry=self.geometry.to_proto(),
             max_document_tokens=self.config.max_document_tokens,
             bulk_port=self.bulk_port,
+            metrics_port=self.metrics_port,
         )
 
     # --- write side -------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
         metrics = resp.read().decode()
     blocks = -(-stats["doc_tokens"] // 256)
     assert f"kvcdn_edge_origin_fetches_total {float(blocks)}" in metrics
+    table = _run("stats", "--edges", edges)
+    assert table.returncode == 0, table.stderr
+    assert edges.split(",")[0] in table.stdout and "hit ratio" in table.stdout
 
 
 def test_cli_reports_bad_input_with_status_and_exit_code(cluster: tuple[str, str, str]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcdn.client import CacheReader, KVClient
+from kvcdn.client.stats import edge_stats
 from kvcdn.errors import NotFound
 from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids
@@ -62,5 +63,9 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
         assert origin[("kvcdn_origin_prefill_runs_total", ())] == 1
         # The edge pulled each block from the origin once, over gRPC.
         assert origin[("kvcdn_requests_total", (("code", "OK"), ("method", "StreamBlocks")))] == n_blocks
+        stats = await edge_stats([net.edge_address, "127.0.0.1:1"], timeout_s=2)
+        assert stats[0].up and stats[0].hits == stats[0].misses == n_blocks and stats[0].hit_ratio == 0.5
+        assert stats[0].origin_fetches == n_blocks and stats[0].bytes_served == served
+        assert not stats[1].up and "127.0.0.1:1" in stats[1].error
     finally:
         await stop_network(net)

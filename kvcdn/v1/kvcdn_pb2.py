@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\x94\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\"a\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\"\xba\x01\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\"7\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"M\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32K\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xaa\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\"a\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\"\xba\x01\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\"7\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"M\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32K\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=156
   _globals['_GETINFOREQUEST']._serialized_end=172
   _globals['_SERVERINFO']._serialized_start=175
-  _globals['_SERVERINFO']._serialized_end=323
-  _globals['_BLOCKINFO']._serialized_start=325
-  _globals['_BLOCKINFO']._serialized_end=422
-  _globals['_MANIFEST']._serialized_start=425
-  _globals['_MANIFEST']._serialized_end=611
-  _globals['_GETMANIFESTREQUEST']._serialized_start=613
-  _globals['_GETMANIFESTREQUEST']._serialized_end=668
-  _globals['_LOOKUPPREFIXREQUEST']._serialized_start=670
-  _globals['_LOOKUPPREFIXREQUEST']._serialized_end=726
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=728
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=787
-  _globals['_STREAMBLOCKSREQUEST']._serialized_start=789
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=866
-  _globals['_FRAMEHEADER']._serialized_start=868
-  _globals['_FRAMEHEADER']._serialized_end=959
-  _globals['_FRAME']._serialized_start=961
-  _globals['_FRAME']._serialized_end=1024
-  _globals['_PUBLISHREQUEST']._serialized_start=1026
-  _globals['_PUBLISHREQUEST']._serialized_end=1074
-  _globals['_PUBLISHRESPONSE']._serialized_start=1076
-  _globals['_PUBLISHRESPONSE']._serialized_end=1175
-  _globals['_KVCACHE']._serialized_start=1178
-  _globals['_KVCACHE']._serialized_end=1456
-  _globals['_PUBLISHER']._serialized_start=1458
-  _globals['_PUBLISHER']._serialized_end=1533
+  _globals['_SERVERINFO']._serialized_end=345
+  _globals['_BLOCKINFO']._serialized_start=347
+  _globals['_BLOCKINFO']._serialized_end=444
+  _globals['_MANIFEST']._serialized_start=447
+  _globals['_MANIFEST']._serialized_end=633
+  _globals['_GETMANIFESTREQUEST']._serialized_start=635
+  _globals['_GETMANIFESTREQUEST']._serialized_end=690
+  _globals['_LOOKUPPREFIXREQUEST']._serialized_start=692
+  _globals['_LOOKUPPREFIXREQUEST']._serialized_end=748
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=750
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=809
+  _globals['_STREAMBLOCKSREQUEST']._serialized_start=811
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=888
+  _globals['_FRAMEHEADER']._serialized_start=890
+  _globals['_FRAMEHEADER']._serialized_end=981
+  _globals['_FRAME']._serialized_start=983
+  _globals['_FRAME']._serialized_end=1046
+  _globals['_PUBLISHREQUEST']._serialized_start=1048
+  _globals['_PUBLISHREQUEST']._serialized_end=1096
+  _globals['_PUBLISHRESPONSE']._serialized_start=1098
+  _globals['_PUBLISHRESPONSE']._serialized_end=1197
+  _globals['_KVCACHE']._serialized_start=1200
+  _globals['_KVCACHE']._serialized_end=1478
+  _globals['_PUBLISHER']._serialized_start=1480
+  _globals['_PUBLISHER']._serialized_end=1555
 # @@protoc_insertion_point(module_scope)

@@ -116,6 +116,7 @@ class ServerInfo(_message.Message):
     GEOMETRY_FIELD_NUMBER: _builtins.int
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _builtins.int
     BULK_PORT_FIELD_NUMBER: _builtins.int
+    METRICS_PORT_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"origin" or "edge"."""
     fingerprint: _builtins.str
@@ -126,6 +127,8 @@ class ServerInfo(_message.Message):
     """Longest document, in tokens, that the origin accepts for publishing."""
     bulk_port: _builtins.int
     """TCP port of this server's bulk frame stream on the same host; 0 when it offers none."""
+    metrics_port: _builtins.int
+    """HTTP port of this server's Prometheus `/metrics` endpoint on the same host; 0 when it has none."""
     @_builtins.property
     def geometry(self) -> Global___Geometry:
         """KV geometry of the model."""
@@ -139,10 +142,11 @@ class ServerInfo(_message.Message):
         geometry: Global___Geometry | None = ...,
         max_document_tokens: _builtins.int = ...,
         bulk_port: _builtins.int = ...,
+        metrics_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "fingerprint", b"fingerprint", "geometry", b"geometry", "max_document_tokens", b"max_document_tokens", "model", b"model", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "fingerprint", b"fingerprint", "geometry", b"geometry", "max_document_tokens", b"max_document_tokens", "metrics_port", b"metrics_port", "model", b"model", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
