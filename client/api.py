@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from kvcdn import adapter
 from kvcdn.bulk import Progress, receive_into
@@ -25,7 +25,6 @@ __all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "gene
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _RETRYABLE = (Unavailable, DeadlineExceeded)
 
 
@@ -58,6 +57,7 @@ class FetchedCache:
     fetch_s: float
     """Seconds from the first lookup to a cache ready for generate(): lookup, stream, verify, rebuild."""
     edges_used: list[str] = field(default_factory=list)
+    """Edges that streamed (or failed to stream) part of the cache, in the order first asked."""
 
     def cache(self, model: LoadedModel) -> Any:
         """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
