@@ -17,7 +17,16 @@ import blake3
 from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["EncodedBlock", "decode_frame", "digest", "encode_block", "frame_parts", "stream_blocks", "verify_frame"]
+__all__ = [
+    "EncodedBlock",
+    "decode_frame",
+    "digest",
+    "encode_block",
+    "encode_stored",
+    "frame_parts",
+    "stream_blocks",
+    "verify_frame",
+]
 
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
@@ -69,13 +78,21 @@ class EncodedBlock:
 def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_bytes: int) -> EncodedBlock:
     """Cut a block payload into frames, digest each and encode them."""
     view = memoryview(payload)
+    digests = [digest(view[offset : offset + frame_bytes]) for offset in range(0, len(payload), frame_bytes)]
+    info = pb.BlockInfo(key=key, index=index, n_tokens=n_tokens, n_bytes=len(payload), frame_digests=digests)
+    return encode_stored(info, payload, frame_bytes)
+
+
+def encode_stored(info: pb.BlockInfo, payload: bytes, frame_bytes: int) -> EncodedBlock:
+    """Encode the frames of a payload whose digests `info` already holds (checked when it was read)."""
+    view = memoryview(payload)
     frames: list[bytes] = []
-    digests: list[bytes] = []
     for frame_index, offset in enumerate(range(0, len(payload), frame_bytes)):
         chunk = view[offset : offset + frame_bytes]
-        d = digest(chunk)
-        digests.append(d)
-        header = pb.FrameHeader(block_key=key, frame_index=frame_index, offset=offset, digest=d).SerializeToString()
+        d = info.frame_digests[frame_index]
+        header = pb.FrameHeader(
+            block_key=info.key, frame_index=frame_index, offset=offset, digest=d
+        ).SerializeToString()
         frames.append(
             b"".join(
                 (
@@ -88,7 +105,6 @@ def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_by
                 )
             )
         )
-    info = pb.BlockInfo(key=key, index=index, n_tokens=n_tokens, n_bytes=len(payload), frame_digests=digests)
     return EncodedBlock(info=info, frames=tuple(frames))
 
 

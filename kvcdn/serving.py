@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import tempfile
 from pathlib import Path
 
+from kvcdn.fsutil import atomic_write
 from kvcdn.rpc import Server
 
 __all__ = ["serve_until_stopped", "write_port_file"]
@@ -16,11 +15,8 @@ __all__ = ["serve_until_stopped", "write_port_file"]
 
 def write_port_file(path: str, server: Server) -> None:
     """Atomically write what the server bound, as JSON, so a parent process can wait for the file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"address": server.address, "bulk_port": server.bulk_port, "metrics": server.metrics_url}, f)
-    os.replace(tmp, target)
+    bound = {"address": server.address, "bulk_port": server.bulk_port, "metrics": server.metrics_url}
+    atomic_write(Path(path), json.dumps(bound).encode())
 
 
 async def serve_until_stopped(server: Server, port_file: str | None = None) -> None:

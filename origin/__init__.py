@@ -5,10 +5,9 @@ and streams blocks as digested ~1 MiB frames to edges (or any KVCache client).""
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.origin import Origin, PublishResult
 from kvcdn.origin.server import run_origin, start_origin
-from kvcdn.origin.store import BlockStore, ManifestStore
+from kvcdn.origin.store import ManifestStore
 
 __all__ = [
-    "BlockStore",
     "ManifestStore",
     "Origin",
     "OriginConfig",

@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from kvcdn import adapter
+from kvcdn.blockstore import BlockStore
 from kvcdn.errors import InvalidArgument, LimitExceeded
-from kvcdn.frames import EncodedBlock, encode_block, stream_blocks
+from kvcdn.frames import EncodedBlock, encode_block, encode_stored, stream_blocks
 from kvcdn.identity import block_keys, block_spans, content_digest
 from kvcdn.layout import KVAssembler, LayerKV, block_payload
 from kvcdn.lru import ByteLRU
 from kvcdn.metrics import Stat
 from kvcdn.models import LoadedModel
 from kvcdn.origin.config import OriginConfig
-from kvcdn.origin.store import BlockStore, ManifestStore, check_document_name
+from kvcdn.origin.store import ManifestStore, check_document_name
 from kvcdn.prompt import document_ids
 from kvcdn.rpc import check_read_request
 from kvcdn.singleflight import SingleFlight
@@ -44,7 +45,7 @@ class Origin:
         self.config = config
         self.model = model
         self.geometry = model.geometry
-        self.blocks = BlockStore(config.store_dir, self.geometry.frame_bytes)
+        self.blocks = BlockStore(config.store_dir / "blocks")
         self.manifests = ManifestStore(config.store_dir)
         self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
         self._publishing: SingleFlight[tuple[int, float]] = SingleFlight()
@@ -159,7 +160,7 @@ class Origin:
             return None
         assembler = KVAssembler(self.geometry, n_tokens, self.model.device)
         for key in keys:
-            info, payload = self.blocks.get(key)
+            info, payload, _ = self.blocks.get(key)
             assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, memoryview(payload))
         return assembler.layers()
 
@@ -168,7 +169,7 @@ class Origin:
             return
         payload = block_payload(self.geometry, layers, start, end)
         block = encode_block(key, index, end - start, payload, self.geometry.frame_bytes)
-        self.blocks.put(block.info, payload)
+        self.blocks.put(block.info, payload, self.geometry.frame_bytes)
         self._read_cache.put(key, block)
 
     # --- read side --------------------------------------------------------------------------------
@@ -190,8 +191,8 @@ class Origin:
         cached = self._read_cache.get(key)
         if cached is not None:
             return cached
-        info, payload = await asyncio.get_running_loop().run_in_executor(None, self.blocks.get, key)
-        block = encode_block(key, info.index, info.n_tokens, payload, self.geometry.frame_bytes)
+        info, payload, frame_bytes = await asyncio.get_running_loop().run_in_executor(None, self.blocks.get, key)
+        block = encode_stored(info, payload, frame_bytes)
         self._read_cache.put(key, block)
         return block
 

@@ -170,7 +170,7 @@ async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(
 async def test_corrupt_origin_block_is_data_loss_and_dropped(network: Network, sample_text: str) -> None:
     manifest = (await network.origin.publish("doc", sample_text)).manifest
     key = manifest.blocks[0].key
-    path = network.origin.blocks._path(key)
+    path = network.origin.blocks.path(key)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
