@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from kvcdn.client.reader import CacheReader
+from kvcdn.edge.disk import DiskTier
 from kvcdn.errors import DigestMismatch, NotFound, Unavailable
 from kvcdn.frames import EncodedBlock, decode_frame, stream_blocks, verify_frame
 from kvcdn.lru import ByteLRU
@@ -21,11 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class Edge:
-    """Memory LRU of encoded blocks in front of one origin."""
+    """Memory LRU of encoded blocks, over an optional disk tier, in front of one origin."""
 
-    def __init__(self, origin: CacheReader, mem_bytes: int) -> None:
+    def __init__(self, origin: CacheReader, mem_bytes: int, disk: DiskTier | None = None) -> None:
         self.origin = origin
         self.memory: ByteLRU[bytes, EncodedBlock] = ByteLRU(mem_bytes, lambda b: b.n_bytes)
+        self.disk = disk
         self._fetches: SingleFlight[EncodedBlock] = SingleFlight()
         self._origin_info: pb.ServerInfo | None = None
         self.origin_fetches = 0
@@ -39,7 +41,7 @@ class Edge:
 
     def stats(self) -> list[Stat]:
         """The edge's counters, for kvcdn.metrics (read at scrape time)."""
-        return [
+        stats: list[Stat] = [
             ("edge_block_hits_memory_total", "counter", "Blocks served from the memory tier", self.hits),
             ("edge_block_misses_memory_total", "counter", "Blocks missing from the memory tier", self.misses),
             ("edge_origin_fetches_total", "counter", "Blocks pulled from the origin", self.origin_fetches),
@@ -49,10 +51,30 @@ class Edge:
             ("edge_memory_blocks", "gauge", "Blocks held by the memory tier", len(self.memory)),
             ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._fetches)),
         ]
+        if self.disk is not None:
+            d = self.disk
+            stats += [
+                ("edge_block_hits_disk_total", "counter", "Blocks served from the disk tier", d.hits),
+                ("edge_block_misses_disk_total", "counter", "Blocks missing from the disk tier", d.misses),
+                ("edge_evictions_disk_total", "counter", "Blocks evicted from the disk tier", d.index.evictions),
+                ("edge_corrupt_disk_total", "counter", "Disk blocks that failed their digest (dropped)", d.corrupt),
+                ("edge_disk_bytes", "gauge", "Bytes held by the disk tier", d.index.bytes),
+                ("edge_disk_blocks", "gauge", "Blocks held by the disk tier", len(d.index)),
+            ]
+        return stats
 
     async def origin_info(self) -> pb.ServerInfo:
+        """The origin's ServerInfo; from the disk tier's copy while the origin is unreachable."""
         if self._origin_info is None:
-            self._origin_info = await self.origin.info()
+            try:
+                self._origin_info = await self.origin.info()
+            except Unavailable:
+                saved = self.disk.load_origin_info() if self.disk is not None else None
+                if saved is None:
+                    raise
+                return saved
+            if self.disk is not None:
+                self.disk.save_origin_info(self._origin_info)
         return self._origin_info
 
     async def info(self) -> pb.ServerInfo:
@@ -71,9 +93,10 @@ class Edge:
         found: list[pb.BlockInfo] = []
         for key in keys:
             block = self.memory.get(key)
-            if block is None:
+            info = block.info if block is not None else self.disk.info(key) if self.disk is not None else None
+            if info is None:
                 break
-            found.append(block.info)
+            found.append(info)
         if len(found) < len(keys):
             try:
                 found += await self.origin.lookup(fingerprint, keys[len(found) :])
@@ -89,7 +112,17 @@ class Edge:
             self.hits += 1
             return cached
         self.misses += 1
-        return await self._fetches.do(key, lambda: self._pull(fingerprint, key))
+        return await self._fetches.do(key, lambda: self._load(fingerprint, key))
+
+    async def _load(self, fingerprint: str, key: bytes) -> EncodedBlock:
+        """A block missing from memory: from the disk tier, else from the origin (then kept on disk)."""
+        block = await self.disk.get(key) if self.disk is not None else None
+        if block is None:
+            block = await self._pull(fingerprint, key)
+            if self.disk is not None:
+                await self.disk.put(block, (await self.origin_info()).geometry.frame_bytes)
+        self.memory.put(key, block)
+        return block
 
     async def _pull(self, fingerprint: str, key: bytes) -> EncodedBlock:
         """Fetch one block from the origin, verifying every frame before it is cached."""
@@ -109,9 +142,7 @@ class Edge:
             raise Unavailable(f"origin ended block {key.hex()[:16]}… after {len(frames)} frames")
         self.origin_fetches += 1
         self.bytes_from_origin += sum(len(f) for f in frames)
-        block = EncodedBlock(info=info, frames=tuple(frames))
-        self.memory.put(key, block)
-        return block
+        return EncodedBlock(info=info, frames=tuple(frames))
 
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)

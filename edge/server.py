@@ -6,6 +6,7 @@ import logging
 
 from kvcdn.client.reader import CacheReader
 from kvcdn.edge.config import EdgeConfig
+from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.edge import Edge
 from kvcdn.edge.service import EdgeService
 from kvcdn.metrics import ServerMetrics
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
     """Start an edge; the caller stops the returned server (and closes `edge.origin`)."""
     origin = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
-    edge = Edge(origin, config.mem_bytes)
+    disk = DiskTier(config.disk_dir, config.disk_bytes) if config.disk_dir is not None else None
+    edge = Edge(origin, config.mem_bytes, disk)
     server = await start_server(
         config.listen,
         EdgeService(edge, ServerMetrics(edge.stats)),

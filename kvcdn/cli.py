@@ -103,6 +103,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
         origin=args.origin,
         listen=args.listen,
         mem_bytes=args.mem_bytes,
+        disk_dir=Path(args.disk_dir) if args.disk_dir else None,
+        disk_bytes=args.disk_bytes,
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
     )
@@ -336,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:7080", help="HOST:PORT (port 0: any free port)")
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
     s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
+    s.add_argument("--disk-dir", help="folder of the disk tier (default: no disk tier)")
+    s.add_argument("--disk-bytes", type=parse_size, default=parse_size("10GiB"), help="disk tier size (10GiB)")
     s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
     s.add_argument("--metrics-port", type=int, default=0, help=_METRICS_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)

@@ -19,11 +19,14 @@ class ByteLRU(Generic[K, V]):
     else and still not fit).
     """
 
-    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
+    def __init__(
+        self, max_bytes: int, size_of: Callable[[V], int], on_evict: Callable[[K, V], None] | None = None
+    ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
         self._size_of = size_of
+        self._on_evict = on_evict
         self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
@@ -49,9 +52,11 @@ class ByteLRU(Generic[K, V]):
             return False
         self.pop(key)
         while self.bytes + size > self.max_bytes:
-            _, (_, old) = self._items.popitem(last=False)
+            old_key, (old_value, old) = self._items.popitem(last=False)
             self.bytes -= old
             self.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(old_key, old_value)
         self._items[key] = (value, size)
         self.bytes += size
         return True
