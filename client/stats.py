@@ -25,6 +25,9 @@ class EdgeStats:
     memory_bytes: float = 0
     hits: float = 0
     misses: float = 0
+    disk_blocks: float = 0
+    disk_bytes: float = 0
+    disk_hits: float = 0
     evictions: float = 0
     origin_fetches: float = 0
     bytes_from_origin: float = 0
@@ -33,8 +36,9 @@ class EdgeStats:
 
     @property
     def hit_ratio(self) -> float:
+        """Blocks served from memory or disk over all blocks asked for."""
         total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+        return (self.hits + self.disk_hits) / total if total else 0.0
 
 
 def _scrape(url: str, timeout_s: float) -> dict[str, float]:
@@ -69,6 +73,9 @@ async def _one(address: str, timeout_s: float) -> EdgeStats:
         memory_bytes=m.get("kvcdn_edge_memory_bytes", 0),
         hits=m.get("kvcdn_edge_block_hits_memory_total", 0),
         misses=m.get("kvcdn_edge_block_misses_memory_total", 0),
+        disk_blocks=m.get("kvcdn_edge_disk_blocks", 0),
+        disk_bytes=m.get("kvcdn_edge_disk_bytes", 0),
+        disk_hits=m.get("kvcdn_edge_block_hits_disk_total", 0),
         evictions=m.get("kvcdn_edge_evictions_memory_total", 0),
         origin_fetches=m.get("kvcdn_edge_origin_fetches_total", 0),
         bytes_from_origin=m.get("kvcdn_edge_bytes_from_origin_total", 0),

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,41 +254,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kvcdn.client.stats import edge_stats
+    from kvcdn.client.stats import EdgeStats, edge_stats
 
     rows = asyncio.run(edge_stats(args.edges))
-    table = Table(
-        "edge",
-        "up",
-        "memory blocks",
-        "memory MB",
-        "hits",
-        "misses",
-        "hit ratio",
-        "evictions",
-        "origin fetches",
-        "MB from origin",
-        "MB served",
-        "streams now",
-    )
+    columns: list[tuple[str, Callable[[EdgeStats], str]]] = [
+        ("memory blocks", lambda r: f"{r.memory_blocks:.0f}"),
+        ("memory MB", lambda r: f"{r.memory_bytes / 1e6:.1f}"),
+        ("memory hits", lambda r: f"{r.hits:.0f}"),
+        ("disk blocks", lambda r: f"{r.disk_blocks:.0f}"),
+        ("disk MB", lambda r: f"{r.disk_bytes / 1e6:.1f}"),
+        ("disk hits", lambda r: f"{r.disk_hits:.0f}"),
+        ("hit ratio", lambda r: f"{r.hit_ratio:.0%}"),
+        ("evictions", lambda r: f"{r.evictions:.0f}"),
+        ("origin fetches", lambda r: f"{r.origin_fetches:.0f}"),
+        ("MB from origin", lambda r: f"{r.bytes_from_origin / 1e6:.1f}"),
+        ("MB served", lambda r: f"{r.bytes_served / 1e6:.1f}"),
+        ("streams now", lambda r: f"{r.streams_in_flight:.0f}"),
+    ]
+    table = Table("edge", "up", *(name for name, _ in columns))
     for r in rows:
-        if not r.up:
-            table.add_row(r.address, "[red]no[/red]", r.error, *[""] * 9)
-            continue
-        table.add_row(
-            r.address,
-            "yes",
-            f"{r.memory_blocks:.0f}",
-            f"{r.memory_bytes / 1e6:.1f}",
-            f"{r.hits:.0f}",
-            f"{r.misses:.0f}",
-            f"{r.hit_ratio:.0%}",
-            f"{r.evictions:.0f}",
-            f"{r.origin_fetches:.0f}",
-            f"{r.bytes_from_origin / 1e6:.1f}",
-            f"{r.bytes_served / 1e6:.1f}",
-            f"{r.streams_in_flight:.0f}",
-        )
+        if r.up:
+            table.add_row(r.address, "yes", *(fmt(r) for _, fmt in columns))
+        else:
+            table.add_row(r.address, "[red]no[/red]", r.error, *[""] * (len(columns) - 1))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0 if all(r.up for r in rows) else 1
 

@@ -77,6 +77,9 @@ async def test_edge_serves_from_disk_after_memory_eviction_and_after_restart_wit
         assert edge.origin_fetches == len(manifest.blocks)
         assert edge.disk is not None and edge.disk.hits == len(manifest.blocks)
         assert again.cached_tokens == len(doc)
+        stats = {name: value for name, _, _, value in edge.stats()}
+        assert stats["edge_block_hits_disk_total"] == len(manifest.blocks)
+        assert stats["edge_disk_blocks"] == len(manifest.blocks) and stats["edge_disk_bytes"] > again.n_bytes
     finally:
         await server.stop(0)
         await edge.origin.close()
