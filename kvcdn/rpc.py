@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -142,29 +143,22 @@ class KVCacheHandlers(Protocol):
 
 
 def _kvcache_handlers(servicer: KVCacheHandlers) -> grpc.GenericRpcHandler:
-    handlers = {
-        "GetInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetInfo,
-            request_deserializer=pb.GetInfoRequest.FromString,
-            response_serializer=pb.ServerInfo.SerializeToString,
-        ),
-        "GetManifest": grpc.unary_unary_rpc_method_handler(
-            servicer.GetManifest,
-            request_deserializer=pb.GetManifestRequest.FromString,
-            response_serializer=pb.Manifest.SerializeToString,
-        ),
-        "LookupPrefix": grpc.unary_unary_rpc_method_handler(
-            servicer.LookupPrefix,
-            request_deserializer=pb.LookupPrefixRequest.FromString,
-            response_serializer=pb.LookupPrefixResponse.SerializeToString,
-        ),
-        # Servicers yield frames already encoded as `Frame` bytes (kvcdn.frames): no serializer.
-        "StreamBlocks": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamBlocks,
-            request_deserializer=pb.StreamBlocksRequest.FromString,
-            response_serializer=None,
-        ),
-    }
+    """Handlers for every KVCache method, read off the service descriptor. The one streaming method,
+    StreamBlocks, yields frames already encoded as `Frame` bytes (kvcdn.frames): no serializer."""
+    service = pb.DESCRIPTOR.services_by_name["KVCache"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request = GetMessageClass(method.input_type)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                getattr(servicer, method.name), request_deserializer=request.FromString, response_serializer=None
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, method.name),
+                request_deserializer=request.FromString,
+                response_serializer=GetMessageClass(method.output_type).SerializeToString,
+            )
     return grpc.method_handlers_generic_handler("kvcdn.v1.KVCache", handlers)
 
 
