@@ -52,7 +52,7 @@ class Origin:
         self._model_lock = asyncio.Lock()
         self._manifest_lock = asyncio.Lock()
         self.prefill_runs = 0
-        self.prefill_s = 0.0
+        self.prefill_s_total = 0.0
         self.blocks_computed = 0
         self.publishes = 0
         self.bulk_port = 0
@@ -65,7 +65,7 @@ class Origin:
         return [
             ("origin_publishes_total", "counter", "Publish requests accepted", self.publishes),
             ("origin_prefill_runs_total", "counter", "Prefill runs (one per publish that computed)", self.prefill_runs),
-            ("origin_prefill_seconds_total", "counter", "Seconds spent in prefill", self.prefill_s),
+            ("origin_prefill_seconds_total", "counter", "Seconds spent in prefill", self.prefill_s_total),
             ("origin_blocks_computed_total", "counter", "Blocks computed and stored", self.blocks_computed),
             ("origin_read_cache_bytes", "gauge", "Bytes of encoded blocks held in memory", self._read_cache.bytes),
         ]
@@ -148,7 +148,7 @@ class Origin:
             layers = await loop.run_in_executor(None, adapter.prefill, self.model.model, ids[start:], past)
             prefill_s = time.perf_counter() - t0
             self.prefill_runs += 1
-            self.prefill_s += prefill_s
+            self.prefill_s_total += prefill_s
         for i in range(have, len(keys)):
             s, e = spans[i]
             await loop.run_in_executor(None, self._store_block, keys[i], i, layers, s, e)
