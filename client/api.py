@@ -40,6 +40,8 @@ class ClientConfig:
     """Deadline of one block stream (on the bulk path: the longest wait for data)."""
     bulk: bool = True
     """Stream frames over an edge's bulk TCP port when it offers one (else over gRPC)."""
+    suspect_s: float = 10.0
+    """After an edge fails, ask it last for this long (so one dead edge costs one timeout, not one per run)."""
 
     def __post_init__(self) -> None:
         parse_edges(self.edges)  # fail early on a malformed list
@@ -89,6 +91,15 @@ class KVClient:
             for address in self.placement.nodes
         }
         self._info: pb.ServerInfo | None = None
+        self._suspect_until: dict[str, float] = {}
+
+    def _order(self, route: Sequence[str]) -> list[str]:
+        """`route` with recently failed edges moved to the end (stable otherwise)."""
+        now = time.monotonic()
+        return sorted(route, key=lambda a: self._suspect_until.get(a, 0.0) > now)
+
+    def _failed(self, address: str) -> None:
+        self._suspect_until[address] = time.monotonic() + self.config.suspect_s
 
     async def close(self) -> None:
         for reader in self._readers.values():
@@ -105,11 +116,12 @@ class KVClient:
     async def _first(self, order: Sequence[str], call: Any) -> Any:
         """`call(reader)` on the first edge of `order` that answers."""
         last: Exception | None = None
-        for address in order:
+        for address in self._order(order):
             try:
                 return await call(self._readers[address])
             except _RETRYABLE as exc:
                 log.warning("edge %s failed (%s); trying the next one", address, exc)
+                self._failed(address)
                 last = exc
         assert last is not None
         raise last
@@ -198,7 +210,7 @@ class KVClient:
         used: list[str] = []
         errors: list[Exception] = []
         loop = asyncio.get_running_loop()
-        for address in self.placement.route(blocks[0].key):
+        for address in self._order(self.placement.route(blocks[0].key)):
             if progress.block == len(blocks):
                 return used  # every frame arrived and verified before the stream failed
             reader = self._readers[address]
@@ -222,6 +234,7 @@ class KVClient:
                 return used
             except _RETRYABLE as exc:
                 errors.append(exc)
+                self._failed(address)
             log.warning(
                 "stream from %s broke at block %d frame %d: %s",
                 reader.address,

@@ -58,7 +58,7 @@ class Cluster:
     def _wait(self, name: str, port_file: Path) -> str:
         assert self._tmp is not None
         deadline = time.monotonic() + self.start_timeout_s
-        proc = dict(self._procs)[name]
+        proc = self.process(name)
         while time.monotonic() < deadline:
             if port_file.exists():
                 bound = json.loads(port_file.read_text())
@@ -85,9 +85,9 @@ class Cluster:
             raise
         return self
 
-    def log_path(self, name: str) -> Path:
-        assert self._tmp is not None
-        return Path(self._tmp.name) / f"{name}.log"
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        """The process of `name` (origin, edge0, edge1, ...), e.g. to signal it in a fault test."""
+        return dict(self._procs)[name]
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every process (edges first), then SIGKILL what has not exited in time."""

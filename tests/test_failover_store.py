@@ -23,8 +23,13 @@ async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, s
     await network.origin.publish("doc", sample_text)
     doc = document_ids(network.model.tokenizer, sample_text)
     async with KVClient(["127.0.0.1:1", network.edge_address]) as client:
+        await client.info()  # asks every edge in turn: the dead one fails once
         fetched = await client.fetch(network.model, doc)
+        # A failed edge is asked last for a while, whatever the ring says, so it costs one failure.
+        for key in (bytes([i]) * 32 for i in range(20)):
+            assert client._order(client.placement.route(key)) == [network.edge_address, "127.0.0.1:1"]
     assert fetched.cached_tokens == len(doc)
+    assert "127.0.0.1:1" not in fetched.edges_used
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
