@@ -3,7 +3,9 @@ beyond the client stub it pulls from the origin with."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from kvcdn.client.reader import CacheReader
@@ -19,6 +21,9 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 __all__ = ["Edge"]
 
 log = logging.getLogger(__name__)
+
+PREFETCH_BLOCKS = 4
+"""Blocks an edge stream loads ahead of the one it is sending."""
 
 
 class Edge:
@@ -145,6 +150,28 @@ class Edge:
         return EncodedBlock(info=info, frames=tuple(frames))
 
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
+        """The frames of `keys` in order, loading up to PREFETCH_BLOCKS blocks ahead of the one being
+        sent, so that pulls from disk or the origin overlap the stream instead of queueing behind it."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
-        async for frame in stream_blocks(keys, start_frame, lambda key: self.block(fingerprint, key)):
-            yield frame
+        ahead: deque[tuple[bytes, asyncio.Task[EncodedBlock]]] = deque()
+        queued = iter(keys)
+
+        def top_up() -> None:
+            while len(ahead) < PREFETCH_BLOCKS and (key := next(queued, None)) is not None:
+                ahead.append((key, asyncio.ensure_future(self.block(fingerprint, key))))
+
+        async def next_block(key: bytes) -> EncodedBlock:
+            top_up()
+            loaded_key, task = ahead.popleft()
+            assert loaded_key == key, "stream_blocks asks for keys in request order"
+            block = await task
+            top_up()
+            return block
+
+        try:
+            async for frame in stream_blocks(keys, start_frame, next_block):
+                yield frame
+        finally:
+            for _, task in ahead:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in ahead), return_exceptions=True)

@@ -11,6 +11,7 @@ import torch
 
 from kvcdn import adapter
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
+from kvcdn.frames import EncodedBlock
 from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids, question_ids
 from tests.conftest import SAMPLES, Network, start_network, stop_network
@@ -156,3 +157,28 @@ def test_blocking_client_fetches_without_an_event_loop(llama: LoadedModel, tmp_p
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+async def test_a_cold_edge_pulls_blocks_ahead_of_the_stream(network: Network, sample_text: str) -> None:
+    model = network.model
+    manifest = (await network.origin.publish("apache", sample_text)).manifest
+    assert len(manifest.blocks) >= 3
+    real_pull = network.edge._pull
+    running = peak = 0
+
+    async def counting_pull(fingerprint: str, key: bytes) -> EncodedBlock:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.01)  # let the stream ask for more while this pull is in flight
+            return await real_pull(fingerprint, key)
+        finally:
+            running -= 1
+
+    network.edge._pull = counting_pull  # type: ignore[method-assign]
+    doc = document_ids(model.tokenizer, sample_text)
+    async with KVClient([network.edge_address]) as client:
+        fetched = await client.fetch(model, doc)
+    assert fetched.cached_tokens == len(doc)
+    assert peak > 1 and network.edge.origin_fetches == len(manifest.blocks)
