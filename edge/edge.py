@@ -22,6 +22,7 @@ __all__ = ["Edge"]
 
 log = logging.getLogger(__name__)
 
+_KNOWN_INFOS = 65536
 PREFETCH_BLOCKS = 4
 """Blocks an edge stream loads ahead of the one it is sending."""
 
@@ -33,6 +34,8 @@ class Edge:
         self.origin = origin
         self.memory: ByteLRU[bytes, EncodedBlock] = ByteLRU(mem_bytes, lambda b: b.n_bytes)
         self.disk = disk
+        # Block infos the origin answered lookups with, so a pull needs no second lookup.
+        self._origin_infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(_KNOWN_INFOS, lambda _: 1)
         self._fetches: SingleFlight[EncodedBlock] = SingleFlight()
         self._origin_info: pb.ServerInfo | None = None
         self.origin_fetches = 0
@@ -104,7 +107,10 @@ class Edge:
             found.append(info)
         if len(found) < len(keys):
             try:
-                found += await self.origin.lookup(fingerprint, keys[len(found) :])
+                from_origin = await self.origin.lookup(fingerprint, keys[len(found) :])
+                for info in from_origin:
+                    self._origin_infos.put(info.key, info)
+                found += from_origin
             except Unavailable:
                 if not found:
                     raise
@@ -131,10 +137,12 @@ class Edge:
 
     async def _pull(self, fingerprint: str, key: bytes) -> EncodedBlock:
         """Fetch one block from the origin, verifying every frame before it is cached."""
-        infos = await self.origin.lookup(fingerprint, [key])
-        if not infos:
-            raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
-        info = infos[0]
+        info = self._origin_infos.pop(key)
+        if info is None:
+            infos = await self.origin.lookup(fingerprint, [key])
+            if not infos:
+                raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
+            info = infos[0]
         frame_bytes = (await self.origin_info()).geometry.frame_bytes
         frames: list[bytes] = []
         async for raw in self.origin.stream(fingerprint, [key]):

@@ -61,8 +61,10 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
         origin = await _scrape(net.origin_server.metrics_url)
         assert origin[("kvcdn_origin_blocks_computed_total", ())] == n_blocks
         assert origin[("kvcdn_origin_prefill_runs_total", ())] == 1
-        # The edge pulled each block from the origin once, over gRPC.
+        # The edge pulled each block from the origin once, over gRPC, reusing the infos of the one
+        # lookup it forwarded (the second client lookup was answered from the edge's memory).
         assert origin[("kvcdn_requests_total", (("code", "OK"), ("method", "StreamBlocks")))] == n_blocks
+        assert origin[("kvcdn_requests_total", (("code", "OK"), ("method", "LookupPrefix")))] == 1
         stats = await edge_stats([net.edge_address, "127.0.0.1:1"], timeout_s=2)
         assert stats[0].up and stats[0].hits == stats[0].misses == n_blocks and stats[0].hit_ratio == 0.5
         assert stats[0].origin_fetches == n_blocks and stats[0].bytes_served == served
