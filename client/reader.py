@@ -26,6 +26,7 @@ class CacheReader:
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._kv = pb_grpc.KVCacheStub(self._channel)
         self._publisher = pb_grpc.PublisherStub(self._channel)
+        self._invalidations = pb_grpc.InvalidationsStub(self._channel)
         self._info: pb.ServerInfo | None = None
         self._stream = self._channel.unary_stream(
             STREAM_BLOCKS,
@@ -99,3 +100,23 @@ class CacheReader:
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
         return resp
+
+    async def purge(self, document: str, version: int = 0) -> pb.PurgeResponse:
+        try:
+            resp: pb.PurgeResponse = await self._publisher.Purge(
+                pb.PurgeRequest(document=document, version=version), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+        return resp
+
+    async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
+        """The origin's invalidation events after `after_seq`, as they happen (no deadline)."""
+        call = self._invalidations.Watch(pb.WatchRequest(after_seq=after_seq))
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+        finally:
+            call.cancel()

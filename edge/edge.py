@@ -46,6 +46,45 @@ class Edge:
         """Port of this edge's bulk frame stream (set by the server once bound; 0: none)."""
         self.metrics_port = 0
         """Port of this edge's /metrics endpoint (set by the server once bound; 0: none)."""
+        self.invalidated_seq = 0
+        """Last invalidation event applied."""
+        self.invalidated_blocks = 0
+        self._follower: asyncio.Task[None] | None = None
+
+    def start_following(self, retry_s: float = 1.0) -> None:
+        """Follow the origin's invalidation feed in the background, from the start of the feed (so an
+        edge that was down, or whose disk outlived it, catches up on everything it missed)."""
+        self._follower = asyncio.create_task(self._follow(retry_s))
+
+    async def _follow(self, retry_s: float) -> None:
+        while True:
+            try:
+                async for event in self.origin.watch(self.invalidated_seq):
+                    self.invalidate(event)
+            except Unavailable as exc:
+                log.debug("invalidation feed: %s; reconnecting", exc)
+            except Exception:
+                log.exception("invalidation feed failed; reconnecting")
+            await asyncio.sleep(retry_s)
+
+    def invalidate(self, event: pb.InvalidationEvent) -> None:
+        """Drop the event's blocks from every tier; they are never served again."""
+        for key in event.keys:
+            dropped = self.memory.pop(key) is not None
+            self._origin_infos.pop(key)
+            if self.disk is not None and key in self.disk:
+                self.disk.index.pop(key)
+                self.disk.store.delete(key)
+                dropped = True
+            self.invalidated_blocks += dropped
+        self.invalidated_seq = event.seq
+
+    async def close(self) -> None:
+        """Stop following the feed and close the connection to the origin."""
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        await self.origin.close()
 
     def stats(self) -> list[Stat]:
         """The edge's counters, for kvcdn.metrics (read at scrape time)."""
@@ -58,6 +97,8 @@ class Edge:
             ("edge_memory_bytes", "gauge", "Bytes held by the memory tier", self.memory.bytes),
             ("edge_memory_blocks", "gauge", "Blocks held by the memory tier", len(self.memory)),
             ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._fetches)),
+            ("edge_invalidation_seq", "gauge", "Last invalidation event applied", self.invalidated_seq),
+            ("edge_invalidated_blocks_total", "counter", "Blocks dropped by invalidations", self.invalidated_blocks),
         ]
         if self.disk is not None:
             d = self.disk

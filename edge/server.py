@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
-    """Start an edge; the caller stops the returned server (and closes `edge.origin`)."""
+    """Start an edge; the caller stops the returned server, then `await edge.close()`."""
     origin = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
     disk = DiskTier(config.disk_dir, config.disk_bytes) if config.disk_dir is not None else None
     edge = Edge(origin, config.mem_bytes, disk)
@@ -31,6 +31,7 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
         metrics_port=config.metrics_port,
     )
     edge.bulk_port, edge.metrics_port = server.bulk_port, server.metrics_port
+    edge.start_following()
     log.info("edge serving on %s in front of origin %s", server.address, config.origin)
     return edge, server
 
@@ -40,4 +41,4 @@ async def run_edge(config: EdgeConfig, port_file: str | None = None) -> None:
     try:
         await serve_until_stopped(server, port_file)
     finally:
-        await edge.origin.close()
+        await edge.close()

@@ -250,6 +250,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from kvcdn.client import CacheReader
+
+    document, _, version = args.document.partition("@")
+    if version and not version.isdigit():
+        raise InvalidArgument(f"{args.document!r} is not DOCUMENT[@VERSION]")
+
+    async def run() -> Any:
+        async with CacheReader(args.origin) as origin:
+            return await origin.purge(document, int(version or 0))
+
+    resp = asyncio.run(run())
+    versions = ", ".join(f"v{v}" for v in resp.versions)
+    print(f"purged {document} {versions}: {resp.blocks_removed} blocks removed (invalidation event {resp.seq})")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -365,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--question", required=True)
             s.add_argument("--max-new-tokens", type=int, default=24)
             s.add_argument("--verify", action="store_true", help="also prefill locally and compare")
+
+    s = sub.add_parser("purge", help="remove a document at the origin and, through its feed, at every edge")
+    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    s.add_argument("document", metavar="DOCUMENT[@VERSION]")
+    s.set_defaults(fn=cmd_purge)
 
     s = sub.add_parser("stats", help="a table of the edges' state (tiers, hit ratios, origin traffic)")
     s.add_argument(

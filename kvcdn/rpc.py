@@ -97,7 +97,8 @@ def stream_errors(
         in_flight.inc()
         try:
             async for item in fn(self, request, context):
-                served.inc(len(item))  # type: ignore[arg-type]
+                if isinstance(item, bytes):
+                    served.inc(len(item))
                 yield item
         except grpc.aio.AbortError:
             code = grpc.StatusCode.UNKNOWN
@@ -205,6 +206,7 @@ async def start_server(
     listen: str,
     kvcache: KVCacheHandlers,
     publisher: pb_grpc.PublisherServicer | None = None,
+    invalidations: pb_grpc.InvalidationsServicer | None = None,
     bulk_stream: StreamFn | None = None,
     bulk_port: int = 0,
     metrics_port: int = -1,
@@ -222,6 +224,9 @@ async def start_server(
     if publisher is not None:
         pb_grpc.add_PublisherServicer_to_server(publisher, server)
         names.append(pb.DESCRIPTOR.services_by_name["Publisher"].full_name)
+    if invalidations is not None:
+        pb_grpc.add_InvalidationsServicer_to_server(invalidations, server)
+        names.append(pb.DESCRIPTOR.services_by_name["Invalidations"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

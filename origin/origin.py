@@ -4,6 +4,7 @@ read side (info, manifests, longest-prefix lookup, block streaming). Knows nothi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from kvcdn import adapter
 from kvcdn.blockstore import BlockStore
-from kvcdn.errors import InvalidArgument, LimitExceeded
+from kvcdn.errors import InvalidArgument, LimitExceeded, NotFound
 from kvcdn.frames import EncodedBlock, encode_block, encode_stored, stream_blocks
 from kvcdn.identity import block_keys, block_spans, content_digest
 from kvcdn.layout import KVAssembler, LayerKV, block_payload
@@ -19,7 +20,7 @@ from kvcdn.lru import ByteLRU
 from kvcdn.metrics import Stat
 from kvcdn.models import LoadedModel
 from kvcdn.origin.config import OriginConfig
-from kvcdn.origin.store import ManifestStore, check_document_name
+from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
 from kvcdn.prompt import document_ids
 from kvcdn.rpc import check_read_request
 from kvcdn.singleflight import SingleFlight
@@ -47,6 +48,8 @@ class Origin:
         self.geometry = model.geometry
         self.blocks = BlockStore(config.store_dir / "blocks")
         self.manifests = ManifestStore(config.store_dir)
+        self.events = EventLog(config.store_dir)
+        self._new_event = asyncio.Condition()
         self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
         self._publishing: SingleFlight[tuple[int, float]] = SingleFlight()
         self._model_lock = asyncio.Lock()
@@ -126,6 +129,45 @@ class Origin:
             computed,
         )
         return PublishResult(manifest, computed, prefill_s)
+
+    async def purge(self, document: str, version: int) -> tuple[list[int], int, int]:
+        """Remove `document` (one version, or all for 0) and the blocks no other manifest uses; append
+        an invalidation event. Returns (versions removed, blocks removed, event seq)."""
+        check_document_name(document)
+        async with self._manifest_lock:
+            versions = self.manifests.versions(document)
+            if version:
+                if version not in versions:
+                    raise NotFound(f"document {document!r} has no version {version}")
+                versions = [version]
+            if not versions:
+                raise NotFound(f"document {document!r} has not been published")
+            purged = {b.key for v in versions for b in self.manifests.get(document, v).blocks}
+            for v in versions:
+                self.manifests.delete(document, v)
+            kept = {b.key for m in self.manifests.all() for b in m.blocks}
+            orphans = sorted(purged - kept)
+            for key in orphans:
+                self.blocks.delete(key)
+                self._read_cache.pop(key)
+            event = self.events.append(document, version, orphans)
+        async with self._new_event:
+            self._new_event.notify_all()
+        log.info("purged %s %s: %d blocks, event %d", document, versions, len(orphans), event.seq)
+        return versions, len(orphans), event.seq
+
+    async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
+        """Invalidation events after `after_seq`, then each new one; never ends by itself."""
+        seq = after_seq
+        while True:
+            for event in self.events.events[seq:]:
+                yield event
+                seq = event.seq
+            async with self._new_event:
+                await self._new_event.wait_for(functools.partial(self._has_events_after, seq))
+
+    def _has_events_after(self, seq: int) -> bool:
+        return self.events.last_seq > seq
 
     def _stored_info(self, key: bytes) -> pb.BlockInfo:
         info = self.blocks.info(key)

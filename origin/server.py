@@ -26,6 +26,7 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
         config.listen,
         service,
         publisher=service,
+        invalidations=service,
         bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
         bulk_port=config.bulk_port,
         metrics_port=config.metrics_port,

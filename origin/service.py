@@ -15,8 +15,8 @@ from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 __all__ = ["OriginService"]
 
 
-class OriginService(pb_grpc.PublisherServicer):
-    """KVCache (registered by kvcdn.rpc with pass-through frames) and Publisher."""
+class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
+    """KVCache (registered by kvcdn.rpc with pass-through frames), Publisher and Invalidations."""
 
     def __init__(self, origin: Origin, metrics: ServerMetrics) -> None:
         self.origin = origin
@@ -49,3 +49,15 @@ class OriginService(pb_grpc.PublisherServicer):
         return pb.PublishResponse(
             manifest=result.manifest, computed_blocks=result.computed_blocks, prefill_s=result.prefill_s
         )
+
+    @rpc_errors
+    async def Purge(self, request: pb.PurgeRequest, context: grpc.aio.ServicerContext) -> pb.PurgeResponse:
+        versions, blocks, seq = await self.origin.purge(request.document, request.version)
+        return pb.PurgeResponse(versions=versions, blocks_removed=blocks, seq=seq)
+
+    @stream_errors
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InvalidationEvent]:
+        async for event in self.origin.watch(request.after_seq):
+            yield event

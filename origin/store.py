@@ -6,6 +6,7 @@ Every manifest is written atomically (kvcdn.fsutil); leftover temporary files ar
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from kvcdn.errors import InvalidArgument, NotFound
 from kvcdn.fsutil import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["ManifestStore", "check_document_name"]
+__all__ = ["EventLog", "ManifestStore", "check_document_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 
@@ -56,3 +57,45 @@ class ManifestStore:
         elif version not in versions:
             raise NotFound(f"document {document!r} has no version {version} (latest is {versions[-1]})")
         return pb.Manifest.FromString((self._dir(document) / f"{version}.manifest").read_bytes())
+
+    def delete(self, document: str, version: int) -> None:
+        (self._dir(document) / f"{version}.manifest").unlink(missing_ok=True)
+
+    def all(self) -> list[pb.Manifest]:
+        """Every stored manifest (for purges, which must keep blocks other documents use)."""
+        return [pb.Manifest.FromString(p.read_bytes()) for p in self.root.glob("*/*.manifest")]
+
+
+class EventLog:
+    """The invalidation feed: an append-only file of `u32 length | InvalidationEvent` records, fsynced
+    per append; a record cut short by a crash is ignored (and overwritten by the next append)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "invalidations.log"
+        self.events: list[pb.InvalidationEvent] = []
+        data = self.path.read_bytes() if self.path.exists() else b""
+        pos = 0
+        while pos + 4 <= len(data):
+            n = int.from_bytes(data[pos : pos + 4], "little")
+            if pos + 4 + n > len(data):
+                break
+            self.events.append(pb.InvalidationEvent.FromString(data[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        self._valid_bytes = pos
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq if self.events else 0
+
+    def append(self, document: str, version: int, keys: list[bytes]) -> pb.InvalidationEvent:
+        event = pb.InvalidationEvent(seq=self.last_seq + 1, document=document, version=version, keys=keys)
+        body = event.SerializeToString()
+        with self.path.open("r+b" if self.path.exists() else "wb") as f:
+            f.seek(self._valid_bytes)
+            f.write(len(body).to_bytes(4, "little") + body)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        self._valid_bytes += 4 + len(body)
+        self.events.append(event)
+        return event

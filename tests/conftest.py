@@ -72,7 +72,7 @@ async def start_network(model: LoadedModel, store: Path, metrics: bool = False, 
 
 async def stop_network(net: Network) -> None:
     await net.edge_server.stop(0)
-    await net.edge.origin.close()
+    await net.edge.close()
     await net.origin_server.stop(0)
 
 

@@ -136,7 +136,7 @@ async def test_edge_without_its_origin_is_unavailable(network: Network) -> None:
         await _still_serving_health(server.address)
     finally:
         await server.stop(0)
-        await edge.origin.close()
+        await edge.close()
 
 
 async def _still_serving_health(address: str) -> None:

@@ -82,7 +82,7 @@ async def test_edge_serves_from_disk_after_memory_eviction_and_after_restart_wit
         assert stats["edge_disk_blocks"] == len(manifest.blocks) and stats["edge_disk_bytes"] > again.n_bytes
     finally:
         await server.stop(0)
-        await edge.origin.close()
+        await edge.close()
         await stop_network(net)
     # The origin is gone; a new edge process on the same disk still serves the whole cache.
     edge, server = await start_edge(config)
@@ -94,7 +94,7 @@ async def test_edge_serves_from_disk_after_memory_eviction_and_after_restart_wit
             assert torch.equal(k, rk) and torch.equal(v, rv)
     finally:
         await server.stop(0)
-        await edge.origin.close()
+        await edge.close()
 
 
 async def test_a_corrupt_disk_block_is_refetched_and_the_client_never_sees_it(
@@ -120,7 +120,7 @@ async def test_a_corrupt_disk_block_is_refetched_and_the_client_never_sees_it(
         assert edge.disk.corrupt == 1 and edge.origin_fetches == len(manifest.blocks) + 1
     finally:
         await server.stop(0)
-        await edge.origin.close()
+        await edge.close()
         await stop_network(net)
 
 

@@ -113,6 +113,14 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
     assert table.returncode == 0, table.stderr
     assert edges.split(",")[0] in table.stdout and "hit ratio" in table.stdout
 
+    purged = _run("purge", "--origin", origin, "apache-2.0@1")
+    assert purged.returncode == 0 and "blocks removed" in purged.stdout, purged.stderr
+    for _ in range(50):  # the edge applies the invalidation feed within moments
+        gone = _run("fetch", "--edges", edges, "--doc", doc)
+        if gone.returncode == 1:
+            break
+    assert gone.returncode == 1 and "not cached" in gone.stderr
+
 
 def test_cli_reports_bad_input_with_status_and_exit_code(cluster: tuple[str, str, str]) -> None:
     _, edges, _ = cluster

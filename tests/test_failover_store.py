@@ -72,7 +72,7 @@ async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
             assert torch.equal(k, rk) and torch.equal(v, rv)
     finally:
         await server2.stop(0)
-        await edge2.origin.close()
+        await edge2.close()
 
 
 async def test_blocks_travel_from_their_owner_on_the_ring(network: Network, sample_text: str) -> None:
@@ -92,7 +92,7 @@ async def test_blocks_travel_from_their_owner_on_the_ring(network: Network, samp
     finally:
         for edge, server in extra:
             await server.stop(0)
-            await edge.origin.close()
+            await edge.close()
 
 
 async def test_every_edge_failing_is_unavailable(network: Network, sample_text: str) -> None:

@@ -50,5 +50,5 @@ async def test_200_concurrent_cold_fetches_pull_each_block_from_the_origin_once(
             await c.close()
         for edge, server in extra:
             await server.stop(0)
-            await edge.origin.close()
+            await edge.close()
         await stop_network(net)

@@ -248,6 +248,11 @@ class PublisherStub:
                 request_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.PublishRequest.SerializeToString,
                 response_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.Purge = channel.unary_unary(
+                '/kvcdn.v1.Publisher/Purge',
+                request_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeRequest.SerializeToString,
+                response_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeResponse.FromString,
+                _registered_method=True)
 
 
 class PublisherServicer:
@@ -262,6 +267,14 @@ class PublisherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Purge(self, request, context):
+        """Removes a document (one version, or all of them) and every block no remaining document uses.
+        Edges learn of it through Invalidations.Watch and drop those blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PublisherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +282,11 @@ def add_PublisherServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.PublishRequest.FromString,
                     response_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.PublishResponse.SerializeToString,
+            ),
+            'Purge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Purge,
+                    request_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeRequest.FromString,
+                    response_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -299,6 +317,109 @@ class Publisher:
             '/kvcdn.v1.Publisher/Publish',
             kvcdn_dot_v1_dot_kvcdn__pb2.PublishRequest.SerializeToString,
             kvcdn_dot_v1_dot_kvcdn__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Purge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcdn.v1.Publisher/Purge',
+            kvcdn_dot_v1_dot_kvcdn__pb2.PurgeRequest.SerializeToString,
+            kvcdn_dot_v1_dot_kvcdn__pb2.PurgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class InvalidationsStub:
+    """The origin's invalidation feed, followed by every edge.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Watch = channel.unary_stream(
+                '/kvcdn.v1.Invalidations/Watch',
+                request_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.InvalidationEvent.FromString,
+                _registered_method=True)
+
+
+class InvalidationsServicer:
+    """The origin's invalidation feed, followed by every edge.
+    """
+
+    def Watch(self, request, context):
+        """Every event after `after_seq`, then each new one as it happens; the stream stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InvalidationsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.WatchRequest.FromString,
+                    response_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.InvalidationEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvcdn.v1.Invalidations', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvcdn.v1.Invalidations', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Invalidations:
+    """The origin's invalidation feed, followed by every edge.
+    """
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvcdn.v1.Invalidations/Watch',
+            kvcdn_dot_v1_dot_kvcdn__pb2.WatchRequest.SerializeToString,
+            kvcdn_dot_v1_dot_kvcdn__pb2.InvalidationEvent.FromString,
             options,
             channel_credentials,
             insecure,

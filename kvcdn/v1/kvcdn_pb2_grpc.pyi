@@ -135,6 +135,10 @@ class PublisherStub:
     """Tokenizes a document, prefills what is not cached yet, stores its blocks and records a manifest.
     Publishing identical content again computes nothing; concurrent publishes of one text prefill once.
     """
+    Purge: _grpc.UnaryUnaryMultiCallable[_kvcdn_pb2.PurgeRequest, _kvcdn_pb2.PurgeResponse]
+    """Removes a document (one version, or all of them) and every block no remaining document uses.
+    Edges learn of it through Invalidations.Watch and drop those blocks.
+    """
 
 @_typing.type_check_only
 class PublisherAsyncStub(PublisherStub):
@@ -144,6 +148,10 @@ class PublisherAsyncStub(PublisherStub):
     Publish: _aio.UnaryUnaryMultiCallable[_kvcdn_pb2.PublishRequest, _kvcdn_pb2.PublishResponse]  # type: ignore[assignment]
     """Tokenizes a document, prefills what is not cached yet, stores its blocks and records a manifest.
     Publishing identical content again computes nothing; concurrent publishes of one text prefill once.
+    """
+    Purge: _aio.UnaryUnaryMultiCallable[_kvcdn_pb2.PurgeRequest, _kvcdn_pb2.PurgeResponse]  # type: ignore[assignment]
+    """Removes a document (one version, or all of them) and every block no remaining document uses.
+    Edges learn of it through Invalidations.Watch and drop those blocks.
     """
 
 class PublisherServicer(metaclass=_abc_1.ABCMeta):
@@ -159,4 +167,45 @@ class PublisherServicer(metaclass=_abc_1.ABCMeta):
         Publishing identical content again computes nothing; concurrent publishes of one text prefill once.
         """
 
+    @_abc_1.abstractmethod
+    def Purge(
+        self,
+        request: _kvcdn_pb2.PurgeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcdn_pb2.PurgeResponse, _abc.Awaitable[_kvcdn_pb2.PurgeResponse]]:
+        """Removes a document (one version, or all of them) and every block no remaining document uses.
+        Edges learn of it through Invalidations.Watch and drop those blocks.
+        """
+
 def add_PublisherServicer_to_server(servicer: PublisherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class InvalidationsStub:
+    """The origin's invalidation feed, followed by every edge."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> InvalidationsAsyncStub: ...
+    Watch: _grpc.UnaryStreamMultiCallable[_kvcdn_pb2.WatchRequest, _kvcdn_pb2.InvalidationEvent]
+    """Every event after `after_seq`, then each new one as it happens; the stream stays open."""
+
+@_typing.type_check_only
+class InvalidationsAsyncStub(InvalidationsStub):
+    """The origin's invalidation feed, followed by every edge."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Watch: _aio.UnaryStreamMultiCallable[_kvcdn_pb2.WatchRequest, _kvcdn_pb2.InvalidationEvent]  # type: ignore[assignment]
+    """Every event after `after_seq`, then each new one as it happens; the stream stays open."""
+
+class InvalidationsServicer(metaclass=_abc_1.ABCMeta):
+    """The origin's invalidation feed, followed by every edge."""
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _kvcdn_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kvcdn_pb2.InvalidationEvent], _abc.AsyncIterator[_kvcdn_pb2.InvalidationEvent]]:
+        """Every event after `after_seq`, then each new one as it happens; the stream stays open."""
+
+def add_InvalidationsServicer_to_server(servicer: InvalidationsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
