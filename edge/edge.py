@@ -67,6 +67,21 @@ class Edge:
                 log.exception("invalidation feed failed; reconnecting")
             await asyncio.sleep(retry_s)
 
+    async def catch_up(self, timeout_s: float) -> None:
+        """Apply the origin's invalidation feed up to its current end before serving, so a restarted
+        edge never serves a block purged while it was down; if the origin is unreachable the edge
+        serves what it holds and catches up when the feed reconnects."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                target = (await self.origin.info()).invalidation_seq
+                if self.invalidated_seq < target:
+                    async for event in self.origin.watch(self.invalidated_seq):
+                        self.invalidate(event)
+                        if event.seq >= target:
+                            break
+        except (Unavailable, TimeoutError) as exc:
+            log.warning("could not catch up on invalidations before serving (%s); serving what is held", exc)
+
     def invalidate(self, event: pb.InvalidationEvent) -> None:
         """Drop the event's blocks from every tier; they are never served again."""
         for key in event.keys:

@@ -23,6 +23,8 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
     origin = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
     disk = DiskTier(config.disk_dir, config.disk_bytes) if config.disk_dir is not None else None
     edge = Edge(origin, config.mem_bytes, disk)
+    if disk is not None:
+        await edge.catch_up(config.origin_timeout_s)
     server = await start_server(
         config.listen,
         EdgeService(edge, ServerMetrics(edge.stats)),

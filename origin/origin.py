@@ -86,6 +86,7 @@ class Origin:
             max_document_tokens=self.config.max_document_tokens,
             bulk_port=self.bulk_port,
             metrics_port=self.metrics_port,
+            invalidation_seq=self.events.last_seq,
         )
 
     # --- write side -------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class ServerInfo(_message.Message):
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _builtins.int
     BULK_PORT_FIELD_NUMBER: _builtins.int
     METRICS_PORT_FIELD_NUMBER: _builtins.int
+    INVALIDATION_SEQ_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"origin" or "edge"."""
     fingerprint: _builtins.str
@@ -129,6 +130,10 @@ class ServerInfo(_message.Message):
     """TCP port of this server's bulk frame stream on the same host; 0 when it offers none."""
     metrics_port: _builtins.int
     """HTTP port of this server's Prometheus `/metrics` endpoint on the same host; 0 when it has none."""
+    invalidation_seq: _builtins.int
+    """Last event of the origin's invalidation feed; an edge with a disk tier applies the feed up to it
+    before it starts serving.
+    """
     @_builtins.property
     def geometry(self) -> Global___Geometry:
         """KV geometry of the model."""
@@ -143,10 +148,11 @@ class ServerInfo(_message.Message):
         max_document_tokens: _builtins.int = ...,
         bulk_port: _builtins.int = ...,
         metrics_port: _builtins.int = ...,
+        invalidation_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "fingerprint", b"fingerprint", "geometry", b"geometry", "max_document_tokens", b"max_document_tokens", "metrics_port", b"metrics_port", "model", b"model", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "fingerprint", b"fingerprint", "geometry", b"geometry", "invalidation_seq", b"invalidation_seq", "max_document_tokens", b"max_document_tokens", "metrics_port", b"metrics_port", "model", b"model", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
