@@ -3,8 +3,10 @@ comes back as a kvcdn.errors type, and StreamBlocks yields frames as raw `Frame`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -37,6 +39,24 @@ class CacheReader:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _call(self, call: Any) -> Any:
+        """Await a unary call, turning a failure into its kvcdn.errors type."""
+        try:
+            return await call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+
+    async def _drain(self, call: Any) -> AsyncGenerator[Any, None]:
+        """Iterate a server-streaming call, turning a failure into its kvcdn.errors type; the call is
+        cancelled when the caller stops early."""
+        try:
+            async for item in call:
+                yield item
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+        finally:
+            call.cancel()
+
     async def __aenter__(self) -> CacheReader:
         return self
 
@@ -46,10 +66,7 @@ class CacheReader:
         await self.close()
 
     async def info(self) -> pb.ServerInfo:
-        try:
-            info: pb.ServerInfo = await self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+        info: pb.ServerInfo = await self._call(self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s))
         self._info = info
         return info
 
@@ -61,62 +78,38 @@ class CacheReader:
         return self.address.rpartition(":")[0].strip("[]"), info.bulk_port
 
     async def manifest(self, document: str, version: int = 0) -> pb.Manifest:
-        try:
-            manifest: pb.Manifest = await self._kv.GetManifest(
-                pb.GetManifestRequest(document=document, version=version), timeout=self.timeout_s
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+        manifest: pb.Manifest = await self._call(
+            self._kv.GetManifest(pb.GetManifestRequest(document=document, version=version), timeout=self.timeout_s)
+        )
         return manifest
 
     async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
-        try:
-            resp = await self._kv.LookupPrefix(
-                pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys), timeout=self.timeout_s
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+        resp = await self._call(
+            self._kv.LookupPrefix(pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys), timeout=self.timeout_s)
+        )
         return list(resp.blocks)
 
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
         """Encoded frames of `keys` in order, from frame `start_frame` of the first key."""
-        call = self._stream(
-            pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start_frame),
-            timeout=self.stream_timeout_s,
-        )
-        try:
-            async for raw in call:
+        request = pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start_frame)
+        async with aclosing(self._drain(self._stream(request, timeout=self.stream_timeout_s))) as frames:
+            async for raw in frames:
                 yield raw
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
-        finally:
-            call.cancel()
 
     async def publish(self, document: str, text: str, timeout_s: float = 1800.0) -> pb.PublishResponse:
-        try:
-            resp: pb.PublishResponse = await self._publisher.Publish(
-                pb.PublishRequest(document=document, text=text), timeout=timeout_s
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+        resp: pb.PublishResponse = await self._call(
+            self._publisher.Publish(pb.PublishRequest(document=document, text=text), timeout=timeout_s)
+        )
         return resp
 
     async def purge(self, document: str, version: int = 0) -> pb.PurgeResponse:
-        try:
-            resp: pb.PurgeResponse = await self._publisher.Purge(
-                pb.PurgeRequest(document=document, version=version), timeout=self.timeout_s
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+        resp: pb.PurgeResponse = await self._call(
+            self._publisher.Purge(pb.PurgeRequest(document=document, version=version), timeout=self.timeout_s)
+        )
         return resp
 
     async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
         """The origin's invalidation events after `after_seq`, as they happen (no deadline)."""
-        call = self._invalidations.Watch(pb.WatchRequest(after_seq=after_seq))
-        try:
-            async for event in call:
+        async with aclosing(self._drain(self._invalidations.Watch(pb.WatchRequest(after_seq=after_seq)))) as events:
+            async for event in events:
                 yield event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
-        finally:
-            call.cancel()
