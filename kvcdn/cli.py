@@ -317,6 +317,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_economics(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.economics import run_economics
+
+    return run_economics(args)
+
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmg]?)\s*$", re.IGNORECASE)
+
+
+def parse_count(text: str) -> float:
+    """'80M', '1.5k', '2e6', '1000' -> a number."""
+    m = _COUNT.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 80M, 1.5k or 2e6")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+
+
+def _add_economics(lt: Any) -> None:
+    from kvcdn.loadtest.economics import GEOMETRIES, SWEEPS
+
+    e = lt.add_parser(
+        "economics",
+        help="egress simulator: re-prefill vs reuse vs shipping, break-even egress price, where the cache should live",
+    )
+    e.add_argument("--paper", action="store_true", help="the preprint's inputs; prints its figures beside ours")
+    e.add_argument(
+        "--geometry", default="qwen3-4b", help=f"{', '.join(GEOMETRIES)} or a model directory (default qwen3-4b)"
+    )
+    e.add_argument("--layers", type=int, help="override the geometry's layers")
+    e.add_argument("--kv-heads", type=int, help="override the geometry's KV heads")
+    e.add_argument("--head-dim", type=int, help="override the geometry's head width")
+    e.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--tokens", type=int, default=3774, help="document length (3774)")
+    e.add_argument("--agents", type=parse_count, help="agents reading the document (80M; with --from-run: the run's)")
+    e.add_argument("--loads-per-agent", type=float, default=1.0, help="reads of the document per agent (1)")
+    e.add_argument("--prefill-usd-per-mtok", type=float, default=5.0, help="prefill price per M input tokens ($5)")
+    e.add_argument("--gpu-usd-per-hour", type=float, help="price prefill by GPU time instead (needs the next flag)")
+    e.add_argument("--prefill-tokens-per-s", type=float, help="the GPU's prefill throughput")
+    e.add_argument("--reuse-ratio", type=float, help="prefill/reuse compute, constant (default: the preprint's curve)")
+    e.add_argument("--bench", metavar="JSON", help="reuse ratios measured by `kvcdn loadtest bench --json`")
+    e.add_argument("--origin-egress-usd-per-gb", type=float, default=0.09, help="origin -> edge ($0.09)")
+    e.add_argument("--edge-egress-usd-per-gb", type=float, default=0.09, help="edge -> agent ($0.09)")
+    e.add_argument("--compression", type=float, default=1.0, help="raw/shipped bytes (1: kvcdn ships raw KV)")
+    e.add_argument("--hit-ratio", type=float, default=0.99, help="loads served by edge tiers (0.99)")
+    e.add_argument("--replicas", type=int, default=2, help="edge copies of each block (2)")
+    e.add_argument("--storage-usd-per-gb-month", type=float, default=0.023, help="($0.023)")
+    e.add_argument("--storage-months", type=float, default=1.0, help="how long copies are kept (1)")
+    e.add_argument("--from-run", metavar="REPORT_JSON", help="price a `kvcdn loadtest run` report's traffic")
+    e.add_argument("--sweep", help=f"comma list of {', '.join(SWEEPS)}: CSV + PNG per sweep")
+    e.add_argument("--out", default="kvcdn-economics", help="folder of the sweeps' files (kvcdn-economics)")
+    e.add_argument("--markdown", action="store_true", help="tables as Markdown")
+    e.add_argument("--json", action="store_true", help="one JSON object")
+    e.set_defaults(fn=cmd_economics)
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -413,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lengths", default="256,1024,3774,8192", help="document lengths in tokens")
     b.add_argument("--repeats", type=int, default=3, help="fetches per length (best is reported)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    b.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --bench`)")
     _add_model_flags(b)
     b.set_defaults(fn=cmd_bench)
+    _add_economics(lt)
     return p
 
 

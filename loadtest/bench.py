@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -194,6 +195,9 @@ def run_bench(args: argparse.Namespace) -> int:
         finally:
             cluster.stop()
     title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, warm edge, loopback"
+    if args.json:
+        report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     out = render(rows, title, args.markdown)
     if isinstance(out, str):
         print(out)
