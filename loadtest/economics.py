@@ -106,7 +106,7 @@ class ReuseCurve:
             i += 1
         (t0, r0), (t1, r1) = pts[i - 1], pts[i]
         slope = math.log(r1 / r0) / math.log(t1 / t0)
-        return max(1.0, r0 * (tokens / t0) ** slope)
+        return max(1.0, r0 * float(tokens / t0) ** slope)
 
 
 PAPER_REUSE = ReuseCurve(
@@ -514,8 +514,8 @@ def report(i: Inputs, markdown: bool, measured: dict[str, Any] | None = None) ->
         _table("inputs (every one a flag)", ["input", "value", "source / assumption"], i.describe(), markdown)
     ]
     if measured:
-        rows = [(k.replace("_", " "), f"{v:,.4g}" if isinstance(v, float) else str(v)) for k, v in measured.items()]
-        out.append(_table("measured in the live run", ["figure", "value"], rows, markdown))
+        seen = [(k.replace("_", " "), f"{v:,.4g}" if isinstance(v, float) else str(v)) for k, v in measured.items()]
+        out.append(_table("measured in the live run", ["figure", "value"], seen, markdown))
     c = costs(i)
     base = c["re-prefill"].total
     rows = [
