@@ -106,7 +106,8 @@ class ReuseCurve:
             i += 1
         (t0, r0), (t1, r1) = pts[i - 1], pts[i]
         slope = math.log(r1 / r0) / math.log(t1 / t0)
-        return max(1.0, r0 * float(tokens / t0) ** slope)
+        ratio: float = r0 * math.pow(tokens / t0, slope)
+        return max(1.0, ratio)
 
 
 PAPER_REUSE = ReuseCurve(
