@@ -60,6 +60,8 @@ class FetchedCache:
     """Seconds from the first lookup to a cache ready for generate(): lookup, stream, verify, rebuild."""
     edges_used: list[str] = field(default_factory=list)
     """Edges that streamed (or failed to stream) part of the cache, in the order first asked."""
+    first_frame_s: float = 0.0
+    """Seconds from the first lookup to the first verified frame (0 if nothing was cached)."""
 
     def cache(self, model: LoadedModel) -> Any:
         """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
@@ -175,10 +177,13 @@ class KVClient:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
         assembler = KVAssembler(geometry, n_tokens, model.device)
         used: list[str] = []
+        first_frame_at = 0.0
         for run in self._runs(blocks):
-            for address in await self._stream_into(model.fingerprint_hex, geometry, run, assembler):
+            progress = Progress()
+            for address in await self._stream_into(model.fingerprint_hex, geometry, run, assembler, progress):
                 if address not in used:
                     used.append(address)
+            first_frame_at = first_frame_at or progress.first_frame_at
         layers = await asyncio.get_running_loop().run_in_executor(None, assembler.layers)
         return FetchedCache(
             layers=layers,
@@ -186,6 +191,7 @@ class KVClient:
             n_bytes=sum(b.n_bytes for b in blocks),
             fetch_s=time.perf_counter() - t0,
             edges_used=used,
+            first_frame_s=first_frame_at - t0,
         )
 
     def _runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
@@ -202,11 +208,15 @@ class KVClient:
         return runs
 
     async def _stream_into(
-        self, fingerprint: str, geometry: Geometry, blocks: list[pb.BlockInfo], assembler: KVAssembler
+        self,
+        fingerprint: str,
+        geometry: Geometry,
+        blocks: list[pb.BlockInfo],
+        assembler: KVAssembler,
+        progress: Progress,
     ) -> list[str]:
         """Write every frame of `blocks` into `assembler`, asking the first block's route on the ring
         in order and resuming on the next edge after a failure at exactly the frame where it broke."""
-        progress = Progress()
         used: list[str] = []
         errors: list[Exception] = []
         loop = asyncio.get_running_loop()
@@ -267,9 +277,7 @@ class KVClient:
                 )
             verify_frame(info, geometry.frame_bytes, header, payload)
             assembler.write(info.index * geometry.block_tokens, info.n_tokens, header.offset, payload)
-            progress.frame += 1
-            if progress.frame == len(info.frame_digests):
-                progress.block, progress.frame = progress.block + 1, 0
+            progress.advance(len(info.frame_digests))
         if progress.block < len(blocks):
             raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
 

@@ -152,6 +152,16 @@ class Progress:
 
     block: int = 0
     frame: int = 0
+    first_frame_at: float = 0.0
+    """time.perf_counter() when the first frame was verified and written (0: none yet)."""
+
+    def advance(self, frames_in_block: int) -> None:
+        """One more frame of the current block is verified and written."""
+        if not self.first_frame_at:
+            self.first_frame_at = time.perf_counter()
+        self.frame += 1
+        if self.frame == frames_in_block:
+            self.block, self.frame = self.block + 1, 0
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -247,6 +257,4 @@ def _receive_frame(
         hasher.update(view)
     if hasher.digest() != info.frame_digests[index]:
         raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]}… fails its BLAKE3 digest")
-    progress.frame += 1
-    if progress.frame == len(info.frame_digests):
-        progress.block, progress.frame = progress.block + 1, 0
+    progress.advance(len(info.frame_digests))

@@ -54,6 +54,16 @@ def _edges(text: str) -> list[str]:
     return edges
 
 
+def _add_edges_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--edges",
+        type=_edges,
+        default=os.environ.get("KVCDN_EDGES"),
+        required="KVCDN_EDGES" not in os.environ,
+        help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
+    )
+
+
 def _models_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.models_dir) if args.models_dir else None
 
@@ -317,6 +327,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_loadrun(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.run import run_loadtest
+
+    return run_loadtest(args)
+
+
 def cmd_economics(args: argparse.Namespace) -> int:
     from kvcdn.loadtest.economics import run_economics
 
@@ -422,13 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("ask", cmd_ask, "answer a question about a document from its cache"),
     ):
         s = sub.add_parser(name, help=help_text)
-        s.add_argument(
-            "--edges",
-            type=_edges,
-            default=os.environ.get("KVCDN_EDGES"),
-            required="KVCDN_EDGES" not in os.environ,
-            help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
-        )
+        _add_edges_flag(s)
         s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
         _add_model_flags(s)
@@ -444,13 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_purge)
 
     s = sub.add_parser("stats", help="a table of the edges' state (tiers, hit ratios, origin traffic)")
-    s.add_argument(
-        "--edges",
-        type=_edges,
-        default=os.environ.get("KVCDN_EDGES"),
-        required="KVCDN_EDGES" not in os.environ,
-        help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
-    )
+    _add_edges_flag(s)
     s.set_defaults(fn=cmd_stats)
 
     s = sub.add_parser("demo", help="the main job on the embedded default model, with a table")
@@ -471,6 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --bench`)")
     _add_model_flags(b)
     b.set_defaults(fn=cmd_bench)
+    r = lt.add_parser("run", help="live load test: agents fetch Zipf-popular documents through the edges")
+    _add_edges_flag(r)
+    r.add_argument("--origin", required=True, help="origin HOST:PORT (the test documents are published there first)")
+    r.add_argument("--agents", type=int, default=64, help="concurrent agents, or the in-flight cap with --rate (64)")
+    r.add_argument("--documents", type=int, default=16, help="documents in the corpus (16)")
+    r.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of document popularity (1.1; 0: uniform)")
+    r.add_argument("--tokens", default="256:2048", help="document lengths MIN:MAX in tokens (256:2048)")
+    r.add_argument("--duration", type=float, default=30.0, help="seconds (30)")
+    r.add_argument("--max-fetches", type=int, default=0, help="stop after this many fetches (0: no bound)")
+    r.add_argument("--rate", type=float, default=0.0, help="target arrivals/s, Poisson (0: closed loop)")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--report-dir", default="loadtest-report", help="where report.{json,md,png} go")
+    _add_model_flags(r)
+    r.set_defaults(fn=cmd_loadrun)
     _add_economics(lt)
     return p
 

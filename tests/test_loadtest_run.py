@@ -1,0 +1,140 @@
+"""The live load test: its Zipf generator, a short bounded run against an in-process network of two
+edges (errors, digests, tiers and egress read from the edges' metrics, the report files), and the
+bridge that prices the run's traffic."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kvcdn.cli import main
+from kvcdn.edge import EdgeConfig, start_edge
+from kvcdn.errors import InvalidArgument
+from kvcdn.loadtest.run import LoadConfig, Zipf, publish_corpus, run_load, summarize, write_report
+from kvcdn.models import LoadedModel
+from tests.conftest import start_network, stop_network
+
+
+def test_zipf_probabilities_follow_the_power_law_and_samples_follow_them() -> None:
+    z = Zipf(10, 1.0, seed=7)
+    assert sum(z.probabilities) == pytest.approx(1.0)
+    assert z.probabilities[0] / z.probabilities[1] == pytest.approx(2.0)
+    assert z.probabilities[0] / z.probabilities[9] == pytest.approx(10.0)
+    draws = Counter(z.sample() for _ in range(40_000))
+    for k in range(10):
+        assert draws[k] / 40_000 == pytest.approx(z.probabilities[k], abs=0.01)
+    a, b = Zipf(10, 1.0, seed=3), Zipf(10, 1.0, seed=3)
+    assert [a.sample() for _ in range(100)] == [b.sample() for _ in range(100)]
+
+
+def test_zipf_zero_is_uniform_and_bad_parameters_are_refused() -> None:
+    assert Zipf(4, 0.0, seed=1).probabilities == [0.25] * 4
+    assert {Zipf(1, 2.0, seed=1).sample() for _ in range(10)} == {0}
+    with pytest.raises(InvalidArgument):
+        Zipf(0, 1.0, seed=1)
+    with pytest.raises(InvalidArgument):
+        Zipf(3, -1.0, seed=1)
+
+
+def test_load_config_refuses_unbounded_or_empty_runs() -> None:
+    with pytest.raises(InvalidArgument, match="--duration"):
+        LoadConfig(edges=("a:1",), origin="o:1", duration_s=0)
+    with pytest.raises(InvalidArgument, match="--tokens"):
+        LoadConfig(edges=("a:1",), origin="o:1", min_tokens=100, max_tokens=10)
+    with pytest.raises(InvalidArgument, match="--agents"):
+        LoadConfig(edges=("a:1",), origin="o:1", agents=0)
+
+
+async def test_short_live_run_reports_clean_fetches_tiers_and_egress(
+    llama: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = await start_network(llama, tmp_path / "store", metrics=True)
+    edge2, server2 = await start_edge(
+        EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", metrics_port=0)
+    )
+    try:
+        config = LoadConfig(
+            edges=(net.edge_address, server2.address),
+            origin=net.origin_server.address,
+            agents=6,
+            documents=4,
+            zipf_s=1.1,
+            min_tokens=40,
+            max_tokens=150,
+            duration_s=20,
+            max_fetches=60,
+        )
+        ids = await publish_corpus(llama, config)
+        assert len({tuple(x) for x in ids}) == 4  # distinct documents
+        assert all(40 <= len(x) <= 150 for x in ids)
+        ticks: list[int] = []
+        result = await run_load(llama, config, ids, lambda samples, t, n: ticks.append(len(samples)))
+        report = summarize(result)
+        assert report["fetches_ok"] == 60 and report["fetches_failed"] == 0  # bounded by max_fetches
+        assert report["digest_failures"] == 0 and report["errors_by_code"] == {}
+        assert report["tokens_fetched"] == sum(len(ids[d]) * n for d, n in report["fetches_by_document"].items())
+        assert ticks and ticks[-1] == 60
+        e = report["edges"]
+        assert e["read_from_metrics"]
+        token_bytes = llama.geometry.token_bytes
+        # what the edges sent is what the agents verified, plus the frames' headers
+        assert report["bytes_fetched"] < e["bytes_served"] < 1.05 * report["bytes_fetched"]
+        # every block crossed from the origin at most once per edge, and the popular ones were hits
+        corpus_bytes = sum(len(x) for x in ids) * token_bytes
+        assert 0 < e["bytes_from_origin"] <= 2 * corpus_bytes
+        assert e["memory_hit_ratio"] > 0.5
+        assert e["disk_hit_ratio"] == 0  # these edges have no disk tier
+        assert e["memory_hit_ratio"] + e["origin_ratio"] + e["coalesced_ratio"] == pytest.approx(1.0)
+        assert e["coalesced_ratio"] >= 0
+        assert report["first_frame_s"]["p50"] <= report["complete_s"]["p50"]
+
+        paths = write_report(result, tmp_path / "report")
+        saved = json.loads(paths["json"].read_text())
+        assert saved["fetches_ok"] == 60 and saved["geometry"]["layers"] == llama.geometry.layers
+        assert "| fetches ok / failed | 60 / 0 |" in paths["markdown"].read_text()
+        assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+        # the bridge: the run's own bytes and hit ratio priced by the cost model
+        assert main(["loadtest", "economics", "--from-run", str(paths["json"]), "--json"]) == 0
+        priced = json.loads(capsys.readouterr().out)
+        assert priced["inputs"]["agents"] == 60
+        assert priced["inputs"]["geometry"]["layers"] == llama.geometry.layers
+        assert priced["measured"]["edge_to_agent_gb"] == pytest.approx(e["bytes_served"] / 1e9)
+        assert priced["inputs"]["hit_ratio"] == pytest.approx(1 - e["bytes_from_origin"] / e["bytes_served"])
+    finally:
+        await server2.stop(0)
+        await edge2.close()
+        await stop_network(net)
+
+
+async def test_open_loop_run_stops_at_its_duration(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    try:
+        config = LoadConfig(
+            edges=(net.edge_address,),
+            origin=net.origin_server.address,
+            agents=2,
+            documents=2,
+            min_tokens=40,
+            max_tokens=60,
+            duration_s=1.5,
+            rate=40.0,
+        )
+        ids = await publish_corpus(llama, config)
+        result = await run_load(llama, config, ids)
+        report = summarize(result)
+        assert 1.5 <= result.wall_s < 10
+        assert report["fetches_ok"] > 5 and report["fetches_failed"] == 0
+        assert not report["edges"]["read_from_metrics"]  # this network exports no metrics: said, not invented
+    finally:
+        await stop_network(net)
+
+
+def test_from_run_refuses_a_file_that_is_not_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["loadtest", "economics", "--from-run", str(bad)]) == 2
+    assert "not a `kvcdn loadtest run` report" in capsys.readouterr().err
