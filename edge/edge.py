@@ -1,5 +1,10 @@
-"""The edge's domain logic: a memory tier over the origin with single-flight misses. No gRPC here
-beyond the client stub it pulls from the origin with."""
+"""The edge's domain logic: a memory tier over a disk tier over the origin, with single-flight,
+cut-through misses. No gRPC here beyond the client stub it pulls from the origin with.
+
+A missing block is loaded once however many requests ask for it (a `Pull`): the first request starts
+the pull, later ones join it, and every one of them streams each frame as soon as it has arrived and
+passed its digest, not after the whole block has landed.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,68 @@ from collections.abc import AsyncIterator, Sequence
 
 from kvcdn.client.reader import CacheReader
 from kvcdn.edge.disk import DiskTier
-from kvcdn.errors import DigestMismatch, NotFound, Unavailable
-from kvcdn.frames import EncodedBlock, decode_frame, stream_blocks, verify_frame
+from kvcdn.errors import DigestMismatch, KVCDNError, NotFound, Unavailable
+from kvcdn.frames import EncodedBlock, FrameSource, check_start_frame, decode_frame, stream_blocks, verify_frame
 from kvcdn.lru import ByteLRU
 from kvcdn.metrics import Stat
 from kvcdn.rpc import check_read_request
-from kvcdn.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["Edge"]
+__all__ = ["Edge", "Pull"]
 
 log = logging.getLogger(__name__)
 
 _KNOWN_INFOS = 65536
 PREFETCH_BLOCKS = 4
 """Blocks an edge stream loads ahead of the one it is sending."""
+
+
+class Pull:
+    """A block being loaded (from disk or the origin): frames are appended as they are verified, and
+    any number of readers follow them as they arrive."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.n_frames = 0
+        """Frames the block has (0 until its info is known)."""
+        self.done = False
+        self.error: BaseException | None = None
+        self.stale = False
+        """An invalidation named this block while it was loading: serve it to those waiting, keep it nowhere."""
+        self._changed = asyncio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def start(self, n_frames: int) -> None:
+        self.n_frames = n_frames
+        self._wake()
+
+    def append(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self._wake()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    async def frames_from(self, start: int) -> AsyncIterator[bytes]:
+        i = start
+        while True:
+            if self.n_frames:
+                check_start_frame(start, self.n_frames)
+            if i < len(self.frames):
+                yield self.frames[i]
+                i += 1
+            elif self.done:
+                if self.error is None:
+                    return
+                if isinstance(self.error, KVCDNError):
+                    raise type(self.error)(str(self.error))
+                raise Unavailable(f"loading the block failed: {self.error}")
+            else:
+                await self._changed.wait()
 
 
 class Edge:
@@ -36,7 +88,8 @@ class Edge:
         self.disk = disk
         # Block infos the origin answered lookups with, so a pull needs no second lookup.
         self._origin_infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(_KNOWN_INFOS, lambda _: 1)
-        self._fetches: SingleFlight[EncodedBlock] = SingleFlight()
+        self._pulls: dict[bytes, Pull] = {}
+        self._pull_tasks: set[asyncio.Task[None]] = set()
         self._origin_info: pb.ServerInfo | None = None
         self.origin_fetches = 0
         self.bytes_from_origin = 0
@@ -85,6 +138,8 @@ class Edge:
     def invalidate(self, event: pb.InvalidationEvent) -> None:
         """Drop the event's blocks from every tier; they are never served again."""
         for key in event.keys:
+            if (pull := self._pulls.get(key)) is not None:
+                pull.stale = True
             dropped = self.memory.pop(key) is not None
             self._origin_infos.pop(key)
             if self.disk is not None and key in self.disk:
@@ -96,9 +151,10 @@ class Edge:
 
     async def close(self) -> None:
         """Stop following the feed and close the connection to the origin."""
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+        tasks = [*self._pull_tasks, *([self._follower] if self._follower is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.origin.close()
 
     def stats(self) -> list[Stat]:
@@ -111,7 +167,7 @@ class Edge:
             ("edge_evictions_memory_total", "counter", "Blocks evicted from the memory tier", self.memory.evictions),
             ("edge_memory_bytes", "gauge", "Bytes held by the memory tier", self.memory.bytes),
             ("edge_memory_blocks", "gauge", "Blocks held by the memory tier", len(self.memory)),
-            ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._fetches)),
+            ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._pulls)),
             ("edge_invalidation_seq", "gauge", "Last invalidation event applied", self.invalidated_seq),
             ("edge_invalidated_blocks_total", "counter", "Blocks dropped by invalidations", self.invalidated_blocks),
         ]
@@ -173,26 +229,50 @@ class Edge:
                 log.warning("origin unreachable; answering the lookup from memory alone")
         return found
 
-    async def block(self, fingerprint: str, key: bytes) -> EncodedBlock:
+    def block(self, fingerprint: str, key: bytes) -> FrameSource:
+        """The block from memory, or the pull that is loading it (started here if none is)."""
         cached = self.memory.get(key)
         if cached is not None:
             self.hits += 1
             return cached
         self.misses += 1
-        return await self._fetches.do(key, lambda: self._load(fingerprint, key))
+        pull = self._pulls.get(key)
+        if pull is None:
+            pull = self._pulls[key] = Pull()
+            task = asyncio.create_task(self._load(fingerprint, key, pull))
+            self._pull_tasks.add(task)
+            task.add_done_callback(self._pull_tasks.discard)
+        return pull
 
-    async def _load(self, fingerprint: str, key: bytes) -> EncodedBlock:
-        """A block missing from memory: from the disk tier, else from the origin (then kept on disk)."""
-        block = await self.disk.get(key) if self.disk is not None else None
-        if block is None:
-            block = await self._pull(fingerprint, key)
-            if self.disk is not None:
-                await self.disk.put(block, (await self.origin_info()).geometry.frame_bytes)
-        self.memory.put(key, block)
-        return block
+    async def _load(self, fingerprint: str, key: bytes, pull: Pull) -> None:
+        """Fill `pull` from the disk tier, else from the origin (then keep the block on disk), and
+        admit the block to memory. Runs detached from any request, so a reader that hangs up does
+        not cancel it for the others."""
+        try:
+            block = await self.disk.get(key) if self.disk is not None else None
+            if block is not None:
+                pull.start(len(block.frames))
+                for frame in block.frames:
+                    pull.append(frame)
+            else:
+                block = await self._pull(fingerprint, key, pull)
+                if self.disk is not None and not pull.stale:
+                    await self.disk.put(block, (await self.origin_info()).geometry.frame_bytes)
+            if not pull.stale:
+                self.memory.put(key, block)
+        except BaseException as exc:
+            pull.finish(exc)
+            if not isinstance(exc, (KVCDNError, asyncio.CancelledError)):
+                log.exception("loading block %s… failed", key.hex()[:16])
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            pull.finish()
+        finally:
+            del self._pulls[key]
 
-    async def _pull(self, fingerprint: str, key: bytes) -> EncodedBlock:
-        """Fetch one block from the origin, verifying every frame before it is cached."""
+    async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
+        """Fetch one block from the origin into `pull`, verifying every frame before anyone sees it."""
         info = self._origin_infos.pop(key)
         if info is None:
             infos = await self.origin.lookup(fingerprint, [key])
@@ -200,42 +280,32 @@ class Edge:
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
             info = infos[0]
         frame_bytes = (await self.origin_info()).geometry.frame_bytes
-        frames: list[bytes] = []
+        pull.start(len(info.frame_digests))
         async for raw in self.origin.stream(fingerprint, [key]):
             header, payload = decode_frame(raw)
-            if header.frame_index != len(frames):
+            if header.frame_index != len(pull.frames):
                 raise DigestMismatch(f"origin sent frame {header.frame_index} out of order")
             verify_frame(info, frame_bytes, header, payload)
-            frames.append(raw)
-        if len(frames) != len(info.frame_digests):
-            raise Unavailable(f"origin ended block {key.hex()[:16]}… after {len(frames)} frames")
+            pull.append(raw)
+        if len(pull.frames) != len(info.frame_digests):
+            raise Unavailable(f"origin ended block {key.hex()[:16]}… after {len(pull.frames)} frames")
         self.origin_fetches += 1
-        self.bytes_from_origin += sum(len(f) for f in frames)
-        return EncodedBlock(info=info, frames=tuple(frames))
+        self.bytes_from_origin += sum(len(f) for f in pull.frames)
+        return EncodedBlock(info=info, frames=tuple(pull.frames))
 
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
         """The frames of `keys` in order, loading up to PREFETCH_BLOCKS blocks ahead of the one being
-        sent, so that pulls from disk or the origin overlap the stream instead of queueing behind it."""
+        sent, so that pulls from disk or the origin overlap the stream instead of queueing behind it
+        (loads started ahead run to completion and fill the tiers even if the stream stops)."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
-        ahead: deque[tuple[bytes, asyncio.Task[EncodedBlock]]] = deque()
+        ahead: deque[FrameSource] = deque()
         queued = iter(keys)
 
-        def top_up() -> None:
-            while len(ahead) < PREFETCH_BLOCKS and (key := next(queued, None)) is not None:
-                ahead.append((key, asyncio.ensure_future(self.block(fingerprint, key))))
+        async def next_block(key: bytes) -> FrameSource:
+            # Starting a block's load costs nothing here; its frames are awaited as they are sent.
+            while len(ahead) <= PREFETCH_BLOCKS and (k := next(queued, None)) is not None:
+                ahead.append(self.block(fingerprint, k))
+            return ahead.popleft()
 
-        async def next_block(key: bytes) -> EncodedBlock:
-            top_up()
-            loaded_key, task = ahead.popleft()
-            assert loaded_key == key, "stream_blocks asks for keys in request order"
-            block = await task
-            top_up()
-            return block
-
-        try:
-            async for frame in stream_blocks(keys, start_frame, next_block):
-                yield frame
-        finally:
-            for _, task in ahead:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in ahead), return_exceptions=True)
+        async for frame in stream_blocks(keys, start_frame, next_block):
+            yield frame

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import blake3
 
@@ -19,6 +20,8 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
     "EncodedBlock",
+    "FrameSource",
+    "check_start_frame",
     "decode_frame",
     "digest",
     "encode_block",
@@ -73,6 +76,22 @@ class EncodedBlock:
     def n_bytes(self) -> int:
         """Memory the encoded block holds (frames plus a small allowance for the info)."""
         return sum(len(f) for f in self.frames) + 64 * len(self.frames) + 128
+
+    async def frames_from(self, start: int) -> AsyncIterator[bytes]:
+        check_start_frame(start, len(self.frames))
+        for frame in self.frames[start:]:
+            yield frame
+
+
+class FrameSource(Protocol):
+    """A block's frames in order: a whole EncodedBlock, or one still arriving (an edge's cut-through)."""
+
+    def frames_from(self, start: int) -> AsyncIterator[bytes]: ...
+
+
+def check_start_frame(start: int, n_frames: int) -> None:
+    if start and start >= n_frames:
+        raise InvalidArgument(f"start_frame {start} is past the {n_frames} frames of the block")
 
 
 def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_bytes: int) -> EncodedBlock:
@@ -154,14 +173,11 @@ def verify_frame(info: pb.BlockInfo, frame_bytes: int, header: pb.FrameHeader, p
 
 
 async def stream_blocks(
-    keys: Sequence[bytes], start_frame: int, block: Callable[[bytes], Awaitable[EncodedBlock]]
+    keys: Sequence[bytes], start_frame: int, block: Callable[[bytes], Awaitable[FrameSource]]
 ) -> AsyncIterator[bytes]:
     """The encoded frames of `keys` in order, from frame `start_frame` of the first key, each block
     obtained from `block(key)` (a server's tiers)."""
     for i, key in enumerate(keys):
-        encoded = await block(key)
-        skip = start_frame if i == 0 else 0
-        if skip and skip >= len(encoded.frames):
-            raise InvalidArgument(f"start_frame {skip} is past the {len(encoded.frames)} frames of the block")
-        for frame in encoded.frames[skip:]:
+        source = await block(key)
+        async for frame in source.frames_from(start_frame if i == 0 else 0):
             yield frame

@@ -11,6 +11,7 @@ import torch
 
 from kvcdn import adapter
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
+from kvcdn.edge.edge import Pull
 from kvcdn.frames import EncodedBlock
 from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids, question_ids
@@ -166,13 +167,13 @@ async def test_a_cold_edge_pulls_blocks_ahead_of_the_stream(network: Network, sa
     real_pull = network.edge._pull
     running = peak = 0
 
-    async def counting_pull(fingerprint: str, key: bytes) -> EncodedBlock:
+    async def counting_pull(fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         try:
             await asyncio.sleep(0.01)  # let the stream ask for more while this pull is in flight
-            return await real_pull(fingerprint, key)
+            return await real_pull(fingerprint, key, pull)
         finally:
             running -= 1
 
