@@ -4,6 +4,12 @@ cut-through misses. No gRPC here beyond the client stub it pulls from the origin
 A missing block is loaded once however many requests ask for it (a `Pull`): the first request starts
 the pull, later ones join it, and every one of them streams each frame as soon as it has arrived and
 passed its digest, not after the whole block has landed.
+
+Admission rule (both tiers): a loaded block is kept if the tier has room for it without evicting
+anything, or if it is wanted more than once: several requests joined its load, or it was missed
+before (the edge remembers the keys of its last SEEN_KEYS misses). So a huge document that one agent
+reads once streams through without flushing the hot working set, and a block that comes back is
+admitted the second time. Blocks larger than a whole tier are never kept in it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from kvcdn.client.reader import CacheReader
 from kvcdn.edge.disk import DiskTier
@@ -27,6 +34,8 @@ __all__ = ["Edge", "Pull"]
 log = logging.getLogger(__name__)
 
 _KNOWN_INFOS = 65536
+SEEN_KEYS = 65536
+"""Misses remembered by the admission rule."""
 PREFETCH_BLOCKS = 4
 """Blocks an edge stream loads ahead of the one it is sending."""
 
@@ -35,7 +44,9 @@ class Pull:
     """A block being loaded (from disk or the origin): frames are appended as they are verified, and
     any number of readers follow them as they arrive."""
 
-    def __init__(self) -> None:
+    def __init__(self, seen_before: bool) -> None:
+        self.requests = 1
+        self.seen_before = seen_before
         self.frames: list[bytes] = []
         self.n_frames = 0
         """Frames the block has (0 until its info is known)."""
@@ -89,6 +100,8 @@ class Edge:
         # Block infos the origin answered lookups with, so a pull needs no second lookup.
         self._origin_infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(_KNOWN_INFOS, lambda _: 1)
         self._pulls: dict[bytes, Pull] = {}
+        self._seen: ByteLRU[bytes, bool] = ByteLRU(SEEN_KEYS, lambda _: 1)
+        self.admissions_refused = 0
         self._pull_tasks: set[asyncio.Task[None]] = set()
         self._origin_info: pb.ServerInfo | None = None
         self.origin_fetches = 0
@@ -165,6 +178,12 @@ class Edge:
             ("edge_origin_fetches_total", "counter", "Blocks pulled from the origin", self.origin_fetches),
             ("edge_bytes_from_origin_total", "counter", "Frame bytes pulled from the origin", self.bytes_from_origin),
             ("edge_evictions_memory_total", "counter", "Blocks evicted from the memory tier", self.memory.evictions),
+            (
+                "edge_admissions_refused_total",
+                "counter",
+                "Loaded blocks a full tier did not keep (asked for once, never missed before)",
+                self.admissions_refused,
+            ),
             ("edge_memory_bytes", "gauge", "Bytes held by the memory tier", self.memory.bytes),
             ("edge_memory_blocks", "gauge", "Blocks held by the memory tier", len(self.memory)),
             ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._pulls)),
@@ -237,8 +256,12 @@ class Edge:
             return cached
         self.misses += 1
         pull = self._pulls.get(key)
-        if pull is None:
-            pull = self._pulls[key] = Pull()
+        if pull is not None:
+            pull.requests += 1
+        else:
+            seen = key in self._seen
+            self._seen.put(key, True)
+            pull = self._pulls[key] = Pull(seen)
             task = asyncio.create_task(self._load(fingerprint, key, pull))
             self._pull_tasks.add(task)
             task.add_done_callback(self._pull_tasks.discard)
@@ -256,9 +279,9 @@ class Edge:
                     pull.append(frame)
             else:
                 block = await self._pull(fingerprint, key, pull)
-                if self.disk is not None and not pull.stale:
+                if self.disk is not None and self._admit(pull, block.info.n_bytes, self.disk.index):
                     await self.disk.put(block, (await self.origin_info()).geometry.frame_bytes)
-            if not pull.stale:
+            if self._admit(pull, block.n_bytes, self.memory):
                 self.memory.put(key, block)
         except BaseException as exc:
             pull.finish(exc)
@@ -270,6 +293,15 @@ class Edge:
             pull.finish()
         finally:
             del self._pulls[key]
+
+    def _admit(self, pull: Pull, n_bytes: int, tier: ByteLRU[bytes, Any]) -> bool:
+        """The admission rule (module docstring)."""
+        if pull.stale:
+            return False
+        if tier.bytes + n_bytes <= tier.max_bytes or pull.requests > 1 or pull.seen_before:
+            return True
+        self.admissions_refused += 1
+        return False
 
     async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
         """Fetch one block from the origin into `pull`, verifying every frame before anyone sees it."""

@@ -57,9 +57,7 @@ async def test_readers_get_the_first_frame_while_the_rest_of_the_block_is_still_
     assert info.key in network.edge.memory
 
 
-async def test_a_reader_that_hangs_up_does_not_stop_the_load_for_the_others(
-    network: Network, sample_text: str
-) -> None:
+async def test_a_reader_that_hangs_up_does_not_stop_the_load_for_the_others(network: Network, sample_text: str) -> None:
     fingerprint, info = await _publish_multi_frame_block(network, sample_text)
     gate = _gate_origin(network)
     leaver = network.edge.stream(fingerprint, [info.key], 0)
