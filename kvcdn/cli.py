@@ -139,12 +139,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise InvalidArgument("--edges must be at least 1")
     with tempfile.TemporaryDirectory(prefix="kvcdn-store-") as tmp:
         store = Path(args.store) if args.store else Path(tmp)
-        cluster = Cluster(store_dir=store, edges=args.edges, origin_args=_cluster_args(args))
+        edge_args = ["--mem-bytes", str(args.mem_bytes)]
+        if args.disk_bytes:
+            edge_args += ["--disk-bytes", str(args.disk_bytes)]
+        cluster = Cluster(
+            store_dir=store,
+            edges=args.edges,
+            origin_args=_cluster_args(args),
+            edge_args=edge_args,
+            edge_disk_root=store / "edge-disk" if args.disk_bytes else None,
+        )
         print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
         with cluster:
             print(f"origin  {cluster.origin_address}  metrics {cluster.metrics_urls['origin']}  (store {store})")
             for i, addr in enumerate(cluster.edge_addresses):
-                print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}")
+                disk = f", disk {args.disk_bytes / 2**20:.0f} MiB" if args.disk_bytes else ""
+                tiers = f"(memory {args.mem_bytes / 2**20:.0f} MiB{disk})"
+                print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}  {tiers}")
             print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}", flush=True)
             print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
             stop = threading.Event()
@@ -333,6 +344,12 @@ def cmd_loadrun(args: argparse.Namespace) -> int:
     return run_loadtest(args)
 
 
+def cmd_netbench(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.network import run_network_bench
+
+    return run_network_bench(args)
+
+
 def cmd_economics(args: argparse.Namespace) -> int:
     from kvcdn.loadtest.economics import run_economics
 
@@ -424,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="origin + N edges as processes on loopback, until Ctrl-C")
     s.add_argument("--edges", type=int, default=1)
     s.add_argument("--store", help="store folder (default: a temporary one)")
+    s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="each edge's memory tier (1GiB)")
+    s.add_argument(
+        "--disk-bytes",
+        type=parse_size,
+        help="give each edge a disk tier of this size, under STORE/edge-disk (default: none)",
+    )
     _add_model_flags(s)
     s.set_defaults(fn=cmd_up)
 
@@ -489,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", default="loadtest-report", help="where report.{json,md,png} go")
     _add_model_flags(r)
     r.set_defaults(fn=cmd_loadrun)
+    n = lt.add_parser("network", help="edge network benchmark: cold herd, Zipf hit ratios per tier, edge memory")
+    n.add_argument("--agents", type=int, default=200, help="agents in the cold herd (200)")
+    n.add_argument("--herd-tokens", type=int, default=512, help="length of the cold herd's document (512)")
+    n.add_argument("--documents", type=int, default=24, help="documents of the Zipf part (24)")
+    n.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent (1.1)")
+    n.add_argument("--zipf-agents", type=int, default=16, help="agents of the Zipf part (16)")
+    n.add_argument("--duration", type=float, default=20.0, help="seconds of the Zipf part (20)")
+    n.add_argument("--mem-bytes", type=parse_size, default=parse_size("64MiB"), help="each edge's memory tier (64MiB)")
+    n.add_argument("--disk-bytes", type=parse_size, default=parse_size("192MiB"), help="each edge's disk tier (192MiB)")
+    n.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    _add_model_flags(n)
+    n.set_defaults(fn=cmd_netbench)
     _add_economics(lt)
     return p
 

@@ -29,6 +29,9 @@ class Cluster:
     origin_args: list[str] = field(default_factory=list)
     """Extra `kvcdn origin` flags (model, dtype, device...)."""
     edge_args: list[str] = field(default_factory=list)
+    """Extra `kvcdn edge` flags (tier sizes...)."""
+    edge_disk_root: Path | None = None
+    """Give each edge a disk tier in a folder of its own under this one (edge0, edge1, ...)."""
     start_timeout_s: float = 600.0
     origin_address: str = ""
     edge_addresses: list[str] = field(default_factory=list)
@@ -75,15 +78,16 @@ class Cluster:
         try:
             origin_file = self._spawn("origin", ["origin", "--store", str(self.store_dir), *self.origin_args])
             self.origin_address = self._wait("origin", origin_file)
-            files = [
-                self._spawn(f"edge{i}", ["edge", "--origin", self.origin_address, *self.edge_args])
-                for i in range(self.edges)
-            ]
+            files = [self._spawn(f"edge{i}", self._edge_command(i)) for i in range(self.edges)]
             self.edge_addresses = [self._wait(f"edge{i}", f) for i, f in enumerate(files)]
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _edge_command(self, i: int) -> list[str]:
+        disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []
+        return ["edge", "--origin", self.origin_address, *disk, *self.edge_args]
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         """The process of `name` (origin, edge0, edge1, ...), e.g. to signal it in a fault test."""

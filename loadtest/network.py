@@ -1,0 +1,283 @@
+"""`kvcdn loadtest network`: the edge network's benchmark, on real processes (`kvcdn up`'s launcher).
+
+Three parts, each printed as a table:
+1. cold herd: many agents fetch one document nobody has fetched yet, all at once, through 3 edges;
+   the edges' metrics count the origin transfers (each block should cross once, to its owner) and
+   every agent's cache is verified frame by frame;
+2. Zipf tiers: a Zipf workload over more documents than the edges' tiers hold; hit ratio per tier
+   (memory, disk, origin, joined an in-flight load) from the edges' metrics;
+3. edge memory: the resident memory of one edge while it streams, cold, a document twice the size of
+   its memory tier (cut-through and the admission rule keep it bounded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kvcdn.client.api import KVClient
+from kvcdn.client.reader import CacheReader
+from kvcdn.client.stats import EdgeStats, edge_stats
+from kvcdn.launcher import Cluster
+from kvcdn.loadtest.bench import text_of_length
+from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
+from kvcdn.models import LoadedModel, load_model
+from kvcdn.placement import DEFAULT_REPLICAS
+from kvcdn.prompt import document_ids
+
+__all__ = ["cold_herd", "edge_memory", "run_network_bench", "zipf_tiers"]
+
+MiB = 1 << 20
+
+
+def _corpus() -> str:
+    root = resources.files("kvcdn.samples")
+    return "\n\n".join(root.joinpath(f).read_text() for f in ("gpl-3.0.txt", "gpl-2.0.txt", "mpl-2.0.txt"))
+
+
+def _total(stats: list[EdgeStats], name: str) -> float:
+    return sum(float(getattr(s, name)) for s in stats)
+
+
+@dataclass(frozen=True)
+class HerdResult:
+    agents: int
+    tokens: int
+    blocks: int
+    cache_mb: float
+    ok: int
+    origin_pulls: float
+    pulls_per_edge: list[float]
+    wall_s: float
+    gb_served: float
+
+
+async def cold_herd(model: LoadedModel, origin: str, edges: list[str], agents: int, tokens: int) -> HerdResult:
+    """`agents` concurrent fetches of one freshly published document (one client each)."""
+    text = text_of_length(model, f"Cold herd document {time.time_ns()}.\n\n" + _corpus(), tokens)
+    async with CacheReader(origin) as reader:
+        manifest = (await reader.publish(f"herd-{time.time_ns()}", text)).manifest
+    ids = document_ids(model.tokenizer, text)
+    before = await edge_stats(edges)
+    clients = [KVClient(edges) for _ in range(agents)]
+    try:
+        t0 = time.perf_counter()
+        fetched = await asyncio.gather(*(c.fetch(model, ids) for c in clients), return_exceptions=True)
+        wall_s = time.perf_counter() - t0
+    finally:
+        for c in clients:
+            await c.close()
+    after = await edge_stats(edges)
+    ok = [f for f in fetched if not isinstance(f, BaseException) and f.cached_tokens == len(ids)]
+    pulls = [a.origin_fetches - b.origin_fetches for a, b in zip(after, before, strict=True)]
+    return HerdResult(
+        agents=agents,
+        tokens=len(ids),
+        blocks=len(manifest.blocks),
+        cache_mb=sum(b.n_bytes for b in manifest.blocks) / 1e6,
+        ok=len(ok),
+        origin_pulls=sum(pulls),
+        pulls_per_edge=pulls,
+        wall_s=wall_s,
+        gb_served=(_total(after, "bytes_served") - _total(before, "bytes_served")) / 1e9,
+    )
+
+
+async def zipf_tiers(model: LoadedModel, config: LoadConfig) -> dict[str, Any]:
+    ids = await publish_corpus(model, config)
+    return summarize(await run_load(model, config, ids))
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    object_mb: float
+    memory_tier_mb: float
+    rss_before_mb: float
+    rss_peak_mb: float
+    rss_after_mb: float
+    fetch_s: float
+    exact: bool
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def edge_memory(model: LoadedModel, origin: str, edge: str, edge_pid: int, mem_bytes: int) -> MemoryResult:
+    """Stream, cold, a document twice the edge's memory tier while sampling the edge's RSS."""
+    tokens = 2 * mem_bytes // model.geometry.token_bytes
+    text = text_of_length(model, f"Big document {time.time_ns()}.\n\n" + _corpus() * 4, tokens)
+    async with CacheReader(origin) as reader:
+        await reader.publish(f"big-{time.time_ns()}", text)
+    ids = document_ids(model.tokenizer, text)
+    before = _rss_mb(edge_pid)
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_mb(edge_pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        async with KVClient([edge]) as client:
+            fetched = await client.fetch(model, ids)
+    finally:
+        stop.set()
+        sampler.join()
+    return MemoryResult(
+        object_mb=fetched.n_bytes / MiB,
+        memory_tier_mb=mem_bytes / MiB,
+        rss_before_mb=before,
+        rss_peak_mb=peak,
+        rss_after_mb=_rss_mb(edge_pid),
+        fetch_s=fetched.fetch_s,
+        exact=fetched.cached_tokens == len(ids),
+    )
+
+
+def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
+    if markdown:
+        return "\n".join([f"**{title}**", "", "| figure | value |", "|---|---:|", *(f"| {a} | {b} |" for a, b in rows)])
+    table = Table("figure", "value", title=title)
+    for a, b in rows:
+        table.add_row(a, b)
+    return table
+
+
+def run_network_bench(args: argparse.Namespace) -> int:
+    console = Console(width=None if Console().is_terminal else 160)
+    models_dir = Path(args.models_dir) if args.models_dir else None
+    with console.status("loading the model ..."):
+        model = load_model(args.model, dtype=args.dtype, device=args.device, models_dir=models_dir)
+    origin_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
+    if args.models_dir:
+        origin_args += ["--models-dir", args.models_dir]
+    out: list[Any] = []
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="kvcdn-netbench-") as tmp:
+        root = Path(tmp)
+        mem, disk = args.mem_bytes, args.disk_bytes
+        with console.status("starting an origin and 3 edges with small tiers ..."):
+            cluster = Cluster(
+                store_dir=root / "store",
+                edges=3,
+                origin_args=origin_args,
+                edge_args=["--mem-bytes", str(mem), "--disk-bytes", str(disk)],
+                edge_disk_root=root / "disk",
+            ).start()
+        try:
+            with console.status(f"cold herd: {args.agents} agents, one document ..."):
+                herd = asyncio.run(
+                    cold_herd(model, cluster.origin_address, cluster.edge_addresses, args.agents, args.herd_tokens)
+                )
+            ok &= herd.ok == herd.agents and herd.origin_pulls <= DEFAULT_REPLICAS * herd.blocks
+            out.append(
+                _rows_table(
+                    f"1. cold herd: {herd.agents} concurrent agents, one cold document, 3 edges",
+                    [
+                        ("document", f"{herd.tokens} tokens, {herd.blocks} blocks, {herd.cache_mb:.1f} MB"),
+                        ("caches complete and verified", f"{herd.ok}/{herd.agents}"),
+                        ("origin block transfers (edges' metrics)", f"{herd.origin_pulls:.0f}"),
+                        ("  per edge", ", ".join(f"{p:.0f}" for p in herd.pulls_per_edge)),
+                        ("  allowed: R x blocks", f"{DEFAULT_REPLICAS * herd.blocks}"),
+                        ("served by the edges", f"{herd.gb_served:.2f} GB in {herd.wall_s:.1f} s"),
+                    ],
+                    args.markdown,
+                )
+            )
+            config = LoadConfig(
+                edges=tuple(cluster.edge_addresses),
+                origin=cluster.origin_address,
+                agents=args.zipf_agents,
+                documents=args.documents,
+                zipf_s=args.zipf,
+                min_tokens=256,
+                max_tokens=1024,
+                duration_s=args.duration,
+            )
+            with console.status(
+                f"Zipf: {config.documents} documents, {config.agents} agents, {config.duration_s:.0f} s ..."
+            ):
+                report = asyncio.run(zipf_tiers(model, config))
+            corpus_mb = sum(report["document_tokens"]) * model.geometry.token_bytes / 1e6
+            e = report["edges"]
+            ok &= report["fetches_failed"] == 0
+            out.append(
+                _rows_table(
+                    f"2. Zipf (s={config.zipf_s}) over {config.documents} documents, tiers smaller than the corpus",
+                    [
+                        (
+                            "corpus",
+                            f"{corpus_mb:.0f} MB ({corpus_mb * DEFAULT_REPLICAS:.0f} MB with R={DEFAULT_REPLICAS})",
+                        ),
+                        ("tiers per edge x 3", f"memory {mem / 1e6:.0f} MB, disk {disk / 1e6:.0f} MB"),
+                        ("fetches ok / failed", f"{report['fetches_ok']} / {report['fetches_failed']}"),
+                        ("block requests from memory", f"{e['memory_hit_ratio']:.1%}"),
+                        ("from disk", f"{e['disk_hit_ratio']:.1%}"),
+                        ("from the origin", f"{e['origin_ratio']:.1%}"),
+                        ("joined a load in flight", f"{e['coalesced_ratio']:.1%}"),
+                        ("memory evictions", f"{e['evictions']:.0f}"),
+                        (
+                            "egress edge -> agents / origin -> edges",
+                            f"{e['bytes_served'] / 1e9:.2f} / {e['bytes_from_origin'] / 1e9:.2f} GB",
+                        ),
+                    ],
+                    args.markdown,
+                )
+            )
+        finally:
+            cluster.stop()
+        with console.status("one edge, streaming a document twice its memory tier ..."):
+            single = Cluster(
+                store_dir=root / "store2", edges=1, origin_args=origin_args, edge_args=["--mem-bytes", str(mem)]
+            ).start()
+            try:
+                result = asyncio.run(
+                    edge_memory(
+                        model, single.origin_address, single.edge_addresses[0], single.process("edge0").pid, mem
+                    )
+                )
+            finally:
+                single.stop()
+        ok &= result.exact
+        out.append(
+            _rows_table(
+                "3. edge memory while streaming an object twice its memory tier",
+                [
+                    ("object / memory tier", f"{result.object_mb:.0f} MiB / {result.memory_tier_mb:.0f} MiB"),
+                    (
+                        "edge RSS before / peak / after",
+                        f"{result.rss_before_mb:.0f} / {result.rss_peak_mb:.0f} / {result.rss_after_mb:.0f} MiB",
+                    ),
+                    (
+                        "peak growth over the tier",
+                        f"{result.rss_peak_mb - result.rss_before_mb - result.memory_tier_mb:+.0f} MiB",
+                    ),
+                    ("cold fetch, verified", f"{result.fetch_s:.2f} s, {'exact' if result.exact else 'INCOMPLETE'}"),
+                ],
+                args.markdown,
+            )
+        )
+    for part in out:
+        if isinstance(part, str):
+            print(part + "\n")
+        else:
+            console.print(part)
+    return 0 if ok else 1
