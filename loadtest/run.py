@@ -255,11 +255,10 @@ def summarize(result: LoadResult) -> dict[str, Any]:
     """The report's JSON: throughput, latency percentiles, errors, tiers and egress from the edges."""
     ok = [s for s in result.samples if s.ok]
     n_bytes = sum(s.n_bytes for s in ok)
-    edges_up = all(s.up for s in result.before + result.after)
-    delta = {
-        name: sum(getattr(a, name) - getattr(b, name) for a, b in zip(result.after, result.before, strict=True))
-        for name in _EDGE_COUNTERS
-    }
+    # An edge that was down at either end of the run (killed mid-run, say) has no usable delta.
+    pairs = [(a, b) for a, b in zip(result.after, result.before, strict=True) if a.up and b.up]
+    unread = [a.address for a, b in zip(result.after, result.before, strict=True) if not (a.up and b.up)]
+    delta = {name: sum(getattr(a, name) - getattr(b, name) for a, b in pairs) for name in _EDGE_COUNTERS}
     lookups = delta["hits"] + delta["misses"]
     seconds = max(1, math.ceil(result.wall_s))
     timeline = [{"second": t, "fetches": 0, "bytes": 0, "errors": 0} for t in range(seconds)]
@@ -287,7 +286,8 @@ def summarize(result: LoadResult) -> dict[str, Any]:
         "complete_s": _percentiles([s.complete_s for s in ok]),
         "fetches_by_document": dict(sorted(Counter(s.document for s in result.samples).items())),
         "edges": {
-            "read_from_metrics": edges_up,
+            "read_from_metrics": not unread,
+            "metrics_unread": unread,
             "addresses": list(result.config.edges),
             **delta,
             "memory_hit_ratio": delta["hits"] / lookups if lookups else 0.0,
@@ -329,7 +329,11 @@ def markdown(report: dict[str, Any], png_name: str) -> str:
         "",
     ]
     if not e["read_from_metrics"]:
-        lines.insert(2, "_Some edges' metrics could not be read: tier and egress figures are incomplete._\n")
+        lines.insert(
+            2,
+            f"_Metrics of {', '.join(e['metrics_unread'])} could not be read before and after the run: "
+            "the tier and egress figures cover the other edges only._\n",
+        )
     return "\n".join(lines)
 
 
