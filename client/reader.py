@@ -89,9 +89,14 @@ class CacheReader:
         )
         return list(resp.blocks)
 
-    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
-        """Encoded frames of `keys` in order, from frame `start_frame` of the first key."""
-        request = pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start_frame)
+    async def stream(
+        self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
+    ) -> AsyncIterator[bytes]:
+        """Encoded frames of `keys` in order, from frame `start_frame` of the first key (`from_peer`:
+        an edge asking another edge, see StreamBlocksRequest.from_peer)."""
+        request = pb.StreamBlocksRequest(
+            fingerprint=fingerprint, keys=keys, start_frame=start_frame, from_peer=from_peer
+        )
         async with aclosing(self._drain(self._stream(request, timeout=self.stream_timeout_s))) as frames:
             async for raw in frames:
                 yield raw

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
+from kvcdn.placement import DEFAULT_REPLICAS, parse_edges
 
 __all__ = ["EdgeConfig"]
 
@@ -27,10 +28,21 @@ class EdgeConfig:
     metrics_port: int = -1
     """Port of the Prometheus `/metrics` endpoint on the listen host: 0 picks a free port, -1 turns it off."""
     origin_timeout_s: float = 10.0
-    """Deadline of each unary call to the origin (a stream gets ten times this)."""
+    """Deadline of each unary call to the origin or a peer (a stream gets ten times this)."""
+    peers: tuple[str, ...] = ()
+    """Every edge of the ring, this one included, as the clients list them (`HOST:PORT[=WEIGHT]`, DNS
+    names for all their addresses): blocks this edge does not own are loaded from their owners."""
+    replicas: int = DEFAULT_REPLICAS
+    """Owners per block on the ring (the clients' setting)."""
+    advertise: str = ""
+    """This edge's entry in `peers` (default: the address it is bound to)."""
 
     def __post_init__(self) -> None:
         if self.mem_bytes < 0 or self.disk_bytes < 0:
             raise InvalidArgument("mem_bytes and disk_bytes must be >= 0")
         if self.origin_timeout_s <= 0:
             raise InvalidArgument("origin_timeout_s must be positive")
+        if self.replicas < 1:
+            raise InvalidArgument("replicas must be at least 1")
+        if self.peers:
+            parse_edges(self.peers)  # fail early on a malformed list

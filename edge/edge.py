@@ -5,6 +5,12 @@ A missing block is loaded once however many requests ask for it (a `Pull`): the 
 the pull, later ones join it, and every one of them streams each frame as soon as it has arrived and
 passed its digest, not after the whole block has landed.
 
+Peers: an edge that knows the ring (`join_ring`, from `--peers`) loads a block it does not own from
+the block's owners in ring order, and a block it owns as a replica from the primary owner, before
+the origin, resuming at the frame where a source broke. The primary, and any edge a peer asks, loads
+from its tiers or the origin only, so no request goes round the ring, and the origin sends each
+block once (to its primary) however many edges are asked for it.
+
 Admission rule (both tiers): a loaded block is kept if the tier has room for it without evicting
 anything, or if it is wanted more than once: several requests joined its load, or it was missed
 before (the edge remembers the keys of its last SEEN_KEYS misses). So a huge document that one agent
@@ -22,10 +28,11 @@ from typing import Any
 
 from kvcdn.client.reader import CacheReader
 from kvcdn.edge.disk import DiskTier
-from kvcdn.errors import DigestMismatch, KVCDNError, NotFound, Unavailable
+from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, NotFound, Unavailable
 from kvcdn.frames import EncodedBlock, FrameSource, check_start_frame, decode_frame, stream_blocks, verify_frame
 from kvcdn.lru import ByteLRU
 from kvcdn.metrics import Stat
+from kvcdn.placement import Placement
 from kvcdn.rpc import check_read_request
 from kvcdn.v1 import kvcdn_pb2 as pb
 
@@ -44,9 +51,11 @@ class Pull:
     """A block being loaded (from disk or the origin): frames are appended as they are verified, and
     any number of readers follow them as they arrive."""
 
-    def __init__(self, seen_before: bool) -> None:
+    def __init__(self, seen_before: bool, from_peers: bool) -> None:
         self.requests = 1
         self.seen_before = seen_before
+        self.from_peers = from_peers
+        """May load from the block's owners (not when a peer asked: see StreamBlocksRequest.from_peer)."""
         self.frames: list[bytes] = []
         self.n_frames = 0
         """Frames the block has (0 until its info is known)."""
@@ -101,6 +110,12 @@ class Edge:
         self._origin_infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(_KNOWN_INFOS, lambda _: 1)
         self._pulls: dict[bytes, Pull] = {}
         self._seen: ByteLRU[bytes, bool] = ByteLRU(SEEN_KEYS, lambda _: 1)
+        self.ring: Placement | None = None
+        self.address = ""
+        """This edge's name on the ring."""
+        self._peers: dict[str, CacheReader] = {}
+        self.peer_fetches = 0
+        self.bytes_from_peers = 0
         self.admissions_refused = 0
         self._pull_tasks: set[asyncio.Task[None]] = set()
         self._origin_info: pb.ServerInfo | None = None
@@ -116,6 +131,31 @@ class Edge:
         """Last invalidation event applied."""
         self.invalidated_blocks = 0
         self._follower: asyncio.Task[None] | None = None
+
+    def join_ring(self, ring: Placement, address: str) -> None:
+        """Know the ring the clients use, as the node `address`, to load blocks it does not own from
+        their owners."""
+        if address not in ring.nodes:
+            raise InvalidArgument(
+                f"the peer list does not name this edge ({address}): list every edge, this one included, "
+                "as the clients do, or give this edge's name on it with --advertise"
+            )
+        self.ring, self.address = ring, address
+
+    def _peer_sources(self, key: bytes) -> list[str]:
+        """Edges to load the block from before the origin: none for its primary owner, the primary
+        for another owner, every owner in ring order for an edge that owns it not."""
+        if self.ring is None:
+            return []
+        owners = self.ring.owners(key)
+        if owners[0] == self.address:
+            return []
+        return owners[:1] if self.address in owners else owners
+
+    def _peer(self, address: str) -> CacheReader:
+        if address not in self._peers:
+            self._peers[address] = CacheReader(address, self.origin.timeout_s, self.origin.stream_timeout_s)
+        return self._peers[address]
 
     def start_following(self, retry_s: float = 1.0) -> None:
         """Follow the origin's invalidation feed in the background, from the start of the feed (so an
@@ -168,6 +208,8 @@ class Edge:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for peer in self._peers.values():
+            await peer.close()
         await self.origin.close()
 
     def stats(self) -> list[Stat]:
@@ -177,6 +219,8 @@ class Edge:
             ("edge_block_misses_memory_total", "counter", "Blocks missing from the memory tier", self.misses),
             ("edge_origin_fetches_total", "counter", "Blocks pulled from the origin", self.origin_fetches),
             ("edge_bytes_from_origin_total", "counter", "Frame bytes pulled from the origin", self.bytes_from_origin),
+            ("edge_peer_fetches_total", "counter", "Blocks loaded from their owner edges", self.peer_fetches),
+            ("edge_bytes_from_peers_total", "counter", "Frame bytes loaded from owner edges", self.bytes_from_peers),
             ("edge_evictions_memory_total", "counter", "Blocks evicted from the memory tier", self.memory.evictions),
             (
                 "edge_admissions_refused_total",
@@ -248,7 +292,7 @@ class Edge:
                 log.warning("origin unreachable; answering the lookup from memory alone")
         return found
 
-    def block(self, fingerprint: str, key: bytes) -> FrameSource:
+    def block(self, fingerprint: str, key: bytes, from_peers: bool = True) -> FrameSource:
         """The block from memory, or the pull that is loading it (started here if none is)."""
         cached = self.memory.get(key)
         if cached is not None:
@@ -261,7 +305,7 @@ class Edge:
         else:
             seen = key in self._seen
             self._seen.put(key, True)
-            pull = self._pulls[key] = Pull(seen)
+            pull = self._pulls[key] = Pull(seen, from_peers)
             task = asyncio.create_task(self._load(fingerprint, key, pull))
             self._pull_tasks.add(task)
             task.add_done_callback(self._pull_tasks.discard)
@@ -304,7 +348,8 @@ class Edge:
         return False
 
     async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
-        """Fetch one block from the origin into `pull`, verifying every frame before anyone sees it."""
+        """Load one block into `pull` from its owners on the ring (if this edge is not one) or the
+        origin, verifying every frame against the origin's digests before anyone sees it."""
         info = self._origin_infos.pop(key)
         if info is None:
             infos = await self.origin.lookup(fingerprint, [key])
@@ -313,19 +358,42 @@ class Edge:
             info = infos[0]
         frame_bytes = (await self.origin_info()).geometry.frame_bytes
         pull.start(len(info.frame_digests))
-        async for raw in self.origin.stream(fingerprint, [key]):
-            header, payload = decode_frame(raw)
-            if header.frame_index != len(pull.frames):
-                raise DigestMismatch(f"origin sent frame {header.frame_index} out of order")
-            verify_frame(info, frame_bytes, header, payload)
-            pull.append(raw)
-        if len(pull.frames) != len(info.frame_digests):
-            raise Unavailable(f"origin ended block {key.hex()[:16]}… after {len(pull.frames)} frames")
-        self.origin_fetches += 1
-        self.bytes_from_origin += sum(len(f) for f in pull.frames)
+        peers = self._peer_sources(key) if pull.from_peers else []
+        for source in [*peers, ""]:  # "": the origin, the last resort
+            reader = self._peer(source) if source else self.origin
+            got = 0
+            try:
+                async for raw in reader.stream(fingerprint, [key], len(pull.frames), from_peer=bool(source)):
+                    header, payload = decode_frame(raw)
+                    if header.frame_index != len(pull.frames):
+                        raise DigestMismatch(f"{reader.address} sent frame {header.frame_index} out of order")
+                    verify_frame(info, frame_bytes, header, payload)
+                    pull.append(raw)
+                    got += len(raw)
+                if len(pull.frames) != len(info.frame_digests):
+                    raise Unavailable(f"{reader.address} ended block {key.hex()[:16]}… after {len(pull.frames)} frames")
+            except (Unavailable, DeadlineExceeded, DigestMismatch) as exc:
+                if not source:
+                    raise
+                log.warning(
+                    "peer %s could not send block %s… (%s); trying the next source", source, key.hex()[:16], exc
+                )
+                continue
+            finally:
+                if source:
+                    self.bytes_from_peers += got
+                else:
+                    self.bytes_from_origin += got
+            if source:
+                self.peer_fetches += 1
+            else:
+                self.origin_fetches += 1
+            break
         return EncodedBlock(info=info, frames=tuple(pull.frames))
 
-    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
+    async def stream(
+        self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
+    ) -> AsyncIterator[bytes]:
         """The frames of `keys` in order, loading up to PREFETCH_BLOCKS blocks ahead of the one being
         sent, so that pulls from disk or the origin overlap the stream instead of queueing behind it
         (loads started ahead run to completion and fill the tiers even if the stream stops)."""
@@ -336,7 +404,7 @@ class Edge:
         async def next_block(key: bytes) -> FrameSource:
             # Starting a block's load costs nothing here; its frames are awaited as they are sent.
             while len(ahead) <= PREFETCH_BLOCKS and (k := next(queued, None)) is not None:
-                ahead.append(self.block(fingerprint, k))
+                ahead.append(self.block(fingerprint, k, from_peers=not from_peer))
             return ahead.popleft()
 
         async for frame in stream_blocks(keys, start_frame, next_block):

@@ -10,6 +10,7 @@ from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.edge import Edge
 from kvcdn.edge.service import EdgeService
 from kvcdn.metrics import ServerMetrics
+from kvcdn.placement import Placement, parse_edges, resolve_edges
 from kvcdn.rpc import Server, start_server
 from kvcdn.serving import serve_until_stopped
 
@@ -33,6 +34,14 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
         metrics_port=config.metrics_port,
     )
     edge.bulk_port, edge.metrics_port = server.bulk_port, server.metrics_port
+    if config.peers:
+        try:
+            ring = Placement(resolve_edges(parse_edges(config.peers)), config.replicas)
+            edge.join_ring(ring, config.advertise or server.address)
+        except BaseException:
+            await server.stop(0)
+            await edge.close()
+            raise
     edge.start_following()
     log.info("edge serving on %s in front of origin %s", server.address, config.origin)
     return edge, server

@@ -39,5 +39,7 @@ class EdgeService:
     async def StreamBlocks(
         self, request: pb.StreamBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        async for frame in self.edge.stream(request.fingerprint, request.keys, request.start_frame):
+        async for frame in self.edge.stream(
+            request.fingerprint, request.keys, request.start_frame, from_peer=request.from_peer
+        ):
             yield frame

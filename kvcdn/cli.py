@@ -117,6 +117,9 @@ def cmd_edge(args: argparse.Namespace) -> int:
         disk_bytes=args.disk_bytes,
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
+        peers=tuple(args.peers or ()),
+        replicas=args.replicas,
+        advertise=args.advertise or "",
     )
     asyncio.run(run_edge(config, args.port_file))
     return 0
@@ -433,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
     s.add_argument("--disk-dir", help="folder of the disk tier (default: no disk tier)")
     s.add_argument("--disk-bytes", type=parse_size, default=parse_size("10GiB"), help="disk tier size (10GiB)")
+    s.add_argument(
+        "--peers",
+        type=_edges,
+        help="every edge of the ring, this one included, as clients list them: blocks this edge does not own "
+        "are loaded from their owners before the origin (default: none, always the origin)",
+    )
+    s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
+    s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
     s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
     s.add_argument("--metrics-port", type=int, default=0, help=_METRICS_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)

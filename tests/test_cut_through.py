@@ -22,8 +22,10 @@ def _gate_origin(network: Network) -> asyncio.Event:
     gate = asyncio.Event()
     real = network.edge.origin.stream
 
-    async def gated(fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
-        async for raw in real(fingerprint, keys, start_frame):
+    async def gated(
+        fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
+    ) -> AsyncIterator[bytes]:
+        async for raw in real(fingerprint, keys, start_frame, from_peer):
             if decode_frame(raw)[0].frame_index > 0:
                 await gate.wait()
             yield raw

@@ -50,15 +50,19 @@ async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
             # The first block's primary owner dies one frame into its stream.
             real_first, real_second = by_address[first].stream, by_address[second].stream
 
-            async def dies_mid_stream(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+            async def dies_mid_stream(
+                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+            ) -> AsyncIterator[bytes]:
                 requests.append((first, len(keys), start))
-                async for raw in real_first(fp, keys, start):
+                async for raw in real_first(fp, keys, start, from_peer):
                     yield raw
                     raise Unavailable("edge died")
 
-            async def records(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+            async def records(
+                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+            ) -> AsyncIterator[bytes]:
                 requests.append((second, len(keys), start))
-                async for raw in real_second(fp, keys, start):
+                async for raw in real_second(fp, keys, start, from_peer):
                     yield raw
 
             by_address[first].stream = dies_mid_stream  # type: ignore[method-assign]
@@ -141,8 +145,10 @@ async def test_a_failure_after_the_last_frame_still_yields_the_verified_cache(
     await network.origin.publish("doc", sample_text)
     real = network.edge.stream
 
-    async def fails_at_the_end(fp: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
-        async for raw in real(fp, keys, start):
+    async def fails_at_the_end(
+        fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+    ) -> AsyncIterator[bytes]:
+        async for raw in real(fp, keys, start, from_peer):
             yield raw
         raise Unavailable("edge died after sending everything")
 

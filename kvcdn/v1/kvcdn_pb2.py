@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc4\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\x12\x18\n\x10invalidation_seq\x18\x08 \x01(\x04\"a\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\"\xba\x01\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\"7\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"M\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"1\n\x0cPurgeRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rPurgeResponse\x12\x10\n\x08versions\x18\x01 \x03(\r\x12\x16\n\x0e\x62locks_removed\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"Q\n\x11InvalidationEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32\x85\x01\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponse\x12\x38\n\x05Purge\x12\x16.kvcdn.v1.PurgeRequest\x1a\x17.kvcdn.v1.PurgeResponse2O\n\rInvalidations\x12>\n\x05Watch\x12\x16.kvcdn.v1.WatchRequest\x1a\x1b.kvcdn.v1.InvalidationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc4\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\x12\x18\n\x10invalidation_seq\x18\x08 \x01(\x04\"a\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\"\xba\x01\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\"7\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"`\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"1\n\x0cPurgeRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rPurgeResponse\x12\x10\n\x08versions\x18\x01 \x03(\r\x12\x16\n\x0e\x62locks_removed\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"Q\n\x11InvalidationEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32\x85\x01\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponse\x12\x38\n\x05Purge\x12\x16.kvcdn.v1.PurgeRequest\x1a\x17.kvcdn.v1.PurgeResponse2O\n\rInvalidations\x12>\n\x05Watch\x12\x16.kvcdn.v1.WatchRequest\x1a\x1b.kvcdn.v1.InvalidationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=776
   _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=835
   _globals['_STREAMBLOCKSREQUEST']._serialized_start=837
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=914
-  _globals['_FRAMEHEADER']._serialized_start=916
-  _globals['_FRAMEHEADER']._serialized_end=1007
-  _globals['_FRAME']._serialized_start=1009
-  _globals['_FRAME']._serialized_end=1072
-  _globals['_PUBLISHREQUEST']._serialized_start=1074
-  _globals['_PUBLISHREQUEST']._serialized_end=1122
-  _globals['_PUBLISHRESPONSE']._serialized_start=1124
-  _globals['_PUBLISHRESPONSE']._serialized_end=1223
-  _globals['_PURGEREQUEST']._serialized_start=1225
-  _globals['_PURGEREQUEST']._serialized_end=1274
-  _globals['_PURGERESPONSE']._serialized_start=1276
-  _globals['_PURGERESPONSE']._serialized_end=1346
-  _globals['_WATCHREQUEST']._serialized_start=1348
-  _globals['_WATCHREQUEST']._serialized_end=1381
-  _globals['_INVALIDATIONEVENT']._serialized_start=1383
-  _globals['_INVALIDATIONEVENT']._serialized_end=1464
-  _globals['_KVCACHE']._serialized_start=1467
-  _globals['_KVCACHE']._serialized_end=1745
-  _globals['_PUBLISHER']._serialized_start=1748
-  _globals['_PUBLISHER']._serialized_end=1881
-  _globals['_INVALIDATIONS']._serialized_start=1883
-  _globals['_INVALIDATIONS']._serialized_end=1962
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=933
+  _globals['_FRAMEHEADER']._serialized_start=935
+  _globals['_FRAMEHEADER']._serialized_end=1026
+  _globals['_FRAME']._serialized_start=1028
+  _globals['_FRAME']._serialized_end=1091
+  _globals['_PUBLISHREQUEST']._serialized_start=1093
+  _globals['_PUBLISHREQUEST']._serialized_end=1141
+  _globals['_PUBLISHRESPONSE']._serialized_start=1143
+  _globals['_PUBLISHRESPONSE']._serialized_end=1242
+  _globals['_PURGEREQUEST']._serialized_start=1244
+  _globals['_PURGEREQUEST']._serialized_end=1293
+  _globals['_PURGERESPONSE']._serialized_start=1295
+  _globals['_PURGERESPONSE']._serialized_end=1365
+  _globals['_WATCHREQUEST']._serialized_start=1367
+  _globals['_WATCHREQUEST']._serialized_end=1400
+  _globals['_INVALIDATIONEVENT']._serialized_start=1402
+  _globals['_INVALIDATIONEVENT']._serialized_end=1483
+  _globals['_KVCACHE']._serialized_start=1486
+  _globals['_KVCACHE']._serialized_end=1764
+  _globals['_PUBLISHER']._serialized_start=1767
+  _globals['_PUBLISHER']._serialized_end=1900
+  _globals['_INVALIDATIONS']._serialized_start=1902
+  _globals['_INVALIDATIONS']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

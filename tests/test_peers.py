@@ -1,0 +1,107 @@
+"""Edges that know the ring: a block an edge does not own comes from its owners (resuming on the
+next source if one fails), owners and peer-asked edges go to the origin only, and the origin sends
+each block once however many edges are asked for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcdn import adapter
+from kvcdn.client import KVClient
+from kvcdn.edge import EdgeConfig, start_edge
+from kvcdn.errors import InvalidArgument
+from kvcdn.models import LoadedModel
+from kvcdn.placement import Placement
+from kvcdn.prompt import document_ids
+from tests.conftest import SAMPLES, start_network, stop_network
+
+
+async def test_edges_load_blocks_they_do_not_own_from_the_owners(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    started = [await start_edge(EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0")) for _ in range(3)]
+    edges = {server.address: edge for edge, server in started}
+    ring = Placement(list(edges))
+    for address, edge in edges.items():
+        edge.join_ring(ring, address)
+    try:
+        text = (SAMPLES / "apache-2.0.txt").read_text()[:3000]
+        manifest = (await net.origin.publish("apache", text)).manifest
+        doc = document_ids(llama.tokenizer, text)
+        reference = adapter.prefill(llama.model, doc)
+        keys = [b.key for b in manifest.blocks]
+        x, y = list(edges)[:2]
+
+        # An agent that knows only edge x: x serves everything, loading what it does not own from owners.
+        async with KVClient([x]) as client:
+            fetched = await client.fetch(llama, doc)
+        for (k, v), (rk, rv) in zip(fetched.layers, reference, strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+        primary_elsewhere = [k for k in keys if ring.owners(k)[0] != x]
+        assert any(x not in ring.owners(k) for k in keys), "the test document should have blocks x does not own"
+        assert any(x == ring.owners(k)[1] for k in keys), "... and blocks x holds as a replica"
+        assert edges[x].peer_fetches == len(primary_elsewhere)
+        assert edges[x].origin_fetches == len(keys) - len(primary_elsewhere)
+        # each block crossed from the origin once, to its primary owner
+        for address, edge in edges.items():
+            assert edge.origin_fetches == sum(ring.owners(k)[0] == address for k in keys)
+            if address != x:
+                assert edge.peer_fetches == 0
+
+        # Another edge asked for the same document: owners are warm now, the origin sends nothing more.
+        async with KVClient([y]) as client:
+            assert (await client.fetch(llama, doc)).cached_tokens == len(doc)
+        assert sum(e.origin_fetches for e in edges.values()) == len(keys)
+    finally:
+        for edge, server in started:
+            await server.stop(0)
+            await edge.close()
+        await stop_network(net)
+
+
+async def test_owners_down_fall_back_to_the_origin_and_peer_requests_never_forward(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    config = EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", origin_timeout_s=2.0)
+    started = [await start_edge(config) for _ in range(3)]
+    edges = {server.address: edge for edge, server in started}
+    ring = Placement(list(edges))
+    for address, edge in edges.items():
+        edge.join_ring(ring, address)
+    try:
+        text = (SAMPLES / "mpl-2.0.txt").read_text()[:3000]
+        manifest = (await net.origin.publish("mpl", text)).manifest
+        x = next(iter(edges))
+        foreign = [b.key for b in manifest.blocks if x not in ring.owners(b.key)]
+        assert len(foreign) >= 2
+
+        # A peer's request at a non-owner goes to the origin, not around the ring.
+        frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[:1], 0, from_peer=True)]
+        assert frames and edges[x].origin_fetches == 1 and edges[x].peer_fetches == 0
+
+        # With every owner of a block down, x loads it from the origin.
+        for _, server in started:
+            if server.address != x:
+                await server.stop(0)
+        frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[1:2], 0)]
+        assert frames and edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
+    finally:
+        for edge, server in started:
+            await server.stop(0)
+            await edge.close()
+        await stop_network(net)
+
+
+async def test_a_peer_list_without_this_edge_is_refused(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    try:
+        config = EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", peers=("10.9.9.9:7080",))
+        with pytest.raises(InvalidArgument, match="does not name this edge"):
+            await start_edge(config)
+        with pytest.raises(InvalidArgument):
+            EdgeConfig(origin="o:1", peers=("not an address",))
+    finally:
+        await stop_network(net)
