@@ -34,6 +34,8 @@ class EdgeConfig:
     names for all their addresses): blocks this edge does not own are loaded from their owners."""
     replicas: int = DEFAULT_REPLICAS
     """Owners per block on the ring (the clients' setting)."""
+    peer_timeout_s: float = 1.0
+    """Longest wait for a peer's first frame before the next owner, then the origin, is asked."""
     advertise: str = ""
     """This edge's entry in `peers` (default: the address it is bound to)."""
 
@@ -42,6 +44,8 @@ class EdgeConfig:
             raise InvalidArgument("mem_bytes and disk_bytes must be >= 0")
         if self.origin_timeout_s <= 0:
             raise InvalidArgument("origin_timeout_s must be positive")
+        if self.peer_timeout_s <= 0:
+            raise InvalidArgument("peer_timeout_s must be positive")
         if self.replicas < 1:
             raise InvalidArgument("replicas must be at least 1")
         if self.peers:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -41,6 +42,8 @@ __all__ = ["Edge", "Pull"]
 log = logging.getLogger(__name__)
 
 _KNOWN_INFOS = 65536
+PEER_SUSPECT_S = 10.0
+"""After a peer fails, it is skipped for this long."""
 SEEN_KEYS = 65536
 """Misses remembered by the admission rule."""
 PREFETCH_BLOCKS = 4
@@ -114,6 +117,9 @@ class Edge:
         self.address = ""
         """This edge's name on the ring."""
         self._peers: dict[str, CacheReader] = {}
+        self._suspect_until: dict[str, float] = {}
+        self.peer_timeout_s = 1.0
+        """Longest wait for a peer's first frame before the next source is asked."""
         self.peer_fetches = 0
         self.bytes_from_peers = 0
         self.admissions_refused = 0
@@ -360,23 +366,31 @@ class Edge:
         pull.start(len(info.frame_digests))
         peers = self._peer_sources(key) if pull.from_peers else []
         for source in [*peers, ""]:  # "": the origin, the last resort
+            if source and self._suspect_until.get(source, 0.0) > time.monotonic():
+                continue
             reader = self._peer(source) if source else self.origin
             got = 0
             try:
-                async for raw in reader.stream(fingerprint, [key], len(pull.frames), from_peer=bool(source)):
-                    header, payload = decode_frame(raw)
-                    if header.frame_index != len(pull.frames):
-                        raise DigestMismatch(f"{reader.address} sent frame {header.frame_index} out of order")
-                    verify_frame(info, frame_bytes, header, payload)
-                    pull.append(raw)
-                    got += len(raw)
+                # A peer that does not start sending within peer_timeout_s is skipped (the origin is
+                # always there); once frames flow, the stream's own deadline applies.
+                async with asyncio.timeout(self.peer_timeout_s if source else None) as waiting:
+                    async for raw in reader.stream(fingerprint, [key], len(pull.frames), from_peer=bool(source)):
+                        waiting.reschedule(None)
+                        header, payload = decode_frame(raw)
+                        if header.frame_index != len(pull.frames):
+                            raise DigestMismatch(f"{reader.address} sent frame {header.frame_index} out of order")
+                        verify_frame(info, frame_bytes, header, payload)
+                        pull.append(raw)
+                        got += len(raw)
                 if len(pull.frames) != len(info.frame_digests):
                     raise Unavailable(f"{reader.address} ended block {key.hex()[:16]}… after {len(pull.frames)} frames")
-            except (Unavailable, DeadlineExceeded, DigestMismatch) as exc:
+            except (Unavailable, DeadlineExceeded, DigestMismatch, TimeoutError) as exc:
                 if not source:
                     raise
+                self._suspect_until[source] = time.monotonic() + PEER_SUSPECT_S
+                reason = str(exc) or f"no frame within {self.peer_timeout_s:g} s"
                 log.warning(
-                    "peer %s could not send block %s… (%s); trying the next source", source, key.hex()[:16], exc
+                    "peer %s could not send block %s… (%s); trying the next source", source, key.hex()[:16], reason
                 )
                 continue
             finally:

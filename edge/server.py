@@ -38,6 +38,7 @@ async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
         try:
             ring = Placement(resolve_edges(parse_edges(config.peers)), config.replicas)
             edge.join_ring(ring, config.advertise or server.address)
+            edge.peer_timeout_s = config.peer_timeout_s
         except BaseException:
             await server.stop(0)
             await edge.close()

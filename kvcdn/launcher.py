@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,8 @@ class Cluster:
     """Extra `kvcdn edge` flags (tier sizes...)."""
     edge_disk_root: Path | None = None
     """Give each edge a disk tier in a folder of its own under this one (edge0, edge1, ...)."""
+    peers: bool = True
+    """Tell every edge the ring (`kvcdn edge --peers`), so blocks it does not own come from their owners."""
     start_timeout_s: float = 600.0
     origin_address: str = ""
     edge_addresses: list[str] = field(default_factory=list)
@@ -40,7 +43,7 @@ class Cluster:
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
-    def _spawn(self, name: str, args: list[str]) -> Path:
+    def _spawn(self, name: str, args: list[str], port: int = 0) -> Path:
         assert self._tmp is not None
         port_file = Path(self._tmp.name) / f"{name}.addr"
         cmd = [
@@ -49,7 +52,7 @@ class Cluster:
             "kvcdn",
             *args,
             "--listen",
-            f"{self.host}:0",
+            f"{self.host}:{port}",
             "--port-file",
             str(port_file),
         ]
@@ -78,12 +81,25 @@ class Cluster:
         try:
             origin_file = self._spawn("origin", ["origin", "--store", str(self.store_dir), *self.origin_args])
             self.origin_address = self._wait("origin", origin_file)
-            files = [self._spawn(f"edge{i}", self._edge_command(i)) for i in range(self.edges)]
+            # With peers, every edge must know the others' addresses before it starts: pick free ports.
+            ports = self._free_ports(self.edges) if self.peers else [0] * self.edges
+            ring = ["--peers", ",".join(f"{self.host}:{p}" for p in ports)] if self.peers else []
+            files = [self._spawn(f"edge{i}", [*self._edge_command(i), *ring], ports[i]) for i in range(self.edges)]
             self.edge_addresses = [self._wait(f"edge{i}", f) for i, f in enumerate(files)]
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _free_ports(self, n: int) -> list[int]:
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for sock in socks:
+                sock.bind((self.host, 0))
+            return [sock.getsockname()[1] for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
 
     def _edge_command(self, i: int) -> list[str]:
         disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []

@@ -4,6 +4,8 @@ each block once however many edges are asked for it."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -104,4 +106,39 @@ async def test_a_peer_list_without_this_edge_is_refused(llama: LoadedModel, tmp_
         with pytest.raises(InvalidArgument):
             EdgeConfig(origin="o:1", peers=("not an address",))
     finally:
+        await stop_network(net)
+
+
+async def test_a_stalled_owner_is_skipped_after_the_peer_timeout(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    started = [await start_edge(EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0")) for _ in range(3)]
+    edges = {server.address: edge for edge, server in started}
+    ring = Placement(list(edges))
+    for address, edge in edges.items():
+        edge.join_ring(ring, address)
+        edge.peer_timeout_s = 0.2
+    never = asyncio.Event()
+
+    async def stalls(*_: object, **__: object) -> AsyncIterator[bytes]:
+        await never.wait()
+        yield b""
+
+    try:
+        text = (SAMPLES / "gpl-2.0.txt").read_text()[:3000]
+        manifest = (await net.origin.publish("gpl2", text)).manifest
+        x = next(iter(edges))
+        foreign = [b.key for b in manifest.blocks if x not in ring.owners(b.key)]
+        for address, edge in edges.items():
+            if address != x:
+                edge.stream = stalls  # type: ignore[method-assign]
+        frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[:2], 0)]
+        assert len(frames) == sum(len(b.frame_digests) for b in manifest.blocks if b.key in foreign[:2])
+        assert edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
+        # the owners were tried once, then skipped for the next block (no second wait)
+        assert set(edges[x]._suspect_until) == set(ring.owners(foreign[0]))
+    finally:
+        never.set()
+        for edge, server in started:
+            await server.stop(0)
+            await edge.close()
         await stop_network(net)
