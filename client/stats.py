@@ -31,6 +31,8 @@ class EdgeStats:
     evictions: float = 0
     origin_fetches: float = 0
     bytes_from_origin: float = 0
+    peer_fetches: float = 0
+    bytes_from_peers: float = 0
     bytes_served: float = 0
     streams_in_flight: float = 0
 
@@ -79,6 +81,8 @@ async def _one(address: str, timeout_s: float) -> EdgeStats:
         evictions=m.get("kvcdn_edge_evictions_memory_total", 0),
         origin_fetches=m.get("kvcdn_edge_origin_fetches_total", 0),
         bytes_from_origin=m.get("kvcdn_edge_bytes_from_origin_total", 0),
+        peer_fetches=m.get("kvcdn_edge_peer_fetches_total", 0),
+        bytes_from_peers=m.get("kvcdn_edge_bytes_from_peers_total", 0),
         bytes_served=m.get("kvcdn_bytes_served_total", 0),
         streams_in_flight=m.get("kvcdn_streams_in_flight", 0),
     )

@@ -120,6 +120,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         peers=tuple(args.peers or ()),
         replicas=args.replicas,
         advertise=args.advertise or "",
+        peer_timeout_s=args.peer_timeout,
     )
     asyncio.run(run_edge(config, args.port_file))
     return 0
@@ -309,6 +310,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("evictions", lambda r: f"{r.evictions:.0f}"),
         ("origin fetches", lambda r: f"{r.origin_fetches:.0f}"),
         ("MB from origin", lambda r: f"{r.bytes_from_origin / 1e6:.1f}"),
+        ("MB from peers", lambda r: f"{r.bytes_from_peers / 1e6:.1f}"),
         ("MB served", lambda r: f"{r.bytes_served / 1e6:.1f}"),
         ("streams now", lambda r: f"{r.streams_in_flight:.0f}"),
     ]
@@ -444,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
     s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
+    s.add_argument(
+        "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
+    )
     s.add_argument("--bulk-port", type=int, default=0, help=_BULK_HELP)
     s.add_argument("--metrics-port", type=int, default=0, help=_METRICS_HELP)
     s.add_argument("--port-file", help=argparse.SUPPRESS)

@@ -233,6 +233,7 @@ def run_network_bench(args: argparse.Namespace) -> int:
                         ("fetches ok / failed", f"{report['fetches_ok']} / {report['fetches_failed']}"),
                         ("block requests from memory", f"{e['memory_hit_ratio']:.1%}"),
                         ("from disk", f"{e['disk_hit_ratio']:.1%}"),
+                        ("from a peer edge (owner)", f"{e['peer_ratio']:.1%}"),
                         ("from the origin", f"{e['origin_ratio']:.1%}"),
                         ("joined a load in flight", f"{e['coalesced_ratio']:.1%}"),
                         ("memory evictions", f"{e['evictions']:.0f}"),

@@ -248,7 +248,17 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
 
 
-_EDGE_COUNTERS = ("hits", "misses", "disk_hits", "origin_fetches", "bytes_from_origin", "bytes_served", "evictions")
+_EDGE_COUNTERS = (
+    "hits",
+    "misses",
+    "disk_hits",
+    "origin_fetches",
+    "peer_fetches",
+    "bytes_from_origin",
+    "bytes_from_peers",
+    "bytes_served",
+    "evictions",
+)
 
 
 def summarize(result: LoadResult) -> dict[str, Any]:
@@ -292,9 +302,11 @@ def summarize(result: LoadResult) -> dict[str, Any]:
             **delta,
             "memory_hit_ratio": delta["hits"] / lookups if lookups else 0.0,
             "disk_hit_ratio": delta["disk_hits"] / lookups if lookups else 0.0,
+            "peer_ratio": delta["peer_fetches"] / lookups if lookups else 0.0,
             "origin_ratio": delta["origin_fetches"] / lookups if lookups else 0.0,
-            # misses that joined another request's origin pull (single-flight) instead of making one
-            "coalesced_ratio": (delta["misses"] - delta["disk_hits"] - delta["origin_fetches"]) / lookups
+            # misses that joined another request's load (single-flight) instead of making one
+            "coalesced_ratio": (delta["misses"] - delta["disk_hits"] - delta["peer_fetches"] - delta["origin_fetches"])
+            / lookups
             if lookups
             else 0.0,
         },
@@ -319,10 +331,12 @@ def markdown(report: dict[str, Any], png_name: str) -> str:
         f"{ff['p99'] * 1e3:.0f} ms |",
         f"| time to complete cache p50 / p90 / p99 | {cs['p50'] * 1e3:.0f} / {cs['p90'] * 1e3:.0f} / "
         f"{cs['p99'] * 1e3:.0f} ms |",
-        f"| blocks from memory / disk / origin / joined a pull | {e['memory_hit_ratio']:.1%} / "
-        f"{e['disk_hit_ratio']:.1%} / {e['origin_ratio']:.1%} / {e['coalesced_ratio']:.1%} |",
+        f"| blocks from memory / disk / peers / origin / joined a load | {e['memory_hit_ratio']:.1%} / "
+        f"{e['disk_hit_ratio']:.1%} / {e['peer_ratio']:.1%} / {e['origin_ratio']:.1%} / "
+        f"{e['coalesced_ratio']:.1%} |",
         f"| egress edge -> agents | {e['bytes_served'] / 1e9:.2f} GB |",
         f"| egress origin -> edges | {e['bytes_from_origin'] / 1e9:.3f} GB ({e['origin_fetches']:.0f} block pulls) |",
+        f"| edge -> edge | {e['bytes_from_peers'] / 1e9:.3f} GB ({e['peer_fetches']:.0f} block loads) |",
         f"| errors by code | {report['errors_by_code'] or 'none'} |",
         "",
         f"![throughput and latency]({png_name})",

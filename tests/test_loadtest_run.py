@@ -87,6 +87,7 @@ async def test_short_live_run_reports_clean_fetches_tiers_and_egress(
         assert 0 < e["bytes_from_origin"] <= 2 * corpus_bytes
         assert e["memory_hit_ratio"] > 0.5
         assert e["disk_hit_ratio"] == 0  # these edges have no disk tier
+        assert e["peer_ratio"] == 0  # these edges do not know the ring
         assert e["memory_hit_ratio"] + e["origin_ratio"] + e["coalesced_ratio"] == pytest.approx(1.0)
         assert e["coalesced_ratio"] >= 0
         assert report["first_frame_s"]["p50"] <= report["complete_s"]["p50"]
