@@ -18,7 +18,7 @@ from kvcdn.client.agent import AskResult, ask
 from kvcdn.client.api import KVClient
 from kvcdn.client.reader import CacheReader
 from kvcdn.launcher import Cluster
-from kvcdn.models import LoadedModel, load_model
+from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids
 
 __all__ = ["run_demo", "sample_documents"]
@@ -54,12 +54,11 @@ async def _run(
     return results
 
 
-def run_demo(cluster_args: list[str], models_dir: Path | None, args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace, model: LoadedModel, cluster_args: list[str]) -> int:
+    """`kvcdn demo`: `model` is the agent's, `cluster_args` the origin's model flags."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # logs and CI: do not squeeze the table into 80 columns
-    with console.status("agent: loading the model (provisioning it on first use) ..."):
-        model = load_model(args.model, dtype=args.dtype, device=args.device, models_dir=models_dir)
     with tempfile.TemporaryDirectory(prefix="kvcdn-demo-") as store:
         cluster = Cluster(store_dir=Path(store), edges=1, origin_args=cluster_args)
         with console.status("starting an origin and an edge on loopback ..."):

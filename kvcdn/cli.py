@@ -80,9 +80,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from rich.console import Console
+
     from kvcdn.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, models_dir=_models_dir(args))
+    with Console(stderr=True).status("loading the model (provisioning it on first use) ..."):
+        return load_model(args.model, dtype=args.dtype, device=args.device, models_dir=_models_dir(args))
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -327,7 +330,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvcdn.client.demo import run_demo
 
-    return run_demo(_cluster_args(args), _models_dir(args), args)
+    return run_demo(args, _load(args), _cluster_args(args))
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -340,19 +343,19 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvcdn.loadtest.bench import run_bench
 
-    return run_bench(args)
+    return run_bench(args, _load(args), _cluster_args(args))
 
 
 def cmd_loadrun(args: argparse.Namespace) -> int:
     from kvcdn.loadtest.run import run_loadtest
 
-    return run_loadtest(args)
+    return run_loadtest(args, _load(args))
 
 
 def cmd_netbench(args: argparse.Namespace) -> int:
     from kvcdn.loadtest.network import run_network_bench
 
-    return run_network_bench(args)
+    return run_network_bench(args, _load(args), _cluster_args(args))
 
 
 def cmd_economics(args: argparse.Namespace) -> int:

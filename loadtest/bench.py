@@ -29,7 +29,7 @@ from kvcdn.client.api import KVClient
 from kvcdn.client.reader import CacheReader
 from kvcdn.launcher import Cluster
 from kvcdn.loadtest.rawtcp import raw_tcp_gbps
-from kvcdn.models import LoadedModel, load_model
+from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids, question_ids
 
 __all__ = ["BenchRow", "measure", "render", "run_bench", "text_of_length"]
@@ -171,20 +171,15 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
     return table
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, model: LoadedModel, origin_args: list[str]) -> int:
+    """`kvcdn loadtest bench`: `model` runs here, `origin_args` are the origin's model flags."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and CI: do not squeeze the table into 80 columns
     lengths = [int(x) for x in args.lengths.split(",")]
-    models_dir = Path(args.models_dir) if args.models_dir else None
-    with console.status("loading the model ..."):
-        model = load_model(args.model, dtype=args.dtype, device=args.device, models_dir=models_dir)
     root = resources.files("kvcdn.samples")
     corpus = "\n\n".join(root.joinpath(f).read_text() for f in ("gpl-3.0.txt", "gpl-2.0.txt", "mpl-2.0.txt"))
     texts = [text_of_length(model, corpus, n) for n in lengths]
-    origin_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
-    if args.models_dir:
-        origin_args += ["--models-dir", args.models_dir]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status("starting an origin and an edge ..."):
             cluster = Cluster(store_dir=Path(store), edges=1, origin_args=origin_args).start()

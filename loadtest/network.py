@@ -31,7 +31,7 @@ from kvcdn.client.stats import EdgeStats, edge_stats
 from kvcdn.launcher import Cluster
 from kvcdn.loadtest.bench import text_of_length
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
-from kvcdn.models import LoadedModel, load_model
+from kvcdn.models import LoadedModel
 from kvcdn.placement import DEFAULT_REPLICAS
 from kvcdn.prompt import document_ids
 
@@ -163,14 +163,9 @@ def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
     return table
 
 
-def run_network_bench(args: argparse.Namespace) -> int:
+def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args: list[str]) -> int:
+    """`kvcdn loadtest network`: `model` is the agents', `origin_args` the origin's model flags."""
     console = Console(width=None if Console().is_terminal else 160)
-    models_dir = Path(args.models_dir) if args.models_dir else None
-    with console.status("loading the model ..."):
-        model = load_model(args.model, dtype=args.dtype, device=args.device, models_dir=models_dir)
-    origin_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
-    if args.models_dir:
-        origin_args += ["--models-dir", args.models_dir]
     out: list[Any] = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="kvcdn-netbench-") as tmp:

@@ -396,13 +396,11 @@ def write_report(result: LoadResult, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def run_loadtest(args: Any) -> int:
+def run_loadtest(args: Any, model: LoadedModel) -> int:
     """`kvcdn loadtest run` (flags in kvcdn.cli): live progress, then the report; exit 1 on any error."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
-
-    from kvcdn.models import load_model
 
     low, _, high = args.tokens.partition(":")
     try:
@@ -423,9 +421,6 @@ def run_loadtest(args: Any) -> int:
         seed=args.seed,
     )
     console = Console()
-    models_dir = Path(args.models_dir) if args.models_dir else None
-    with console.status("loading the model ..."):
-        model = load_model(args.model, dtype=args.dtype, device=args.device, models_dir=models_dir)
 
     def view(samples: list[Sample], elapsed: float, in_flight: int) -> Table:
         ok = [s for s in samples if s.ok]

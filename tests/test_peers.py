@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,52 +15,65 @@ import torch
 from kvcdn import adapter
 from kvcdn.client import KVClient
 from kvcdn.edge import EdgeConfig, start_edge
+from kvcdn.edge.edge import Edge
 from kvcdn.errors import InvalidArgument
 from kvcdn.models import LoadedModel
 from kvcdn.placement import Placement
 from kvcdn.prompt import document_ids
+from kvcdn.rpc import Server
 from tests.conftest import SAMPLES, start_network, stop_network
 
+Edges = dict[str, Edge]
 
-async def test_edges_load_blocks_they_do_not_own_from_the_owners(llama: LoadedModel, tmp_path: Path) -> None:
-    net = await start_network(llama, tmp_path / "store")
-    started = [await start_edge(EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0")) for _ in range(3)]
+
+@asynccontextmanager
+async def peered_edges(origin: str, n: int = 3) -> AsyncIterator[tuple[Edges, Placement, dict[str, Server]]]:
+    """n edges in front of `origin` that know their ring (as `--peers` makes them); stopped on exit."""
+    started = [await start_edge(EdgeConfig(origin=origin, listen="127.0.0.1:0")) for _ in range(n)]
     edges = {server.address: edge for edge, server in started}
     ring = Placement(list(edges))
     for address, edge in edges.items():
         edge.join_ring(ring, address)
     try:
-        text = (SAMPLES / "apache-2.0.txt").read_text()[:3000]
-        manifest = (await net.origin.publish("apache", text)).manifest
-        doc = document_ids(llama.tokenizer, text)
-        reference = adapter.prefill(llama.model, doc)
-        keys = [b.key for b in manifest.blocks]
-        x, y = list(edges)[:2]
-
-        # An agent that knows only edge x: x serves everything, loading what it does not own from owners.
-        async with KVClient([x]) as client:
-            fetched = await client.fetch(llama, doc)
-        for (k, v), (rk, rv) in zip(fetched.layers, reference, strict=True):
-            assert torch.equal(k, rk) and torch.equal(v, rv)
-        primary_elsewhere = [k for k in keys if ring.owners(k)[0] != x]
-        assert any(x not in ring.owners(k) for k in keys), "the test document should have blocks x does not own"
-        assert any(x == ring.owners(k)[1] for k in keys), "... and blocks x holds as a replica"
-        assert edges[x].peer_fetches == len(primary_elsewhere)
-        assert edges[x].origin_fetches == len(keys) - len(primary_elsewhere)
-        # each block crossed from the origin once, to its primary owner
-        for address, edge in edges.items():
-            assert edge.origin_fetches == sum(ring.owners(k)[0] == address for k in keys)
-            if address != x:
-                assert edge.peer_fetches == 0
-
-        # Another edge asked for the same document: owners are warm now, the origin sends nothing more.
-        async with KVClient([y]) as client:
-            assert (await client.fetch(llama, doc)).cached_tokens == len(doc)
-        assert sum(e.origin_fetches for e in edges.values()) == len(keys)
+        yield edges, ring, {server.address: server for _, server in started}
     finally:
         for edge, server in started:
             await server.stop(0)
             await edge.close()
+
+
+async def test_edges_load_blocks_they_do_not_own_from_the_owners(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    try:
+        async with peered_edges(net.origin_server.address) as (edges, ring, _servers):
+            text = (SAMPLES / "apache-2.0.txt").read_text()[:3000]
+            manifest = (await net.origin.publish("apache", text)).manifest
+            doc = document_ids(llama.tokenizer, text)
+            reference = adapter.prefill(llama.model, doc)
+            keys = [b.key for b in manifest.blocks]
+            x, y = list(edges)[:2]
+
+            # An agent that knows only edge x: x serves everything, loading what it does not own from owners.
+            async with KVClient([x]) as client:
+                fetched = await client.fetch(llama, doc)
+            for (k, v), (rk, rv) in zip(fetched.layers, reference, strict=True):
+                assert torch.equal(k, rk) and torch.equal(v, rv)
+            primary_elsewhere = [k for k in keys if ring.owners(k)[0] != x]
+            assert any(x not in ring.owners(k) for k in keys), "the test document should have blocks x does not own"
+            assert any(x == ring.owners(k)[1] for k in keys), "... and blocks x holds as a replica"
+            assert edges[x].peer_fetches == len(primary_elsewhere)
+            assert edges[x].origin_fetches == len(keys) - len(primary_elsewhere)
+            # each block crossed from the origin once, to its primary owner
+            for address, edge in edges.items():
+                assert edge.origin_fetches == sum(ring.owners(k)[0] == address for k in keys)
+                if address != x:
+                    assert edge.peer_fetches == 0
+
+            # Another edge asked for the same document: owners are warm now, the origin sends nothing more.
+            async with KVClient([y]) as client:
+                assert (await client.fetch(llama, doc)).cached_tokens == len(doc)
+            assert sum(e.origin_fetches for e in edges.values()) == len(keys)
+    finally:
         await stop_network(net)
 
 
@@ -67,33 +81,25 @@ async def test_owners_down_fall_back_to_the_origin_and_peer_requests_never_forwa
     llama: LoadedModel, tmp_path: Path
 ) -> None:
     net = await start_network(llama, tmp_path / "store")
-    config = EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", origin_timeout_s=2.0)
-    started = [await start_edge(config) for _ in range(3)]
-    edges = {server.address: edge for edge, server in started}
-    ring = Placement(list(edges))
-    for address, edge in edges.items():
-        edge.join_ring(ring, address)
     try:
-        text = (SAMPLES / "mpl-2.0.txt").read_text()[:3000]
-        manifest = (await net.origin.publish("mpl", text)).manifest
-        x = next(iter(edges))
-        foreign = [b.key for b in manifest.blocks if x not in ring.owners(b.key)]
-        assert len(foreign) >= 2
+        async with peered_edges(net.origin_server.address) as (edges, ring, servers):
+            text = (SAMPLES / "mpl-2.0.txt").read_text()[:3000]
+            manifest = (await net.origin.publish("mpl", text)).manifest
+            x = next(iter(edges))
+            foreign = [b.key for b in manifest.blocks if x not in ring.owners(b.key)]
+            assert len(foreign) >= 2
 
-        # A peer's request at a non-owner goes to the origin, not around the ring.
-        frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[:1], 0, from_peer=True)]
-        assert frames and edges[x].origin_fetches == 1 and edges[x].peer_fetches == 0
+            # A peer's request at a non-owner goes to the origin, not around the ring.
+            frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[:1], 0, from_peer=True)]
+            assert frames and edges[x].origin_fetches == 1 and edges[x].peer_fetches == 0
 
-        # With every owner of a block down, x loads it from the origin.
-        for _, server in started:
-            if server.address != x:
-                await server.stop(0)
-        frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[1:2], 0)]
-        assert frames and edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
+            # With every owner of a block down, x loads it from the origin.
+            for address, server in servers.items():
+                if address != x:
+                    await server.stop(0)
+            frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[1:2], 0)]
+            assert frames and edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
     finally:
-        for edge, server in started:
-            await server.stop(0)
-            await edge.close()
         await stop_network(net)
 
 
@@ -111,12 +117,6 @@ async def test_a_peer_list_without_this_edge_is_refused(llama: LoadedModel, tmp_
 
 async def test_a_stalled_owner_is_skipped_after_the_peer_timeout(llama: LoadedModel, tmp_path: Path) -> None:
     net = await start_network(llama, tmp_path / "store")
-    started = [await start_edge(EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0")) for _ in range(3)]
-    edges = {server.address: edge for edge, server in started}
-    ring = Placement(list(edges))
-    for address, edge in edges.items():
-        edge.join_ring(ring, address)
-        edge.peer_timeout_s = 0.2
     never = asyncio.Event()
 
     async def stalls(*_: object, **__: object) -> AsyncIterator[bytes]:
@@ -124,21 +124,21 @@ async def test_a_stalled_owner_is_skipped_after_the_peer_timeout(llama: LoadedMo
         yield b""
 
     try:
-        text = (SAMPLES / "gpl-2.0.txt").read_text()[:3000]
-        manifest = (await net.origin.publish("gpl2", text)).manifest
-        x = next(iter(edges))
-        foreign = [b.key for b in manifest.blocks if x not in ring.owners(b.key)]
-        for address, edge in edges.items():
-            if address != x:
-                edge.stream = stalls  # type: ignore[method-assign]
-        frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[:2], 0)]
-        assert len(frames) == sum(len(b.frame_digests) for b in manifest.blocks if b.key in foreign[:2])
-        assert edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
-        # the owners were tried once, then skipped for the next block (no second wait)
-        assert set(edges[x]._suspect_until) == set(ring.owners(foreign[0]))
+        async with peered_edges(net.origin_server.address) as (edges, ring, _servers):
+            for edge in edges.values():
+                edge.peer_timeout_s = 0.2
+            text = (SAMPLES / "gpl-2.0.txt").read_text()[:3000]
+            manifest = (await net.origin.publish("gpl2", text)).manifest
+            x = next(iter(edges))
+            foreign = [b.key for b in manifest.blocks if x not in ring.owners(b.key)]
+            for address, edge in edges.items():
+                if address != x:
+                    edge.stream = stalls  # type: ignore[method-assign]
+            frames = [f async for f in edges[x].stream(llama.fingerprint_hex, foreign[:2], 0)]
+            assert len(frames) == sum(len(b.frame_digests) for b in manifest.blocks if b.key in foreign[:2])
+            assert edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
+            # the owners were tried once, then skipped for the next block (no second wait)
+            assert set(edges[x]._suspect_until) == set(ring.owners(foreign[0]))
     finally:
         never.set()
-        for edge, server in started:
-            await server.stop(0)
-            await edge.close()
         await stop_network(net)
