@@ -13,6 +13,7 @@ import pytest
 from kvcdn.cli import main
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import InvalidArgument
+from kvcdn.launcher import Cluster
 from kvcdn.loadtest.run import LoadConfig, Zipf, publish_corpus, run_load, summarize, write_report
 from kvcdn.models import LoadedModel
 from tests.conftest import start_network, stop_network
@@ -139,3 +140,39 @@ def test_from_run_refuses_a_file_that_is_not_a_report(tmp_path: Path, capsys: py
     bad.write_text('{"hello": 1}')
     assert main(["loadtest", "economics", "--from-run", str(bad)]) == 2
     assert "not a `kvcdn loadtest run` report" in capsys.readouterr().err
+
+
+def test_run_and_network_commands_against_real_processes(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
+    with Cluster(store_dir=tmp_path / "store", edges=2, origin_args=model_args, start_timeout_s=120) as cluster:
+        rc = main(
+            [
+                "loadtest",
+                "run",
+                "--edges",
+                ",".join(cluster.edge_addresses),
+                "--origin",
+                cluster.origin_address,
+                *("--agents", "4", "--documents", "3", "--tokens", "40:120", "--duration", "20"),
+                *("--max-fetches", "30", "--report-dir", str(tmp_path / "report"), *model_args),
+            ]
+        )
+    assert rc == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["fetches_ok"] == 30 and report["edges"]["read_from_metrics"]
+    assert "| fetches ok / failed | 30 / 0 |" in capsys.readouterr().out
+
+    rc = main(
+        [
+            *("loadtest", "network", "--agents", "20", "--herd-tokens", "100", "--documents", "4"),
+            *("--zipf-agents", "4", "--duration", "2", "--mem-bytes", "200KiB", "--disk-bytes", "1MiB"),
+            *("--markdown", *model_args),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| caches complete and verified | 20/20 |" in out
+    assert "| origin block transfers (edges' metrics) | 1 |" in out  # 100 tokens: one block, pulled once
+    assert "object 4x the tier" in out and "INCOMPLETE" not in out
