@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -15,8 +16,9 @@ from kvcdn.client import ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import DigestMismatch, Unavailable
 from kvcdn.frames import encode_block
+from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids
-from tests.conftest import Network
+from tests.conftest import SAMPLES, Network, start_network, stop_network
 
 
 async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, sample_text: str) -> None:
@@ -157,3 +159,26 @@ async def test_a_failure_after_the_last_frame_still_yields_the_verified_cache(
     async with KVClient(ClientConfig((network.edge_address,), bulk=bulk)) as client:
         fetched = await client.fetch(model, doc)
     assert fetched.cached_tokens == len(doc)
+
+
+async def test_with_the_origin_down_edges_serve_what_they_hold_and_misses_fail_fast(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    try:
+        held = (SAMPLES / "apache-2.0.txt").read_text()[:2000]
+        missing = (SAMPLES / "mpl-2.0.txt").read_text()[:2000]
+        await net.origin.publish("held", held)
+        await net.origin.publish("missing", missing)
+        held_ids = document_ids(llama.tokenizer, held)
+        async with KVClient([net.edge_address]) as client:
+            warm = await client.fetch(llama, held_ids)
+            await net.origin_server.stop(0)
+            again = await asyncio.wait_for(client.fetch(llama, held_ids), 30)
+            assert again.cached_tokens == warm.cached_tokens == len(held_ids)
+            for (k, v), (rk, rv) in zip(again.layers, warm.layers, strict=True):
+                assert torch.equal(k, rk) and torch.equal(v, rv)
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(client.fetch(llama, document_ids(llama.tokenizer, missing)), 30)
+    finally:
+        await stop_network(net)
