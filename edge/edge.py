@@ -51,8 +51,8 @@ PREFETCH_BLOCKS = 4
 
 
 class Pull:
-    """A block being loaded (from disk or the origin): frames are appended as they are verified, and
-    any number of readers follow them as they arrive."""
+    """A block being loaded (from disk, an owner edge or the origin): frames are appended as they are
+    verified, and any number of readers follow them as they arrive."""
 
     def __init__(self, seen_before: bool, from_peers: bool) -> None:
         self.requests = 1
@@ -103,7 +103,8 @@ class Pull:
 
 
 class Edge:
-    """Memory LRU of encoded blocks, over an optional disk tier, in front of one origin."""
+    """Memory LRU of encoded blocks, over an optional disk tier, in front of one origin (and, once it
+    knows the ring, its peers)."""
 
     def __init__(self, origin: CacheReader, mem_bytes: int, disk: DiskTier | None = None) -> None:
         self.origin = origin
@@ -208,8 +209,15 @@ class Edge:
             self.invalidated_blocks += dropped
         self.invalidated_seq = event.seq
 
-    async def close(self) -> None:
-        """Stop following the feed and close the connection to the origin."""
+    async def settle(self, timeout_s: float | None = None) -> None:
+        """Wait until the block loads in progress have finished, disk writes included."""
+        if self._pull_tasks:
+            await asyncio.wait(set(self._pull_tasks), timeout=timeout_s)
+
+    async def close(self, settle_s: float = 5.0) -> None:
+        """Stop following the feed, let loads in progress finish (at most `settle_s`, then cancel
+        them), and close the connections to peers and origin."""
+        await self.settle(settle_s)
         tasks = [*self._pull_tasks, *([self._follower] if self._follower is not None else [])]
         for task in tasks:
             task.cancel()
@@ -236,7 +244,7 @@ class Edge:
             ),
             ("edge_memory_bytes", "gauge", "Bytes held by the memory tier", self.memory.bytes),
             ("edge_memory_blocks", "gauge", "Blocks held by the memory tier", len(self.memory)),
-            ("edge_pulls_in_flight", "gauge", "Origin pulls in progress", len(self._pulls)),
+            ("edge_pulls_in_flight", "gauge", "Block loads in progress (disk, peers or origin)", len(self._pulls)),
             ("edge_invalidation_seq", "gauge", "Last invalidation event applied", self.invalidated_seq),
             ("edge_invalidated_blocks_total", "counter", "Blocks dropped by invalidations", self.invalidated_blocks),
         ]
@@ -318,29 +326,34 @@ class Edge:
         return pull
 
     async def _load(self, fingerprint: str, key: bytes, pull: Pull) -> None:
-        """Fill `pull` from the disk tier, else from the origin (then keep the block on disk), and
-        admit the block to memory. Runs detached from any request, so a reader that hangs up does
-        not cancel it for the others."""
+        """Fill `pull` from the disk tier, else from peers or the origin, then keep the block in memory
+        and on disk as the admission rule allows. Runs detached from any request, so a reader that
+        hangs up does not cancel it for the others; readers finish before the disk write."""
         try:
-            block = await self.disk.get(key) if self.disk is not None else None
-            if block is not None:
-                pull.start(len(block.frames))
-                for frame in block.frames:
-                    pull.append(frame)
-            else:
-                block = await self._pull(fingerprint, key, pull)
-                if self.disk is not None and self._admit(pull, block.info.n_bytes, self.disk.index):
-                    await self.disk.put(block, (await self.origin_info()).geometry.frame_bytes)
+            try:
+                block = await self.disk.get(key) if self.disk is not None else None
+                from_disk = block is not None
+                if block is not None:
+                    pull.start(len(block.frames))
+                    for frame in block.frames:
+                        pull.append(frame)
+                else:
+                    block = await self._pull(fingerprint, key, pull)
+            except BaseException as exc:
+                pull.finish(exc)
+                if not isinstance(exc, (KVCDNError, asyncio.CancelledError)):
+                    log.exception("loading block %s… failed", key.hex()[:16])
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            pull.finish()
             if self._admit(pull, block.n_bytes, self.memory):
                 self.memory.put(key, block)
-        except BaseException as exc:
-            pull.finish(exc)
-            if not isinstance(exc, (KVCDNError, asyncio.CancelledError)):
-                log.exception("loading block %s… failed", key.hex()[:16])
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        else:
-            pull.finish()
+            if not from_disk and self.disk is not None and self._admit(pull, block.info.n_bytes, self.disk.index):
+                try:
+                    await self.disk.put(block, (await self.origin_info()).geometry.frame_bytes)
+                except (OSError, KVCDNError) as exc:
+                    log.warning("could not keep block %s… on disk: %s", key.hex()[:16], exc)
         finally:
             del self._pulls[key]
 

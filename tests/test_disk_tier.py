@@ -73,6 +73,7 @@ async def test_edge_serves_from_disk_after_memory_eviction_and_after_restart_wit
         manifest = (await net.origin.publish("gpl", TEXT)).manifest
         async with KVClient([server.address]) as client:
             await client.fetch(llama, doc)
+            await edge.settle()  # clients finish before the edge's disk writes do
             again = await client.fetch(llama, doc)
         assert edge.origin_fetches == len(manifest.blocks)
         assert edge.disk is not None and edge.disk.hits == len(manifest.blocks)
@@ -110,6 +111,7 @@ async def test_a_corrupt_disk_block_is_refetched_and_the_client_never_sees_it(
         doc = document_ids(llama.tokenizer, TEXT)
         async with KVClient([server.address]) as client:
             await client.fetch(llama, doc)
+            await edge.settle()
             assert edge.disk is not None
             path = edge.disk.store.path(manifest.blocks[1].key)
             data = bytearray(path.read_bytes())
