@@ -317,13 +317,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("MB served", lambda r: f"{r.bytes_served / 1e6:.1f}"),
         ("streams now", lambda r: f"{r.streams_in_flight:.0f}"),
     ]
-    table = Table("edge", "up", *(name for name, _ in columns))
+    table = Table(title="kvcdn edges")
+    table.add_column("edge", no_wrap=True)
+    table.add_column("up", no_wrap=True)
+    for name, _ in columns:
+        table.add_column(name, justify="right")
     for r in rows:
         if r.up:
             table.add_row(r.address, "yes", *(fmt(r) for _, fmt in columns))
         else:
             table.add_row(r.address, "[red]no[/red]", r.error, *[""] * (len(columns) - 1))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
     return 0 if all(r.up for r in rows) else 1
 
 
