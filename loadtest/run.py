@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import logging
 import math
 import random
 import time
@@ -35,6 +36,8 @@ from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids
 
 __all__ = ["LoadConfig", "Zipf", "corpus_documents", "publish_corpus", "run_load", "summarize", "write_report"]
+
+log = logging.getLogger(__name__)
 
 
 class Zipf:
@@ -177,6 +180,9 @@ async def run_load(
                 del fetched
             except KVCDNError as exc:
                 sample.error = exc.code.name
+            except Exception as exc:  # a failure outside the contract: counted, and the run goes on
+                log.exception("fetch of document %d failed", doc)
+                sample.error = type(exc).__name__
             finally:
                 in_flight -= 1
                 samples.append(sample)
@@ -338,6 +344,7 @@ def markdown(report: dict[str, Any], png_name: str) -> str:
         f"| egress origin -> edges | {e['bytes_from_origin'] / 1e9:.3f} GB ({e['origin_fetches']:.0f} block pulls) |",
         f"| edge -> edge | {e['bytes_from_peers'] / 1e9:.3f} GB ({e['peer_fetches']:.0f} block loads) |",
         f"| errors by code | {report['errors_by_code'] or 'none'} |",
+        *([f"| arrivals dropped (over --agents in flight) | {report['arrivals_dropped']} |"] if c["rate"] else []),
         "",
         f"![throughput and latency]({png_name})",
         "",

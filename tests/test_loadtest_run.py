@@ -176,3 +176,42 @@ def test_run_and_network_commands_against_real_processes(
     assert "| caches complete and verified | 20/20 |" in out
     assert "| origin block transfers (edges' metrics) | 1 |" in out  # 100 tokens: one block, pulled once
     assert "object 4x the tier" in out and "INCOMPLETE" not in out
+
+
+async def test_failed_fetches_are_counted_by_code_and_the_run_goes_on(
+    llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvcdn.client.api import KVClient
+    from kvcdn.errors import Unavailable
+
+    net = await start_network(llama, tmp_path / "store")
+    try:
+        config = LoadConfig(
+            edges=(net.edge_address,),
+            origin=net.origin_server.address,
+            agents=1,
+            documents=2,
+            min_tokens=40,
+            max_tokens=60,
+            max_fetches=9,
+        )
+        ids = await publish_corpus(llama, config)
+        real = KVClient.fetch
+        calls = 0
+
+        async def flaky(self: KVClient, model: LoadedModel, doc: list[int]) -> object:
+            nonlocal calls
+            calls += 1
+            if calls % 3 == 1:
+                raise Unavailable("edge went away")
+            if calls % 3 == 2:
+                raise RuntimeError("a bug")
+            return await real(self, model, doc)
+
+        monkeypatch.setattr(KVClient, "fetch", flaky)
+        report = summarize(await run_load(llama, config, ids))
+        assert report["fetches_ok"] == 3 and report["fetches_failed"] == 6
+        assert report["errors_by_code"] == {"UNAVAILABLE": 3, "RuntimeError": 3}
+        assert report["digest_failures"] == 0
+    finally:
+        await stop_network(net)
