@@ -351,9 +351,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_loadrun(args: argparse.Namespace) -> int:
-    from kvcdn.loadtest.run import run_loadtest
+    from kvcdn.loadtest.run import LoadConfig, run_loadtest
 
-    return run_loadtest(args, _load(args))
+    low, _, high = args.tokens.partition(":")
+    try:
+        min_tokens, max_tokens = int(low), int(high or low)
+    except ValueError:
+        raise InvalidArgument(f"--tokens {args.tokens!r} is not MIN:MAX (e.g. 256:2048)") from None
+    config = LoadConfig(
+        edges=tuple(args.edges),
+        origin=args.origin,
+        agents=args.agents,
+        documents=args.documents,
+        zipf_s=args.zipf,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        duration_s=args.duration,
+        max_fetches=args.max_fetches,
+        rate=args.rate,
+        seed=args.seed,
+    )
+    return run_loadtest(config, _load(args), Path(args.report_dir))
 
 
 def cmd_netbench(args: argparse.Namespace) -> int:

@@ -403,30 +403,12 @@ def write_report(result: LoadResult, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def run_loadtest(args: Any, model: LoadedModel) -> int:
-    """`kvcdn loadtest run` (flags in kvcdn.cli): live progress, then the report; exit 1 on any error."""
+def run_loadtest(config: LoadConfig, model: LoadedModel, report_dir: Path) -> int:
+    """`kvcdn loadtest run`: live progress, then the report; exit status 1 on any failed fetch."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
-    low, _, high = args.tokens.partition(":")
-    try:
-        min_tokens, max_tokens = int(low), int(high or low)
-    except ValueError:
-        raise InvalidArgument(f"--tokens {args.tokens!r} is not MIN:MAX (e.g. 256:2048)") from None
-    config = LoadConfig(
-        edges=tuple(args.edges),
-        origin=args.origin,
-        agents=args.agents,
-        documents=args.documents,
-        zipf_s=args.zipf,
-        min_tokens=min_tokens,
-        max_tokens=max_tokens,
-        duration_s=args.duration,
-        max_fetches=args.max_fetches,
-        rate=args.rate,
-        seed=args.seed,
-    )
     console = Console()
 
     def view(samples: list[Sample], elapsed: float, in_flight: int) -> Table:
@@ -448,7 +430,7 @@ def run_loadtest(args: Any, model: LoadedModel) -> int:
         ids = asyncio.run(publish_corpus(model, config))
     with Live(view([], 0.0, 0), console=console, refresh_per_second=4) as live:
         result = asyncio.run(run_load(model, config, ids, lambda s, t, n: live.update(view(s, t, n))))
-    paths = write_report(result, Path(args.report_dir))
+    paths = write_report(result, report_dir)
     report = json.loads(paths["json"].read_text())
     print(markdown(report, str(paths["png"])))
     print(f"report: {paths['json']} {paths['markdown']} {paths['png']}")
