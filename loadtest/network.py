@@ -17,7 +17,7 @@ import asyncio
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from rich.table import Table
 from kvcdn.client.api import KVClient
 from kvcdn.client.reader import CacheReader
 from kvcdn.client.stats import EdgeStats, edge_stats
+from kvcdn.errors import InvalidArgument
 from kvcdn.launcher import Cluster
 from kvcdn.loadtest.bench import text_of_length
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
@@ -166,6 +167,19 @@ def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
 def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args: list[str]) -> int:
     """`kvcdn loadtest network`: `model` is the agents', `origin_args` the origin's model flags."""
     console = Console(width=None if Console().is_terminal else 160)
+    if args.agents < 1 or args.herd_tokens < 1:
+        raise InvalidArgument("--agents and --herd-tokens must be at least 1")
+    # Checked now, before any process starts; the addresses are filled in once the network is up.
+    zipf = LoadConfig(
+        edges=(),
+        origin="",
+        agents=args.zipf_agents,
+        documents=args.documents,
+        zipf_s=args.zipf,
+        min_tokens=256,
+        max_tokens=1024,
+        duration_s=args.duration,
+    )
     out: list[Any] = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="kvcdn-netbench-") as tmp:
@@ -199,16 +213,7 @@ def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args:
                     args.markdown,
                 )
             )
-            config = LoadConfig(
-                edges=tuple(cluster.edge_addresses),
-                origin=cluster.origin_address,
-                agents=args.zipf_agents,
-                documents=args.documents,
-                zipf_s=args.zipf,
-                min_tokens=256,
-                max_tokens=1024,
-                duration_s=args.duration,
-            )
+            config = replace(zipf, edges=tuple(cluster.edge_addresses), origin=cluster.origin_address)
             with console.status(
                 f"Zipf: {config.documents} documents, {config.agents} agents, {config.duration_s:.0f} s ..."
             ):
