@@ -16,7 +16,23 @@ from kvcdn.errors import InvalidArgument
 from kvcdn.launcher import Cluster
 from kvcdn.loadtest.run import LoadConfig, Zipf, publish_corpus, run_load, summarize, write_report
 from kvcdn.models import LoadedModel
-from tests.conftest import start_network, stop_network
+from tests.conftest import Network, start_network, stop_network
+
+
+def small_run(net: Network, *more_edges: str, **settings: float) -> LoadConfig:
+    """A short run's config on a tiny network: 2 documents of 40-60 tokens unless `settings` say otherwise."""
+    defaults: dict[str, float] = {"agents": 2, "documents": 2, "min_tokens": 40, "max_tokens": 60}
+    values = defaults | settings
+    return LoadConfig(
+        edges=(net.edge_address, *more_edges),
+        origin=net.origin_server.address,
+        agents=int(values.pop("agents")),
+        documents=int(values.pop("documents")),
+        min_tokens=int(values.pop("min_tokens")),
+        max_tokens=int(values.pop("max_tokens")),
+        max_fetches=int(values.pop("max_fetches", 0)),
+        **values,
+    )
 
 
 def test_zipf_probabilities_follow_the_power_law_and_samples_follow_them() -> None:
@@ -57,17 +73,7 @@ async def test_short_live_run_reports_clean_fetches_tiers_and_egress(
         EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", metrics_port=0)
     )
     try:
-        config = LoadConfig(
-            edges=(net.edge_address, server2.address),
-            origin=net.origin_server.address,
-            agents=6,
-            documents=4,
-            zipf_s=1.1,
-            min_tokens=40,
-            max_tokens=150,
-            duration_s=20,
-            max_fetches=60,
-        )
+        config = small_run(net, server2.address, agents=6, documents=4, max_tokens=150, duration_s=20, max_fetches=60)
         ids = await publish_corpus(llama, config)
         assert len({tuple(x) for x in ids}) == 4  # distinct documents
         assert all(40 <= len(x) <= 150 for x in ids)
@@ -115,16 +121,7 @@ async def test_short_live_run_reports_clean_fetches_tiers_and_egress(
 async def test_open_loop_run_stops_at_its_duration(llama: LoadedModel, tmp_path: Path) -> None:
     net = await start_network(llama, tmp_path / "store")
     try:
-        config = LoadConfig(
-            edges=(net.edge_address,),
-            origin=net.origin_server.address,
-            agents=2,
-            documents=2,
-            min_tokens=40,
-            max_tokens=60,
-            duration_s=1.5,
-            rate=40.0,
-        )
+        config = small_run(net, duration_s=1.5, rate=40.0)
         ids = await publish_corpus(llama, config)
         result = await run_load(llama, config, ids)
         report = summarize(result)
@@ -186,15 +183,7 @@ async def test_failed_fetches_are_counted_by_code_and_the_run_goes_on(
 
     net = await start_network(llama, tmp_path / "store")
     try:
-        config = LoadConfig(
-            edges=(net.edge_address,),
-            origin=net.origin_server.address,
-            agents=1,
-            documents=2,
-            min_tokens=40,
-            max_tokens=60,
-            max_fetches=9,
-        )
+        config = small_run(net, agents=1, max_fetches=9)
         ids = await publish_corpus(llama, config)
         real = KVClient.fetch
         calls = 0
