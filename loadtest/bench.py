@@ -32,7 +32,13 @@ from kvcdn.loadtest.rawtcp import raw_tcp_gbps
 from kvcdn.models import LoadedModel
 from kvcdn.prompt import document_ids, question_ids
 
-__all__ = ["BenchRow", "measure", "render", "run_bench", "text_of_length"]
+__all__ = ["BenchRow", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
+
+
+def sample_corpus() -> str:
+    """The bundled license texts the benchmarks cut their documents from (about 16k SmolLM2 tokens)."""
+    root = resources.files("kvcdn.samples")
+    return "\n\n".join(root.joinpath(f).read_text() for f in ("gpl-3.0.txt", "gpl-2.0.txt", "mpl-2.0.txt"))
 
 
 def text_of_length(model: LoadedModel, corpus: str, n_tokens: int) -> str:
@@ -177,9 +183,7 @@ def run_bench(args: argparse.Namespace, model: LoadedModel, origin_args: list[st
     if not console.is_terminal:
         console = Console(width=200)  # logs and CI: do not squeeze the table into 80 columns
     lengths = [int(x) for x in args.lengths.split(",")]
-    root = resources.files("kvcdn.samples")
-    corpus = "\n\n".join(root.joinpath(f).read_text() for f in ("gpl-3.0.txt", "gpl-2.0.txt", "mpl-2.0.txt"))
-    texts = [text_of_length(model, corpus, n) for n in lengths]
+    texts = [text_of_length(model, sample_corpus(), n) for n in lengths]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status("starting an origin and an edge ..."):
             cluster = Cluster(store_dir=Path(store), edges=1, origin_args=origin_args).start()

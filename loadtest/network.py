@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from kvcdn.client.reader import CacheReader
 from kvcdn.client.stats import EdgeStats, edge_stats
 from kvcdn.errors import InvalidArgument
 from kvcdn.launcher import Cluster
-from kvcdn.loadtest.bench import text_of_length
+from kvcdn.loadtest.bench import sample_corpus, text_of_length
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
 from kvcdn.models import LoadedModel
 from kvcdn.placement import DEFAULT_REPLICAS
@@ -39,11 +38,6 @@ from kvcdn.prompt import document_ids
 __all__ = ["cold_herd", "edge_memory", "run_network_bench", "zipf_tiers"]
 
 MiB = 1 << 20
-
-
-def _corpus() -> str:
-    root = resources.files("kvcdn.samples")
-    return "\n\n".join(root.joinpath(f).read_text() for f in ("gpl-3.0.txt", "gpl-2.0.txt", "mpl-2.0.txt"))
 
 
 def _total(stats: list[EdgeStats], name: str) -> float:
@@ -65,7 +59,7 @@ class HerdResult:
 
 async def cold_herd(model: LoadedModel, origin: str, edges: list[str], agents: int, tokens: int) -> HerdResult:
     """`agents` concurrent fetches of one freshly published document (one client each)."""
-    text = text_of_length(model, f"Cold herd document {time.time_ns()}.\n\n" + _corpus(), tokens)
+    text = text_of_length(model, f"Cold herd document {time.time_ns()}.\n\n" + sample_corpus(), tokens)
     async with CacheReader(origin) as reader:
         manifest = (await reader.publish(f"herd-{time.time_ns()}", text)).manifest
     ids = document_ids(model.tokenizer, text)
@@ -122,7 +116,7 @@ async def edge_memory(
 ) -> MemoryResult:
     """Stream, cold, a document `factor` times the edge's memory tier while sampling the edge's RSS."""
     tokens = factor * mem_bytes // model.geometry.token_bytes
-    text = text_of_length(model, f"Big document {time.time_ns()}.\n\n" + _corpus() * 4, tokens)
+    text = text_of_length(model, f"Big document {time.time_ns()}.\n\n" + sample_corpus() * 4, tokens)
     async with CacheReader(origin) as reader:
         await reader.publish(f"big-{time.time_ns()}", text)
     ids = document_ids(model.tokenizer, text)
