@@ -76,7 +76,7 @@ class DiskTier:
         key = block.info.key
         if key in self.index:
             return
-        payload = b"".join(frame_parts(f)[1] for f in block.frames)
+        payload = [frame_parts(f)[1] for f in block.frames]
         size = await asyncio.to_thread(self.store.put, block.info, payload, frame_bytes)
         if not self.index.put(key, size):
             self.store.delete(key)  # larger than the whole tier: not admitted

@@ -48,13 +48,15 @@ class BlockStore:
     def __contains__(self, key: bytes) -> bool:
         return key in self._infos or self.path(key).exists()
 
-    def put(self, info: pb.BlockInfo, payload: bytes | memoryview, frame_bytes: int) -> int:
-        """Store a block; returns the file's size in bytes."""
+    def put(self, info: pb.BlockInfo, payload: bytes | memoryview | list[memoryview], frame_bytes: int) -> int:
+        """Store a block whose payload is one buffer or consecutive pieces of it (an edge's frame
+        payloads, written without joining them first); returns the file's size in bytes."""
+        parts = payload if isinstance(payload, list) else [payload]
         body = info.SerializeToString()
         head = _HEAD.pack(_MAGIC, len(body), frame_bytes)
-        atomic_write(self.path(info.key), head, body, payload)
+        atomic_write(self.path(info.key), head, body, *parts)
         self._infos[info.key] = info
-        return len(head) + len(body) + len(payload)
+        return len(head) + len(body) + sum(len(p) for p in parts)
 
     def delete(self, key: bytes) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -75,8 +77,9 @@ class BlockStore:
             self._infos[key] = info
         return info
 
-    def get(self, key: bytes) -> tuple[pb.BlockInfo, bytes, int]:
-        """The block's info, payload and frame size, verified against its digests."""
+    def get(self, key: bytes) -> tuple[pb.BlockInfo, memoryview, int]:
+        """The block's info, payload (a view into the file's bytes, not a copy) and frame size,
+        verified against its digests."""
         try:
             data = self.path(key).read_bytes()
         except FileNotFoundError:
@@ -86,12 +89,11 @@ class BlockStore:
             info = pb.BlockInfo.FromString(data[_HEAD.size : _HEAD.size + length])
         except Exception:
             magic, info, frame_bytes = b"", pb.BlockInfo(), 0
-        payload = data[_HEAD.size + length :] if magic == _MAGIC else b""
-        view = memoryview(payload)
+        payload = memoryview(data)[_HEAD.size + length :] if magic == _MAGIC else memoryview(b"")
         ok = magic == _MAGIC and info.key == key and len(payload) == info.n_bytes and frame_bytes > 0
         ok = ok and len(info.frame_digests) == -(-info.n_bytes // frame_bytes)
         ok = ok and all(
-            digest(view[i * frame_bytes : (i + 1) * frame_bytes]) == d for i, d in enumerate(info.frame_digests)
+            digest(payload[i * frame_bytes : (i + 1) * frame_bytes]) == d for i, d in enumerate(info.frame_digests)
         )
         if not ok:
             self.delete(key)

@@ -102,7 +102,7 @@ def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_by
     return encode_stored(info, payload, frame_bytes)
 
 
-def encode_stored(info: pb.BlockInfo, payload: bytes, frame_bytes: int) -> EncodedBlock:
+def encode_stored(info: pb.BlockInfo, payload: bytes | memoryview, frame_bytes: int) -> EncodedBlock:
     """Encode the frames of a payload whose digests `info` already holds (checked when it was read)."""
     view = memoryview(payload)
     frames: list[bytes] = []

@@ -204,7 +204,7 @@ class Origin:
         assembler = KVAssembler(self.geometry, n_tokens, self.model.device)
         for key in keys:
             info, payload, _ = self.blocks.get(key)
-            assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, memoryview(payload))
+            assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, payload)
         return assembler.layers()
 
     def _store_block(self, key: bytes, index: int, layers: list[LayerKV], start: int, end: int) -> None:
