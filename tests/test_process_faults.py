@@ -20,15 +20,20 @@ from kvcdn.prompt import document_ids
 from tests.conftest import SAMPLES
 
 
+def tiny_llama(tiny_dirs: dict[str, Path]) -> tuple[LoadedModel, list[str]]:
+    """The tiny Llama as an agent loads it, and the flags that make origin processes load the same."""
+    from kvcdn.models import load_model
+
+    args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
+    return load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu"), args
+
+
 async def test_a_stalled_edge_process_is_skipped_and_the_cache_is_exact(
     tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    from kvcdn.models import load_model
-
-    model: LoadedModel = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu")
+    model, args = tiny_llama(tiny_dirs)
     text = (SAMPLES / "mpl-2.0.txt").read_text()[:4000]
     doc = document_ids(model.tokenizer, text)
-    args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
     with Cluster(store_dir=tmp_path / "store", edges=2, origin_args=args, start_timeout_s=120) as cluster:
         async with CacheReader(cluster.origin_address) as origin:
             manifest = (await origin.publish("mpl", text)).manifest
@@ -55,12 +60,10 @@ async def test_an_edge_killed_during_a_fetch_costs_nothing_but_a_retry(
     """SIGKILL of an edge process while a fetch is streaming: the runs it owns come from the replica
     and the cache is byte-identical to a local prefill."""
     from kvcdn.client import api
-    from kvcdn.models import load_model
 
-    model: LoadedModel = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu")
+    model, args = tiny_llama(tiny_dirs)
     text = (SAMPLES / "gpl-3.0.txt").read_text()[:9000]
     doc = document_ids(model.tokenizer, text)
-    args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
     with Cluster(store_dir=tmp_path / "store", edges=2, origin_args=args, start_timeout_s=120) as cluster:
         async with CacheReader(cluster.origin_address) as origin:
             manifest = (await origin.publish("gpl", text)).manifest
@@ -94,12 +97,10 @@ async def test_an_edge_killed_while_writing_its_disk_tier_restarts_clean(
     a kill can leave (a temporary file, a block file cut short): the restarted edge indexes only
     whole, verified blocks, and serves the document exactly."""
     from kvcdn.edge import EdgeConfig, start_edge
-    from kvcdn.models import load_model
 
-    model: LoadedModel = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu")
+    model, args = tiny_llama(tiny_dirs)
     text = (SAMPLES / "gpl-3.0.txt").read_text()[:9000]
     doc = document_ids(model.tokenizer, text)
-    args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
     disk_root = tmp_path / "disk"
     with Cluster(
         store_dir=tmp_path / "store", edges=1, origin_args=args, edge_disk_root=disk_root, start_timeout_s=120
