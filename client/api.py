@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -42,9 +43,13 @@ class ClientConfig:
     """Stream frames over an edge's bulk TCP port when it offers one (else over gRPC)."""
     suspect_s: float = 10.0
     """After an edge fails, ask it last for this long (so one dead edge costs one timeout, not one per run)."""
+    max_streams: int = 256
+    """Bulk streams this client receives at once, each in a worker thread of its own (started as needed)."""
 
     def __post_init__(self) -> None:
         parse_edges(self.edges)  # fail early on a malformed list
+        if self.max_streams < 1:
+            raise InvalidArgument("max_streams must be at least 1")
 
 
 @dataclass
@@ -94,6 +99,9 @@ class KVClient:
         }
         self._info: pb.ServerInfo | None = None
         self._suspect_until: dict[str, float] = {}
+        # Bulk streams block a thread each; the event loop's default pool (a handful of threads) would
+        # queue concurrent fetches behind one another.
+        self._receivers = ThreadPoolExecutor(self.config.max_streams, thread_name_prefix="kvcdn-receive")
 
     def _order(self, route: Sequence[str]) -> list[str]:
         """`route` with recently failed edges moved to the end (stable otherwise)."""
@@ -106,6 +114,7 @@ class KVClient:
     async def close(self) -> None:
         for reader in self._readers.values():
             await reader.close()
+        self._receivers.shutdown(wait=False)
 
     async def __aenter__(self) -> KVClient:
         return self
@@ -229,7 +238,7 @@ class KVClient:
                 bulk = await reader.bulk_address() if self.config.bulk else None
                 if bulk is not None:
                     await loop.run_in_executor(
-                        None,
+                        self._receivers,
                         receive_into,
                         bulk,
                         fingerprint,

@@ -21,7 +21,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -151,8 +150,6 @@ async def run_load(
     """Run the agents over the published documents `ids` until the duration or request bound, and
     read the edges' counters before and after."""
     zipf = Zipf(config.documents, config.zipf_s, config.seed)
-    # Bulk streams are received in worker threads: one per agent, so none waits for a thread.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=config.agents + 4))
     samples: list[Sample] = []
     started = 0
     dropped = 0
@@ -164,7 +161,7 @@ async def run_load(
     def budget_left() -> bool:
         return time.perf_counter() < deadline and (not config.max_fetches or started < config.max_fetches)
 
-    async with KVClient(ClientConfig(config.edges)) as client:
+    async with KVClient(ClientConfig(config.edges, max_streams=max(config.agents, 1))) as client:
 
         async def one(doc: int) -> None:
             nonlocal in_flight
