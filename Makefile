@@ -38,7 +38,7 @@ format: install
 typecheck: install
 	rm -rf build/typecheck && mkdir -p build/typecheck/kvcdn
 	for f in kvcdn/*; do ln -s "$(CURDIR)/$$f" build/typecheck/kvcdn/; done
-	for p in origin edge client loadtest; do ln -s "$(CURDIR)/$$p" build/typecheck/kvcdn/$$p; done
+	for p in origin edge client ops loadtest; do ln -s "$(CURDIR)/$$p" build/typecheck/kvcdn/$$p; done
 	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p kvcdn
 
 test: install model proto-check lint typecheck

@@ -4,8 +4,8 @@ hands back a transformers DynamicCache, so generation continues exactly as after
 
 ```python
 from kvcdn.client import KVClient, generate_from_cache
-from kvcdn.models import load_model
-from kvcdn.prompt import document_ids, question_ids
+from kvcdn.model.loading import load_model
+from kvcdn.model.prompt import document_ids, question_ids
 
 model = load_model("smollm2-135m")
 doc = document_ids(model.tokenizer, text)
@@ -17,7 +17,7 @@ answer = generate_from_cache(model, fetched, doc + question_ids(model.tokenizer,
 """
 
 from kvcdn.client.api import BlockingKVClient, ClientConfig, FetchedCache, KVClient, generate_from_cache
-from kvcdn.client.reader import CacheReader
+from kvcdn.wire.stub import CacheReader
 
 __all__ = [
     "BlockingKVClient",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from kvcdn import adapter
 from kvcdn.client.api import KVClient, generate_from_cache
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids, question_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids, question_ids
 
 __all__ = ["AskResult", "ask", "compare"]
 

@@ -11,16 +11,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from kvcdn import adapter
-from kvcdn.bulk import Progress, receive_into
-from kvcdn.client.reader import CacheReader
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
-from kvcdn.frames import decode_frame, verify_frame
-from kvcdn.identity import block_keys
-from kvcdn.layout import Geometry, KVAssembler, LayerKV
-from kvcdn.models import LoadedModel
-from kvcdn.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.tensors import KVAssembler, LayerKV
+from kvcdn.spec.geometry import Geometry
+from kvcdn.spec.identity import block_keys
+from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.bulk import Progress, receive_into
+from kvcdn.wire.frames import decode_frame, verify_frame
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]
 
@@ -86,7 +87,7 @@ def generate_from_cache(
 class KVClient:
     """Async client over a ring of edges. Use inside one event loop (`async with`).
 
-    Each block is asked of its owners on the consistent-hash ring (kvcdn.placement), then of the
+    Each block is asked of its owners on the consistent-hash ring (kvcdn.spec.placement), then of the
     other edges; consecutive blocks with the same primary owner travel in one stream.
     """
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.placement import DEFAULT_REPLICAS, parse_edges
+from kvcdn.spec.placement import DEFAULT_REPLICAS, parse_edges
 
 __all__ = ["EdgeConfig"]
 

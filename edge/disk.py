@@ -1,6 +1,6 @@
 """The edge's disk tier: a byte-bounded LRU of block files below the memory tier.
 
-Blocks are written with kvcdn.blockstore (atomic: temp file, fsync, rename) and only counted once the
+Blocks are written with kvcdn.store.blockstore (atomic: temp file, fsync, rename) and only counted once the
 write is complete; every read re-checks the frame digests, and a block that fails is deleted and
 reported as a miss, so the edge pulls it again and no client ever sees it. On start the index is
 rebuilt from the files present (oldest first, so the LRU order survives a restart), dropping partial
@@ -15,12 +15,12 @@ import contextlib
 import logging
 from pathlib import Path
 
-from kvcdn.blockstore import BlockStore
 from kvcdn.errors import DigestMismatch, NotFound
-from kvcdn.frames import EncodedBlock, encode_stored, frame_parts
-from kvcdn.fsutil import atomic_write
-from kvcdn.lru import ByteLRU
+from kvcdn.store.blockstore import BlockStore
+from kvcdn.store.files import atomic_write
+from kvcdn.store.lru import ByteLRU
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import EncodedBlock, encode_stored, frame_parts
 
 __all__ = ["DiskTier"]
 

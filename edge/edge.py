@@ -27,15 +27,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from kvcdn.client.reader import CacheReader
 from kvcdn.edge.disk import DiskTier
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, NotFound, Unavailable
-from kvcdn.frames import EncodedBlock, FrameSource, check_start_frame, decode_frame, stream_blocks, verify_frame
-from kvcdn.lru import ByteLRU
-from kvcdn.metrics import Stat
-from kvcdn.placement import Placement
-from kvcdn.rpc import check_read_request
+from kvcdn.spec.placement import Placement
+from kvcdn.store.lru import ByteLRU
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import EncodedBlock, FrameSource, check_start_frame, decode_frame, stream_blocks, verify_frame
+from kvcdn.wire.metrics import Stat
+from kvcdn.wire.rpc import check_read_request
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["Edge", "Pull"]
 
@@ -227,7 +227,7 @@ class Edge:
         await self.origin.close()
 
     def stats(self) -> list[Stat]:
-        """The edge's counters, for kvcdn.metrics (read at scrape time)."""
+        """The edge's counters, for kvcdn.wire.metrics (read at scrape time)."""
         stats: list[Stat] = [
             ("edge_block_hits_memory_total", "counter", "Blocks served from the memory tier", self.hits),
             ("edge_block_misses_memory_total", "counter", "Blocks missing from the memory tier", self.misses),

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from kvcdn.client.reader import CacheReader
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.edge import Edge
 from kvcdn.edge.service import EdgeService
-from kvcdn.metrics import ServerMetrics
-from kvcdn.placement import Placement, parse_edges, resolve_edges
-from kvcdn.rpc import Server, start_server
-from kvcdn.serving import serve_until_stopped
+from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
+from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.rpc import Server, start_server
+from kvcdn.wire.serving import serve_until_stopped
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["run_edge", "start_edge"]
 

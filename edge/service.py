@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvcdn.edge.edge import Edge
-from kvcdn.metrics import ServerMetrics
-from kvcdn.rpc import rpc_errors, stream_errors
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.rpc import rpc_errors, stream_errors
 
 __all__ = ["EdgeService"]
 
 
 class EdgeService:
-    """KVCache, registered by kvcdn.rpc with pass-through frames."""
+    """KVCache, registered by kvcdn.wire.rpc with pass-through frames."""
 
     def __init__(self, edge: Edge, metrics: ServerMetrics) -> None:
         self.edge = edge

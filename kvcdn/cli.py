@@ -82,7 +82,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from rich.console import Console
 
-    from kvcdn.models import load_model
+    from kvcdn.model.loading import load_model
 
     with Console(stderr=True).status("loading the model (provisioning it on first use) ..."):
         return load_model(args.model, dtype=args.dtype, device=args.device, models_dir=_models_dir(args))
@@ -140,7 +140,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from kvcdn.launcher import Cluster
+    from kvcdn.ops.launcher import Cluster
 
     if args.edges < 1:
         raise InvalidArgument("--edges must be at least 1")
@@ -216,7 +216,7 @@ def _read_doc(path: str) -> str:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from kvcdn.client import KVClient
-    from kvcdn.prompt import document_ids
+    from kvcdn.model.prompt import document_ids
 
     text = _read_doc(args.doc)
     model = _load(args)
@@ -299,7 +299,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kvcdn.client.stats import EdgeStats, edge_stats
+    from kvcdn.ops.stats import EdgeStats, edge_stats
 
     rows = asyncio.run(edge_stats(args.edges))
     columns: list[tuple[str, Callable[[EdgeStats], str]]] = [
@@ -332,13 +332,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvcdn.client.demo import run_demo
+    from kvcdn.ops.demo import run_demo
 
     return run_demo(args, _load(args), _cluster_args(args))
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from kvcdn.models import default_models_dir, provision_default_model
+    from kvcdn.model.loading import default_models_dir, provision_default_model
 
     print(provision_default_model(_models_dir(args) or default_models_dir()))
     return 0
@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kvcdn.tuning import tune_malloc
+    from kvcdn.wire.tuning import tune_malloc
 
     tune_malloc()
     args = build_parser().parse_args(argv)

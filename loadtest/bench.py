@@ -24,13 +24,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvcdn import adapter
 from kvcdn.client.api import KVClient
-from kvcdn.client.reader import CacheReader
-from kvcdn.launcher import Cluster
 from kvcdn.loadtest.rawtcp import raw_tcp_gbps
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids, question_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.ops.launcher import Cluster
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["BenchRow", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
 
@@ -42,7 +42,7 @@ def sample_corpus() -> str:
 
 
 def text_of_length(model: LoadedModel, corpus: str, n_tokens: int) -> str:
-    """A prefix of `corpus` whose document ids (kvcdn.prompt.document_ids) are about n_tokens long."""
+    """A prefix of `corpus` whose document ids (kvcdn.model.prompt.document_ids) are about n_tokens long."""
     body = model.tokenizer(corpus, add_special_tokens=False)["input_ids"]
     take = n_tokens - (len(document_ids(model.tokenizer, "")))
     text = ""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.layout import Geometry
+from kvcdn.spec.geometry import Geometry
 
 __all__ = [
     "GEOMETRIES",

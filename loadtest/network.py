@@ -25,15 +25,15 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcdn.client.api import KVClient
-from kvcdn.client.reader import CacheReader
-from kvcdn.client.stats import EdgeStats, edge_stats
 from kvcdn.errors import InvalidArgument
-from kvcdn.launcher import Cluster
 from kvcdn.loadtest.bench import sample_corpus, text_of_length
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
-from kvcdn.models import LoadedModel
-from kvcdn.placement import DEFAULT_REPLICAS
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.ops.launcher import Cluster
+from kvcdn.ops.stats import EdgeStats, edge_stats
+from kvcdn.spec.placement import DEFAULT_REPLICAS
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["cold_herd", "edge_memory", "run_network_bench", "zipf_tiers"]
 

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.client.api import ClientConfig, KVClient
-from kvcdn.client.reader import CacheReader
-from kvcdn.client.stats import EdgeStats, edge_stats
 from kvcdn.errors import DigestMismatch, InvalidArgument, KVCDNError
 from kvcdn.loadtest.bench import text_of_length
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.ops.stats import EdgeStats, edge_stats
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["LoadConfig", "Zipf", "corpus_documents", "publish_corpus", "run_load", "summarize", "write_report"]
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.identity import DEFAULT_BLOCK_TOKENS
-from kvcdn.layout import DEFAULT_FRAME_BYTES
-from kvcdn.models import DEFAULT_MODEL
+from kvcdn.model.loading import DEFAULT_MODEL
+from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
+from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS
 
 __all__ = ["OriginConfig"]
 

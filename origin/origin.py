@@ -10,21 +10,21 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from kvcdn import adapter
-from kvcdn.blockstore import BlockStore
 from kvcdn.errors import InvalidArgument, LimitExceeded, NotFound
-from kvcdn.frames import EncodedBlock, encode_block, encode_stored, stream_blocks
-from kvcdn.identity import block_keys, block_spans, content_digest
-from kvcdn.layout import KVAssembler, LayerKV, block_payload
-from kvcdn.lru import ByteLRU
-from kvcdn.metrics import Stat
-from kvcdn.models import LoadedModel
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.model.tensors import KVAssembler, LayerKV, block_payload
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
-from kvcdn.prompt import document_ids
-from kvcdn.rpc import check_read_request
-from kvcdn.singleflight import SingleFlight
+from kvcdn.spec.identity import block_keys, block_spans, content_digest
+from kvcdn.store.blockstore import BlockStore
+from kvcdn.store.lru import ByteLRU
+from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import EncodedBlock, encode_block, encode_stored, stream_blocks
+from kvcdn.wire.metrics import Stat
+from kvcdn.wire.rpc import check_read_request
 
 __all__ = ["Origin", "PublishResult"]
 
@@ -64,7 +64,7 @@ class Origin:
         """Port of this origin's /metrics endpoint (set by the server once bound; 0: none)."""
 
     def stats(self) -> list[Stat]:
-        """The origin's counters, for kvcdn.metrics (read at scrape time)."""
+        """The origin's counters, for kvcdn.wire.metrics (read at scrape time)."""
         return [
             ("origin_publishes_total", "counter", "Publish requests accepted", self.publishes),
             ("origin_prefill_runs_total", "counter", "Prefill runs (one per publish that computed)", self.prefill_runs),

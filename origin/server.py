@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvcdn.metrics import ServerMetrics
-from kvcdn.models import LoadedModel, load_model
+from kvcdn.model.loading import LoadedModel, load_model
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.origin import Origin
 from kvcdn.origin.service import OriginService
-from kvcdn.rpc import Server, start_server
-from kvcdn.serving import serve_until_stopped
+from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.rpc import Server, start_server
+from kvcdn.wire.serving import serve_until_stopped
 
 __all__ = ["run_origin", "start_origin"]
 

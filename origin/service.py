@@ -6,17 +6,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kvcdn.metrics import ServerMetrics
 from kvcdn.origin.origin import Origin
-from kvcdn.rpc import rpc_errors, stream_errors
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.rpc import rpc_errors, stream_errors
 
 __all__ = ["OriginService"]
 
 
 class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
-    """KVCache (registered by kvcdn.rpc with pass-through frames), Publisher and Invalidations."""
+    """KVCache (registered by kvcdn.wire.rpc with pass-through frames), Publisher and Invalidations."""
 
     def __init__(self, origin: Origin, metrics: ServerMetrics) -> None:
         self.origin = origin

@@ -1,6 +1,6 @@
-"""The origin's versioned manifest store on local disk (blocks live in a kvcdn.blockstore.BlockStore).
+"""The origin's versioned manifest store on local disk (blocks live in a kvcdn.store.blockstore.BlockStore).
 
-Every manifest is written atomically (kvcdn.fsutil); leftover temporary files are removed on open.
+Every manifest is written atomically (kvcdn.store.files); leftover temporary files are removed on open.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument, NotFound
-from kvcdn.fsutil import atomic_write, remove_temporaries
+from kvcdn.store.files import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = ["EventLog", "ManifestStore", "check_document_name"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from kvcdn.edge import Edge, EdgeConfig, start_edge
-from kvcdn.models import LoadedModel, load_model
+from kvcdn.model.loading import LoadedModel, load_model
 from kvcdn.origin import Origin, OriginConfig, start_origin
-from kvcdn.rpc import Server
+from kvcdn.wire.rpc import Server
 from tests.tinymodels import ARCHITECTURES, make_tiny_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "kvcdn" / "samples"

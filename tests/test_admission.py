@@ -9,8 +9,8 @@ from pathlib import Path
 from kvcdn.client import KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.loadtest.bench import text_of_length
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
 from tests.conftest import SAMPLES, start_network, stop_network
 
 

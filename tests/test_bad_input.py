@@ -11,7 +11,6 @@ import grpc
 import pytest
 import torch
 
-from kvcdn.bulk import Progress, receive_into
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import (
@@ -22,13 +21,14 @@ from kvcdn.errors import (
     NotFound,
     Unavailable,
 )
-from kvcdn.frames import decode_frame
-from kvcdn.identity import block_keys
-from kvcdn.layout import KVAssembler
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.model.tensors import KVAssembler
+from kvcdn.spec.identity import block_keys
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from kvcdn.wire.bulk import Progress, receive_into
+from kvcdn.wire.frames import decode_frame
 from tests.conftest import Network
 
 
@@ -203,7 +203,7 @@ async def test_standard_protobuf_stub_reads_streamed_frames(network: Network, sa
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
-    from kvcdn.models import load_model
+    from kvcdn.model.loading import load_model
 
     with pytest.raises(InvalidArgument, match="not a model directory"):
         load_model(str(tmp_path / "missing"))

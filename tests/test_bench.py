@@ -7,7 +7,7 @@ from rich.console import Console
 
 from kvcdn.loadtest.bench import measure, render, text_of_length
 from kvcdn.loadtest.rawtcp import raw_tcp_gbps
-from kvcdn.prompt import document_ids
+from kvcdn.model.prompt import document_ids
 from tests.conftest import SAMPLES, Network
 
 

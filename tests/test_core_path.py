@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcdn import adapter
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
 from kvcdn.edge.edge import Pull
-from kvcdn.frames import EncodedBlock
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids, question_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.wire.frames import EncodedBlock
 from tests.conftest import SAMPLES, Network, start_network, stop_network
 
 NEW_TOKENS = 24

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from kvcdn.client import KVClient
-from kvcdn.frames import decode_frame
-from kvcdn.prompt import document_ids
+from kvcdn.model.prompt import document_ids
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import decode_frame
 from tests.conftest import Network
 
 

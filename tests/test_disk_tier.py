@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcdn import adapter
 from kvcdn.client import KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.edge.disk import DiskTier
-from kvcdn.frames import EncodedBlock, encode_block
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.wire.frames import EncodedBlock, encode_block
 from tests.conftest import SAMPLES, start_network, stop_network
 
 TEXT = (SAMPLES / "gpl-2.0.txt").read_text()[:2500]

@@ -25,7 +25,7 @@ from kvcdn.loadtest.economics import (
     verdict,
     write_sweep,
 )
-from kvcdn.models import LoadedModel
+from kvcdn.model.loading import LoadedModel
 
 
 def test_paper_preset_reproduces_every_published_figure_within_two_percent() -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcdn import adapter
-from kvcdn.blockstore import BlockStore
 from kvcdn.client import ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import DigestMismatch, Unavailable
-from kvcdn.frames import encode_block
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.store.blockstore import BlockStore
+from kvcdn.wire.frames import encode_block
 from tests.conftest import SAMPLES, Network, start_network, stop_network
 
 

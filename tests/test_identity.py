@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvcdn.identity import block_keys, block_spans, content_digest
-from kvcdn.models import LoadedModel, load_model
+from kvcdn.model.loading import LoadedModel, load_model
+from kvcdn.spec.identity import block_keys, block_spans, content_digest
 
 FP = bytes(range(32))
 
@@ -57,8 +57,8 @@ def test_content_digest_is_sha256_of_le_u32_ids() -> None:
 
 _CHILD = """
 import json, sys
-from kvcdn.identity import block_keys
-from kvcdn.models import load_model
+from kvcdn.spec.identity import block_keys
+from kvcdn.model.loading import load_model
 m = load_model(sys.argv[1], dtype="float32", device="cpu")
 ids = list(range(5, 600))
 print(json.dumps({"fp": m.fingerprint_hex, "keys": [k.hex() for k in block_keys(m.fingerprint, ids)]}))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.identity import block_spans
-from kvcdn.layout import Geometry, KVAssembler, block_payload
+from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, block_payload
+from kvcdn.spec.geometry import Geometry
+from kvcdn.spec.identity import block_spans
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -16,7 +17,10 @@ def test_blocks_cut_and_reassembled_are_bit_identical(dtype: str, frame_bytes: i
     g = Geometry(layers=3, kv_heads=2, head_dim=8, dtype=dtype, block_tokens=16, frame_bytes=frame_bytes)
     torch.manual_seed(0)
     n = 45
-    layers = [(torch.randn(1, 2, n, 8).to(g.torch_dtype), torch.randn(1, 2, n, 8).to(g.torch_dtype)) for _ in range(3)]
+    layers = [
+        (torch.randn(1, 2, n, 8).to(TORCH_DTYPES[g.dtype]), torch.randn(1, 2, n, 8).to(TORCH_DTYPES[g.dtype]))
+        for _ in range(3)
+    ]
     asm = KVAssembler(g, n, torch.device("cpu"))
     for start, end in block_spans(n, g.block_tokens):
         payload = block_payload(g, layers, start, end)

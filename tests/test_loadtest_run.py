@@ -13,9 +13,9 @@ import pytest
 from kvcdn.cli import main
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import InvalidArgument
-from kvcdn.launcher import Cluster
 from kvcdn.loadtest.run import LoadConfig, Zipf, publish_corpus, run_load, summarize, write_report
-from kvcdn.models import LoadedModel
+from kvcdn.model.loading import LoadedModel
+from kvcdn.ops.launcher import Cluster
 from tests.conftest import Network, start_network, stop_network
 
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from kvcdn.lru import ByteLRU
-from kvcdn.singleflight import SingleFlight
+from kvcdn.store.lru import ByteLRU
+from kvcdn.store.singleflight import SingleFlight
 
 
 def test_lru_respects_its_byte_budget_and_evicts_least_recent() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from kvcdn import adapter
 from kvcdn.client import KVClient
 from kvcdn.edge import EdgeConfig, start_edge
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
 from tests.conftest import SAMPLES, start_network, stop_network
 
 AGENTS = 50

@@ -10,10 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcdn.client import CacheReader, KVClient
-from kvcdn.client.stats import edge_stats
 from kvcdn.errors import NotFound
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.ops.stats import edge_stats
 from tests.conftest import SAMPLES, start_network, stop_network
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.loadtest.network import cold_herd, edge_memory
-from kvcdn.models import LoadedModel
+from kvcdn.model.loading import LoadedModel
 from tests.conftest import start_network, stop_network
 
 

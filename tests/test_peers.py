@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcdn import adapter
 from kvcdn.client import KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.edge.edge import Edge
 from kvcdn.errors import InvalidArgument
-from kvcdn.models import LoadedModel
-from kvcdn.placement import Placement
-from kvcdn.prompt import document_ids
-from kvcdn.rpc import Server
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.spec.placement import Placement
+from kvcdn.wire.rpc import Server
 from tests.conftest import SAMPLES, start_network, stop_network
 
 Edges = dict[str, Edge]

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.placement import Placement, parse_edges, resolve_edges
+from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
 
 KEYS = [hashlib.sha256(str(i).encode()).digest() for i in range(20_000)]
 NODES = [f"edge-{i}.test:7080" for i in range(8)]

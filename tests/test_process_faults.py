@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 import torch
 
-from kvcdn import adapter
 from kvcdn.client import CacheReader, ClientConfig, KVClient
-from kvcdn.launcher import Cluster
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.ops.launcher import Cluster
 from tests.conftest import SAMPLES
 
 
 def tiny_llama(tiny_dirs: dict[str, Path]) -> tuple[LoadedModel, list[str]]:
     """The tiny Llama as an agent loads it, and the flags that make origin processes load the same."""
-    from kvcdn.models import load_model
+    from kvcdn.model.loading import load_model
 
     args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
     return load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu"), args

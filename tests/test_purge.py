@@ -11,8 +11,8 @@ import pytest
 from kvcdn.client import CacheReader, KVClient
 from kvcdn.edge import Edge, EdgeConfig, start_edge
 from kvcdn.errors import NotFound
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
 from tests.conftest import SAMPLES, Network, start_network, stop_network
 
 TEXT = (SAMPLES / "apache-2.0.txt").read_text()[:2500]

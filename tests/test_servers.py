@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvcdn.cli import parse_size
 from kvcdn.edge.service import EdgeService
 from kvcdn.errors import InvalidArgument
-from kvcdn.metrics import ServerMetrics
-from kvcdn.rpc import start_server
+from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.rpc import start_server
 from tests.conftest import Network
 
 

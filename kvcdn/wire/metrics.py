@@ -1,5 +1,5 @@
 """Prometheus metrics of one server: its own registry (so several servers can share a process, as in
-tests), RPC counts and latencies recorded at the gRPC boundary (kvcdn.rpc), bulk stream traffic, and
+tests), RPC counts and latencies recorded at the gRPC boundary (kvcdn.wire.rpc), bulk stream traffic, and
 whatever the component's domain exposes through a collector read at scrape time."""
 
 from __future__ import annotations

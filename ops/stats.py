@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvcdn.client.reader import CacheReader
 from kvcdn.errors import KVCDNError, Unavailable
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["EdgeStats", "edge_stats"]
 

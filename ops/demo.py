@@ -16,10 +16,10 @@ from rich.table import Table
 
 from kvcdn.client.agent import AskResult, ask
 from kvcdn.client.api import KVClient
-from kvcdn.client.reader import CacheReader
-from kvcdn.launcher import Cluster
-from kvcdn.models import LoadedModel
-from kvcdn.prompt import document_ids
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.ops.launcher import Cluster
+from kvcdn.wire.stub import CacheReader
 
 __all__ = ["run_demo", "sample_documents"]
 

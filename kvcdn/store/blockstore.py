@@ -1,7 +1,7 @@
 """Content-addressed block files, used by the origin's store and the edge's disk tier.
 
 A file is `KVB2 | u32 info length | u32 frame bytes | BlockInfo | payload`, written atomically
-(kvcdn.fsutil), so a crash never leaves a partial block under a valid name; leftover temporary files
+(kvcdn.store.files), so a crash never leaves a partial block under a valid name; leftover temporary files
 are removed on open. Reads check the payload against every frame digest in the BlockInfo and drop a
 file that fails (DATA_LOSS), so a corrupt block is never served.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import DigestMismatch, NotFound
-from kvcdn.frames import digest
-from kvcdn.fsutil import atomic_write, remove_temporaries
+from kvcdn.store.files import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import digest
 
 __all__ = ["BlockFile", "BlockStore"]
 

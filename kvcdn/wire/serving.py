@@ -7,8 +7,8 @@ import json
 import signal
 from pathlib import Path
 
-from kvcdn.fsutil import atomic_write
-from kvcdn.rpc import Server
+from kvcdn.store.files import atomic_write
+from kvcdn.wire.rpc import Server
 
 __all__ = ["serve_until_stopped", "write_port_file"]
 

@@ -14,12 +14,12 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvcdn.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, LimitExceeded
-from kvcdn.identity import KEY_BYTES
-from kvcdn.metrics import ServerMetrics
+from kvcdn.spec.identity import KEY_BYTES
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
+from kvcdn.wire.metrics import ServerMetrics
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -145,7 +145,7 @@ class KVCacheHandlers(Protocol):
 
 def _kvcache_handlers(servicer: KVCacheHandlers) -> grpc.GenericRpcHandler:
     """Handlers for every KVCache method, read off the service descriptor. The one streaming method,
-    StreamBlocks, yields frames already encoded as `Frame` bytes (kvcdn.frames): no serializer."""
+    StreamBlocks, yields frames already encoded as `Frame` bytes (kvcdn.wire.frames): no serializer."""
     service = pb.DESCRIPTOR.services_by_name["KVCache"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:

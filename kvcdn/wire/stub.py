@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 
 from kvcdn.errors import from_rpc_error
-from kvcdn.rpc import CHANNEL_OPTIONS, STREAM_BLOCKS
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from kvcdn.wire.rpc import CHANNEL_OPTIONS, STREAM_BLOCKS
 
 __all__ = ["CacheReader"]
 
@@ -33,7 +33,7 @@ class CacheReader:
         self._stream = self._channel.unary_stream(
             STREAM_BLOCKS,
             request_serializer=pb.StreamBlocksRequest.SerializeToString,
-            response_deserializer=None,  # raw bytes: kvcdn.frames.decode_frame slices them
+            response_deserializer=None,  # raw bytes: kvcdn.wire.frames.decode_frame slices them
         )
 
     async def close(self) -> None:

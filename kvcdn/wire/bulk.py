@@ -18,17 +18,19 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import blake3
 import grpc
+import numpy as np
 
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, Unavailable, error_for
-from kvcdn.frames import frame_parts
-from kvcdn.layout import Geometry, KVAssembler
-from kvcdn.metrics import ServerMetrics
+from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import frame_parts
+from kvcdn.wire.metrics import ServerMetrics
 
-__all__ = ["BulkServer", "Progress", "receive_into", "start_bulk_server"]
+__all__ = ["BulkServer", "FrameTarget", "Progress", "receive_into", "start_bulk_server"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,13 @@ async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: Ser
 # --- client --------------------------------------------------------------------------------------
 
 
+class FrameTarget(Protocol):
+    """Where received payloads land (kvcdn.model.tensors.KVAssembler): writable byte views of the
+    buffers that bytes [offset, offset + length) of a block belong to, in payload order."""
+
+    def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]: ...
+
+
 @dataclass
 class Progress:
     """Where a fetch stands: the next frame due is `frame` of block `block`."""
@@ -184,7 +193,7 @@ def receive_into(
     fingerprint: str,
     blocks: Sequence[pb.BlockInfo],
     geometry: Geometry,
-    assembler: KVAssembler,
+    assembler: FrameTarget,
     progress: Progress,
     timeout_s: float,
 ) -> None:
@@ -227,7 +236,7 @@ def _receive_frame(
     peer: str,
     blocks: Sequence[pb.BlockInfo],
     geometry: Geometry,
-    assembler: KVAssembler,
+    assembler: FrameTarget,
     progress: Progress,
 ) -> None:
     header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size))

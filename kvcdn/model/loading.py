@@ -24,10 +24,11 @@ from typing import Any
 import torch
 import transformers
 
-from kvcdn import adapter
 from kvcdn.errors import InvalidArgument, Unavailable
-from kvcdn.identity import DEFAULT_BLOCK_TOKENS, model_fingerprint
-from kvcdn.layout import DEFAULT_FRAME_BYTES, DTYPES, Geometry
+from kvcdn.model import adapter
+from kvcdn.model.tensors import TORCH_DTYPES
+from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, DTYPES, Geometry
+from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS, model_fingerprint
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -191,7 +192,7 @@ def load_model(
         source = spec  # a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH_DTYPES[dtype_name])
     except OSError as exc:
         raise InvalidArgument(
             f"cannot load model {spec!r}: not the alias {DEFAULT_MODEL!r}, not a local model directory, "

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.layout import LayerKV
+from kvcdn.model.tensors import LayerKV
 
 __all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill"]
 
