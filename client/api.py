@@ -104,8 +104,8 @@ class KVClient:
         # queue concurrent fetches behind one another.
         self._receivers = ThreadPoolExecutor(self.config.max_streams, thread_name_prefix="kvcdn-receive")
 
-    def _order(self, route: Sequence[str]) -> list[str]:
-        """`route` with recently failed edges moved to the end (stable otherwise)."""
+    def order(self, route: Sequence[str]) -> list[str]:
+        """`route` as this client asks it: recently failed edges moved to the end (stable otherwise)."""
         now = time.monotonic()
         return sorted(route, key=lambda a: self._suspect_until.get(a, 0.0) > now)
 
@@ -128,7 +128,7 @@ class KVClient:
     async def _first(self, order: Sequence[str], call: Any) -> Any:
         """`call(reader)` on the first edge of `order` that answers."""
         last: Exception | None = None
-        for address in self._order(order):
+        for address in self.order(order):
             try:
                 return await call(self._readers[address])
             except _RETRYABLE as exc:
@@ -188,7 +188,7 @@ class KVClient:
         assembler = KVAssembler(geometry, n_tokens, model.device)
         used: list[str] = []
         first_frame_at = 0.0
-        for run in self._runs(blocks):
+        for run in self.runs(blocks):
             progress = Progress()
             for address in await self._stream_into(model.fingerprint_hex, geometry, run, assembler, progress):
                 if address not in used:
@@ -204,8 +204,8 @@ class KVClient:
             first_frame_s=first_frame_at - t0,
         )
 
-    def _runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
-        """Consecutive blocks grouped by their primary owner."""
+    def runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
+        """Consecutive blocks grouped by their primary owner: each run travels in one stream."""
         runs: list[list[pb.BlockInfo]] = []
         owner = None
         for info in blocks:
@@ -230,7 +230,7 @@ class KVClient:
         used: list[str] = []
         errors: list[Exception] = []
         loop = asyncio.get_running_loop()
-        for address in self._order(self.placement.route(blocks[0].key)):
+        for address in self.order(self.placement.route(blocks[0].key)):
             if progress.block == len(blocks):
                 return used  # every frame arrived and verified before the stream failed
             reader = self._readers[address]

@@ -1,9 +1,10 @@
-"""The edge: serves the KVCache read side from a byte-bounded memory LRU and pulls each missing
-block from the origin once, however many agents ask for it at the same moment. Edges never run a
-model; they verify every frame they pull against its digest before caching it."""
+"""The edge: serves the KVCache read side from its tiers (a byte-bounded memory LRU over an optional
+disk LRU) and loads each missing block from its owner edges or the origin once, however many agents
+ask for it at the same moment. Edges never run a model (this package imports no torch); they verify
+every frame they load against its digest before anyone sees it."""
 
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.edge import Edge
-from kvcdn.edge.server import run_edge, start_edge
+from kvcdn.edge.server import build_edge, run_edge, serve_edge, start_edge
 
-__all__ = ["Edge", "EdgeConfig", "run_edge", "start_edge"]
+__all__ = ["Edge", "EdgeConfig", "build_edge", "run_edge", "serve_edge", "start_edge"]

@@ -38,6 +38,14 @@ class EdgeConfig:
     """Longest wait for a peer's first frame before the next owner, then the origin, is asked."""
     advertise: str = ""
     """This edge's entry in `peers` (default: the address it is bound to)."""
+    peer_suspect_s: float = 10.0
+    """After a peer fails to send a block, it is skipped for this long."""
+    prefetch_blocks: int = 4
+    """Blocks a stream loads ahead of the one it is sending, so loads overlap the stream."""
+    remembered_misses: int = 65536
+    """Misses the admission rule remembers (a block missed before is admitted when it comes back)."""
+    remembered_infos: int = 65536
+    """Block infos kept from the origin's lookup answers, so a pull needs no second lookup."""
 
     def __post_init__(self) -> None:
         if self.mem_bytes < 0 or self.disk_bytes < 0:
@@ -48,5 +56,9 @@ class EdgeConfig:
             raise InvalidArgument("peer_timeout_s must be positive")
         if self.replicas < 1:
             raise InvalidArgument("replicas must be at least 1")
+        if self.peer_suspect_s < 0 or self.prefetch_blocks < 0:
+            raise InvalidArgument("peer_suspect_s and prefetch_blocks must be >= 0")
+        if self.remembered_misses < 0 or self.remembered_infos < 0:
+            raise InvalidArgument("remembered_misses and remembered_infos must be >= 0")
         if self.peers:
             parse_edges(self.peers)  # fail early on a malformed list

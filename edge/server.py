@@ -8,44 +8,57 @@ from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.edge import Edge
 from kvcdn.edge.service import EdgeService
-from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
+from kvcdn.edge.tiers import MemoryTier, Tier
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["run_edge", "start_edge"]
+__all__ = ["build_edge", "run_edge", "serve_edge", "start_edge"]
 
 log = logging.getLogger(__name__)
 
 
-async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
-    """Start an edge; the caller stops the returned server, then `await edge.close()`."""
-    origin = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
-    disk = DiskTier(config.disk_dir, config.disk_bytes) if config.disk_dir is not None else None
-    edge = Edge(origin, config.mem_bytes, disk)
-    if disk is not None:
-        await edge.catch_up(config.origin_timeout_s)
-    server = await start_server(
-        config.listen,
-        EdgeService(edge, ServerMetrics(edge.stats)),
-        bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
-        bulk_port=config.bulk_port,
-        metrics_port=config.metrics_port,
-    )
-    edge.bulk_port, edge.metrics_port = server.bulk_port, server.metrics_port
-    if config.peers:
-        try:
-            ring = Placement(resolve_edges(parse_edges(config.peers)), config.replicas)
-            edge.join_ring(ring, config.advertise or server.address)
-            edge.peer_timeout_s = config.peer_timeout_s
-        except BaseException:
-            await server.stop(0)
-            await edge.close()
-            raise
-    edge.start_following()
+def build_edge(config: EdgeConfig) -> Edge:
+    """An edge with the tiers `config` asks for, in front of its origin (not serving yet)."""
+    tiers: list[Tier] = [MemoryTier(config.mem_bytes)]
+    if config.disk_dir is not None:
+        tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
+    upstream = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
+    return Edge(config, upstream, tiers)
+
+
+async def serve_edge(edge: Edge) -> Server:
+    """Start serving `edge` as its config says; the caller stops the returned server, then
+    `await edge.close()` (closed here if it cannot start)."""
+    config = edge.config
+    try:
+        if config.disk_dir is not None:
+            await edge.catch_up(config.origin_timeout_s)
+        server = await start_server(
+            config.listen,
+            EdgeService(edge, ServerMetrics(edge.stats)),
+            bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
+            bulk_port=config.bulk_port,
+            metrics_port=config.metrics_port,
+        )
+    except BaseException:
+        await edge.close()
+        raise
+    try:
+        edge.start(server.address)
+    except BaseException:
+        await server.stop(0)
+        await edge.close()
+        raise
     log.info("edge serving on %s in front of origin %s", server.address, config.origin)
-    return edge, server
+    return server
+
+
+async def start_edge(config: EdgeConfig) -> tuple[Edge, Server]:
+    """Build and serve an edge (`build_edge`, `serve_edge`)."""
+    edge = build_edge(config)
+    return edge, await serve_edge(edge)
 
 
 async def run_edge(config: EdgeConfig, port_file: str | None = None) -> None:

@@ -17,7 +17,20 @@ from types import TracebackType
 
 from kvcdn.errors import Unavailable
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "free_ports"]
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """n ports free on `host` right now (for servers that must know each other's addresses before
+    they start, such as edges on a ring)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @dataclass
@@ -82,7 +95,7 @@ class Cluster:
             origin_file = self._spawn("origin", ["origin", "--store", str(self.store_dir), *self.origin_args])
             self.origin_address = self._wait("origin", origin_file)
             # With peers, every edge must know the others' addresses before it starts: pick free ports.
-            ports = self._free_ports(self.edges) if self.peers else [0] * self.edges
+            ports = free_ports(self.host, self.edges) if self.peers else [0] * self.edges
             ring = ["--peers", ",".join(f"{self.host}:{p}" for p in ports)] if self.peers else []
             files = [self._spawn(f"edge{i}", [*self._edge_command(i), *ring], ports[i]) for i in range(self.edges)]
             self.edge_addresses = [self._wait(f"edge{i}", f) for i, f in enumerate(files)]
@@ -90,16 +103,6 @@ class Cluster:
             self.stop()
             raise
         return self
-
-    def _free_ports(self, n: int) -> list[int]:
-        socks = [socket.socket() for _ in range(n)]
-        try:
-            for sock in socks:
-                sock.bind((self.host, 0))
-            return [sock.getsockname()[1] for sock in socks]
-        finally:
-            for sock in socks:
-                sock.close()
 
     def _edge_command(self, i: int) -> list[str]:
         disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []

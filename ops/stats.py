@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcdn.errors import KVCDNError, Unavailable
+from kvcdn.wire.metrics import BYTES_SERVED, STREAMS_IN_FLIGHT
+from kvcdn.wire.metrics import EdgeMetrics as E
 from kvcdn.wire.stub import CacheReader
 
 __all__ = ["EdgeStats", "edge_stats"]
@@ -68,24 +70,29 @@ async def _one(address: str, timeout_s: float) -> EdgeStats:
             raise Unavailable(f"{url}: {exc}") from None
     except KVCDNError as exc:
         return EdgeStats(address, up=False, error=str(exc))
-    return EdgeStats(
-        address,
-        up=True,
-        memory_blocks=m.get("kvcdn_edge_memory_blocks", 0),
-        memory_bytes=m.get("kvcdn_edge_memory_bytes", 0),
-        hits=m.get("kvcdn_edge_block_hits_memory_total", 0),
-        misses=m.get("kvcdn_edge_block_misses_memory_total", 0),
-        disk_blocks=m.get("kvcdn_edge_disk_blocks", 0),
-        disk_bytes=m.get("kvcdn_edge_disk_bytes", 0),
-        disk_hits=m.get("kvcdn_edge_block_hits_disk_total", 0),
-        evictions=m.get("kvcdn_edge_evictions_memory_total", 0),
-        origin_fetches=m.get("kvcdn_edge_origin_fetches_total", 0),
-        bytes_from_origin=m.get("kvcdn_edge_bytes_from_origin_total", 0),
-        peer_fetches=m.get("kvcdn_edge_peer_fetches_total", 0),
-        bytes_from_peers=m.get("kvcdn_edge_bytes_from_peers_total", 0),
-        bytes_served=m.get("kvcdn_bytes_served_total", 0),
-        streams_in_flight=m.get("kvcdn_streams_in_flight", 0),
-    )
+    try:
+        return EdgeStats(
+            address,
+            up=True,
+            memory_blocks=m[E.MEMORY.blocks.sample],
+            memory_bytes=m[E.MEMORY.bytes.sample],
+            hits=m[E.MEMORY.hits.sample],
+            misses=m[E.MEMORY.misses.sample],
+            # an edge without a disk tier exports no disk metrics
+            disk_blocks=m.get(E.DISK.blocks.sample, 0.0),
+            disk_bytes=m.get(E.DISK.bytes.sample, 0.0),
+            disk_hits=m.get(E.DISK.hits.sample, 0.0),
+            evictions=m[E.MEMORY.evictions.sample],
+            origin_fetches=m[E.ORIGIN_FETCHES.sample],
+            bytes_from_origin=m[E.BYTES_FROM_ORIGIN.sample],
+            peer_fetches=m[E.PEER_FETCHES.sample],
+            bytes_from_peers=m[E.BYTES_FROM_PEERS.sample],
+            # labelled by transport: no sample until the first stream
+            bytes_served=m.get(BYTES_SERVED.sample, 0.0),
+            streams_in_flight=m.get(STREAMS_IN_FLIGHT.sample, 0.0),
+        )
+    except KeyError as exc:
+        return EdgeStats(address, up=False, error=f"{address} exports no metric {exc.args[0]}: is it a kvcdn edge?")
 
 
 async def edge_stats(edges: Sequence[str], timeout_s: float = 5.0) -> list[EdgeStats]:

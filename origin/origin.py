@@ -23,7 +23,7 @@ from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock, encode_block, encode_stored, stream_blocks
-from kvcdn.wire.metrics import Stat
+from kvcdn.wire.metrics import OriginMetrics, Stat
 from kvcdn.wire.rpc import check_read_request
 
 __all__ = ["Origin", "PublishResult"]
@@ -51,26 +51,22 @@ class Origin:
         self.events = EventLog(config.store_dir)
         self._new_event = asyncio.Condition()
         self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
-        self._publishing: SingleFlight[tuple[int, float]] = SingleFlight()
+        self._publishing: SingleFlight[str, asyncio.Future[tuple[int, float]]] = SingleFlight()
         self._model_lock = asyncio.Lock()
         self._manifest_lock = asyncio.Lock()
         self.prefill_runs = 0
         self.prefill_s_total = 0.0
         self.blocks_computed = 0
         self.publishes = 0
-        self.bulk_port = 0
-        """Port of this origin's bulk frame stream (set by the server once bound; 0: none)."""
-        self.metrics_port = 0
-        """Port of this origin's /metrics endpoint (set by the server once bound; 0: none)."""
 
     def stats(self) -> list[Stat]:
         """The origin's counters, for kvcdn.wire.metrics (read at scrape time)."""
         return [
-            ("origin_publishes_total", "counter", "Publish requests accepted", self.publishes),
-            ("origin_prefill_runs_total", "counter", "Prefill runs (one per publish that computed)", self.prefill_runs),
-            ("origin_prefill_seconds_total", "counter", "Seconds spent in prefill", self.prefill_s_total),
-            ("origin_blocks_computed_total", "counter", "Blocks computed and stored", self.blocks_computed),
-            ("origin_read_cache_bytes", "gauge", "Bytes of encoded blocks held in memory", self._read_cache.bytes),
+            (OriginMetrics.PUBLISHES, self.publishes),
+            (OriginMetrics.PREFILL_RUNS, self.prefill_runs),
+            (OriginMetrics.PREFILL_SECONDS, self.prefill_s_total),
+            (OriginMetrics.BLOCKS_COMPUTED, self.blocks_computed),
+            (OriginMetrics.READ_CACHE_BYTES, self._read_cache.bytes),
         ]
 
     @property
@@ -84,8 +80,6 @@ class Origin:
             model=self.model.name,
             geometry=self.geometry.to_proto(),
             max_document_tokens=self.config.max_document_tokens,
-            bulk_port=self.bulk_port,
-            metrics_port=self.metrics_port,
             invalidation_seq=self.events.last_seq,
         )
 
@@ -242,5 +236,9 @@ class Origin:
     async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
         """Encoded frames of `keys` in order, starting at frame `start_frame` of the first key."""
         check_read_request(fingerprint, self.fingerprint, keys)
-        async for frame in stream_blocks(keys, start_frame, self.block):
+        async for frame in stream_blocks(self._blocks(keys), start_frame):
             yield frame
+
+    async def _blocks(self, keys: Sequence[bytes]) -> AsyncIterator[EncodedBlock]:
+        for key in keys:
+            yield await self.block(key)

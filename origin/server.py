@@ -31,7 +31,6 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
         bulk_port=config.bulk_port,
         metrics_port=config.metrics_port,
     )
-    origin.bulk_port, origin.metrics_port = server.bulk_port, server.metrics_port
     log.info("origin serving %s on %s (fingerprint %s…)", model.name, server.address, origin.fingerprint[:16])
     return origin, server
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvcdn.edge import Edge, EdgeConfig, start_edge
+from kvcdn.edge.disk import DiskTier
+from kvcdn.edge.tiers import MemoryTier
 from kvcdn.model.loading import LoadedModel, load_model
 from kvcdn.origin import Origin, OriginConfig, start_origin
 from kvcdn.wire.rpc import Server
@@ -36,6 +38,20 @@ def tiny_models(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
 @pytest.fixture(scope="session")
 def llama(tiny_models: dict[str, LoadedModel]) -> LoadedModel:
     return tiny_models["llama"]
+
+
+def memory_tier(edge: Edge) -> MemoryTier:
+    """The edge's memory tier (its first)."""
+    tier = edge.tiers[0]
+    assert isinstance(tier, MemoryTier)
+    return tier
+
+
+def disk_tier(edge: Edge) -> DiskTier:
+    """The edge's disk tier (it must have one)."""
+    tiers = [t for t in edge.tiers if isinstance(t, DiskTier)]
+    assert len(tiers) == 1, "the edge has no disk tier"
+    return tiers[0]
 
 
 @dataclass

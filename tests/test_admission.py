@@ -11,7 +11,7 @@ from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.loadtest.bench import text_of_length
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from tests.conftest import SAMPLES, start_network, stop_network
+from tests.conftest import SAMPLES, memory_tier, start_network, stop_network
 
 
 async def test_a_one_off_big_document_does_not_flush_the_hot_set(llama: LoadedModel, tmp_path: Path) -> None:
@@ -34,21 +34,21 @@ async def test_a_one_off_big_document_does_not_flush_the_hot_set(llama: LoadedMo
         hot, big = document_ids(llama.tokenizer, hot_text), document_ids(llama.tokenizer, big_text)
         async with KVClient([server.address]) as client:
             await client.fetch(llama, hot)
-            assert all(k in edge.memory for k in hot_keys)
+            assert all(k in memory_tier(edge) for k in hot_keys)
 
             once = await client.fetch(llama, big)  # read once: served whole, kept only where there was room
             assert once.cached_tokens == len(big)
-            assert edge.admissions_refused == 6 and edge.memory.evictions == 0
-            assert all(k in edge.memory for k in hot_keys)
-            assert [k in edge.memory for k in big_keys] == [True, True] + [False] * 6
+            assert edge.admissions_refused == 6 and memory_tier(edge).stats().evictions == 0
+            assert all(k in memory_tier(edge) for k in hot_keys)
+            assert [k in memory_tier(edge) for k in big_keys] == [True, True] + [False] * 6
 
-            hits = edge.hits
+            hits = memory_tier(edge).hits
             await client.fetch(llama, hot)
-            assert edge.hits == hits + 2  # the hot set survived
+            assert memory_tier(edge).hits == hits + 2  # the hot set survived
 
             await client.fetch(llama, big)  # back again: now it is admitted, evicting the least recent
-            assert edge.admissions_refused == 6 and edge.memory.evictions > 0
-            assert all(k in edge.memory for k in big_keys[-4:])
+            assert edge.admissions_refused == 6 and memory_tier(edge).stats().evictions > 0
+            assert all(k in memory_tier(edge) for k in big_keys[-4:])
             assert edge.origin_fetches == 2 + 8 + 6
     finally:
         await server.stop(0)
@@ -73,7 +73,7 @@ async def test_a_block_many_agents_wait_for_is_admitted_on_its_first_load(llama:
             await client.fetch(llama, document_ids(llama.tokenizer, first_text))  # fills the tier
             ids = document_ids(llama.tokenizer, second_text)
             await asyncio.gather(*(client.fetch(llama, ids) for _ in range(4)))  # popular at once
-        assert second_key in edge.memory and edge.admissions_refused == 0 and edge.origin_fetches == 2
+        assert second_key in memory_tier(edge) and edge.admissions_refused == 0 and edge.origin_fetches == 2
     finally:
         await server.stop(0)
         await edge.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.frames import decode_frame
-from tests.conftest import Network
+from tests.conftest import Network, memory_tier, start_network, stop_network
 
 
 async def _still_serving(address: str) -> None:
@@ -158,29 +159,34 @@ async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(
         await client.fetch(model, doc)  # the edge now holds every block
         # A compromised edge flips one byte of a cached frame (the last byte is payload).
         key = manifest.blocks[1].key
-        block = network.edge.memory.get(key)
+        block = await memory_tier(network.edge).get(key)
         assert block is not None
         frames = list(block.frames)
         frames[0] = frames[0][:-1] + bytes([frames[0][-1] ^ 0x01])
-        network.edge.memory.put(key, type(block)(info=block.info, frames=tuple(frames)))
+        await memory_tier(network.edge).put(replace(block, frames=tuple(frames)))
         with pytest.raises(DigestMismatch, match="BLAKE3"):
             await client.fetch(model, doc)
 
 
-async def test_corrupt_origin_block_is_data_loss_and_dropped(network: Network, sample_text: str) -> None:
-    manifest = (await network.origin.publish("doc", sample_text)).manifest
-    key = manifest.blocks[0].key
-    path = network.origin.blocks.path(key)
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF
-    path.write_bytes(bytes(data))
-    network.origin._read_cache.pop(key)
-    async with CacheReader(network.origin_server.address) as origin:
-        with pytest.raises(DigestMismatch, match="corrupt"):
-            async for _ in origin.stream(network.model.fingerprint_hex, [key]):
-                pass
-    assert not path.exists()
-    await _still_serving(network.origin_server.address)
+async def test_corrupt_origin_block_is_data_loss_and_dropped(
+    llama: LoadedModel, tmp_path: Path, sample_text: str
+) -> None:
+    network = await start_network(llama, tmp_path / "store", read_cache_bytes=0)  # every read from disk
+    try:
+        manifest = (await network.origin.publish("doc", sample_text)).manifest
+        key = manifest.blocks[0].key
+        path = network.origin.blocks.path(key)
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        async with CacheReader(network.origin_server.address) as origin:
+            with pytest.raises(DigestMismatch, match="corrupt"):
+                async for _ in origin.stream(network.model.fingerprint_hex, [key]):
+                    pass
+        assert not path.exists()
+        await _still_serving(network.origin_server.address)
+    finally:
+        await stop_network(network)
 
 
 async def test_start_frame_past_the_block_is_invalid_argument(network: Network, sample_text: str) -> None:
@@ -239,8 +245,8 @@ async def test_bulk_port_answers_bad_requests_with_a_status_and_keeps_serving(
 
 
 async def test_bulk_stream_errors_reach_the_client_typed(network: Network) -> None:
-    async with KVClient([network.edge_address]) as client:
-        address = await next(iter(client._readers.values())).bulk_address()
+    async with CacheReader(network.edge_address) as edge:
+        address = await edge.bulk_address()
     assert address is not None
     blocks = [pb.BlockInfo(key=bytes(32), index=0, n_tokens=1, n_bytes=8, frame_digests=[bytes(32)])]
     geometry = network.model.geometry

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
-from kvcdn.edge.edge import Pull
+from kvcdn.edge import Edge, EdgeConfig, serve_edge
+from kvcdn.edge.tiers import MemoryTier
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
-from kvcdn.wire.frames import EncodedBlock
-from tests.conftest import SAMPLES, Network, start_network, stop_network
+from tests.conftest import SAMPLES, Network, memory_tier, start_network, stop_network
 
 NEW_TOKENS = 24
 
@@ -125,7 +126,7 @@ async def test_edge_pulls_each_block_from_the_origin_once(network: Network, samp
     async with KVClient([network.edge_address]) as client:
         await client.fetch(model, doc)
     assert network.edge.origin_fetches == len(manifest.blocks)
-    assert network.edge.hits >= len(manifest.blocks)
+    assert memory_tier(network.edge).hits >= len(manifest.blocks)
 
 
 async def test_nothing_cached_yields_an_empty_fetch_and_generation_prefills_locally(network: Network) -> None:
@@ -160,26 +161,38 @@ def test_blocking_client_fetches_without_an_event_loop(llama: LoadedModel, tmp_p
         loop.close()
 
 
+class CountingUpstream(CacheReader):
+    """The origin's stub as an edge sees it, counting the block streams it has open at once."""
+
+    running = peak = 0
+
+    async def stream(
+        self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
+    ) -> AsyncIterator[bytes]:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(0.01)  # let the edge's stream ask for more while this pull is in flight
+            async for raw in super().stream(fingerprint, keys, start_frame, from_peer):
+                yield raw
+        finally:
+            self.running -= 1
+
+
 async def test_a_cold_edge_pulls_blocks_ahead_of_the_stream(network: Network, sample_text: str) -> None:
     model = network.model
     manifest = (await network.origin.publish("apache", sample_text)).manifest
     assert len(manifest.blocks) >= 3
-    real_pull = network.edge._pull
-    running = peak = 0
-
-    async def counting_pull(fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        try:
-            await asyncio.sleep(0.01)  # let the stream ask for more while this pull is in flight
-            return await real_pull(fingerprint, key, pull)
-        finally:
-            running -= 1
-
-    network.edge._pull = counting_pull  # type: ignore[method-assign]
-    doc = document_ids(model.tokenizer, sample_text)
-    async with KVClient([network.edge_address]) as client:
-        fetched = await client.fetch(model, doc)
-    assert fetched.cached_tokens == len(doc)
-    assert peak > 1 and network.edge.origin_fetches == len(manifest.blocks)
+    config = EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0")
+    upstream = CountingUpstream(config.origin)
+    edge = Edge(config, upstream, [MemoryTier(config.mem_bytes)])
+    server = await serve_edge(edge)
+    try:
+        doc = document_ids(model.tokenizer, sample_text)
+        async with KVClient([server.address]) as client:
+            fetched = await client.fetch(model, doc)
+        assert fetched.cached_tokens == len(doc)
+        assert upstream.peak > 1 and edge.origin_fetches == len(manifest.blocks)
+    finally:
+        await server.stop(0)
+        await edge.close()

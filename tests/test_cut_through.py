@@ -13,14 +13,14 @@ from kvcdn.client import KVClient
 from kvcdn.model.prompt import document_ids
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import decode_frame
-from tests.conftest import Network
+from tests.conftest import Network, memory_tier
 
 
 def _gate_origin(network: Network) -> asyncio.Event:
     """Make the edge's origin stream hold back everything after each block's first frame until the
     returned event is set."""
     gate = asyncio.Event()
-    real = network.edge.origin.stream
+    real = network.edge.upstream.stream
 
     async def gated(
         fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
@@ -30,7 +30,7 @@ def _gate_origin(network: Network) -> asyncio.Event:
                 await gate.wait()
             yield raw
 
-    network.edge.origin.stream = gated  # type: ignore[method-assign]
+    network.edge.upstream.stream = gated  # type: ignore[method-assign]
     return gate
 
 
@@ -50,13 +50,13 @@ async def test_readers_get_the_first_frame_while_the_rest_of_the_block_is_still_
     # The origin has sent frame 0 only; every reader gets it now, not when the block is complete.
     firsts = await asyncio.wait_for(asyncio.gather(*(anext(r) for r in readers)), 10)
     assert all(decode_frame(f)[0].frame_index == 0 for f in firsts)
-    assert network.edge.origin_fetches == 0 and len(network.edge.memory) == 0
+    assert network.edge.origin_fetches == 0 and memory_tier(network.edge).stats().blocks == 0
     gate.set()
     for reader in readers:
         rest = [f async for f in reader]
         assert len(rest) == len(info.frame_digests) - 1
     assert network.edge.origin_fetches == 1  # one pull served all three
-    assert info.key in network.edge.memory
+    assert info.key in memory_tier(network.edge)
 
 
 async def test_a_reader_that_hangs_up_does_not_stop_the_load_for_the_others(network: Network, sample_text: str) -> None:
@@ -69,7 +69,7 @@ async def test_a_reader_that_hangs_up_does_not_stop_the_load_for_the_others(netw
     gate.set()
     frames = [f async for f in stayer]
     assert len(frames) == len(info.frame_digests)
-    assert network.edge.origin_fetches == 1 and info.key in network.edge.memory
+    assert network.edge.origin_fetches == 1 and info.key in memory_tier(network.edge)
 
 
 async def test_a_block_purged_while_it_loads_is_not_kept(network: Network, sample_text: str) -> None:
@@ -80,7 +80,7 @@ async def test_a_block_purged_while_it_loads_is_not_kept(network: Network, sampl
     network.edge.invalidate(pb.InvalidationEvent(seq=1, keys=[info.key]))
     gate.set()
     assert len([f async for f in reader]) == len(info.frame_digests) - 1  # asked before the purge
-    assert info.key not in network.edge.memory
+    assert info.key not in memory_tier(network.edge)
 
 
 async def test_a_start_frame_past_the_block_is_refused_while_it_loads(network: Network, sample_text: str) -> None:

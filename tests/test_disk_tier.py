@@ -14,7 +14,8 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.wire.frames import EncodedBlock, encode_block
-from tests.conftest import SAMPLES, start_network, stop_network
+from kvcdn.wire.metrics import EdgeMetrics
+from tests.conftest import SAMPLES, disk_tier, start_network, stop_network
 
 TEXT = (SAMPLES / "gpl-2.0.txt").read_text()[:2500]
 
@@ -27,9 +28,10 @@ def _block(i: int, n_bytes: int = 5000) -> tuple[bytes, EncodedBlock]:
 async def test_disk_tier_keeps_its_byte_budget_and_deletes_what_it_evicts(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, max_bytes=3 * 5200)
     for i in range(5):
-        await tier.put(_block(i)[1], 4096)
-    assert len(tier.index) == 3 and tier.index.bytes <= 3 * 5200 and tier.index.evictions == 2
-    assert not tier.store.path(_block(0)[0]).exists() and tier.store.path(_block(4)[0]).exists()
+        await tier.put(_block(i)[1])
+    s = tier.stats()
+    assert s.blocks == 3 and s.bytes <= 3 * 5200 and s.evictions == 2
+    assert not tier.path(_block(0)[0]).exists() and tier.path(_block(4)[0]).exists()
     got = await tier.get(_block(4)[0])
     assert got is not None and got.frames == _block(4)[1].frames
     assert await tier.get(_block(0)[0]) is None and tier.misses == 1
@@ -38,21 +40,21 @@ async def test_disk_tier_keeps_its_byte_budget_and_deletes_what_it_evicts(tmp_pa
 async def test_disk_tier_index_survives_a_restart_and_drops_partial_files(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, max_bytes=1 << 20)
     for i in range(3):
-        await tier.put(_block(i)[1], 4096)
+        await tier.put(_block(i)[1])
     # A crash mid-write: a temporary file, and a block file cut short.
-    (tier.store.path(_block(0)[0]).parent / ".tmp-crash").write_bytes(b"partial")
-    cut = tier.store.path(_block(1)[0])
+    (tier.path(_block(0)[0]).parent / ".tmp-crash").write_bytes(b"partial")
+    cut = tier.path(_block(1)[0])
     cut.write_bytes(cut.read_bytes()[:-100])
     reopened = DiskTier(tmp_path, max_bytes=1 << 20)
-    assert set(reopened.index._items) == {_block(0)[0], _block(2)[0]}
-    assert reopened.store.removed_temporaries == 1 and not cut.exists()
+    assert set(reopened.held()) == {_block(0)[0], _block(2)[0]}
+    assert reopened.removed_temporaries == 1 and not cut.exists()
 
 
 async def test_a_corrupt_disk_block_is_dropped_and_counted_as_a_miss(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, max_bytes=1 << 20)
     key, block = _block(7)
-    await tier.put(block, 4096)
-    path = tier.store.path(key)
+    await tier.put(block)
+    path = tier.path(key)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -76,11 +78,11 @@ async def test_edge_serves_from_disk_after_memory_eviction_and_after_restart_wit
             await edge.settle()  # clients finish before the edge's disk writes do
             again = await client.fetch(llama, doc)
         assert edge.origin_fetches == len(manifest.blocks)
-        assert edge.disk is not None and edge.disk.hits == len(manifest.blocks)
+        assert disk_tier(edge).hits == len(manifest.blocks)
         assert again.cached_tokens == len(doc)
-        stats = {name: value for name, _, _, value in edge.stats()}
-        assert stats["edge_block_hits_disk_total"] == len(manifest.blocks)
-        assert stats["edge_disk_blocks"] == len(manifest.blocks) and stats["edge_disk_bytes"] > again.n_bytes
+        stats = dict(edge.stats())
+        assert stats[EdgeMetrics.DISK.hits] == len(manifest.blocks)
+        assert stats[EdgeMetrics.DISK.blocks] == len(manifest.blocks) and stats[EdgeMetrics.DISK.bytes] > again.n_bytes
     finally:
         await server.stop(0)
         await edge.close()
@@ -112,14 +114,13 @@ async def test_a_corrupt_disk_block_is_refetched_and_the_client_never_sees_it(
         async with KVClient([server.address]) as client:
             await client.fetch(llama, doc)
             await edge.settle()
-            assert edge.disk is not None
-            path = edge.disk.store.path(manifest.blocks[1].key)
+            path = disk_tier(edge).path(manifest.blocks[1].key)
             data = bytearray(path.read_bytes())
             data[-3] ^= 0x10
             path.write_bytes(bytes(data))
             fetched = await client.fetch(llama, doc)
         assert fetched.cached_tokens == len(doc)
-        assert edge.disk.corrupt == 1 and edge.origin_fetches == len(manifest.blocks) + 1
+        assert disk_tier(edge).corrupt == 1 and edge.origin_fetches == len(manifest.blocks) + 1
     finally:
         await server.stop(0)
         await edge.close()

@@ -29,7 +29,7 @@ async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, s
         fetched = await client.fetch(network.model, doc)
         # A failed edge is asked last for a while, whatever the ring says, so it costs one failure.
         for key in (bytes([i]) * 32 for i in range(20)):
-            assert client._order(client.placement.route(key)) == [network.edge_address, "127.0.0.1:1"]
+            assert client.order(client.placement.route(key)) == [network.edge_address, "127.0.0.1:1"]
     assert fetched.cached_tokens == len(doc)
     assert "127.0.0.1:1" not in fetched.edges_used
 
@@ -69,7 +69,7 @@ async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
 
             by_address[first].stream = dies_mid_stream  # type: ignore[method-assign]
             by_address[second].stream = records  # type: ignore[method-assign]
-            run = client._runs(list(manifest.blocks))[0]
+            run = client.runs(list(manifest.blocks))[0]
             fetched = await client.fetch(model, doc)
         # The second replica was asked for the rest of the first run, from frame 1 of its first block.
         assert requests[:2] == [(first, len(run), 0), (second, len(run), 1)]

@@ -19,6 +19,7 @@ from kvcdn.errors import InvalidArgument
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
+from kvcdn.ops.launcher import free_ports
 from kvcdn.spec.placement import Placement
 from kvcdn.wire.rpc import Server
 from tests.conftest import SAMPLES, start_network, stop_network
@@ -27,13 +28,18 @@ Edges = dict[str, Edge]
 
 
 @asynccontextmanager
-async def peered_edges(origin: str, n: int = 3) -> AsyncIterator[tuple[Edges, Placement, dict[str, Server]]]:
-    """n edges in front of `origin` that know their ring (as `--peers` makes them); stopped on exit."""
-    started = [await start_edge(EdgeConfig(origin=origin, listen="127.0.0.1:0")) for _ in range(n)]
+async def peered_edges(
+    origin: str, n: int = 3, peer_timeout_s: float = 1.0
+) -> AsyncIterator[tuple[Edges, Placement, dict[str, Server]]]:
+    """n edges in front of `origin` that know their ring (`--peers`); stopped on exit."""
+    addresses = [f"127.0.0.1:{port}" for port in free_ports("127.0.0.1", n)]
+    started = [
+        await start_edge(EdgeConfig(origin=origin, listen=a, peers=tuple(addresses), peer_timeout_s=peer_timeout_s))
+        for a in addresses
+    ]
     edges = {server.address: edge for edge, server in started}
-    ring = Placement(list(edges))
-    for address, edge in edges.items():
-        edge.join_ring(ring, address)
+    ring = Placement(addresses)
+    assert all(edge.ring is not None and edge.ring.nodes == ring.nodes for edge in edges.values())
     try:
         yield edges, ring, {server.address: server for _, server in started}
     finally:
@@ -124,9 +130,7 @@ async def test_a_stalled_owner_is_skipped_after_the_peer_timeout(llama: LoadedMo
         yield b""
 
     try:
-        async with peered_edges(net.origin_server.address) as (edges, ring, _servers):
-            for edge in edges.values():
-                edge.peer_timeout_s = 0.2
+        async with peered_edges(net.origin_server.address, peer_timeout_s=0.2) as (edges, ring, _servers):
             text = (SAMPLES / "gpl-2.0.txt").read_text()[:3000]
             manifest = (await net.origin.publish("gpl2", text)).manifest
             x = next(iter(edges))
@@ -138,7 +142,7 @@ async def test_a_stalled_owner_is_skipped_after_the_peer_timeout(llama: LoadedMo
             assert len(frames) == sum(len(b.frame_digests) for b in manifest.blocks if b.key in foreign[:2])
             assert edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
             # the owners were tried once, then skipped for the next block (no second wait)
-            assert set(edges[x]._suspect_until) == set(ring.owners(foreign[0]))
+            assert set(edges[x].suspected_peers()) == set(ring.owners(foreign[0]))
     finally:
         never.set()
         await stop_network(net)

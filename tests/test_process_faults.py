@@ -17,7 +17,7 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import Cluster
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, disk_tier
 
 
 def tiny_llama(tiny_dirs: dict[str, Path]) -> tuple[LoadedModel, list[str]]:
@@ -128,15 +128,14 @@ async def test_an_edge_killed_while_writing_its_disk_tier_restarts_clean(
             EdgeConfig(origin=cluster.origin_address, listen="127.0.0.1:0", disk_dir=disk_root / "edge0")
         )
         try:
-            assert edge.disk is not None
             assert not (blocks_dir / ".tmp-killed").exists()
-            held = len(edge.disk.index)
+            held = disk_tier(edge).stats().blocks
             assert held <= max(0, len(files) - 1)  # the block cut short is not indexed
-            for key in list(edge.disk.index._items):  # every indexed block reads back verified
-                assert await edge.disk.get(key) is not None
+            for key in disk_tier(edge).held():  # every indexed block reads back verified
+                assert await disk_tier(edge).get(key) is not None
             async with KVClient([server.address]) as client:
                 fetched = await client.fetch(model, doc)
-            assert fetched.cached_tokens == len(doc) and edge.disk.corrupt == 0
+            assert fetched.cached_tokens == len(doc) and disk_tier(edge).corrupt == 0
             assert edge.origin_fetches == len(manifest.blocks) - held  # what survived is not pulled again
             for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
                 assert torch.equal(k, rk) and torch.equal(v, rv)

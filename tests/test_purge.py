@@ -13,7 +13,7 @@ from kvcdn.edge import Edge, EdgeConfig, start_edge
 from kvcdn.errors import NotFound
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from tests.conftest import SAMPLES, Network, start_network, stop_network
+from tests.conftest import SAMPLES, Network, disk_tier, memory_tier, start_network, stop_network
 
 TEXT = (SAMPLES / "apache-2.0.txt").read_text()[:2500]
 OTHER = TEXT[:1500] + " An ending of another document."
@@ -42,7 +42,7 @@ async def test_purge_removes_a_document_everywhere_and_keeps_shared_blocks(netwo
         assert list(purged.versions) == [1] and purged.blocks_removed == len(a.blocks) - len(shared)
         await _applied(network.edge, purged.seq)
         for key in {blk.key for blk in a.blocks} - shared:
-            assert key not in network.edge.memory and key not in network.origin.blocks
+            assert key not in memory_tier(network.edge) and key not in network.origin.blocks
         # Only the shared prefix of a is still served; b is whole.
         after = await client.fetch(model, doc_a)
         assert after.cached_tokens == len(shared) * model.geometry.block_tokens
@@ -75,7 +75,7 @@ async def test_an_edge_that_was_down_catches_up_and_never_serves_the_purged_bloc
             await client.fetch(llama, doc)  # the edge's disk now holds every block
         await server.stop(0)
         await edge.close()
-        assert edge.disk is not None and len(edge.disk.index) == len(manifest.blocks)
+        assert disk_tier(edge).stats().blocks == len(manifest.blocks)
 
         async with CacheReader(net.origin_server.address) as origin:
             purged = await origin.purge("a")  # while the edge is down
@@ -84,7 +84,7 @@ async def test_an_edge_that_was_down_catches_up_and_never_serves_the_purged_bloc
         try:
             # Caught up before it started serving: nothing purged is left to serve.
             assert edge.invalidated_seq == purged.seq
-            assert edge.disk is not None and len(edge.disk.index) == 0
+            assert disk_tier(edge).stats().blocks == 0
             async with KVClient([server.address]) as client:
                 assert (await client.fetch(llama, doc)).cached_tokens == 0
         finally:

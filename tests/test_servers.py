@@ -14,6 +14,7 @@ from kvcdn.edge.service import EdgeService
 from kvcdn.errors import InvalidArgument
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import start_server
+from kvcdn.wire.stub import CacheReader
 from tests.conftest import Network
 
 
@@ -44,9 +45,11 @@ async def test_origin_and_edge_expose_health_and_reflection(network: Network) ->
 
 async def test_servers_report_the_ports_they_bound(network: Network) -> None:
     assert network.edge_server.port > 0 and network.edge_server.bulk_port > 0
-    info = await network.edge.info()
-    assert info.role == "edge" and info.bulk_port == network.edge_server.bulk_port
-    assert network.origin.info().bulk_port == network.origin_server.bulk_port
+    assert network.origin_server.bulk_port not in (0, network.edge_server.bulk_port)
+    async with CacheReader(network.edge_address) as edge, CacheReader(network.origin_server.address) as origin:
+        edge_info, origin_info = await edge.info(), await origin.info()
+    assert edge_info.role == "edge" and edge_info.bulk_port == network.edge_server.bulk_port
+    assert origin_info.role == "origin" and origin_info.bulk_port == network.origin_server.bulk_port
 
 
 @pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:notaport", "203.0.113.1:0"])

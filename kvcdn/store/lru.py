@@ -45,6 +45,15 @@ class ByteLRU(Generic[K, V]):
         self._items.move_to_end(key)
         return item[0]
 
+    def peek(self, key: K) -> V | None:
+        """The value for `key` without marking it used; None when absent."""
+        item = self._items.get(key)
+        return item[0] if item is not None else None
+
+    def keys(self) -> list[K]:
+        """The keys held, least recently used first."""
+        return list(self._items)
+
     def put(self, key: K, value: V) -> bool:
         """Store `value`, evicting least recently used entries; False if it was not admitted."""
         size = self._size_of(value)

@@ -9,7 +9,7 @@ to write. The StreamBlocks method is registered with pass-through serializers fo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,11 +71,17 @@ class EncodedBlock:
 
     info: pb.BlockInfo
     frames: tuple[bytes, ...]
+    frame_bytes: int
+    """Payload bytes per frame the block was cut into (the last frame may be shorter)."""
 
     @property
     def n_bytes(self) -> int:
         """Memory the encoded block holds (frames plus a small allowance for the info)."""
         return sum(len(f) for f in self.frames) + 64 * len(self.frames) + 128
+
+    def payloads(self) -> list[memoryview]:
+        """Zero-copy views of the frames' payloads, in order (the block's payload, in pieces)."""
+        return [frame_parts(f)[1] for f in self.frames]
 
     async def frames_from(self, start: int) -> AsyncIterator[bytes]:
         check_start_frame(start, len(self.frames))
@@ -124,7 +130,7 @@ def encode_stored(info: pb.BlockInfo, payload: bytes | memoryview, frame_bytes: 
                 )
             )
         )
-    return EncodedBlock(info=info, frames=tuple(frames))
+    return EncodedBlock(info=info, frames=tuple(frames), frame_bytes=frame_bytes)
 
 
 def frame_parts(data: bytes) -> tuple[memoryview, memoryview]:
@@ -172,12 +178,11 @@ def verify_frame(info: pb.BlockInfo, frame_bytes: int, header: pb.FrameHeader, p
         raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} fails its BLAKE3 digest")
 
 
-async def stream_blocks(
-    keys: Sequence[bytes], start_frame: int, block: Callable[[bytes], Awaitable[FrameSource]]
-) -> AsyncIterator[bytes]:
-    """The encoded frames of `keys` in order, from frame `start_frame` of the first key, each block
-    obtained from `block(key)` (a server's tiers)."""
-    for i, key in enumerate(keys):
-        source = await block(key)
-        async for frame in source.frames_from(start_frame if i == 0 else 0):
+async def stream_blocks(sources: AsyncIterator[FrameSource], start_frame: int) -> AsyncIterator[bytes]:
+    """The encoded frames of each block `sources` yields, in order, from frame `start_frame` of the
+    first (a server's tiers decide where each block comes from and how far ahead they load)."""
+    first = True
+    async for source in sources:
+        async for frame in source.frames_from(start_frame if first else 0):
             yield frame
+        first = False

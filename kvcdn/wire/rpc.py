@@ -7,6 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -143,20 +144,36 @@ class KVCacheHandlers(Protocol):
     def StreamBlocks(self, request: pb.StreamBlocksRequest, context: Any, /) -> AsyncIterator[bytes]: ...
 
 
-def _kvcache_handlers(servicer: KVCacheHandlers) -> grpc.GenericRpcHandler:
+@dataclass
+class _Ports:
+    """What a server bound besides its gRPC port, filled in before it starts serving."""
+
+    bulk: int = 0
+    metrics: int = 0
+
+
+def _kvcache_handlers(servicer: KVCacheHandlers, ports: _Ports) -> grpc.GenericRpcHandler:
     """Handlers for every KVCache method, read off the service descriptor. The one streaming method,
-    StreamBlocks, yields frames already encoded as `Frame` bytes (kvcdn.wire.frames): no serializer."""
+    StreamBlocks, yields frames already encoded as `Frame` bytes (kvcdn.wire.frames): no serializer.
+    GetInfo answers with the ports this server bound (transport facts the domain does not know)."""
+
+    async def get_info(request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        info = await servicer.GetInfo(request, context)
+        info.bulk_port, info.metrics_port = ports.bulk, ports.metrics
+        return info
+
     service = pb.DESCRIPTOR.services_by_name["KVCache"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         request = GetMessageClass(method.input_type)
+        behaviour = get_info if method.name == "GetInfo" else getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                getattr(servicer, method.name), request_deserializer=request.FromString, response_serializer=None
+                behaviour, request_deserializer=request.FromString, response_serializer=None
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                getattr(servicer, method.name),
+                behaviour,
                 request_deserializer=request.FromString,
                 response_serializer=GetMessageClass(method.output_type).SerializeToString,
             )
@@ -219,7 +236,8 @@ async def start_server(
     if not host or not port_text.isdigit():
         raise InvalidArgument(f"--listen {listen!r} is not HOST:PORT")
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((_kvcache_handlers(kvcache),))
+    ports = _Ports()
+    server.add_generic_rpc_handlers((_kvcache_handlers(kvcache, ports),))
     names = [pb.DESCRIPTOR.services_by_name["KVCache"].full_name]
     if publisher is not None:
         pb_grpc.add_PublisherServicer_to_server(publisher, server)
@@ -252,6 +270,7 @@ async def start_server(
             await bulk.stop()
         await server.stop(0)
         raise
+    ports.bulk, ports.metrics = bulk.port if bulk is not None else 0, bound_metrics
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
