@@ -14,10 +14,20 @@ async with KVClient(["127.0.0.1:7080"]) as client:
 answer = generate_from_cache(model, fetched, doc + question_ids(model.tokenizer, "Who?"), 24)
 ```
 `BlockingKVClient` offers the same calls without asyncio.
+
+The names below load on first use, so the command line can register the client's commands without
+importing torch.
 """
 
-from kvcdn.client.api import BlockingKVClient, ClientConfig, FetchedCache, KVClient, generate_from_cache
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from kvcdn.wire.stub import CacheReader
+
+if TYPE_CHECKING:
+    from kvcdn.client.api import BlockingKVClient, ClientConfig, FetchedCache, KVClient, generate_from_cache
 
 __all__ = [
     "BlockingKVClient",
@@ -27,3 +37,9 @@ __all__ = [
     "KVClient",
     "generate_from_cache",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("kvcdn.client.api"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ Both run this process's model; the edge and the TCP sender are separate processe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import tempfile
@@ -25,9 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcdn.client.api import KVClient
+from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.rawtcp import raw_tcp_gbps
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
+from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids, question_ids
 from kvcdn.ops.launcher import Cluster
 from kvcdn.wire.stub import CacheReader
@@ -177,27 +178,45 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
     return table
 
 
-def run_bench(args: argparse.Namespace, model: LoadedModel, origin_args: list[str]) -> int:
-    """`kvcdn loadtest bench`: `model` runs here, `origin_args` are the origin's model flags."""
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `kvcdn loadtest bench` measures and how it reports."""
+
+    lengths: tuple[int, ...] = (256, 1024, 3774, 8192)
+    """Document lengths in tokens, one row each."""
+    repeats: int = 3
+    """Fetches per length (the best is reported)."""
+    markdown: bool = False
+    json_path: Path | None = None
+    """Also write the rows here as JSON (the input of `economics --bench`)."""
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 1:
+            raise InvalidArgument("--lengths takes positive token counts, e.g. 256,1024,3774")
+        if self.repeats < 1:
+            raise InvalidArgument("--repeats must be at least 1")
+
+
+def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) -> int:
+    """`kvcdn loadtest bench`: `model` (loaded from `options`) runs here; an origin loads the same."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and CI: do not squeeze the table into 80 columns
-    lengths = [int(x) for x in args.lengths.split(",")]
-    texts = [text_of_length(model, sample_corpus(), n) for n in lengths]
+    texts = [text_of_length(model, sample_corpus(), n) for n in config.lengths]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status("starting an origin and an edge ..."):
-            cluster = Cluster(store_dir=Path(store), edges=1, origin_args=origin_args).start()
+            cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags()).start()
         try:
             rows = asyncio.run(
-                measure(model, cluster.origin_address, cluster.edge_addresses, texts, args.repeats, console)
+                measure(model, cluster.origin_address, cluster.edge_addresses, texts, config.repeats, console)
             )
         finally:
             cluster.stop()
     title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, warm edge, loopback"
-    if args.json:
+    if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    out = render(rows, title, args.markdown)
+        config.json_path.write_text(json.dumps(report, indent=2) + "\n")
+    out = render(rows, title, config.markdown)
     if isinstance(out, str):
         print(out)
     else:

@@ -572,12 +572,35 @@ def paper_report(markdown: bool) -> tuple[list[Any], bool]:
     return [table], all(f.rel_diff <= 0.02 for f in figures)
 
 
-def run_economics(args: Any) -> int:
-    """`kvcdn loadtest economics` (flags in kvcdn.cli)."""
+@dataclass(frozen=True)
+class EconomicsRequest:
+    """What `kvcdn loadtest economics` was asked for."""
+
+    inputs: Inputs
+    paper: bool = False
+    """Print the preprint's figures beside ours (with `inputs` = PAPER)."""
+    from_run: Path | None = None
+    """A `kvcdn loadtest run` report whose traffic to price."""
+    agents: float | None = None
+    """With `from_run`: agents to scale the run to (default: the run's)."""
+    sweeps: tuple[str, ...] = ()
+    """Names from SWEEPS: a CSV and a PNG each, in `out_dir`."""
+    out_dir: Path = Path("kvcdn-economics")
+    markdown: bool = False
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sweeps if s not in SWEEPS]
+        if unknown:
+            raise InvalidArgument(f"--sweep takes one of {', '.join(SWEEPS)}, not {', '.join(unknown)}")
+
+
+def run_economics(request: EconomicsRequest) -> int:
+    """`kvcdn loadtest economics`: the report (tables or JSON), the paper check, the sweeps."""
     from rich.console import Console
 
     console = Console(width=None if Console().is_terminal else 160)
-    markdown = args.markdown
+    markdown = request.markdown
 
     def show(parts: Sequence[Any]) -> None:
         for part in parts:
@@ -586,62 +609,23 @@ def run_economics(args: Any) -> int:
             else:
                 console.print(part)
 
-    if args.paper:
-        inputs = PAPER
-    else:
-        if args.gpu_usd_per_hour is not None:
-            if not args.prefill_tokens_per_s:
-                raise InvalidArgument("--gpu-usd-per-hour needs --prefill-tokens-per-s (the GPU's prefill throughput)")
-            price = args.gpu_usd_per_hour / 3600 / args.prefill_tokens_per_s * 1e6
-        else:
-            price = args.prefill_usd_per_mtok
-        if args.reuse_ratio is not None:
-            reuse = ReuseCurve(((args.tokens, args.reuse_ratio),), "--reuse-ratio (constant over length)")
-        elif args.bench:
-            reuse = curve_from_bench(Path(args.bench))
-        else:
-            reuse = PAPER_REUSE
-        geometry = geometry_from(args.geometry, args.dtype)
-        if args.layers or args.kv_heads or args.head_dim:
-            geometry = replace(
-                geometry,
-                layers=args.layers or geometry.layers,
-                kv_heads=args.kv_heads or geometry.kv_heads,
-                head_dim=args.head_dim or geometry.head_dim,
-            )
-        inputs = Inputs(
-            geometry=geometry,
-            tokens=args.tokens,
-            agents=args.agents or Inputs.agents,
-            loads_per_agent=args.loads_per_agent,
-            prefill_usd_per_mtok=price,
-            reuse=reuse,
-            origin_egress_usd_per_gb=args.origin_egress_usd_per_gb,
-            edge_egress_usd_per_gb=args.edge_egress_usd_per_gb,
-            compression=args.compression,
-            hit_ratio=args.hit_ratio,
-            replicas=args.replicas,
-            storage_usd_per_gb_month=args.storage_usd_per_gb_month,
-            storage_months=args.storage_months,
-        )
-    measured = None
-    if args.from_run:
-        inputs, measured = inputs_from_run(Path(args.from_run), inputs, args.agents)
-    if args.json:
+    inputs, measured = request.inputs, None
+    if request.from_run is not None:
+        inputs, measured = inputs_from_run(request.from_run, inputs, request.agents)
+    if request.json:
         out = to_json(inputs)
         if measured:
             out["measured"] = measured
-        if args.paper:
+        if request.paper:
             out["paper"] = [{**asdict(f), "rel_diff": f.rel_diff} for f in paper_figures()]
         print(json.dumps(out, indent=2))
     else:
         show(report(inputs, markdown, measured))
     ok = True
-    if args.paper and not args.json:
+    if request.paper and not request.json:
         parts, ok = paper_report(markdown)
         show(parts)
-    if args.sweep:
-        for what in args.sweep.split(","):
-            csv_path, png_path = write_sweep(inputs, what.strip(), Path(args.out))
-            print(f"sweep {what}: {csv_path} {png_path}")
+    for what in request.sweeps:
+        csv_path, png_path = write_sweep(inputs, what, request.out_dir)
+        print(f"sweep {what}: {csv_path} {png_path}")
     return 0 if ok else 1

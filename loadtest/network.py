@@ -12,12 +12,11 @@ Three parts, each printed as a table:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.bench import sample_corpus, text_of_length
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
 from kvcdn.model.loading import LoadedModel
+from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import Cluster
 from kvcdn.ops.stats import EdgeStats, edge_stats
@@ -158,27 +158,41 @@ def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
     return table
 
 
-def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args: list[str]) -> int:
-    """`kvcdn loadtest network`: `model` is the agents', `origin_args` the origin's model flags."""
-    console = Console(width=None if Console().is_terminal else 160)
-    if args.agents < 1 or args.herd_tokens < 1:
-        raise InvalidArgument("--agents and --herd-tokens must be at least 1")
-    # Checked now, before any process starts; the addresses are filled in once the network is up.
-    zipf = LoadConfig(
-        edges=(),
-        origin="",
-        agents=args.zipf_agents,
-        documents=args.documents,
-        zipf_s=args.zipf,
-        min_tokens=256,
-        max_tokens=1024,
-        duration_s=args.duration,
+@dataclass(frozen=True)
+class NetworkBenchConfig:
+    """What `kvcdn loadtest network` runs: a cold herd, a Zipf workload over small tiers, and the edge's
+    memory while it streams objects larger than its memory tier."""
+
+    agents: int = 200
+    """Agents in the cold herd."""
+    herd_tokens: int = 512
+    """Length of the cold herd's document."""
+    zipf: LoadConfig = field(
+        default_factory=lambda: LoadConfig(
+            edges=(), origin="", agents=16, documents=24, zipf_s=1.1, min_tokens=256, max_tokens=1024, duration_s=20.0
+        )
     )
+    """The Zipf part (its edges and origin are filled in once the network is up)."""
+    mem_bytes: int = 64 << 20
+    """Each edge's memory tier."""
+    disk_bytes: int = 192 << 20
+    """Each edge's disk tier."""
+    markdown: bool = False
+
+    def __post_init__(self) -> None:
+        if self.agents < 1 or self.herd_tokens < 1:
+            raise InvalidArgument("--agents and --herd-tokens must be at least 1")
+
+
+def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: ModelOptions) -> int:
+    """`kvcdn loadtest network`: `model` (loaded from `options`) is the agents'; the origin loads the same."""
+    console = Console(width=None if Console().is_terminal else 160)
+    origin_args = options.flags()
     out: list[Any] = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="kvcdn-netbench-") as tmp:
         root = Path(tmp)
-        mem, disk = args.mem_bytes, args.disk_bytes
+        mem, disk = config.mem_bytes, config.disk_bytes
         with console.status("starting an origin and 3 edges with small tiers ..."):
             cluster = Cluster(
                 store_dir=root / "store",
@@ -188,9 +202,9 @@ def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args:
                 edge_disk_root=root / "disk",
             ).start()
         try:
-            with console.status(f"cold herd: {args.agents} agents, one document ..."):
+            with console.status(f"cold herd: {config.agents} agents, one document ..."):
                 herd = asyncio.run(
-                    cold_herd(model, cluster.origin_address, cluster.edge_addresses, args.agents, args.herd_tokens)
+                    cold_herd(model, cluster.origin_address, cluster.edge_addresses, config.agents, config.herd_tokens)
                 )
             ok &= herd.ok == herd.agents and herd.origin_pulls <= DEFAULT_REPLICAS * herd.blocks
             out.append(
@@ -204,20 +218,18 @@ def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args:
                         ("  allowed: R x blocks", f"{DEFAULT_REPLICAS * herd.blocks}"),
                         ("served by the edges", f"{herd.gb_served:.2f} GB in {herd.wall_s:.1f} s"),
                     ],
-                    args.markdown,
+                    config.markdown,
                 )
             )
-            config = replace(zipf, edges=tuple(cluster.edge_addresses), origin=cluster.origin_address)
-            with console.status(
-                f"Zipf: {config.documents} documents, {config.agents} agents, {config.duration_s:.0f} s ..."
-            ):
-                report = asyncio.run(zipf_tiers(model, config))
+            zipf = replace(config.zipf, edges=tuple(cluster.edge_addresses), origin=cluster.origin_address)
+            with console.status(f"Zipf: {zipf.documents} documents, {zipf.agents} agents, {zipf.duration_s:.0f} s ..."):
+                report = asyncio.run(zipf_tiers(model, zipf))
             corpus_mb = sum(report["document_tokens"]) * model.geometry.token_bytes / 1e6
             e = report["edges"]
             ok &= report["fetches_failed"] == 0
             out.append(
                 _rows_table(
-                    f"2. Zipf (s={config.zipf_s}) over {config.documents} documents, tiers smaller than the corpus",
+                    f"2. Zipf (s={zipf.zipf_s}) over {zipf.documents} documents, tiers smaller than the corpus",
                     [
                         (
                             "corpus",
@@ -236,7 +248,7 @@ def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args:
                             f"{e['bytes_served'] / 1e9:.2f} / {e['bytes_from_origin'] / 1e9:.2f} GB",
                         ),
                     ],
-                    args.markdown,
+                    config.markdown,
                 )
             )
         finally:
@@ -276,7 +288,7 @@ def run_network_bench(args: argparse.Namespace, model: LoadedModel, origin_args:
                 ("  peak growth", f"{r.rss_peak_mb - r.rss_before_mb:.0f} MiB (tier {r.memory_tier_mb:.0f} MiB)"),
             ]
         out.append(
-            _rows_table("3. edge memory while streaming objects larger than its memory tier", rows, args.markdown)
+            _rows_table("3. edge memory while streaming objects larger than its memory tier", rows, config.markdown)
         )
     for part in out:
         if isinstance(part, str):

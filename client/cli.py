@@ -1,0 +1,165 @@
+"""The agent-facing commands (`publish`, `purge`, `fetch`, `ask`), registered with kvcdn.cli."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.flags import add_edges_flag
+from kvcdn.model.options import ModelOptions
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the client's commands to the `kvcdn` subcommands (`sub`: argparse's subparsers)."""
+    s = sub.add_parser("publish", help="compute and store the caches of documents; prints their keys")
+    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    s.add_argument("--name", help="document name (default: the file name without extension)")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.set_defaults(run=publish)
+
+    s = sub.add_parser("purge", help="remove a document at the origin and, through its feed, at every edge")
+    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    s.add_argument("document", metavar="DOCUMENT[@VERSION]")
+    s.set_defaults(run=purge)
+
+    for name, run, help_text in (
+        ("fetch", fetch, "stream and verify a document's cache; print size, time, GB/s"),
+        ("ask", ask, "answer a question about a document from its cache"),
+    ):
+        s = sub.add_parser(name, help=help_text)
+        add_edges_flag(s)
+        s.add_argument("--doc", required=True, metavar="FILE")
+        s.add_argument("--json", action="store_true", help="print one JSON object")
+        ModelOptions.add_flags(s)
+        s.set_defaults(run=run)
+        if name == "ask":
+            s.add_argument("--question", required=True)
+            s.add_argument("--max-new-tokens", type=int, default=24)
+            s.add_argument("--verify", action="store_true", help="also prefill locally and compare")
+
+
+def _read_doc(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read --doc {path}: {exc.strerror}") from None
+
+
+def publish(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvcdn.wire.stub import CacheReader
+
+    files = [Path(f) for f in args.files]
+    if args.name and len(files) != 1:
+        raise InvalidArgument("--name applies to a single FILE")
+
+    async def run() -> list[Any]:
+        async with CacheReader(args.origin) as origin:
+            return [await origin.publish(args.name or f.stem, f.read_text(encoding="utf-8")) for f in files]
+
+    results = asyncio.run(run())
+    table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "first key")
+    for r in results:
+        m = r.manifest
+        first = m.blocks[0].key.hex()[:16] if m.blocks else "-"
+        table.add_row(
+            m.document,
+            str(m.version),
+            str(m.token_count),
+            str(len(m.blocks)),
+            str(r.computed_blocks),
+            f"{r.prefill_s:.2f}",
+            first,
+        )
+    Console().print(table)
+    return 0
+
+
+def purge(args: argparse.Namespace) -> int:
+    from kvcdn.wire.stub import CacheReader
+
+    document, _, version = args.document.partition("@")
+    if version and not version.isdigit():
+        raise InvalidArgument(f"{args.document!r} is not DOCUMENT[@VERSION]")
+
+    async def run() -> Any:
+        async with CacheReader(args.origin) as origin:
+            return await origin.purge(document, int(version or 0))
+
+    resp = asyncio.run(run())
+    versions = ", ".join(f"v{v}" for v in resp.versions)
+    print(f"purged {document} {versions}: {resp.blocks_removed} blocks removed (invalidation event {resp.seq})")
+    return 0
+
+
+def fetch(args: argparse.Namespace) -> int:
+    from kvcdn.client.api import KVClient
+    from kvcdn.model.prompt import document_ids
+
+    text = _read_doc(args.doc)
+    model = ModelOptions.from_args(args).load()
+    doc = document_ids(model.tokenizer, text)
+
+    async def run() -> Any:
+        async with KVClient(args.edges) as client:
+            return await client.fetch(model, doc)
+
+    fetched = asyncio.run(run())
+    if fetched.cached_tokens == 0:
+        print(f"{args.doc}: not cached on the edges (publish it first)", file=sys.stderr)
+        return 1
+    result = {
+        "doc_tokens": len(doc),
+        "cached_tokens": fetched.cached_tokens,
+        "bytes": fetched.n_bytes,
+        "fetch_s": round(fetched.fetch_s, 4),
+        "gb_per_s": round(fetched.n_bytes / fetched.fetch_s / 1e9, 3),
+        "verified_frames": "all (BLAKE3)",
+        "edges": fetched.edges_used,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{fetched.cached_tokens}/{len(doc)} tokens, {fetched.n_bytes / 1e6:.1f} MB in "
+            f"{fetched.fetch_s * 1e3:.0f} ms ({result['gb_per_s']} GB/s), every frame verified"
+        )
+    return 0
+
+
+def ask(args: argparse.Namespace) -> int:
+    from kvcdn.client.agent import ask as ask_edges
+    from kvcdn.client.api import KVClient
+
+    text = _read_doc(args.doc)
+    model = ModelOptions.from_args(args).load()
+
+    async def run() -> Any:
+        async with KVClient(args.edges) as client:
+            return await ask_edges(client, model, text, args.question, args.max_new_tokens, args.verify)
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.answer)
+    line = (
+        f"[{result.cached_tokens}/{result.doc_tokens} tokens from cache, {result.cache_bytes / 1e6:.1f} MB "
+        f"in {result.fetch_s:.3f} s"
+    )
+    if args.verify:
+        line += (
+            f"; verify: {result.matched_tokens}/{result.new_tokens} tokens matched, max |logit diff| "
+            f"{result.max_abs_logit_diff:.2e}, local prefill {result.prefill_s:.2f} s ({result.speedup:.0f}x)"
+        )
+    print(line + "]", file=sys.stderr)
+    return 0

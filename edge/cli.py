@@ -1,0 +1,58 @@
+"""`kvcdn edge`: the edge's command line, registered with kvcdn.cli."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from kvcdn.edge.config import EdgeConfig
+from kvcdn.flags import add_server_flags, edge_list, parse_size
+
+__all__ = ["config_from", "register"]
+
+
+def register(sub: Any) -> None:
+    """Add `edge` to the `kvcdn` subcommands (`sub`: argparse's subparsers)."""
+    s = sub.add_parser("edge", help="run an edge: memory and disk tiers in front of the origin")
+    add_server_flags(s, listen="127.0.0.1:7080")
+    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
+    s.add_argument("--disk-dir", help="folder of the disk tier (default: no disk tier)")
+    s.add_argument("--disk-bytes", type=parse_size, default=parse_size("10GiB"), help="disk tier size (10GiB)")
+    s.add_argument(
+        "--peers",
+        type=edge_list,
+        help="every edge of the ring, this one included, as clients list them: blocks this edge does not own "
+        "are loaded from their owners before the origin (default: none, always the origin)",
+    )
+    s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
+    s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
+    s.add_argument(
+        "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
+    )
+    s.set_defaults(run=run)
+
+
+def config_from(args: argparse.Namespace) -> EdgeConfig:
+    return EdgeConfig(
+        origin=args.origin,
+        listen=args.listen,
+        mem_bytes=args.mem_bytes,
+        disk_dir=Path(args.disk_dir) if args.disk_dir else None,
+        disk_bytes=args.disk_bytes,
+        bulk_port=args.bulk_port,
+        metrics_port=args.metrics_port,
+        peers=tuple(args.peers or ()),
+        replicas=args.replicas,
+        advertise=args.advertise or "",
+        peer_timeout_s=args.peer_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvcdn.edge.server import run_edge
+
+    asyncio.run(run_edge(config_from(args), args.port_file))
+    return 0

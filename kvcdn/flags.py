@@ -1,0 +1,80 @@
+"""Flag types and flag groups that several components' commands share (each component registers its
+own commands; see kvcdn.cli). Cheap to import: argparse and nothing heavy."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+__all__ = ["add_edges_flag", "add_server_flags", "edge_list", "parse_count", "parse_size"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmg]?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2G', '1048576' -> bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower().removesuffix("b") if m else ""
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512MiB, 2GiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_count(text: str) -> float:
+    """'80M', '1.5k', '2e6', '1000' -> a number."""
+    m = _COUNT.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 80M, 1.5k or 2e6")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+
+
+def edge_list(text: str) -> list[str]:
+    """'h:1,h:2=3' -> ['h:1', 'h:2=3'] (checked later by kvcdn.spec.placement.parse_edges)."""
+    edges = [e.strip() for e in text.split(",") if e.strip()]
+    if not edges:
+        raise argparse.ArgumentTypeError("give at least one edge address HOST:PORT")
+    return edges
+
+
+def add_edges_flag(p: argparse.ArgumentParser) -> None:
+    """`--edges`, defaulting to $KVCDN_EDGES (which `kvcdn up` prints)."""
+    p.add_argument(
+        "--edges",
+        type=edge_list,
+        default=os.environ.get("KVCDN_EDGES"),
+        required="KVCDN_EDGES" not in os.environ,
+        help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
+    )
+
+
+def add_server_flags(p: argparse.ArgumentParser, listen: str) -> None:
+    """What every server command takes: where it listens, its bulk and metrics ports, and the port
+    file a parent process (`kvcdn up`) waits for."""
+    p.add_argument("--listen", default=listen, help=f"HOST:PORT (port 0: any free port; default {listen})")
+    p.add_argument(
+        "--bulk-port",
+        type=int,
+        default=0,
+        help="TCP port of the bulk frame stream on the listen host (0: any free port, -1: off)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="HTTP port of the Prometheus /metrics endpoint on the listen host (0: any free port, -1: off)",
+    )
+    p.add_argument("--port-file", help=argparse.SUPPRESS)
+    p.set_defaults(server=True)

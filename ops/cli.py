@@ -1,0 +1,107 @@
+"""The operators' commands (`up`, `stats`, `demo`, `provision`), registered with kvcdn.cli."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.flags import add_edges_flag, parse_size
+from kvcdn.model.options import ModelOptions
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the operators' commands to the `kvcdn` subcommands (`sub`: argparse's subparsers)."""
+    s = sub.add_parser("up", help="origin + N edges as processes on loopback, until Ctrl-C")
+    s.add_argument("--edges", type=int, default=1)
+    s.add_argument("--store", help="store folder (default: a temporary one)")
+    s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="each edge's memory tier (1GiB)")
+    s.add_argument(
+        "--disk-bytes",
+        type=parse_size,
+        help="give each edge a disk tier of this size, under STORE/edge-disk (default: none)",
+    )
+    ModelOptions.add_flags(s)
+    s.set_defaults(run=up)
+
+    s = sub.add_parser("stats", help="a table of the edges' state (tiers, hit ratios, origin traffic)")
+    add_edges_flag(s)
+    s.set_defaults(run=stats)
+
+    s = sub.add_parser("demo", help="the main job on the embedded default model, with a table")
+    s.add_argument("--max-new-tokens", type=int, default=24)
+    ModelOptions.add_flags(s)
+    s.set_defaults(run=demo)
+
+    s = sub.add_parser("provision", help="fetch and convert the embedded default model")
+    s.add_argument("--models-dir", default=os.environ.get("KVCDN_MODELS_DIR"))
+    s.set_defaults(run=provision)
+
+
+def up(args: argparse.Namespace) -> int:
+    from kvcdn.ops.launcher import Cluster
+
+    if args.edges < 1:
+        raise InvalidArgument("--edges must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="kvcdn-store-") as tmp:
+        store = Path(args.store) if args.store else Path(tmp)
+        edge_args = ["--mem-bytes", str(args.mem_bytes)]
+        if args.disk_bytes:
+            edge_args += ["--disk-bytes", str(args.disk_bytes)]
+        cluster = Cluster(
+            store_dir=store,
+            edges=args.edges,
+            origin_args=ModelOptions.from_args(args).flags(),
+            edge_args=edge_args,
+            edge_disk_root=store / "edge-disk" if args.disk_bytes else None,
+        )
+        print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
+        with cluster:
+            print(f"origin  {cluster.origin_address}  metrics {cluster.metrics_urls['origin']}  (store {store})")
+            for i, addr in enumerate(cluster.edge_addresses):
+                disk = f", disk {args.disk_bytes / 2**20:.0f} MiB" if args.disk_bytes else ""
+                tiers = f"(memory {args.mem_bytes / 2**20:.0f} MiB{disk})"
+                print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}  {tiers}")
+            print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}", flush=True)
+            print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
+            stop = threading.Event()
+            # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(0.5):
+                pass
+            print("stopping ...", file=sys.stderr)
+    return 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvcdn.ops.stats import edge_stats, stats_table
+
+    rows = asyncio.run(edge_stats(args.edges))
+    Console(width=None if sys.stdout.isatty() else 240).print(stats_table(rows))
+    return 0 if all(r.up for r in rows) else 1
+
+
+def demo(args: argparse.Namespace) -> int:
+    from kvcdn.ops.demo import run_demo
+
+    options = ModelOptions.from_args(args)
+    return run_demo(options.load(), options, args.max_new_tokens)
+
+
+def provision(args: argparse.Namespace) -> int:
+    from kvcdn.model.loading import default_models_dir, provision_default_model
+
+    print(provision_default_model(Path(args.models_dir) if args.models_dir else default_models_dir()))
+    return 0

@@ -1,0 +1,46 @@
+"""`kvcdn origin`: the origin's command line, registered with kvcdn.cli."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from kvcdn.flags import add_server_flags
+from kvcdn.model.options import ModelOptions
+from kvcdn.origin.config import OriginConfig
+
+__all__ = ["config_from", "register"]
+
+
+def register(sub: Any) -> None:
+    """Add `origin` to the `kvcdn` subcommands (`sub`: argparse's subparsers)."""
+    s = sub.add_parser("origin", help="run the origin: prefill, store and stream caches")
+    add_server_flags(s, listen="127.0.0.1:7070")
+    s.add_argument("--store", required=True, help="folder of the block and manifest store")
+    s.add_argument("--max-document-tokens", type=int, default=32768, help="longest document accepted (32768)")
+    ModelOptions.add_flags(s)
+    s.set_defaults(run=run)
+
+
+def config_from(args: argparse.Namespace) -> OriginConfig:
+    m = ModelOptions.from_args(args)
+    return OriginConfig(
+        store_dir=Path(args.store),
+        listen=args.listen,
+        model=m.model,
+        dtype=m.dtype,
+        device=m.device,
+        models_dir=m.models_dir,
+        max_document_tokens=args.max_document_tokens,
+        bulk_port=args.bulk_port,
+        metrics_port=args.metrics_port,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvcdn.origin.server import run_origin
+
+    asyncio.run(run_origin(config_from(args), args.port_file))
+    return 0
