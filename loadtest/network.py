@@ -99,36 +99,42 @@ class MemoryResult:
     memory_tier_mb: float
     rss_before_mb: float
     rss_peak_mb: float
+    """Largest of the edge's RSS samples taken while the fetch ran."""
     rss_after_mb: float
+    samples: int
+    """RSS samples taken while the fetch ran (at least one, the last after it ended)."""
     fetch_s: float
     exact: bool
 
 
-def _rss_mb(pid: int) -> float:
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid`, MiB (FileNotFoundError when there is no such process)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return 0.0
+    raise FileNotFoundError(f"process {pid} reports no resident memory (a zombie?)")
 
 
 async def edge_memory(
     model: LoadedModel, origin: str, edge: str, edge_pid: int, mem_bytes: int, factor: int
 ) -> MemoryResult:
-    """Stream, cold, a document `factor` times the edge's memory tier while sampling the edge's RSS."""
+    """Stream, cold, a document `factor` times the edge's memory tier while sampling the RSS of the
+    edge process `edge_pid`."""
     tokens = factor * mem_bytes // model.geometry.token_bytes
     text = text_of_length(model, f"Big document {time.time_ns()}.\n\n" + sample_corpus() * 4, tokens)
     async with CacheReader(origin) as reader:
         await reader.publish(f"big-{time.time_ns()}", text)
     ids = document_ids(model.tokenizer, text)
-    before = _rss_mb(edge_pid)
-    peak = before
+    before = rss_mb(edge_pid)
+    samples: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _rss_mb(edge_pid))
-            time.sleep(0.02)
+        while True:
+            samples.append(rss_mb(edge_pid))
+            if stop.wait(0.02):
+                samples.append(rss_mb(edge_pid))
+                return
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -142,8 +148,9 @@ async def edge_memory(
         object_mb=fetched.n_bytes / MiB,
         memory_tier_mb=mem_bytes / MiB,
         rss_before_mb=before,
-        rss_peak_mb=peak,
-        rss_after_mb=_rss_mb(edge_pid),
+        rss_peak_mb=max(samples),
+        rss_after_mb=rss_mb(edge_pid),
+        samples=len(samples),
         fetch_s=fetched.fetch_s,
         exact=fetched.cached_tokens == len(ids),
     )

@@ -35,6 +35,13 @@ def tiny_models(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
     }
 
 
+def tiny_llama(tiny_dirs: dict[str, Path]) -> tuple[LoadedModel, list[str]]:
+    """The tiny Llama as an agent loads it, and the flags that make origin processes load the same
+    (they use the default block and frame sizes, which the agent learns from the network)."""
+    args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
+    return load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu"), args
+
+
 @pytest.fixture(scope="session")
 def llama(tiny_models: dict[str, LoadedModel]) -> LoadedModel:
     return tiny_models["llama"]

@@ -7,8 +7,9 @@ import os
 import pytest
 
 from kvcdn.errors import DigestMismatch
+from kvcdn.spec.identity import digest
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import decode_frame, digest, encode_block, verify_frame
+from kvcdn.wire.frames import decode_frame, encode_block, verify_frame
 
 KEY = bytes(range(32))
 

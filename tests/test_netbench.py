@@ -3,13 +3,14 @@ command, never asserted as timings here)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.loadtest.network import cold_herd, edge_memory
 from kvcdn.model.loading import LoadedModel
-from tests.conftest import memory_tier, start_network, stop_network
+from kvcdn.ops.launcher import Cluster
+from kvcdn.ops.stats import edge_stats
+from tests.conftest import start_network, stop_network, tiny_llama
 
 
 async def test_cold_herd_counts_one_origin_transfer_per_block(llama: LoadedModel, tmp_path: Path) -> None:
@@ -26,19 +27,19 @@ async def test_cold_herd_counts_one_origin_transfer_per_block(llama: LoadedModel
         await stop_network(net)
 
 
-async def test_edge_memory_streams_an_object_twice_the_tier_exactly(llama: LoadedModel, tmp_path: Path) -> None:
-    net = await start_network(llama, tmp_path / "store", max_document_tokens=4000)
-    mem = 256 * llama.geometry.token_bytes
-    edge, server = await start_edge(EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", mem_bytes=mem))
-    try:
-        r = await edge_memory(llama, net.origin_server.address, server.address, os.getpid(), mem, 2)
-        assert r.exact
-        assert abs(r.object_mb - 2 * r.memory_tier_mb) < 0.05 * r.memory_tier_mb
-        assert r.rss_peak_mb >= r.rss_before_mb > 0
-        assert (
-            memory_tier(edge).stats().bytes <= mem < edge.bytes_from_origin
-        )  # streamed through, the tier kept its budget
-    finally:
-        await server.stop(0)
-        await edge.close()
-        await stop_network(net)
+async def test_edge_memory_samples_the_edge_process_while_it_streams_an_object_larger_than_its_tier(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model, args = tiny_llama(tiny_dirs)
+    mem = 1 << 20
+    cluster = Cluster(store_dir=tmp_path / "store", edges=1, origin_args=args, edge_args=["--mem-bytes", str(mem)])
+    with cluster:
+        edge_pid = cluster.process("edge0").pid
+        r = await edge_memory(model, cluster.origin_address, cluster.edge_addresses[0], edge_pid, mem, 16)
+        [stats] = await edge_stats(cluster.edge_addresses)
+    assert r.exact and abs(r.object_mb - 16 * r.memory_tier_mb) < 0.05 * r.memory_tier_mb
+    assert r.samples >= 2 and r.rss_before_mb > 0 and r.rss_peak_mb > 0
+    # The edge process, not this one, was sampled: it streamed the object through its tier, which kept
+    # its budget, and it grew by less than the object (measured: ~5 MiB for this 16 MiB object).
+    assert stats.up and stats.memory_bytes <= mem < stats.bytes_from_origin
+    assert r.rss_peak_mb - r.rss_before_mb < r.object_mb

@@ -14,18 +14,9 @@ import torch
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.model import adapter
-from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import Cluster
-from tests.conftest import SAMPLES, disk_tier
-
-
-def tiny_llama(tiny_dirs: dict[str, Path]) -> tuple[LoadedModel, list[str]]:
-    """The tiny Llama as an agent loads it, and the flags that make origin processes load the same."""
-    from kvcdn.model.loading import load_model
-
-    args = ["--model", str(tiny_dirs["llama"]), "--dtype", "float32", "--device", "cpu"]
-    return load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu"), args
+from tests.conftest import SAMPLES, disk_tier, tiny_llama
 
 
 async def test_a_stalled_edge_process_is_skipped_and_the_cache_is_exact(
@@ -111,18 +102,18 @@ async def test_an_edge_killed_while_writing_its_disk_tier_restarts_clean(
         async with KVClient([cluster.edge_addresses[0]]) as client:
             fetch = asyncio.ensure_future(client.fetch(model, doc))
             blocks_dir = disk_root / "edge0" / "blocks"
-            for _ in range(10_000):
-                if any(blocks_dir.rglob("*")) or fetch.done():
-                    break  # the edge has started writing its disk tier
-                await asyncio.sleep(0.001)
+            for _ in range(30_000):
+                if any(blocks_dir.rglob("*.blk")):
+                    break  # the edge has written its first whole block
+                await asyncio.sleep(0.002)
             os.kill(edge_process.pid, signal.SIGKILL)
             edge_process.wait(10)
             await asyncio.gather(fetch, return_exceptions=True)
-        files = [p for p in blocks_dir.rglob("*") if p.is_file()]
+        files = sorted(blocks_dir.rglob("*.blk"))
+        assert files, "the edge was killed before it wrote a block: the fault did not happen"
         # what a kill in the middle of a write leaves behind
         (blocks_dir / ".tmp-killed").write_bytes(b"half a block")
-        if files:
-            files[0].write_bytes(files[0].read_bytes()[:100])
+        files[0].write_bytes(files[0].read_bytes()[:100])
 
         edge, server = await start_edge(
             EdgeConfig(origin=cluster.origin_address, listen="127.0.0.1:0", disk_dir=disk_root / "edge0")
@@ -130,7 +121,7 @@ async def test_an_edge_killed_while_writing_its_disk_tier_restarts_clean(
         try:
             assert not (blocks_dir / ".tmp-killed").exists()
             held = disk_tier(edge).stats().blocks
-            assert held <= max(0, len(files) - 1)  # the block cut short is not indexed
+            assert held <= len(files) - 1  # the block cut short is not indexed
             for key in disk_tier(edge).held():  # every indexed block reads back verified
                 assert await disk_tier(edge).get(key) is not None
             async with KVClient([server.address]) as client:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import DigestMismatch, NotFound
+from kvcdn.spec.identity import digest
 from kvcdn.store.files import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import digest
 
 __all__ = ["BlockFile", "BlockStore"]
 

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-import blake3
-
 from kvcdn.errors import DigestMismatch, InvalidArgument
+from kvcdn.spec.identity import digest
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
@@ -23,7 +22,6 @@ __all__ = [
     "FrameSource",
     "check_start_frame",
     "decode_frame",
-    "digest",
     "encode_block",
     "encode_stored",
     "frame_parts",
@@ -33,11 +31,6 @@ __all__ = [
 
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
-
-
-def digest(data: bytes | memoryview) -> bytes:
-    """BLAKE3-256 of `data`."""
-    return blake3.blake3(data).digest()
 
 
 def _varint(n: int) -> bytes:
