@@ -35,7 +35,7 @@ def test_lru_replacing_a_key_updates_the_byte_count() -> None:
 
 
 async def test_concurrent_callers_share_one_execution() -> None:
-    sf: SingleFlight[int] = SingleFlight()
+    sf: SingleFlight[str, asyncio.Future[int]] = SingleFlight()
     calls = 0
 
     async def work() -> int:
@@ -49,7 +49,7 @@ async def test_concurrent_callers_share_one_execution() -> None:
 
 
 async def test_a_failure_reaches_every_waiter_and_the_next_call_retries() -> None:
-    sf: SingleFlight[int] = SingleFlight()
+    sf: SingleFlight[str, asyncio.Future[int]] = SingleFlight()
 
     async def boom() -> int:
         await asyncio.sleep(0.01)
@@ -65,7 +65,7 @@ async def test_a_failure_reaches_every_waiter_and_the_next_call_retries() -> Non
 
 
 async def test_a_cancelled_leader_does_not_cancel_the_waiters() -> None:
-    sf: SingleFlight[int] = SingleFlight()
+    sf: SingleFlight[str, asyncio.Future[int]] = SingleFlight()
 
     async def slow() -> int:
         await asyncio.sleep(0.05)
@@ -79,3 +79,48 @@ async def test_a_cancelled_leader_does_not_cancel_the_waiters() -> None:
     assert await waiter == 7
     with pytest.raises(asyncio.CancelledError):
         await leader
+
+
+async def test_joiners_share_the_first_callers_state_and_the_key_frees_when_the_work_ends() -> None:
+    sf: SingleFlight[str, list[int]] = SingleFlight()
+    release = asyncio.Event()
+
+    async def work(state: list[int]) -> None:
+        await release.wait()
+        state.append(1)
+
+    first, started = sf.join("k", list, work)
+    second, joined_started = sf.join("k", list, work)
+    assert started and not joined_started and first is second and len(sf) == 1 and sf.get("k") is first
+    release.set()
+    await sf.settle()
+    assert first == [1] and len(sf) == 0 and sf.get("k") is None and sf.executions == 1
+    third, started_again = sf.join("k", list, work)
+    assert started_again and third is not first
+    await sf.settle()
+
+
+async def test_work_runs_detached_from_its_callers_and_close_cancels_what_is_left() -> None:
+    sf: SingleFlight[str, list[str]] = SingleFlight()
+    never = asyncio.Event()
+
+    async def stuck(state: list[str]) -> None:
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            state.append("cancelled")
+            raise
+
+    async def caller() -> list[str]:
+        state, _ = sf.join("k", list, stuck)
+        await asyncio.sleep(3600)
+        return state
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    task.cancel()  # the caller goes away; the work does not
+    await asyncio.gather(task, return_exceptions=True)
+    state = sf.get("k")
+    assert state == [] and len(sf) == 1
+    await sf.close(timeout_s=0.05)
+    assert state == ["cancelled"] and len(sf) == 0
