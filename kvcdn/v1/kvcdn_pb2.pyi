@@ -10,7 +10,7 @@ Two services:
   * Publisher - the write side, served by the origin only: tokenize a document, prefill it once,
                 store its blocks and record a versioned manifest.
 
-Cache identity (see ARCHITECTURE.md): a token sequence is cut into blocks of `block_tokens` tokens
+Cache identity (kvcdn/spec/identity.py): a token sequence is cut into blocks of `block_tokens` tokens
 (the last may be short). key_0 = SHA-256(fingerprint || LE-u32 ids of block 0) and
 key_i = SHA-256(key_{i-1} || LE-u32 ids of block i), where `fingerprint` is the 32 raw bytes of the
 model fingerprint. Keys travel as 32 raw bytes.
@@ -432,7 +432,7 @@ class PublishRequest(_message.Message):
     """Document name; letters, digits and "._-/" only, at most 200 characters."""
     text: _builtins.str
     """UTF-8 text of the document. The origin frames and tokenizes it exactly as clients do
-    (kvcdn.prompt.document_ids).
+    (kvcdn.model.prompt.document_ids).
     """
     def __init__(
         self,
