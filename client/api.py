@@ -252,7 +252,9 @@ class KVClient:
                 else:
                     await self._grpc_stream_into(reader, fingerprint, geometry, blocks, assembler, progress)
                 return used
-            except _RETRYABLE as exc:
+            except (*_RETRYABLE, DigestMismatch) as exc:
+                # A frame that fails verification came from a faulty or hostile edge: nothing of it was
+                # kept (progress stops before it), so the next replica resumes at that very frame.
                 errors.append(exc)
                 self._failed(address)
             log.warning(
@@ -264,7 +266,10 @@ class KVClient:
             )
         if progress.block == len(blocks):
             return used
-        raise Unavailable(f"no edge could complete the stream: {'; '.join(map(str, errors))}")
+        summary = "; ".join(map(str, errors))
+        if any(isinstance(e, DigestMismatch) for e in errors):
+            raise DigestMismatch(f"no edge sent verified frames for the whole stream: {summary}")
+        raise Unavailable(f"no edge could complete the stream: {summary}")
 
     @staticmethod
     async def _grpc_stream_into(
@@ -278,14 +283,9 @@ class KVClient:
         async for raw in reader.stream(fingerprint, [b.key for b in blocks[progress.block :]], progress.frame):
             if progress.block == len(blocks):
                 raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
-            header, payload = decode_frame(raw)
+            header, payload = decode_frame(raw, reader.address)
             info = blocks[progress.block]
-            if header.block_key != info.key or header.frame_index != progress.frame:
-                raise DigestMismatch(
-                    f"{reader.address} sent frame {header.frame_index} of block {header.block_key.hex()[:16]}… "
-                    f"where frame {progress.frame} of block {progress.block} was due"
-                )
-            verify_frame(info, geometry.frame_bytes, header, payload)
+            verify_frame(info, geometry.frame_bytes, progress.frame, header, payload, reader.address)
             assembler.write(info.index * geometry.block_tokens, info.n_tokens, header.offset, payload)
             progress.advance(len(info.frame_digests))
         if progress.block < len(blocks):

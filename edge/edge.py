@@ -380,10 +380,8 @@ class Edge:
                 async with asyncio.timeout(peer_timeout_s if source else None) as waiting:
                     async for raw in reader.stream(fingerprint, [key], len(pull.frames), from_peer=bool(source)):
                         waiting.reschedule(None)
-                        header, payload = decode_frame(raw)
-                        if header.frame_index != len(pull.frames):
-                            raise DigestMismatch(f"{reader.address} sent frame {header.frame_index} out of order")
-                        verify_frame(info, frame_bytes, header, payload)
+                        header, payload = decode_frame(raw, reader.address)
+                        verify_frame(info, frame_bytes, len(pull.frames), header, payload, reader.address)
                         pull.append(raw)
                         got += len(raw)
                 if len(pull.frames) != len(info.frame_digests):

@@ -81,6 +81,51 @@ async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
         await edge2.close()
 
 
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
+@pytest.mark.parametrize("fault", ["tampered", "garbage"])
+async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
+    network: Network, sample_text: str, bulk: bool, fault: str
+) -> None:
+    model = network.model
+    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
+    by_address = {network.edge_address: network.edge, server2.address: edge2}
+    asked: list[tuple[str, int]] = []
+    try:
+        doc = document_ids(model.tokenizer, sample_text)
+        async with KVClient(ClientConfig((network.edge_address, server2.address), bulk=bulk)) as client:
+            bad, good = client.placement.route(manifest.blocks[0].key)
+            real_bad, real_good = by_address[bad].stream, by_address[good].stream
+
+            async def corrupts_its_second_frame(
+                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+            ) -> AsyncIterator[bytes]:
+                asked.append((bad, start))
+                sent = 0
+                async for raw in real_bad(fp, keys, start, from_peer):
+                    if sent == 1:  # a compromised edge: a flipped payload byte, or bytes that are no Frame
+                        raw = raw[:-1] + bytes([raw[-1] ^ 1]) if fault == "tampered" else b"\x0a\x7f" + raw[:5]
+                    yield raw
+                    sent += 1
+
+            async def records(
+                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+            ) -> AsyncIterator[bytes]:
+                asked.append((good, start))
+                async for raw in real_good(fp, keys, start, from_peer):
+                    yield raw
+
+            by_address[bad].stream = corrupts_its_second_frame  # type: ignore[method-assign]
+            by_address[good].stream = records  # type: ignore[method-assign]
+            fetched = await client.fetch(model, doc)
+        assert asked[:2] == [(bad, 0), (good, 1)]  # the replica resumed at the bad frame
+        for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+    finally:
+        await server2.stop(0)
+        await edge2.close()
+
+
 async def test_blocks_travel_from_their_owner_on_the_ring(network: Network, sample_text: str) -> None:
     model = network.model
     manifest = (await network.origin.publish("doc", sample_text)).manifest

@@ -25,7 +25,7 @@ def test_frames_cover_the_payload_and_parse_as_protobuf() -> None:
         frame = pb.Frame.FromString(raw)  # any protobuf client reads the same message
         assert frame.header == header and frame.payload == bytes(view)
         assert header.frame_index == i and header.offset == i * 4096 and header.digest == digest(view)
-        verify_frame(block.info, 4096, header, view)
+        verify_frame(block.info, 4096, i, header, view)
         joined += bytes(view)
     assert joined == payload
 
@@ -36,7 +36,7 @@ def test_decoder_accepts_frames_serialized_by_protobuf_itself() -> None:
     assert header.block_key == KEY and bytes(view) == b"xyz"
 
 
-@pytest.mark.parametrize("where", ["payload", "digest", "offset", "index", "key", "short"])
+@pytest.mark.parametrize("where", ["payload", "digest", "offset", "index", "key", "short", "not-due"])
 def test_verification_rejects_tampered_frames(where: str) -> None:
     payload = os.urandom(9000)
     block = encode_block(KEY, 0, 4, payload, 4096)
@@ -55,5 +55,13 @@ def test_verification_rejects_tampered_frames(where: str) -> None:
         header.block_key = bytes(32)
     elif where == "short":
         data = data[:-1]
-    with pytest.raises(DigestMismatch):
-        verify_frame(block.info, 4096, header, memoryview(bytes(data)))
+    due = 2 if where == "not-due" else 1  # a valid frame 1 where frame 2 was due
+    reason = {"payload": "BLAKE3", "digest": "another digest", "offset": "offset or size", "short": "offset or size"}
+    with pytest.raises(DigestMismatch, match=reason.get(where, "was due")):
+        verify_frame(block.info, 4096, due, header, memoryview(bytes(data)), "edge-x")
+
+
+@pytest.mark.parametrize("garbage", [b"\x0a\xff", b"\xff\xff\xff", b"\x12\x05abc"])
+def test_bytes_that_are_not_a_frame_are_a_typed_error_naming_the_sender(garbage: bytes) -> None:
+    with pytest.raises(DigestMismatch, match="edge-x sent"):
+        decode_frame(garbage, "edge-x")

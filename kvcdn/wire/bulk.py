@@ -23,11 +23,12 @@ from typing import Protocol
 import blake3
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, Unavailable, error_for
 from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import frame_parts
+from kvcdn.wire.frames import check_digest, expect_frame, frame_parts
 from kvcdn.wire.metrics import ServerMetrics
 
 __all__ = ["BulkServer", "FrameTarget", "Progress", "receive_into", "start_bulk_server"]
@@ -223,9 +224,12 @@ def receive_into(
 
 
 def _raise_if_error(sock: socket.socket, peer: str, marker: int, length: int) -> None:
-    """Raise the typed error an error record carries (`marker` and `length` already read)."""
+    """Raise the typed error an error record carries (`marker` and `length` already read); a record
+    too short to hold a status is a malformed stream (DigestMismatch: the caller fails over)."""
     if marker != _ERROR:
         return
+    if length < _U32.size:
+        raise DigestMismatch(f"{peer} sent an error record of {length} bytes, too short for a status")
     record = _recv(sock, min(length, _MAX_REQUEST_BYTES))
     (code,) = _U32.unpack_from(record)
     raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
@@ -242,28 +246,21 @@ def _receive_frame(
     header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size))
     _raise_if_error(sock, peer, header_len, payload_len)
     info = blocks[progress.block]
-    if header_len == _END or header_len > _MAX_HEADER_BYTES:
+    if header_len == _END:
         raise Unavailable(f"{peer} ended the stream at block {progress.block} frame {progress.frame}")
-    header = pb.FrameHeader.FromString(_recv(sock, header_len))
+    if header_len > _MAX_HEADER_BYTES:
+        raise DigestMismatch(f"{peer} announced a frame header of {header_len} bytes (at most {_MAX_HEADER_BYTES})")
+    try:
+        header = pb.FrameHeader.FromString(_recv(sock, header_len))
+    except DecodeError:
+        raise DigestMismatch(f"{peer} sent a frame header that is not a FrameHeader") from None
     index = progress.frame
-    expected_len = min(geometry.frame_bytes, info.n_bytes - index * geometry.frame_bytes)
-    if (
-        header.block_key != info.key
-        or header.frame_index != index
-        or header.offset != index * geometry.frame_bytes
-        or payload_len != expected_len
-        or header.digest != info.frame_digests[index]
-    ):
-        raise DigestMismatch(
-            f"{peer} sent frame {header.frame_index} of block {header.block_key.hex()[:16]}… "
-            f"where frame {index} of block {progress.block} was due"
-        )
+    expect_frame(info, geometry.frame_bytes, index, header, payload_len, peer)
     hasher = blake3.blake3()
     start = info.index * geometry.block_tokens
     for region in assembler.regions(start, info.n_tokens, header.offset, payload_len):
         view = memoryview(region.data)
         _recv_into(sock, view)
         hasher.update(view)
-    if hasher.digest() != info.frame_digests[index]:
-        raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]}… fails its BLAKE3 digest")
+    check_digest(info, index, hasher.digest(), peer)
     progress.advance(len(info.frame_digests))

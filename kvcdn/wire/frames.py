@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
+
 from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.spec.identity import digest
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -20,10 +22,12 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 __all__ = [
     "EncodedBlock",
     "FrameSource",
+    "check_digest",
     "check_start_frame",
     "decode_frame",
     "encode_block",
     "encode_stored",
+    "expect_frame",
     "frame_parts",
     "stream_blocks",
     "verify_frame",
@@ -148,27 +152,59 @@ def frame_parts(data: bytes) -> tuple[memoryview, memoryview]:
     return header, buf[pos : pos + n]
 
 
-def decode_frame(data: bytes) -> tuple[pb.FrameHeader, memoryview]:
-    """Split an encoded `Frame` into its header and a zero-copy view of its payload."""
+def decode_frame(data: bytes, peer: str = "") -> tuple[pb.FrameHeader, memoryview]:
+    """Split an encoded `Frame` into its header and a zero-copy view of its payload; DigestMismatch for
+    bytes that are not a Frame at all (a faulty or hostile sender: the caller fails over)."""
     try:
-        header, payload = frame_parts(data)
-    except ValueError:
-        # Another writer's field order: parse properly (copies the payload).
-        frame = pb.Frame.FromString(data)
-        return frame.header, memoryview(frame.payload)
-    return pb.FrameHeader.FromString(bytes(header)), payload
+        try:
+            header, payload = frame_parts(data)
+        except ValueError:
+            # Another writer's field order: parse properly (copies the payload).
+            frame = pb.Frame.FromString(data)
+            return frame.header, memoryview(frame.payload)
+        return pb.FrameHeader.FromString(bytes(header)), payload
+    except DecodeError:
+        raise DigestMismatch(f"{peer or 'the server'} sent {len(data)} bytes that are not a Frame") from None
 
 
-def verify_frame(info: pb.BlockInfo, frame_bytes: int, header: pb.FrameHeader, payload: memoryview) -> None:
-    """Check a frame against the block's published digests; raise DigestMismatch otherwise."""
-    index = header.frame_index
-    if header.block_key != info.key or index >= len(info.frame_digests):
-        raise DigestMismatch(f"frame {index} does not belong to block {info.key.hex()[:16]}")
+def _block_name(info: pb.BlockInfo) -> str:
+    return f"block {info.index} ({info.key.hex()[:16]}…)"
+
+
+def expect_frame(
+    info: pb.BlockInfo, frame_bytes: int, index: int, header: pb.FrameHeader, payload_len: int, peer: str = ""
+) -> None:
+    """The checks a receiver makes before it reads a payload: `header` announces frame `index` (the
+    one due) of the block `info`, at its offset, with its published digest, and `payload_len` is that
+    frame's size. DigestMismatch otherwise. The one verifier of every receiver: the bulk stream, gRPC
+    streams and an edge's loads."""
+    sender = peer or "the server"
+    if header.block_key != info.key or header.frame_index != index or index >= len(info.frame_digests):
+        raise DigestMismatch(
+            f"{sender} sent frame {header.frame_index} of block {header.block_key.hex()[:16]}… where frame "
+            f"{index} of {_block_name(info)} was due"
+        )
     expected_len = min(frame_bytes, info.n_bytes - index * frame_bytes)
-    if header.offset != index * frame_bytes or len(payload) != expected_len:
-        raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} has the wrong offset or size")
-    if digest(payload) != info.frame_digests[index]:
-        raise DigestMismatch(f"frame {index} of block {info.key.hex()[:16]} fails its BLAKE3 digest")
+    if header.offset != index * frame_bytes or payload_len != expected_len:
+        raise DigestMismatch(f"{sender} sent frame {index} of {_block_name(info)} with the wrong offset or size")
+    if header.digest and header.digest != info.frame_digests[index]:
+        raise DigestMismatch(f"{sender} sent frame {index} of {_block_name(info)} under another digest")
+
+
+def check_digest(info: pb.BlockInfo, index: int, actual: bytes, peer: str = "") -> None:
+    """DigestMismatch unless `actual`, the BLAKE3 of frame `index`'s payload, is the published one."""
+    if actual != info.frame_digests[index]:
+        raise DigestMismatch(
+            f"frame {index} of {_block_name(info)} from {peer or 'the server'} fails its BLAKE3 digest"
+        )
+
+
+def verify_frame(
+    info: pb.BlockInfo, frame_bytes: int, index: int, header: pb.FrameHeader, payload: memoryview, peer: str = ""
+) -> None:
+    """`expect_frame` and `check_digest` for a frame whose payload is already in memory."""
+    expect_frame(info, frame_bytes, index, header, len(payload), peer)
+    check_digest(info, index, digest(payload), peer)
 
 
 async def stream_blocks(sources: AsyncIterator[FrameSource], start_frame: int) -> AsyncIterator[bytes]:
