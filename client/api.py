@@ -46,11 +46,16 @@ class ClientConfig:
     """After an edge fails, ask it last for this long (so one dead edge costs one timeout, not one per run)."""
     max_streams: int = 256
     """Bulk streams this client receives at once, each in a worker thread of its own (started as needed)."""
+    streams_per_fetch: int = 8
+    """Streams one fetch runs at the same time: its runs of blocks (each from its owner) in parallel."""
+    streams_per_run: int = 1
+    """Connections a long run of blocks is split over, all to its owner (more where one stream cannot
+    fill the link, e.g. when one receiving core is the limit)."""
 
     def __post_init__(self) -> None:
         parse_edges(self.edges)  # fail early on a malformed list
-        if self.max_streams < 1:
-            raise InvalidArgument("max_streams must be at least 1")
+        if min(self.max_streams, self.streams_per_fetch, self.streams_per_run) < 1:
+            raise InvalidArgument("max_streams, streams_per_fetch and streams_per_run must be at least 1")
 
 
 @dataclass
@@ -186,14 +191,25 @@ class KVClient:
         if not blocks:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
         assembler = KVAssembler(geometry, n_tokens, model.device)
+        # Every run of blocks streams at once (the ring spreads a document over its edges), each into
+        # its own part of the tensors; a failure in one run fails over on its own, as if it were alone.
+        runs = self.runs(blocks)
+        progress = [Progress() for _ in runs]
+        gate = asyncio.Semaphore(self.config.streams_per_fetch)
+
+        async def stream(run: list[pb.BlockInfo], at: Progress) -> list[str]:
+            async with gate:
+                return await self._stream_into(model.fingerprint_hex, geometry, run, assembler, at)
+
+        results = await asyncio.gather(
+            *(stream(r, p) for r, p in zip(runs, progress, strict=True)), return_exceptions=True
+        )
         used: list[str] = []
-        first_frame_at = 0.0
-        for run in self.runs(blocks):
-            progress = Progress()
-            for address in await self._stream_into(model.fingerprint_hex, geometry, run, assembler, progress):
-                if address not in used:
-                    used.append(address)
-            first_frame_at = first_frame_at or progress.first_frame_at
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            used += [address for address in result if address not in used]
+        first_frame_at = min((p.first_frame_at for p in progress if p.first_frame_at), default=t0)
         layers = await asyncio.get_running_loop().run_in_executor(None, assembler.layers)
         return FetchedCache(
             layers=layers,
@@ -205,16 +221,22 @@ class KVClient:
         )
 
     def runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
-        """Consecutive blocks grouped by their primary owner: each run travels in one stream."""
-        runs: list[list[pb.BlockInfo]] = []
+        """Consecutive blocks grouped by their primary owner, each group cut into at most
+        `streams_per_run` parts of about equal size: each run travels in one stream."""
+        groups: list[list[pb.BlockInfo]] = []
         owner = None
         for info in blocks:
             first = self.placement.owners(info.key)[0]
-            if runs and first == owner:
-                runs[-1].append(info)
+            if groups and first == owner:
+                groups[-1].append(info)
             else:
-                runs.append([info])
+                groups.append([info])
                 owner = first
+        runs: list[list[pb.BlockInfo]] = []
+        for group in groups:
+            parts = min(self.config.streams_per_run, len(group))
+            size = -(-len(group) // parts)
+            runs += [group[i : i + size] for i in range(0, len(group), size)]
         return runs
 
     async def _stream_into(

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from kvcdn.client.api import KVClient
 from kvcdn.errors import InvalidArgument
-from kvcdn.loadtest.rawtcp import raw_tcp_gbps
+from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
@@ -69,6 +69,9 @@ class BenchRow:
     cached_s: float
     """Fetch + rebuild, then the question and the first new token (best of the repeats)."""
     raw_gbps: float
+    """One raw TCP stream of the same bytes between two processes, in the same run."""
+    hash_gbps: float
+    """One core's BLAKE3 over the same bytes in frames, in the same run."""
     matched: bool
 
     @property
@@ -82,6 +85,11 @@ class BenchRow:
     @property
     def fetch_gbps(self) -> float:
         return self.cache_bytes / self.fetch_s / 1e9
+
+    @property
+    def bound_gbps(self) -> float:
+        """The verified-transfer bound: receiving and hashing every byte on one core."""
+        return verified_bound(self.raw_gbps, self.hash_gbps)
 
 
 async def measure(
@@ -121,6 +129,7 @@ async def measure(
                 # the TCP baseline reuses its buffer.
                 del fetched, gen
             raw = raw_tcp_gbps(n_bytes, repeats)
+            hashed = blake3_gbps(n_bytes, (await client.info()).geometry.frame_bytes, repeats)
             rows.append(
                 BenchRow(
                     tokens=len(doc),
@@ -130,6 +139,7 @@ async def measure(
                     local_s=local_s,
                     cached_s=cached_s,
                     raw_gbps=raw,
+                    hash_gbps=hashed,
                     matched=matched,
                 )
             )
@@ -149,6 +159,9 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
         "fetch GB/s",
         "raw TCP GB/s",
         "fetch/raw",
+        "BLAKE3 GB/s",
+        "bound GB/s",
+        "fetch/bound",
         "same 1st token",
     ]
     body = [
@@ -164,6 +177,9 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
             f"{r.fetch_gbps:.2f}",
             f"{r.raw_gbps:.2f}",
             f"{r.fetch_gbps / r.raw_gbps:.0%}",
+            f"{r.hash_gbps:.2f}",
+            f"{r.bound_gbps:.2f}",
+            f"{r.fetch_gbps / r.bound_gbps:.0%}",
             "yes" if r.matched else "NO",
         ]
         for r in rows

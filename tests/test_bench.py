@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
 from kvcdn.loadtest.bench import measure, render, text_of_length
-from kvcdn.loadtest.rawtcp import raw_tcp_gbps
 from kvcdn.model.prompt import document_ids
 from tests.conftest import SAMPLES, Network
 
@@ -17,6 +17,11 @@ def test_raw_tcp_baseline_moves_every_byte_it_times() -> None:
     n_bytes = (3 << 20) + 12345
     gbps = raw_tcp_gbps(n_bytes, repeats=2)
     assert 0.001 < gbps < 1000  # a real transfer of n_bytes, timed in seconds, not a placeholder
+
+
+def test_the_verified_bound_is_receive_then_hash_on_one_core() -> None:
+    assert verified_bound(4.0, 4.0) == 2.0 and verified_bound(3.0, 6.0) == 2.0
+    assert 0.01 < blake3_gbps(4 << 20, 1 << 20, repeats=2) < 1000
 
 
 def test_text_of_length_hits_the_requested_token_count(network: Network) -> None:
@@ -34,4 +39,5 @@ async def test_measure_fetches_every_length_exactly_and_renders_a_table(network:
     assert all(r.matched for r in rows)
     assert [r.cache_bytes for r in rows] == [n * model.geometry.token_bytes for n in (64, 200)]
     table = render(rows, "bench", markdown=True)
-    assert isinstance(table, str) and table.count("\n| ") == 3 and "fetch/raw" in table
+    assert isinstance(table, str) and table.count("\n| ") == 3 and "fetch/bound" in table
+    assert all(r.bound_gbps < min(r.raw_gbps, r.hash_gbps) for r in rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, s
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
-async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
+async def test_parallel_runs_and_one_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
     network: Network, sample_text: str, bulk: bool
 ) -> None:
     model = network.model
@@ -43,36 +43,46 @@ async def test_a_stream_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
     assert len(manifest.blocks[0].frame_digests) > 1, "the test needs multi-frame blocks"
     edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
     by_address = {network.edge_address: network.edge, server2.address: edge2}
-    requests: list[tuple[str, int, int]] = []
+    requests: list[tuple[str, bytes, int, int]] = []
+    streaming = peak = 0
     try:
         doc = document_ids(model.tokenizer, sample_text)
         config = ClientConfig((network.edge_address, server2.address), bulk=bulk)
         async with KVClient(config) as client:
             first, second = client.placement.route(manifest.blocks[0].key)
+            real = {a: e.stream for a, e in by_address.items()}
+
+            def serving(address: str, dies: bool) -> Callable[..., AsyncIterator[bytes]]:
+                async def stream(
+                    fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+                ) -> AsyncIterator[bytes]:
+                    nonlocal streaming, peak
+                    requests.append((address, keys[0], len(keys), start))
+                    streaming += 1
+                    peak = max(peak, streaming)
+                    try:
+                        await asyncio.sleep(0.01)  # the other runs' streams open meanwhile
+                        async for raw in real[address](fp, keys, start, from_peer):
+                            yield raw
+                            if dies and keys[0] == manifest.blocks[0].key:
+                                raise Unavailable("edge died")  # one frame into the first run
+                    finally:
+                        streaming -= 1
+
+                return stream
+
             # The first block's primary owner dies one frame into its stream.
-            real_first, real_second = by_address[first].stream, by_address[second].stream
-
-            async def dies_mid_stream(
-                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
-            ) -> AsyncIterator[bytes]:
-                requests.append((first, len(keys), start))
-                async for raw in real_first(fp, keys, start, from_peer):
-                    yield raw
-                    raise Unavailable("edge died")
-
-            async def records(
-                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
-            ) -> AsyncIterator[bytes]:
-                requests.append((second, len(keys), start))
-                async for raw in real_second(fp, keys, start, from_peer):
-                    yield raw
-
-            by_address[first].stream = dies_mid_stream  # type: ignore[method-assign]
-            by_address[second].stream = records  # type: ignore[method-assign]
-            run = client.runs(list(manifest.blocks))[0]
+            by_address[first].stream = serving(first, dies=True)  # type: ignore[method-assign]
+            by_address[second].stream = serving(second, dies=False)  # type: ignore[method-assign]
+            runs = client.runs(list(manifest.blocks))
             fetched = await client.fetch(model, doc)
+        assert len(runs) > 1 and peak > 1, "the runs streamed at the same time"
         # The second replica was asked for the rest of the first run, from frame 1 of its first block.
-        assert requests[:2] == [(first, len(run), 0), (second, len(run), 1)]
+        run = runs[0]
+        assert [r for r in requests if r[1] == run[0].key][:2] == [
+            (first, run[0].key, len(run), 0),
+            (second, run[0].key, len(run), 1),
+        ]
         assert set(fetched.edges_used) == {first, second}
         for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
             assert torch.equal(k, rk) and torch.equal(v, rv)
@@ -90,7 +100,7 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
     manifest = (await network.origin.publish("doc", sample_text)).manifest
     edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
     by_address = {network.edge_address: network.edge, server2.address: edge2}
-    asked: list[tuple[str, int]] = []
+    asked: list[tuple[str, bytes, int]] = []
     try:
         doc = document_ids(model.tokenizer, sample_text)
         async with KVClient(ClientConfig((network.edge_address, server2.address), bulk=bulk)) as client:
@@ -100,7 +110,7 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
             async def corrupts_its_second_frame(
                 fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
             ) -> AsyncIterator[bytes]:
-                asked.append((bad, start))
+                asked.append((bad, keys[0], start))
                 sent = 0
                 async for raw in real_bad(fp, keys, start, from_peer):
                     if sent == 1:  # a compromised edge: a flipped payload byte, or bytes that are no Frame
@@ -111,14 +121,15 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
             async def records(
                 fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
             ) -> AsyncIterator[bytes]:
-                asked.append((good, start))
+                asked.append((good, keys[0], start))
                 async for raw in real_good(fp, keys, start, from_peer):
                     yield raw
 
             by_address[bad].stream = corrupts_its_second_frame  # type: ignore[method-assign]
             by_address[good].stream = records  # type: ignore[method-assign]
             fetched = await client.fetch(model, doc)
-        assert asked[:2] == [(bad, 0), (good, 1)]  # the replica resumed at the bad frame
+        first_run = [(address, start) for address, key, start in asked if key == manifest.blocks[0].key]
+        assert first_run[:2] == [(bad, 0), (good, 1)]  # the replica resumed at the bad frame
         for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
             assert torch.equal(k, rk) and torch.equal(v, rv)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,14 @@ async def test_an_edge_killed_during_a_fetch_costs_nothing_but_a_retry(
             victim = next(a for a in owners if a != first)  # owns a later run of this document
             process = cluster.process(f"edge{cluster.edge_addresses.index(victim)}")
             killed: list[int] = []
+            once = threading.Lock()  # the runs stream in parallel, each on a thread of its own
 
             class KillOnFirstFrame(api.KVAssembler):
                 def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[Any]:
-                    if not killed:  # the fetch is streaming its first frame: kill the other edge now
-                        os.kill(process.pid, signal.SIGKILL)
-                        killed.append(process.wait(10))
+                    with once:
+                        if not killed:  # the fetch is streaming its first frame: kill the other edge now
+                            os.kill(process.pid, signal.SIGKILL)
+                            killed.append(process.wait(10))
                     return super().regions(block_start, block_tokens, offset, length)
 
             monkeypatch.setattr(api, "KVAssembler", KillOnFirstFrame)

@@ -1,7 +1,14 @@
-"""The baseline the benchmark compares fetches with: a plain TCP transfer of the same number of bytes
-from another process over loopback, into a pre-touched buffer. Stdlib only, so the spawned sender
-starts in a blink. The bytes are a known pattern, checked after each timed transfer, so a baseline
-that moved less (or other) data than it claims fails instead of flattering the comparison."""
+"""The baselines the benchmark compares fetches with, measured in the same run.
+
+`raw_tcp_gbps`: a plain TCP transfer of the same number of bytes from another process over loopback,
+into a pre-touched buffer (stdlib only, so the spawned sender starts in a blink). The bytes are a known
+pattern, checked after each timed transfer, so a baseline that moved less (or other) data than it
+claims fails instead of flattering the comparison.
+
+`blake3_gbps`: one core hashing the same bytes in frames, as a receiver verifies them. A verified
+fetch cannot beat `verified_bound(raw, hash) = 1 / (1/raw + 1/hash)` where the receiving core both
+receives and hashes every byte (on two cores the sender takes the other one).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ import socket
 import time
 from multiprocessing.connection import Connection
 
-__all__ = ["raw_tcp_gbps"]
+import blake3
+
+__all__ = ["blake3_gbps", "raw_tcp_gbps", "verified_bound"]
 
 _CHUNK = 1 << 20
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
@@ -58,3 +67,20 @@ def raw_tcp_gbps(n_bytes: int, repeats: int = 3) -> float:
             raise ValueError("the raw TCP baseline received other bytes than were sent")
     proc.join(10)
     return n_bytes / best / 1e9
+
+
+def blake3_gbps(n_bytes: int, frame_bytes: int, repeats: int = 3) -> float:
+    """Best GB/s of one thread computing the BLAKE3 digest of each `frame_bytes` frame of `n_bytes`."""
+    view = memoryview(bytearray(n_bytes))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for offset in range(0, n_bytes, frame_bytes):
+            blake3.blake3(view[offset : offset + frame_bytes]).digest()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9
+
+
+def verified_bound(raw_gbps: float, hash_gbps: float) -> float:
+    """GB/s of one core that receives at `raw_gbps` and then hashes at `hash_gbps`, byte for byte."""
+    return 1 / (1 / raw_gbps + 1 / hash_gbps)
