@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from kvcdn.client.api import KVClient, generate_from_cache
+from kvcdn.client.policy import Policy
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
@@ -33,6 +34,12 @@ class AskResult:
     """With verify: largest logit difference over the steps whose inputs matched."""
     prefill_s: float | None = None
     """With verify: seconds of a local prefill of the document alone (what the cache replaces)."""
+    decision: str = "fetch"
+    """fetch (the cached prefix came from the edges) or prefill (the document was computed here)."""
+    predicted_fetch_s: float | None = None
+    """What the client predicted fetching would cost (None: not predictable yet)."""
+    predicted_prefill_s: float | None = None
+    """What the client predicted a local prefill would cost."""
 
     @property
     def speedup(self) -> float | None:
@@ -63,11 +70,14 @@ async def ask(
     question: str,
     max_new_tokens: int = 24,
     verify: bool = False,
+    policy: Policy = "auto",
 ) -> AskResult:
-    """Fetch `text`'s cache from the edges and answer `question`; optionally verify exactness."""
+    """Answer `question` about `text`, starting from its cache when fetching it is faster than
+    prefilling (`policy`, see kvcdn.client.policy); with `verify`, also prefill locally and compare."""
     doc = document_ids(model.tokenizer, text)
     ids = doc + question_ids(model.tokenizer, question)
-    fetched = await client.fetch(model, doc)
+    fetched = await client.prepare(model, doc, policy)
+    decision = fetched.decision
     t0 = time.perf_counter()
     gen = generate_from_cache(model, fetched, ids, max_new_tokens)
     generate_s = time.perf_counter() - t0
@@ -79,12 +89,14 @@ async def ask(
         cache_bytes=fetched.n_bytes,
         fetch_s=fetched.fetch_s,
         generate_s=generate_s,
+        decision=decision.action if decision else "fetch",
+        predicted_fetch_s=decision.predicted_fetch_s if decision else None,
+        predicted_prefill_s=decision.predicted_prefill_s if decision else None,
     )
     if not verify:
         return result
-    t0 = time.perf_counter()
-    adapter.prefill(model.model, doc)
-    prefill_s = time.perf_counter() - t0
+    _, prefill_s = adapter.timed_prefill(model.model, doc)
+    client.estimates.observe_prefill(model.device_key, len(doc), prefill_s)
     local = adapter.greedy(model.model, ids, max_new_tokens)
     matched, diff = compare(gen, local)
     return AskResult(

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from kvcdn.client.policy import Decision, Estimates, Policy, decide
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
-from kvcdn.model.tensors import KVAssembler, LayerKV
+from kvcdn.model.tensors import KVAssembler, LayerKV, synchronize
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
@@ -48,12 +49,16 @@ class ClientConfig:
     """Bulk streams this client receives at once, each in a worker thread of its own (started as needed)."""
     streams_per_fetch: int = 8
     """Streams one fetch runs at the same time: its runs of blocks (each from its owner) in parallel."""
+    assumed_gbps: float = 1.0
+    """Bandwidth a fetch-or-prefill decision assumes until this client has measured a fetch (GB/s)."""
     streams_per_run: int = 1
     """Connections a long run of blocks is split over, all to its owner (more where one stream cannot
     fill the link, e.g. when one receiving core is the limit)."""
 
     def __post_init__(self) -> None:
         parse_edges(self.edges)  # fail early on a malformed list
+        if self.assumed_gbps <= 0:
+            raise InvalidArgument("assumed_gbps must be positive")
         if min(self.max_streams, self.streams_per_fetch, self.streams_per_run) < 1:
             raise InvalidArgument("max_streams, streams_per_fetch and streams_per_run must be at least 1")
 
@@ -73,6 +78,8 @@ class FetchedCache:
     """Edges that streamed (or failed to stream) part of the cache, in the order first asked."""
     first_frame_s: float = 0.0
     """Seconds from the first lookup to the first verified frame (0 if nothing was cached)."""
+    decision: Decision | None = None
+    """With `KVClient.prepare`: whether the cached prefix was fetched or left to a local prefill, and why."""
 
     def cache(self, model: LoadedModel) -> Any:
         """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
@@ -105,6 +112,8 @@ class KVClient:
         }
         self._info: pb.ServerInfo | None = None
         self._suspect_until: dict[str, float] = {}
+        self.estimates = Estimates()
+        """Bandwidth of this client's fetches and prefill rates of its models (fetch or prefill)."""
         # Bulk streams block a thread each; the event loop's default pool (a handful of threads) would
         # queue concurrent fetches behind one another.
         self._receivers = ThreadPoolExecutor(self.config.max_streams, thread_name_prefix="kvcdn-receive")
@@ -182,10 +191,43 @@ class KVClient:
                 raise DigestMismatch(f"edge answered a lookup with a malformed block {i}")
         return blocks
 
+    async def prepare(self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto") -> FetchedCache:
+        """The cache an agent should start from for `ids`: the longest cached prefix when fetching it
+        (and prefilling the rest) is predicted faster than prefilling everything, else nothing
+        (`policy="auto"`, see kvcdn.client.policy); `fetch` / `prefill` force either. The prefill rate
+        of `model` is measured once, on a short prefill, before its first auto decision."""
+        t0 = time.perf_counter()
+        blocks = await self.lookup(model, ids)
+        key = model.device_key
+        if policy == "auto" and blocks and key not in self.estimates.prefill_tokens_per_s:
+            await self.calibrate(model, ids)
+        decision = decide(
+            policy,
+            tokens=len(ids),
+            cached_tokens=sum(b.n_tokens for b in blocks),
+            cached_bytes=sum(b.n_bytes for b in blocks),
+            fetch_bytes_per_s=self.estimates.fetch_bytes_per_s or self.config.assumed_gbps * 1e9,
+            prefill_tokens_per_s=self.estimates.prefill_tokens_per_s.get(key),
+        )
+        if decision.action == "prefill":
+            return FetchedCache([], 0, 0, time.perf_counter() - t0, decision=decision)
+        fetched = await self._fetch_blocks(model, blocks, t0)
+        fetched.decision = decision
+        return fetched
+
+    async def calibrate(self, model: LoadedModel, ids: Sequence[int], n_tokens: int = 256) -> float:
+        """Measure `model`'s prefill rate on up to `n_tokens` of `ids` (tokens per second, remembered)."""
+        sample = list(ids[:n_tokens])
+        _, seconds = await asyncio.get_running_loop().run_in_executor(None, adapter.timed_prefill, model.model, sample)
+        self.estimates.observe_prefill(model.device_key, len(sample), seconds)
+        return len(sample) / seconds
+
     async def fetch(self, model: LoadedModel, ids: Sequence[int]) -> FetchedCache:
         """Stream and verify the longest cached prefix of `ids` into tensors on the model's device."""
         t0 = time.perf_counter()
-        blocks = await self.lookup(model, ids)
+        return await self._fetch_blocks(model, await self.lookup(model, ids), t0)
+
+    async def _fetch_blocks(self, model: LoadedModel, blocks: list[pb.BlockInfo], t0: float) -> FetchedCache:
         geometry = await self.geometry_for(model)
         n_tokens = sum(b.n_tokens for b in blocks)
         if not blocks:
@@ -210,8 +252,8 @@ class KVClient:
                 raise result
             used += [address for address in result if address not in used]
         first_frame_at = min((p.first_frame_at for p in progress if p.first_frame_at), default=t0)
-        layers = await asyncio.get_running_loop().run_in_executor(None, assembler.layers)
-        return FetchedCache(
+        layers = await asyncio.get_running_loop().run_in_executor(None, self._land, assembler)
+        fetched = FetchedCache(
             layers=layers,
             cached_tokens=n_tokens,
             n_bytes=sum(b.n_bytes for b in blocks),
@@ -219,6 +261,15 @@ class KVClient:
             edges_used=used,
             first_frame_s=first_frame_at - t0,
         )
+        self.estimates.observe_fetch(fetched.n_bytes, fetched.fetch_s)
+        return fetched
+
+    @staticmethod
+    def _land(assembler: KVAssembler) -> list[LayerKV]:
+        """The assembled tensors on their device, copies finished (a fetch ends when the cache can be used)."""
+        layers = assembler.layers()
+        synchronize(assembler.device)
+        return layers
 
     def runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
         """Consecutive blocks grouped by their primary owner, each group cut into at most

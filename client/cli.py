@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvcdn.client.policy import POLICIES
 from kvcdn.errors import InvalidArgument
 from kvcdn.flags import add_edges_flag
 from kvcdn.model.options import ModelOptions
@@ -43,6 +44,12 @@ def register(sub: Any) -> None:
             s.add_argument("--question", required=True)
             s.add_argument("--max-new-tokens", type=int, default=24)
             s.add_argument("--verify", action="store_true", help="also prefill locally and compare")
+            s.add_argument(
+                "--policy",
+                choices=POLICIES,
+                default="auto",
+                help="auto: fetch the cached prefix only when that is predicted faster than prefilling (default)",
+            )
 
 
 def _read_doc(path: str) -> str:
@@ -145,17 +152,21 @@ def ask(args: argparse.Namespace) -> int:
 
     async def run() -> Any:
         async with KVClient(args.edges) as client:
-            return await ask_edges(client, model, text, args.question, args.max_new_tokens, args.verify)
+            return await ask_edges(client, model, text, args.question, args.max_new_tokens, args.verify, args.policy)
 
     result = asyncio.run(run())
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
     print(result.answer)
-    line = (
-        f"[{result.cached_tokens}/{result.doc_tokens} tokens from cache, {result.cache_bytes / 1e6:.1f} MB "
-        f"in {result.fetch_s:.3f} s"
-    )
+    if result.decision == "prefill":
+        predicted = f"{result.predicted_prefill_s:.3f} s" if result.predicted_prefill_s is not None else "?"
+        line = f"[prefilled locally ({result.doc_tokens} tokens, predicted {predicted}): faster than fetching"
+    else:
+        line = (
+            f"[{result.cached_tokens}/{result.doc_tokens} tokens from cache, {result.cache_bytes / 1e6:.1f} MB "
+            f"in {result.fetch_s:.3f} s"
+        )
     if args.verify:
         line += (
             f"; verify: {result.matched_tokens}/{result.new_tokens} tokens matched, max |logit diff| "

@@ -108,9 +108,7 @@ async def measure(
             ids = doc + question
             await client.fetch(model, doc)  # warm the edge
             with console.status(f"local prefill of {len(doc)} tokens ..."):
-                t0 = time.perf_counter()
-                adapter.prefill(model.model, doc)
-                prefill_s = time.perf_counter() - t0
+                _, prefill_s = adapter.timed_prefill(model.model, doc)
                 t0 = time.perf_counter()
                 local = adapter.greedy(model.model, ids, 1)
                 local_s = time.perf_counter() - t0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -181,9 +180,9 @@ class Origin:
         async with self._model_lock:
             past = await loop.run_in_executor(None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0)
             start = spans[have][0]
-            t0 = time.perf_counter()
-            layers = await loop.run_in_executor(None, adapter.prefill, self.model.model, ids[start:], past)
-            prefill_s = time.perf_counter() - t0
+            layers, prefill_s = await loop.run_in_executor(
+                None, adapter.timed_prefill, self.model.model, ids[start:], past
+            )
             self.prefill_runs += 1
             self.prefill_s_total += prefill_s
         for i in range(have, len(keys)):

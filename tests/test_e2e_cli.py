@@ -103,6 +103,8 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
     assert result["matched_tokens"] == result["new_tokens"]
     assert result["max_abs_logit_diff"] <= 1e-3
     assert result["cached_tokens"] == stats["doc_tokens"]
+    # fetch or prefill: on this CPU fetching is far faster, and the client says what it predicted
+    assert result["decision"] == "fetch" and result["predicted_fetch_s"] < result["predicted_prefill_s"]
 
     # The edge pulled each block from the origin once, whatever the agents asked for since.
     with urllib.request.urlopen(edge_metrics, timeout=5) as resp:

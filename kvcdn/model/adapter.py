@@ -8,6 +8,7 @@ values)`, each `[batch=1, kv_heads, tokens, head_dim]`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,9 @@ import torch
 import transformers
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.model.tensors import LayerKV
+from kvcdn.model.tensors import LayerKV, synchronize
 
-__all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill"]
+__all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill", "timed_prefill"]
 
 
 # transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
@@ -58,6 +59,15 @@ def prefill(model: Any, ids: list[int], past: list[LayerKV] | None = None) -> li
     cache = build_cache(model, past) if past else DynamicCache(config=model.config)
     model(input_ids=_ids_tensor(ids, device), cache=cache, use_cache=True, logits_to_keep=1)
     return _layers_of(cache)
+
+
+def timed_prefill(model: Any, ids: list[int], past: list[LayerKV] | None = None) -> tuple[list[LayerKV], float]:
+    """`prefill`, and the seconds it took with the device synchronized before and after."""
+    synchronize(model.device)
+    t0 = time.perf_counter()
+    layers = prefill(model, ids, past)
+    synchronize(model.device)
+    return layers, time.perf_counter() - t0
 
 
 def kv_shape(model: Any) -> tuple[int, int, int]:

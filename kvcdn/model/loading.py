@@ -105,6 +105,11 @@ class LoadedModel:
     def fingerprint_hex(self) -> str:
         return self.fingerprint.hex()
 
+    @property
+    def device_key(self) -> str:
+        """This model on this device: what a measured prefill rate belongs to."""
+        return f"{self.fingerprint_hex}@{self.device}"
+
 
 def provision_default_model(models_dir: Path) -> Path:
     """The embedded default model's directory, fetching and converting it on first use."""

@@ -15,7 +15,7 @@ import torch
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.geometry import Geometry
 
-__all__ = ["TORCH_DTYPES", "KVAssembler", "LayerKV", "block_payload"]
+__all__ = ["TORCH_DTYPES", "KVAssembler", "LayerKV", "block_payload", "synchronize"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -26,6 +26,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (keys, values), each `[batch=1, kv_heads, tokens, head_dim]`."""
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on `device` has run: CUDA kernels and non-blocking copies return
+    before they finish, so every timing that involves a GPU ends here."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _u8(t: torch.Tensor) -> np.ndarray:
@@ -89,7 +96,8 @@ class KVAssembler:
             pos += len(region)
 
     def layers(self) -> list[LayerKV]:
-        """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device."""
+        """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device
+        (copies to a GPU are queued, not finished: `synchronize` before timing)."""
         out: list[LayerKV] = []
         for i in range(0, len(self._buffers), 2):
             k, v = (

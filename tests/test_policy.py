@@ -1,0 +1,85 @@
+"""Fetch or prefill: the client fetches a cache only when that is predicted faster than computing it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from kvcdn.client import KVClient
+from kvcdn.client.policy import Estimates, decide
+from kvcdn.errors import InvalidArgument
+from kvcdn.model.prompt import document_ids
+from tests.conftest import Network
+
+
+def test_auto_picks_whichever_is_predicted_faster() -> None:
+    common = {"tokens": 1000, "cached_tokens": 1000, "cached_bytes": 10**9}
+    slow_link = decide("auto", **common, fetch_bytes_per_s=1e8, prefill_tokens_per_s=1e4)  # 10 s vs 0.1 s
+    assert slow_link.action == "prefill" and slow_link.predicted_fetch_s == pytest.approx(10.0)
+    assert slow_link.predicted_prefill_s == pytest.approx(0.1)
+    fast_link = decide("auto", **common, fetch_bytes_per_s=1e10, prefill_tokens_per_s=1e3)  # 0.1 s vs 1 s
+    assert fast_link.action == "fetch"
+
+
+def test_a_partly_cached_sequence_counts_the_prefill_of_its_rest() -> None:
+    d = decide(
+        "auto", tokens=1000, cached_tokens=500, cached_bytes=500, fetch_bytes_per_s=1e6, prefill_tokens_per_s=1e3
+    )
+    assert d.predicted_fetch_s == pytest.approx(0.0005 + 0.5) and d.predicted_prefill_s == pytest.approx(1.0)
+    assert d.action == "fetch"
+
+
+def test_forced_policies_and_missing_estimates() -> None:
+    kw = {"tokens": 10, "cached_tokens": 10, "cached_bytes": 10**9, "fetch_bytes_per_s": 1.0}
+    assert decide("fetch", **kw, prefill_tokens_per_s=1e9).action == "fetch"
+    assert decide("prefill", **kw, prefill_tokens_per_s=1.0).action == "prefill"
+    unknown = decide("auto", **kw, prefill_tokens_per_s=None)
+    assert unknown.action == "fetch" and unknown.predicted_prefill_s is None and unknown.predicted_fetch_s is None
+    nothing = decide("fetch", tokens=10, cached_tokens=0, cached_bytes=0, fetch_bytes_per_s=1.0, prefill_tokens_per_s=1)
+    assert nothing.action == "prefill"  # nothing is cached: there is nothing to fetch
+    with pytest.raises(InvalidArgument, match="policy"):
+        decide("sometimes", **kw, prefill_tokens_per_s=1.0)  # type: ignore[arg-type]
+
+
+def test_estimates_move_toward_new_measurements() -> None:
+    e = Estimates(weight=0.5)
+    e.observe_fetch(100, 1.0)
+    e.observe_fetch(300, 1.0)
+    assert e.fetch_bytes_per_s == 200
+    e.observe_prefill("m", 10, 0.0)  # a zero-time measurement is no measurement
+    assert "m" not in e.prefill_tokens_per_s
+
+
+async def test_auto_prefills_when_the_edge_is_slow_and_fetches_when_it_is_fast(
+    network: Network, sample_text: str
+) -> None:
+    model = network.model
+    await network.origin.publish("doc", sample_text)
+    doc = document_ids(model.tokenizer, sample_text)
+    real = network.edge.stream
+
+    async def slow(fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False) -> AsyncIterator[bytes]:
+        async for raw in real(fp, keys, start, from_peer):
+            await asyncio.sleep(0.005)  # a congested edge: 5 ms a 4 KiB frame
+            yield raw
+
+    network.edge.stream = slow  # type: ignore[method-assign]
+    async with KVClient([network.edge_address]) as client:
+        measured = await client.prepare(model, doc, policy="fetch")  # the client learns the edge is slow
+        assert measured.cached_tokens == len(doc)
+        prepared = await client.prepare(model, doc)  # auto: this tiny model prefills in milliseconds
+        assert prepared.decision is not None and prepared.decision.action == "prefill"
+        assert prepared.cached_tokens == 0 and prepared.layers == []
+        d = prepared.decision
+        assert d.predicted_prefill_s is not None and d.predicted_fetch_s is not None
+        assert d.predicted_prefill_s < d.predicted_fetch_s
+
+    network.edge.stream = real  # type: ignore[method-assign]
+    async with KVClient([network.edge_address]) as client:
+        await client.fetch(model, doc)  # a fast edge, measured
+        client.estimates.observe_prefill(model.device_key, 10, 10.0)  # and a model that prefills 1 token/s
+        prepared = await client.prepare(model, doc)
+        assert prepared.decision is not None and prepared.decision.action == "fetch"
+        assert prepared.cached_tokens == len(doc)
