@@ -391,6 +391,10 @@ class BlockingKVClient:
         fetched: FetchedCache = self._run(self._client.fetch(model, ids))
         return fetched
 
+    def prepare(self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto") -> FetchedCache:
+        prepared: FetchedCache = self._run(self._client.prepare(model, ids, policy))
+        return prepared
+
     def close(self) -> None:
         self._run(self._client.close())
         self._loop.close()

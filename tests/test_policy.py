@@ -72,6 +72,7 @@ async def test_auto_prefills_when_the_edge_is_slow_and_fetches_when_it_is_fast(
         prepared = await client.prepare(model, doc)  # auto: this tiny model prefills in milliseconds
         assert prepared.decision is not None and prepared.decision.action == "prefill"
         assert prepared.cached_tokens == 0 and prepared.layers == []
+        assert prepared.cache(model).get_seq_length() == 0  # an empty cache that generation fills
         d = prepared.decision
         assert d.predicted_prefill_s is not None and d.predicted_fetch_s is not None
         assert d.predicted_prefill_s < d.predicted_fetch_s

@@ -34,9 +34,12 @@ def build_cache(model: Any, layers: list[LayerKV]) -> Any:
     """A DynamicCache holding `layers` without copying them.
 
     The tensors become the cache's storage as they are (possibly non-contiguous views); the first
-    `update()` concatenates onto them, which is exactly what a cache filled by prefill does.
+    `update()` concatenates onto them, which is exactly what a cache filled by prefill does. No layers:
+    an empty cache, which generation fills as a prefill would.
     """
     cache = DynamicCache(config=model.config)
+    if not layers:
+        return cache
     if len(cache.layers) != len(layers):
         raise InvalidArgument(f"model has {len(cache.layers)} cache layers, the cache holds {len(layers)}")
     for layer, (keys, values) in zip(cache.layers, layers, strict=True):
