@@ -87,6 +87,11 @@ class BenchRow:
         return self.cache_bytes / self.fetch_s / 1e9
 
     @property
+    def breakeven_gbps(self) -> float:
+        """The bandwidth below which this device recomputes the cache faster than it fetches it."""
+        return self.cache_bytes / self.prefill_s / 1e9
+
+    @property
     def bound_gbps(self) -> float:
         """The verified-transfer bound: receiving and hashing every byte on one core."""
         return verified_bound(self.raw_gbps, self.hash_gbps)
@@ -155,6 +160,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
         "fetch+1st s",
         "TTFT speed-up",
         "fetch GB/s",
+        "break-even GB/s",
         "raw TCP GB/s",
         "fetch/raw",
         "BLAKE3 GB/s",
@@ -173,6 +179,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
             f"{r.cached_s:.3f}",
             f"{r.ttft_speedup:.1f}x",
             f"{r.fetch_gbps:.2f}",
+            f"{r.breakeven_gbps:.2f}",
             f"{r.raw_gbps:.2f}",
             f"{r.fetch_gbps / r.raw_gbps:.0%}",
             f"{r.hash_gbps:.2f}",
@@ -200,6 +207,8 @@ class BenchConfig:
     """Document lengths in tokens, one row each."""
     repeats: int = 3
     """Fetches per length (the best is reported)."""
+    edges: int = 1
+    """Edges on loopback (a document's blocks spread over them and stream in parallel)."""
     markdown: bool = False
     json_path: Path | None = None
     """Also write the rows here as JSON (the input of `economics --bench`)."""
@@ -207,8 +216,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
             raise InvalidArgument("--lengths takes positive token counts, e.g. 256,1024,3774")
-        if self.repeats < 1:
-            raise InvalidArgument("--repeats must be at least 1")
+        if self.repeats < 1 or self.edges < 1:
+            raise InvalidArgument("--repeats and --edges must be at least 1")
 
 
 def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) -> int:
@@ -218,15 +227,16 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
         console = Console(width=200)  # logs and CI: do not squeeze the table into 80 columns
     texts = [text_of_length(model, sample_corpus(), n) for n in config.lengths]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
-        with console.status("starting an origin and an edge ..."):
-            cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags()).start()
+        with console.status(f"starting an origin and {config.edges} edge(s) ..."):
+            cluster = Cluster(store_dir=Path(store), edges=config.edges, origin_args=options.flags()).start()
         try:
             rows = asyncio.run(
                 measure(model, cluster.origin_address, cluster.edge_addresses, texts, config.repeats, console)
             )
         finally:
             cluster.stop()
-    title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, warm edge, loopback"
+    edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
+    title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, loopback"
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
         config.json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from kvcdn.errors import InvalidArgument
 from kvcdn.flags import add_edges_flag, parse_count, parse_size
 from kvcdn.loadtest.economics import (
-    GEOMETRIES,
     PAPER,
     PAPER_REUSE,
     SWEEPS,
@@ -22,6 +21,7 @@ from kvcdn.loadtest.economics import (
     geometry_from,
 )
 from kvcdn.model.options import ModelOptions
+from kvcdn.spec.shapes import SHAPES
 
 if TYPE_CHECKING:  # the benchmarks import torch: only when they run
     from kvcdn.loadtest.bench import BenchConfig
@@ -41,6 +41,12 @@ def register(sub: Any) -> None:
     b.add_argument("--repeats", type=int, default=3, help="fetches per length (best is reported)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --bench`)")
+    b.add_argument("--edges", type=int, default=1, help="edges on loopback; blocks stream from all at once (1)")
+    b.add_argument(
+        "--geometry",
+        choices=sorted(SHAPES),
+        help="benchmark random weights of this published shape (= --model random:NAME; nothing to download)",
+    )
     ModelOptions.add_flags(b)
     b.set_defaults(run=bench)
 
@@ -78,7 +84,7 @@ def register(sub: Any) -> None:
     )
     e.add_argument("--paper", action="store_true", help="the preprint's inputs; prints its figures beside ours")
     e.add_argument(
-        "--geometry", default="qwen3-4b", help=f"{', '.join(GEOMETRIES)} or a model directory (default qwen3-4b)"
+        "--geometry", default="qwen3-4b", help=f"{', '.join(SHAPES)} or a model directory (default qwen3-4b)"
     )
     e.add_argument("--layers", type=int, help="override the geometry's layers")
     e.add_argument("--kv-heads", type=int, help="override the geometry's KV heads")
@@ -117,7 +123,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         lengths = tuple(int(x) for x in args.lengths.split(","))
     except ValueError:
         raise InvalidArgument(f"--lengths {args.lengths!r} is not a comma list of token counts") from None
-    return BenchConfig(lengths, args.repeats, args.markdown, Path(args.json) if args.json else None)
+    return BenchConfig(lengths, args.repeats, args.edges, args.markdown, Path(args.json) if args.json else None)
 
 
 def load_config(args: argparse.Namespace) -> LoadConfig:
@@ -215,6 +221,8 @@ def bench(args: argparse.Namespace) -> int:
 
     config = bench_config(args)
     options = ModelOptions.from_args(args)
+    if args.geometry:
+        options = replace(options, model=f"random:{args.geometry}")
     return run_bench(config, options.load(), options)
 
 

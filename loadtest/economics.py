@@ -30,9 +30,9 @@ from typing import Any
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.geometry import Geometry
+from kvcdn.spec.shapes import SHAPES
 
 __all__ = [
-    "GEOMETRIES",
     "PAPER",
     "PAPER_REUSE",
     "Costs",
@@ -51,24 +51,15 @@ __all__ = [
 GB = 1e9
 """Egress and storage are priced per decimal gigabyte, as clouds bill them."""
 
-GEOMETRIES: dict[str, tuple[int, int, int]] = {
-    # name: (layers, kv_heads, head_dim) from the models' config.json
-    "qwen3-4b": (36, 8, 128),
-    "smollm2-135m": (30, 3, 64),
-    "llama-3.1-8b": (32, 8, 128),
-    "qwen3-32b": (64, 8, 128),
-}
-
 
 def geometry_from(spec: str, dtype: str) -> Geometry:
-    """A named geometry (GEOMETRIES) or the geometry a model directory's config.json describes."""
-    if spec in GEOMETRIES:
-        layers, kv_heads, head_dim = GEOMETRIES[spec]
-        return Geometry(layers, kv_heads, head_dim, dtype)
+    """A published model's geometry (kvcdn.spec.shapes) or the one a model directory's config.json describes."""
+    if spec in SHAPES:
+        return SHAPES[spec].kv_geometry(dtype)
     config_file = Path(spec) / "config.json"
     if not config_file.is_file():
         raise InvalidArgument(
-            f"--geometry {spec!r} is neither one of {', '.join(GEOMETRIES)} nor a model directory with a config.json"
+            f"--geometry {spec!r} is neither one of {', '.join(SHAPES)} nor a model directory with a config.json"
         )
     config = json.loads(config_file.read_text())
     config = config.get("text_config", config)

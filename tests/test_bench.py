@@ -3,8 +3,13 @@ assertions: figures are printed, never asserted)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 from rich.console import Console
 
+from kvcdn.cli import main
 from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
 from kvcdn.loadtest.bench import measure, render, text_of_length
 from kvcdn.model.prompt import document_ids
@@ -41,3 +46,22 @@ async def test_measure_fetches_every_length_exactly_and_renders_a_table(network:
     table = render(rows, "bench", markdown=True)
     assert isinstance(table, str) and table.count("\n| ") == 3 and "fetch/bound" in table
     assert all(r.bound_gbps < min(r.raw_gbps, r.hash_gbps) for r in rows)
+
+
+def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a GPU owner runs on a bare machine (`--geometry`, nothing downloaded), here on the CPU."""
+    report = tmp_path / "bench.json"
+    argv = ["loadtest", "bench", "--geometry", "smollm2-135m", "--edges", "2", "--lengths", "300", "--markdown"]
+    assert main([*argv, "--repeats", "1", "--dtype", "float32", "--device", "cpu", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "random:smollm2-135m" in out and "2 warm edges" in out and "break-even GB/s" in out
+    [row] = json.loads(report.read_text())["rows"]
+    assert row["tokens"] == 300 and row["matched"] and row["cache_bytes"] == 300 * 46080  # SmolLM2's fp32 KV
+
+
+def test_bench_refuses_an_unknown_geometry(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["loadtest", "bench", "--geometry", "gpt-7"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -16,24 +15,14 @@ from transformers import (
     Qwen3Config,
 )
 
-ARCHITECTURES = ("llama", "qwen3", "mistral")
+from kvcdn.model.random import bundled_tokenizer
 
-_CORPUS = (Path(__file__).resolve().parent.parent / "kvcdn" / "samples").glob("*.txt")
+ARCHITECTURES = ("llama", "qwen3", "mistral")
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    texts = [p.read_text() for p in sorted(_CORPUS)] or ["the quick brown fox jumps over the lazy dog"]
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tokenizer: PreTrainedTokenizerFast = bundled_tokenizer(vocab_size=384)
+    return tokenizer
 
 
 def _config(arch: str, vocab: int) -> PretrainedConfig:

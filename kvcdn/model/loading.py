@@ -27,6 +27,7 @@ import transformers
 from kvcdn.errors import InvalidArgument, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.options import DEFAULT_MODEL
+from kvcdn.model.random import RANDOM_PREFIX, random_model
 from kvcdn.model.tensors import TORCH_DTYPES
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, DTYPES, Geometry
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS, model_fingerprint
@@ -175,6 +176,17 @@ def _canonical_config(model: Any) -> dict[str, Any]:
     }
 
 
+def _source(spec: str, models_dir: Path | None) -> str:
+    """Where transformers loads `spec` from: the provisioned default model, a directory or a hub id."""
+    if spec == DEFAULT_MODEL:
+        return str(provision_default_model(models_dir or default_models_dir()))
+    if Path(spec).is_dir():
+        return spec
+    if Path(spec).exists() or spec.startswith((".", "/")):
+        raise InvalidArgument(f"--model {spec!r} is not a model directory")
+    return spec  # a hub id
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -184,25 +196,22 @@ def load_model(
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     frame_bytes: int = DEFAULT_FRAME_BYTES,
 ) -> LoadedModel:
-    """Load a model by alias, directory or hub id and compute its fingerprint and KV geometry."""
+    """Load a model by alias, `random:GEOMETRY` (kvcdn.model.random), directory or hub id and compute
+    its fingerprint and KV geometry."""
     dev = resolve_device(device)
     dtype_name = resolve_dtype(dtype, dev)
-    if spec == DEFAULT_MODEL:
-        source = str(provision_default_model(models_dir or default_models_dir()))
-    elif Path(spec).is_dir():
-        source = spec
-    elif Path(spec).exists() or spec.startswith((".", "/")):
-        raise InvalidArgument(f"--model {spec!r} is not a model directory")
+    if spec.startswith(RANDOM_PREFIX):
+        model, tokenizer = random_model(spec, TORCH_DTYPES[dtype_name], dev)
     else:
-        source = spec  # a hub id
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH_DTYPES[dtype_name])
-    except OSError as exc:
-        raise InvalidArgument(
-            f"cannot load model {spec!r}: not the alias {DEFAULT_MODEL!r}, not a local model directory, "
-            f"and not reachable as a hub id ({exc})"
-        ) from exc
+        source = _source(spec, models_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH_DTYPES[dtype_name])
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot load model {spec!r}: not the alias {DEFAULT_MODEL!r}, not random:GEOMETRY, not a local "
+                f"model directory, and not reachable as a hub id ({exc})"
+            ) from exc
     model = model.to(dev).eval()
     layers, kv_heads, head_dim = adapter.kv_shape(model)
     geometry = Geometry(

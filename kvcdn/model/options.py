@@ -23,7 +23,7 @@ class ModelOptions:
     """Which model to load, and how."""
 
     model: str = DEFAULT_MODEL
-    """The alias smollm2-135m, a local model directory, or a hub id."""
+    """The alias smollm2-135m, random:GEOMETRY, a local model directory, or a hub id."""
     dtype: str = "auto"
     """auto (bfloat16 on CUDA, float32 on the CPU), float32, float16 or bfloat16."""
     device: str = "auto"
