@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install model proto proto-check lint format typecheck test test-fast demo bench clean
+.PHONY: install model proto proto-check lint format typecheck test test-fast demo bench gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ demo: install model
 
 bench: install model
 	$(BIN)/kvcdn loadtest bench --markdown
+
+gpu-wheels:  ## here, with a package index: the wheels a GPU machine without network needs, into .whl/
+	scripts/gpu-wheels.sh
+
+gpu-check:  ## on a GPU machine, after gpu-wheels: CUDA tests and the GPU benchmark (under 5 minutes)
+	scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

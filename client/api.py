@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import torch
+
 from kvcdn.client.policy import Decision, Estimates, Policy, decide
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
-from kvcdn.model.tensors import KVAssembler, LayerKV, synchronize
+from kvcdn.model.tensors import KVAssembler, LayerKV, StagingPool, synchronize
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
@@ -112,6 +114,8 @@ class KVClient:
         }
         self._info: pb.ServerInfo | None = None
         self._suspect_until: dict[str, float] = {}
+        self.staging = StagingPool() if torch.cuda.is_available() else None
+        """Pinned host buffers reused by fetches that land on a GPU."""
         self.estimates = Estimates()
         """Bandwidth of this client's fetches and prefill rates of its models (fetch or prefill)."""
         # Bulk streams block a thread each; the event loop's default pool (a handful of threads) would
@@ -232,7 +236,7 @@ class KVClient:
         n_tokens = sum(b.n_tokens for b in blocks)
         if not blocks:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
-        assembler = KVAssembler(geometry, n_tokens, model.device)
+        assembler = KVAssembler(geometry, n_tokens, model.device, self.staging)
         # Every run of blocks streams at once (the ring spreads a document over its edges), each into
         # its own part of the tensors; a failure in one run fails over on its own, as if it were alone.
         runs = self.runs(blocks)
@@ -359,8 +363,10 @@ class KVClient:
             header, payload = decode_frame(raw, reader.address)
             info = blocks[progress.block]
             verify_frame(info, geometry.frame_bytes, progress.frame, header, payload, reader.address)
-            assembler.write(info.index * geometry.block_tokens, info.n_tokens, header.offset, payload)
-            progress.advance(len(info.frame_digests))
+            start = info.index * geometry.block_tokens
+            assembler.write(start, info.n_tokens, header.offset, payload)
+            if progress.advance(len(info.frame_digests)):
+                assembler.block_done(start, info.n_tokens)
         if progress.block < len(blocks):
             raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, block_payload
+from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, StagingPool, block_payload
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_spans
 
@@ -54,3 +54,30 @@ def test_geometry_round_trips_through_proto() -> None:
     g = Geometry(layers=30, kv_heads=3, head_dim=64, dtype="bfloat16")
     assert Geometry.from_proto(g.to_proto()) == g
     assert g.token_bytes == 30 * 2 * 3 * 64 * 2 == 23040
+
+
+def test_staging_pool_reuses_its_buffers_and_keeps_at_most_its_budget() -> None:
+    pool = StagingPool(pin=False, keep_bytes=3000)
+    a = pool.take(1000)
+    assert a.numel() >= 1000 and pool.allocations == 1
+    pool.give(a)
+    b = pool.take(800)  # a smaller fetch reuses the free buffer
+    assert b.data_ptr() == a.data_ptr() and pool.allocations == 1
+    c = pool.take(900)  # the only free buffer is taken: a new one
+    assert pool.allocations == 2
+    pool.give(b)
+    pool.give(c)
+    assert pool.free_bytes <= 3000
+    pool.give(pool.take(2500))  # over the budget: the smallest free buffers go
+    assert pool.free_bytes <= 3000 and pool.allocations == 3
+
+
+def test_a_cpu_assembler_is_the_cache_itself() -> None:
+    g = Geometry(layers=1, kv_heads=1, head_dim=4, dtype="float32", block_tokens=2)
+    asm = KVAssembler(g, 2, torch.device("cpu"))
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    asm.write(0, 2, 0, memoryview(payload))
+    asm.block_done(0, 2)  # nothing to copy on the CPU
+    [(k, v)] = asm.layers()
+    assert k.data_ptr() == asm.layers()[0][0].data_ptr()  # views of the same buffers, no copy
+    assert k.flatten().tolist() == list(range(8)) and v.flatten().tolist() == list(range(8, 16))

@@ -9,13 +9,17 @@ the buffers to transformers as `[1, kv_heads, tokens, head_dim]` views (a permut
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 import torch
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.geometry import Geometry
+from kvcdn.spec.identity import block_spans
 
-__all__ = ["TORCH_DTYPES", "KVAssembler", "LayerKV", "block_payload", "synchronize"]
+__all__ = ["TORCH_DTYPES", "KVAssembler", "LayerKV", "StagingPool", "block_payload", "synchronize"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -23,6 +27,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 """The torch dtype of each kvcdn.spec.geometry.DTYPES name."""
+
+_CudaStream: Any = torch.cuda.Stream  # partly annotated in torch
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (keys, values), each `[batch=1, kv_heads, tokens, head_dim]`."""
@@ -54,20 +60,85 @@ def block_payload(geometry: Geometry, layers: list[LayerKV], start: int, end: in
     return out.tobytes()
 
 
-class KVAssembler:
-    """Preallocated per-layer buffers that frames of consecutive blocks are written into in place."""
+class StagingPool:
+    """Reusable host buffers for landing fetched caches on a GPU.
 
-    def __init__(self, geometry: Geometry, n_tokens: int, device: torch.device) -> None:
+    Pinned (page-locked) host memory copies to a GPU at full speed (54 GB/s measured on an H100
+    against 6 GB/s pageable) but pinning gigabytes costs more than the fetch it serves, so a client
+    pins buffers once and reuses them: a fetch takes one, receives into it, copies each verified block
+    to the GPU, and gives it back once the last copy has landed. Thread-safe.
+    """
+
+    def __init__(self, pin: bool = True, keep_bytes: int = 8 << 30) -> None:
+        self.pin = pin
+        self.keep_bytes = keep_bytes
+        """Free buffers kept beyond this many bytes are released."""
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.allocations = 0
+        """Buffers allocated so far (the rest were reused)."""
+
+    def take(self, n_bytes: int) -> torch.Tensor:
+        """A uint8 host buffer of at least `n_bytes`: the smallest free one that fits, else a new one."""
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= n_bytes]
+            if fits:
+                buf = min(fits, key=lambda b: b.numel())
+                self._free.remove(buf)
+                return buf
+            self.allocations += 1
+        return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Return a buffer taken from this pool (no copy from it may still be in flight)."""
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=lambda b: b.numel(), reverse=True)
+            while sum(b.numel() for b in self._free) > self.keep_bytes:
+                self._free.pop()  # the smallest go first: big fetches keep their buffers
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._free)
+
+
+class KVAssembler:
+    """Per-layer buffers that frames of consecutive blocks are written into in place.
+
+    On the CPU the buffers are the cache itself (no copy). For a GPU, frames land in host staging
+    (from `staging`, a StagingPool, or freshly pinned), each block is copied to the GPU on a side
+    stream as soon as it is complete and verified (`block_done`), overlapping the network, and
+    `layers()` returns once the last copy has landed."""
+
+    def __init__(
+        self, geometry: Geometry, n_tokens: int, device: torch.device, staging: StagingPool | None = None
+    ) -> None:
         self.geometry = geometry
         self.n_tokens = n_tokens
         self.device = device
-        pin = device.type == "cuda"
+        dtype = TORCH_DTYPES[geometry.dtype]
         shape = (n_tokens, geometry.kv_heads, geometry.head_dim)
-        self._buffers = [
-            torch.empty(shape, dtype=TORCH_DTYPES[geometry.dtype], pin_memory=pin) for _ in range(2 * geometry.layers)
-        ]
-        self._views = [_u8(b) for b in self._buffers]
         self._row_bytes = geometry.segment_bytes(1)
+        self._staging = staging
+        self._host_block: torch.Tensor | None = None
+        on_gpu = device.type == "cuda"
+        if on_gpu:
+            size = n_tokens * self._row_bytes
+            pool = staging if staging is not None else StagingPool(keep_bytes=0)
+            self._staging = pool
+            self._host_block = pool.take(2 * geometry.layers * size)
+            self._buffers = [
+                self._host_block[i * size : (i + 1) * size].view(dtype).view(shape) for i in range(2 * geometry.layers)
+            ]
+            self._device_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in self._buffers]
+            self._stream = _CudaStream(device)
+        else:
+            self._buffers = [torch.empty(shape, dtype=dtype) for _ in range(2 * geometry.layers)]
+            self._device_buffers = self._buffers
+        self._views = [_u8(b) for b in self._buffers]
+        self._landed: set[int] = set()
+        """Block starts (token index) already copied to the device."""
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         """Writable byte views of the buffers that bytes [offset, offset + length) of the block
@@ -95,13 +166,31 @@ class KVAssembler:
             region[:] = src[pos : pos + len(region)]
             pos += len(region)
 
+    def block_done(self, block_start: int, block_tokens: int) -> None:
+        """The block's frames are all written and verified: start its copy to the GPU (no-op on the CPU)."""
+        if self._buffers is self._device_buffers:
+            return
+        with torch.cuda.stream(self._stream):
+            for host, dev in zip(self._buffers, self._device_buffers, strict=True):
+                dev[block_start : block_start + block_tokens].copy_(
+                    host[block_start : block_start + block_tokens], non_blocking=True
+                )
+        self._landed.add(block_start)
+
     def layers(self) -> list[LayerKV]:
-        """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device
-        (copies to a GPU are queued, not finished: `synchronize` before timing)."""
+        """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device.
+        For a GPU: copies what `block_done` did not, waits until every copy has landed and gives the
+        staging buffer back; call it once, after the last frame."""
+        if self._buffers is not self._device_buffers:
+            for start, end in block_spans(self.n_tokens, self.geometry.block_tokens):
+                if start not in self._landed:
+                    self.block_done(start, end - start)
+            self._stream.synchronize()
+            if self._staging is not None and self._host_block is not None:
+                self._staging.give(self._host_block)
+                self._host_block = None
         out: list[LayerKV] = []
-        for i in range(0, len(self._buffers), 2):
-            k, v = (
-                b.to(self.device, non_blocking=True).permute(1, 0, 2).unsqueeze(0) for b in self._buffers[i : i + 2]
-            )
+        for i in range(0, len(self._device_buffers), 2):
+            k, v = (b.permute(1, 0, 2).unsqueeze(0) for b in self._device_buffers[i : i + 2])
             out.append((k, v))
         return out

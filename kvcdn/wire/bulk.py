@@ -150,10 +150,16 @@ async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: Ser
 
 
 class FrameTarget(Protocol):
-    """Where received payloads land (kvcdn.model.tensors.KVAssembler): writable byte views of the
-    buffers that bytes [offset, offset + length) of a block belong to, in payload order."""
+    """Where received payloads land (kvcdn.model.tensors.KVAssembler)."""
 
-    def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]: ...
+    def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
+        """Writable byte views of the buffers that bytes [offset, offset + length) of the block
+        covering tokens [block_start, block_start + block_tokens) belong to, in payload order."""
+        ...
+
+    def block_done(self, block_start: int, block_tokens: int) -> None:
+        """Every frame of that block is written and verified (a GPU target starts its copy now)."""
+        ...
 
 
 @dataclass
@@ -165,13 +171,15 @@ class Progress:
     first_frame_at: float = 0.0
     """time.perf_counter() when the first frame was verified and written (0: none yet)."""
 
-    def advance(self, frames_in_block: int) -> None:
-        """One more frame of the current block is verified and written."""
+    def advance(self, frames_in_block: int) -> bool:
+        """One more frame of the current block is verified and written; True when that completed it."""
         if not self.first_frame_at:
             self.first_frame_at = time.perf_counter()
         self.frame += 1
-        if self.frame == frames_in_block:
-            self.block, self.frame = self.block + 1, 0
+        if self.frame < frames_in_block:
+            return False
+        self.block, self.frame = self.block + 1, 0
+        return True
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -263,4 +271,5 @@ def _receive_frame(
         _recv_into(sock, view)
         hasher.update(view)
     check_digest(info, index, hasher.digest(), peer)
-    progress.advance(len(info.frame_digests))
+    if progress.advance(len(info.frame_digests)):
+        assembler.block_done(start, info.n_tokens)

@@ -1,0 +1,47 @@
+"""The GPU path, where CUDA exists (skipped elsewhere): caches land on the device through pinned,
+reused staging buffers, block by block, bit-identical to the agent's own prefill on that device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcdn.client import KVClient, generate_from_cache
+from kvcdn.model import adapter
+from kvcdn.model.loading import load_model
+from kvcdn.model.prompt import document_ids, question_ids
+from tests.conftest import SAMPLES, start_network, stop_network
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+async def test_a_fetched_cache_on_the_gpu_is_bit_identical_to_a_local_prefill(
+    tiny_dirs: dict[str, Path], tmp_path: Path, dtype: str
+) -> None:
+    model = load_model(str(tiny_dirs["llama"]), dtype=dtype, device="cuda", block_tokens=32, frame_bytes=4096)
+    text = (SAMPLES / "apache-2.0.txt").read_text()[:3000]
+    doc = document_ids(model.tokenizer, text)
+    net = await start_network(model, tmp_path / "store", max_document_tokens=4000)
+    try:
+        await net.origin.publish("doc", text)
+        async with KVClient([net.edge_address]) as client:
+            fetches = [await client.fetch(model, doc) for _ in range(3)]
+            staging = client.staging
+        fetched = fetches[-1]
+        assert fetched.cached_tokens == len(doc) and fetched.layers[0][0].device.type == "cuda"
+        assert staging is not None and staging.allocations == 1  # pinned once, reused by every fetch
+        reference = adapter.prefill(model.model, doc)
+        for (k, v), (rk, rv) in zip(fetched.layers, reference, strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)  # (a) bit-identical KV on the device
+        ids = doc + question_ids(model.tokenizer, "Who may use this?")
+        cached = generate_from_cache(model, fetched, ids, 16)
+        two_pass = adapter.greedy(model.model, ids, 16, cache=reference)
+        assert cached.tokens == two_pass.tokens  # (b) the agent's own two-pass run, token for token
+    finally:
+        await stop_network(net)
