@@ -52,11 +52,13 @@ def register(sub: Any) -> None:
             )
 
 
-def _read_doc(path: str) -> str:
+def _read_text(path: str | Path, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise InvalidArgument(f"cannot read --doc {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what} {path} is not UTF-8 text") from None
 
 
 def publish(args: argparse.Namespace) -> int:
@@ -68,10 +70,11 @@ def publish(args: argparse.Namespace) -> int:
     files = [Path(f) for f in args.files]
     if args.name and len(files) != 1:
         raise InvalidArgument("--name applies to a single FILE")
+    texts = [_read_text(f, "FILE") for f in files]  # every file readable before anything is published
 
     async def run() -> list[Any]:
         async with CacheReader(args.origin) as origin:
-            return [await origin.publish(args.name or f.stem, f.read_text(encoding="utf-8")) for f in files]
+            return [await origin.publish(args.name or f.stem, text) for f, text in zip(files, texts, strict=True)]
 
     results = asyncio.run(run())
     table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "first key")
@@ -112,7 +115,7 @@ def fetch(args: argparse.Namespace) -> int:
     from kvcdn.client.api import KVClient
     from kvcdn.model.prompt import document_ids
 
-    text = _read_doc(args.doc)
+    text = _read_text(args.doc, "--doc")
     model = ModelOptions.from_args(args).load()
     doc = document_ids(model.tokenizer, text)
 
@@ -147,7 +150,7 @@ def ask(args: argparse.Namespace) -> int:
     from kvcdn.client.agent import ask as ask_edges
     from kvcdn.client.api import KVClient
 
-    text = _read_doc(args.doc)
+    text = _read_text(args.doc, "--doc")
     model = ModelOptions.from_args(args).load()
 
     async def run() -> Any:

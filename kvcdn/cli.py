@@ -9,7 +9,8 @@ import only what parsing needs, so `kvcdn --help` (and an edge, which never runs
 of torch.
 
 Exit status: what `run` returns (0 ok, 1 the command's own failure, such as a diverged cache), 2 for a
-kvcdn error (printed as one line with its gRPC status name), 130 on Ctrl-C.
+kvcdn error (one line with its gRPC status name) or a file or socket the system refused (one line),
+130 on Ctrl-C. Other exceptions are bugs: one line too, and the traceback with `--log-level DEBUG`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from importlib.metadata import entry_points
 from kvcdn.errors import KVCDNError
 
 __all__ = ["COMMANDS_GROUP", "build_parser", "main"]
+
+log = logging.getLogger("kvcdn")
 
 COMMANDS_GROUP = "kvcdn.commands"
 """Entry-point group of the components' command registrations (`register(subparsers) -> None`)."""
@@ -55,5 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KVCDNError as exc:
         print(f"kvcdn {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"kvcdn {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        log.debug("kvcdn %s failed", args.command, exc_info=exc)
+        print(
+            f"kvcdn {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(a bug: --log-level DEBUG shows where; please report it)",
+            file=sys.stderr,
+        )
+        return 3

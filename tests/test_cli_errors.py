@@ -1,0 +1,60 @@
+"""Every command given an ordinary mistake (a missing file, an unreachable address, a bad value)
+prints one clear line and exits non-zero: never a traceback. In-process, before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvcdn.cli import main
+
+DEAD = "127.0.0.1:1"  # nothing listens there
+
+
+def _cases(tmp: Path) -> list[tuple[list[str], str]]:
+    text = tmp / "doc.txt"
+    text.write_text("a document")
+    binary = tmp / "blob.bin"
+    binary.write_bytes(b"\xff\xfe\x00")
+    missing = str(tmp / "missing.txt")
+    return [
+        (["publish", "--origin", DEAD, missing], "cannot read FILE"),
+        (["publish", "--origin", DEAD, str(binary)], "not UTF-8 text"),
+        (["publish", "--origin", DEAD, str(text)], "UNAVAILABLE"),
+        (["purge", "--origin", DEAD, "doc@x"], "DOCUMENT[@VERSION]"),
+        (["purge", "--origin", DEAD, "doc"], "UNAVAILABLE"),
+        (["fetch", "--edges", DEAD, "--doc", missing], "cannot read --doc"),
+        (["ask", "--edges", DEAD, "--doc", missing, "--question", "q"], "cannot read --doc"),
+        (["edge", "--origin", DEAD, "--listen", "nonsense"], "not HOST:PORT"),
+        (["origin", "--store", str(tmp / "s"), "--max-document-tokens", "0"], "max_document_tokens"),
+        (["up", "--edges", "0"], "at least 1"),
+        (["loadtest", "bench", "--lengths", "x"], "--lengths"),
+        (["loadtest", "bench", "--repeats", "0"], "--repeats"),
+        (["loadtest", "run", "--edges", DEAD, "--origin", DEAD, "--tokens", "a:b"], "MIN:MAX"),
+        (["loadtest", "economics", "--from-run", missing], "--from-run"),
+        (["loadtest", "economics", "--sweep", "weather"], "--sweep"),
+    ]
+
+
+def test_each_command_reports_a_mistake_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, says in _cases(tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, code, err)
+        assert "Traceback" not in err and "\n" not in err, (argv, err)
+        assert err.startswith(f"kvcdn {argv[0]}: ") and says in err, (argv, err)
+
+
+def test_an_unreachable_edge_is_a_row_of_the_stats_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--edges", DEAD]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and DEAD in out.out
+
+
+@pytest.mark.parametrize("argv", [["edge", "--origin", DEAD, "--mem-bytes", "12XB"], ["nosuchcommand"]])
+def test_a_malformed_flag_is_argparse_usage_and_status_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error:" in err and "Traceback" not in err
