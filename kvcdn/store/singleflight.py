@@ -92,3 +92,4 @@ class SingleFlight(Generic[K, S]):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._flights.clear()  # a task cancelled before it ran never reached its own cleanup

@@ -3,6 +3,7 @@ zero-copy StreamBlocks method, health and reflection, and the domain-error-to-st
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -57,6 +58,25 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
+@contextlib.asynccontextmanager
+async def _boundary(metrics: ServerMetrics, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """Where a servicer method meets gRPC: domain errors become their status (anything else INTERNAL),
+    and every call is counted by method and final status, with its latency."""
+    code = grpc.StatusCode.OK
+    started = time.perf_counter()
+    try:
+        yield
+    except grpc.aio.AbortError:
+        code = grpc.StatusCode.UNKNOWN
+        raise
+    except Exception as exc:
+        code = exc.code if isinstance(exc, KVCDNError) else grpc.StatusCode.INTERNAL
+        await _abort(context, exc, method)
+    finally:
+        metrics.requests.labels(method, code.name).inc()
+        metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
 def rpc_errors(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
@@ -64,21 +84,9 @@ def rpc_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        metrics: ServerMetrics = self.metrics
-        code = grpc.StatusCode.OK
-        started = time.perf_counter()
-        try:
+        async with _boundary(self.metrics, context, fn.__name__):
             return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:
-            code = exc.code if isinstance(exc, KVCDNError) else grpc.StatusCode.INTERNAL
-            await _abort(context, exc, fn.__name__)
-            raise  # unreachable: abort raises
-        finally:
-            metrics.requests.labels(fn.__name__, code.name).inc()
-            metrics.latency.labels(fn.__name__).observe(time.perf_counter() - started)
+        raise AssertionError("unreachable: the boundary re-raises or aborts")
 
     return wrapper
 
@@ -91,26 +99,17 @@ def stream_errors(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
         metrics: ServerMetrics = self.metrics
-        code = grpc.StatusCode.OK
-        started = time.perf_counter()
         served = metrics.bytes_served.labels("grpc")
         in_flight = metrics.streams_in_flight.labels("grpc")
         in_flight.inc()
         try:
-            async for item in fn(self, request, context):
-                if isinstance(item, bytes):
-                    served.inc(len(item))
-                yield item
-        except grpc.aio.AbortError:
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:
-            code = exc.code if isinstance(exc, KVCDNError) else grpc.StatusCode.INTERNAL
-            await _abort(context, exc, fn.__name__)
+            async with _boundary(metrics, context, fn.__name__):
+                async for item in fn(self, request, context):
+                    if isinstance(item, bytes):
+                        served.inc(len(item))
+                    yield item
         finally:
             in_flight.dec()
-            metrics.requests.labels(fn.__name__, code.name).inc()
-            metrics.latency.labels(fn.__name__).observe(time.perf_counter() - started)
 
     return wrapper
 
