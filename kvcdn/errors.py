@@ -12,7 +12,8 @@ KVCDNError                      base; `.code` is the gRPC status it travels as
 ```
 
 Servers abort with `exc.code` and `str(exc)`; clients turn a `grpc.RpcError` back into the same class
-with `from_rpc_error`, so callers catch domain errors, never transport ones.
+with `from_rpc_error`, so callers catch domain errors, never transport ones. A call the other side
+cancelled (CANCELLED, e.g. a server going away mid-call) arrives as Unavailable: retryable elsewhere.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def from_rpc_error(err: grpc.RpcError, peer: str) -> KVCDNError:
 
 def error_for(code: grpc.StatusCode, details: str, peer: str) -> KVCDNError:
     """The typed error for status `code` reported by `peer`."""
-    cls = _BY_CODE.get(code, KVCDNError)
+    cls = Unavailable if code == grpc.StatusCode.CANCELLED else _BY_CODE.get(code, KVCDNError)
     exc = cls(f"{peer}: {details}" if details else f"{peer}: {code.name}")
     if cls is KVCDNError:
         exc.args = (f"{peer}: {code.name}: {details}",)

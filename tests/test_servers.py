@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import grpc
 import pytest
@@ -10,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvcdn.edge.service import EdgeService
-from kvcdn.errors import InvalidArgument
+from kvcdn.errors import InvalidArgument, Unavailable, error_for
 from kvcdn.flags import parse_size
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import start_server
@@ -70,3 +71,18 @@ def test_sizes_parse_with_units(text: str, expected: int) -> None:
 def test_bad_sizes_are_rejected_with_an_example(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="512MiB"):
         parse_size(text)
+
+
+async def test_streams_starting_together_ask_a_server_for_its_bulk_port_once(network: Network) -> None:
+    registry = network.edge_server.metrics.registry
+    labels = {"method": "GetInfo", "code": "OK"}
+    before = registry.get_sample_value("kvcdn_requests_total", labels) or 0.0
+    async with CacheReader(network.edge_address) as edge:
+        addresses = await asyncio.gather(*(edge.bulk_address() for _ in range(10)))
+    assert len(set(addresses)) == 1 and addresses[0] is not None
+    assert registry.get_sample_value("kvcdn_requests_total", labels) == before + 1
+
+
+def test_a_call_the_server_cancelled_is_retryable_elsewhere() -> None:
+    err = error_for(grpc.StatusCode.CANCELLED, "GOAWAY received", "edge:1")
+    assert isinstance(err, Unavailable) and str(err) == "edge:1: GOAWAY received"

@@ -3,6 +3,7 @@ comes back as a kvcdn.errors type, and StreamBlocks yields frames as raw `Frame`
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from types import TracebackType
@@ -11,6 +12,7 @@ from typing import Any
 import grpc
 
 from kvcdn.errors import from_rpc_error
+from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.rpc import CHANNEL_OPTIONS, STREAM_BLOCKS
@@ -30,6 +32,7 @@ class CacheReader:
         self._publisher = pb_grpc.PublisherStub(self._channel)
         self._invalidations = pb_grpc.InvalidationsStub(self._channel)
         self._info: pb.ServerInfo | None = None
+        self._info_calls: SingleFlight[str, asyncio.Future[pb.ServerInfo]] = SingleFlight()
         self._stream = self._channel.unary_stream(
             STREAM_BLOCKS,
             request_serializer=pb.StreamBlocksRequest.SerializeToString,
@@ -71,8 +74,9 @@ class CacheReader:
         return info
 
     async def bulk_address(self) -> tuple[str, int] | None:
-        """(host, port) of the server's bulk frame stream, or None when it offers none."""
-        info = self._info or await self.info()
+        """(host, port) of the server's bulk frame stream, or None when it offers none (asked once,
+        however many streams start at the same moment)."""
+        info = self._info or await self._info_calls.do("info", self.info)
         if not info.bulk_port:
             return None
         return self.address.rpartition(":")[0].strip("[]"), info.bulk_port
