@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
@@ -17,7 +18,11 @@ from transformers import (
 
 from kvcdn.model.random import bundled_tokenizer
 
-ARCHITECTURES = ("llama", "qwen3", "mistral")
+ARCHITECTURES = ("llama", "qwen3", "mistral", "mistral-window", "gemma2")
+"""`mistral-window` and `gemma2` attend through sliding windows of WINDOW tokens, shorter than the
+tests' documents (gemma2 alternates sliding and global layers)."""
+
+WINDOW = 24
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -45,6 +50,10 @@ def _config(arch: str, vocab: int) -> PretrainedConfig:
         return Qwen3Config(**common, head_dim=16)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if arch == "mistral-window":
+        return MistralConfig(**common, sliding_window=WINDOW)
+    if arch == "gemma2":
+        return Gemma2Config(**common, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16)
     raise ValueError(arch)
 
 

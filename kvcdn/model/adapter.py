@@ -23,6 +23,8 @@ __all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill", "timed_
 
 # transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
 DynamicCache: Any = transformers.DynamicCache
+DynamicLayer: Any = transformers.cache_utils.DynamicLayer
+DynamicSlidingWindowLayer: Any = transformers.cache_utils.DynamicSlidingWindowLayer
 GenerationConfig: Any = transformers.GenerationConfig
 
 
@@ -30,22 +32,53 @@ def _ids_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def build_cache(model: Any, layers: list[LayerKV]) -> Any:
-    """A DynamicCache holding `layers` without copying them.
+def _check_layers(model: Any, cache: Any) -> None:
+    """Refuse, with a sentence naming the model type, cache layers kvcdn cannot rebuild exactly: it
+    stores every layer's full keys and values, which recurrent, state-space, chunked or shared layers
+    are not."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise InvalidArgument(
+                f"{model.config.model_type} models are not supported: cache layer {i} is a {type(layer).__name__}, "
+                "not full or sliding-window attention keys and values"
+            )
 
-    The tensors become the cache's storage as they are (possibly non-contiguous views); the first
-    `update()` concatenates onto them, which is exactly what a cache filled by prefill does. No layers:
-    an empty cache, which generation fills as a prefill would.
-    """
+
+def _empty_cache(model: Any, full: bool) -> Any:
+    """A DynamicCache with the model's own layer types; `full`: sliding-window layers keep every
+    token instead of their last window (what the origin stores), until the cache is rebuilt."""
     cache = DynamicCache(config=model.config)
+    _check_layers(model, cache)
+    if full:
+        for layer in cache.layers:
+            if layer.is_sliding:
+                layer.activate_past_recording()
+    return cache
+
+
+def build_cache(model: Any, layers: list[LayerKV], full: bool = False) -> Any:
+    """A DynamicCache holding `layers` (every layer's full keys and values) as a prefill of the same
+    tokens would have left it, without copying them.
+
+    Full-attention layers take the tensors as they are (possibly non-contiguous views); the first
+    `update()` concatenates onto them, exactly as in a cache filled by prefill. Sliding-window layers
+    keep only their last `sliding_window - 1` tokens and count every token, as transformers' own
+    sliding layers do after a prefill (`full`: they keep every token, for a prefill whose KV is
+    stored). No layers: an empty cache, which generation fills as a prefill would.
+    """
+    cache = _empty_cache(model, full)
     if not layers:
         return cache
     if len(cache.layers) != len(layers):
         raise InvalidArgument(f"model has {len(cache.layers)} cache layers, the cache holds {len(layers)}")
     for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-        if layer.is_sliding:
-            raise InvalidArgument("models with sliding-window attention layers are not supported yet")
         layer.lazy_initialization(keys, values)
+        if layer.is_sliding:
+            layer.cumulative_length = keys.shape[-2]
+            if not full:
+                n = keys.shape[-2]
+                keep = min(max(layer.sliding_window - 1, 0), n)
+                keys, values = keys[:, :, n - keep :], values[:, :, n - keep :]
         layer.keys, layer.values = keys, values
     return cache
 
@@ -57,9 +90,9 @@ def _layers_of(cache: Any) -> list[LayerKV]:
 @torch.inference_mode()
 def prefill(model: Any, ids: list[int], past: list[LayerKV] | None = None) -> list[LayerKV]:
     """Run the model over `ids` (continuing `past`, which covers the tokens before them) and return
-    the per-layer KV of the whole sequence."""
+    the per-layer KV of the whole sequence, sliding-window layers included (every token of them)."""
     device = model.device
-    cache = build_cache(model, past) if past else DynamicCache(config=model.config)
+    cache = build_cache(model, past or [], full=True)
     model(input_ids=_ids_tensor(ids, device), cache=cache, use_cache=True, logits_to_keep=1)
     return _layers_of(cache)
 
