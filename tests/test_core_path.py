@@ -17,12 +17,12 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
 from tests.conftest import SAMPLES, Network, memory_tier, start_network, stop_network
-from tests.tinymodels import WINDOW
+from tests.tinymodels import ARCHITECTURES, WINDOW
 
 NEW_TOKENS = 24
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "mistral-window", "gemma2"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 async def test_fetched_cache_continues_exactly_like_local_prefill(
     arch: str, tiny_models: dict[str, LoadedModel], tmp_path: Path
 ) -> None:
@@ -199,7 +199,7 @@ async def test_a_cold_edge_pulls_blocks_ahead_of_the_stream(network: Network, sa
         await edge.close()
 
 
-@pytest.mark.parametrize("arch", ["mistral-window", "gemma2"])
+@pytest.mark.parametrize("arch", ["mistral-window", "gemma2", "gemma3"])
 def test_sliding_window_layers_are_stored_whole_and_rebuilt_as_the_model_keeps_them(
     arch: str, tiny_models: dict[str, LoadedModel]
 ) -> None:
@@ -210,7 +210,7 @@ def test_sliding_window_layers_are_stored_whole_and_rebuilt_as_the_model_keeps_t
     assert all(k.shape[2] == v.shape[2] == len(doc) for k, v in layers)  # every token, for the wire
     cache = adapter.build_cache(model.model, layers)
     kinds = [layer.is_sliding for layer in cache.layers]
-    assert any(kinds) and (all(kinds) if arch == "mistral-window" else not all(kinds))
+    assert any(kinds) and (all(kinds) if arch == "mistral-window" else not all(kinds))  # the Gemmas: hybrid
     for layer, (k, _) in zip(cache.layers, layers, strict=True):
         kept = layer.keys.shape[2]
         assert kept == (WINDOW - 1 if layer.is_sliding else len(doc))

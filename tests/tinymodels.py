@@ -9,18 +9,34 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
     Qwen3Config,
 )
 
 from kvcdn.model.random import bundled_tokenizer
 
-ARCHITECTURES = ("llama", "qwen3", "mistral", "mistral-window", "gemma2")
-"""`mistral-window` and `gemma2` attend through sliding windows of WINDOW tokens, shorter than the
-tests' documents (gemma2 alternates sliding and global layers)."""
+ARCHITECTURES = (
+    "llama",
+    "llama-mha",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "mistral-window",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+)
+"""`mistral-window`, `gemma2` and `gemma3` attend through sliding windows of WINDOW tokens, shorter than
+the tests' documents (the Gemmas mix sliding and global layers); `llama-mha` has as many KV heads as
+query heads (no grouped-query attention)."""
 
 WINDOW = 24
 
@@ -46,6 +62,10 @@ def _config(arch: str, vocab: int) -> PretrainedConfig:
     )
     if arch == "llama":
         return LlamaConfig(**common)
+    if arch == "llama-mha":
+        return LlamaConfig(**{**common, "num_key_value_heads": 4})
+    if arch == "qwen2":
+        return Qwen2Config(**common)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=16)
     if arch == "mistral":
@@ -54,6 +74,13 @@ def _config(arch: str, vocab: int) -> PretrainedConfig:
         return MistralConfig(**common, sliding_window=WINDOW)
     if arch == "gemma2":
         return Gemma2Config(**common, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16)
+    if arch == "gemma3":
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=WINDOW, layer_types=layer_types)
+    if arch == "phi3":
+        return Phi3Config(**common)
+    if arch == "olmo2":
+        return Olmo2Config(**common)
     raise ValueError(arch)
 
 
