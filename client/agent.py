@@ -4,7 +4,9 @@ prefill locally and compare. Shared by `kvcdn ask`, `kvcdn demo` and the benchma
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from kvcdn.client.api import KVClient, generate_from_cache
 from kvcdn.client.policy import Policy
@@ -28,10 +30,17 @@ class AskResult:
     """Lookup + stream + verify + rebuild, seconds."""
     generate_s: float
     """Generation from the fetched cache, seconds."""
+    kv_bit_identical: bool | None = None
+    """With verify, (a): the fetched KV equals, bit for bit, this agent's own prefill of the document
+    (same model, dtype and device type); None when nothing was fetched."""
+    two_pass_matched_tokens: int | None = None
+    """With verify, (b): leading tokens equal to this agent's own two-pass run (prefill the document,
+    then continue); all of them whenever (a) holds."""
     matched_tokens: int | None = None
-    """With verify: leading generated tokens equal to those after a local prefill."""
+    """With verify, (c): leading tokens equal to a one-pass run over document and question (a statistic:
+    in bf16/fp16 on a GPU two passes and one pass are different arithmetic)."""
     max_abs_logit_diff: float | None = None
-    """With verify: largest logit difference over the steps whose inputs matched."""
+    """With verify, (c): largest logit difference to the one-pass run over the steps whose inputs matched."""
     prefill_s: float | None = None
     """With verify: seconds of a local prefill of the document alone (what the cache replaces)."""
     decision: str = "fetch"
@@ -95,10 +104,22 @@ async def ask(
     )
     if not verify:
         return result
-    _, prefill_s = adapter.timed_prefill(model.model, doc)
+    own, prefill_s = adapter.timed_prefill(model.model, doc)
     client.estimates.observe_prefill(model.device_key, len(doc), prefill_s)
-    local = adapter.greedy(model.model, ids, max_new_tokens)
-    matched, diff = compare(gen, local)
-    return AskResult(
-        **{**asdict(result), "matched_tokens": matched, "max_abs_logit_diff": diff, "prefill_s": prefill_s}
+    identical = None
+    if fetched.cached_tokens:
+        n = fetched.cached_tokens
+        identical = all(
+            torch.equal(k, rk[:, :, :n]) and torch.equal(v, rv[:, :, :n])
+            for (k, v), (rk, rv) in zip(fetched.layers, own, strict=True)
+        )
+    two_pass, _ = compare(gen, adapter.greedy(model.model, ids, max_new_tokens, cache=own))
+    matched, diff = compare(gen, adapter.greedy(model.model, ids, max_new_tokens))
+    return replace(
+        result,
+        kv_bit_identical=identical,
+        two_pass_matched_tokens=two_pass,
+        matched_tokens=matched,
+        max_abs_logit_diff=diff,
+        prefill_s=prefill_s,
     )

@@ -171,9 +171,12 @@ def ask(args: argparse.Namespace) -> int:
             f"in {result.fetch_s:.3f} s"
         )
     if args.verify:
+        identical = {True: "yes", False: "NO", None: "n/a"}[result.kv_bit_identical]
         line += (
-            f"; verify: {result.matched_tokens}/{result.new_tokens} tokens matched, max |logit diff| "
-            f"{result.max_abs_logit_diff:.2e}, local prefill {result.prefill_s:.2f} s ({result.speedup:.0f}x)"
+            f"; verify: KV bit-identical to a local prefill {identical}, two-pass run "
+            f"{result.two_pass_matched_tokens}/{result.new_tokens} tokens, one-pass run "
+            f"{result.matched_tokens}/{result.new_tokens} (max |logit diff| {result.max_abs_logit_diff:.2e}), "
+            f"local prefill {result.prefill_s:.2f} s ({result.speedup:.0f}x)"
         )
     print(line + "]", file=sys.stderr)
     return 0

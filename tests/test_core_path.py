@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
+from kvcdn.client.agent import ask
 from kvcdn.edge import Edge, EdgeConfig, serve_edge
 from kvcdn.edge.tiers import MemoryTier
 from kvcdn.model import adapter
@@ -216,3 +217,34 @@ def test_sliding_window_layers_are_stored_whole_and_rebuilt_as_the_model_keeps_t
         assert kept == (WINDOW - 1 if layer.is_sliding else len(doc))
         assert torch.equal(layer.keys, k[:, :, len(doc) - kept :])
     assert cache.get_seq_length() == len(doc)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+async def test_ask_verify_reports_what_exactness_means_when_the_origin_prefilled_in_pieces(
+    arch: str, tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    """The origin prefills a document whose prefix it already stored in pieces (the stored prefix as
+    past, then the rest). Here, in float32 on a CPU, that is bit-identical to one pass for Llama and not
+    for Gemma 2 (differences ~5e-6): `ask --verify` says which, (a), instead of calling it exact."""
+    model = tiny_models[arch]
+    text = (SAMPLES / "mpl-2.0.txt").read_text()[:2500]
+    net = await start_network(model, tmp_path / "store")
+    try:
+        prefix = document_ids(model.tokenizer, text)[: 2 * model.geometry.block_tokens]
+        await net.origin.publish("prefix", model.tokenizer.decode(prefix))
+        computed = (await net.origin.publish("whole", text)).computed_blocks
+        doc = document_ids(model.tokenizer, text)
+        assert 0 < computed < -(-len(doc) // model.geometry.block_tokens), "the stored prefix was reused"
+        async with KVClient([net.edge_address]) as client:
+            result = await ask(client, model, text, "Who is the steward?", NEW_TOKENS, verify=True, policy="fetch")
+            fetched = await client.fetch(model, doc)
+        own = adapter.prefill(model.model, doc)
+        pairs = zip(fetched.layers, own, strict=True)
+        identical = all(torch.equal(k, rk) and torch.equal(v, rv) for (k, v), (rk, rv) in pairs)
+        assert result.kv_bit_identical is identical and result.cached_tokens == len(doc)
+        if identical:
+            assert result.two_pass_matched_tokens == result.new_tokens == NEW_TOKENS
+        assert result.matched_tokens is not None and result.max_abs_logit_diff is not None
+        assert result.max_abs_logit_diff <= 1e-3  # (c), a statistic: tiny in float32 either way
+    finally:
+        await stop_network(net)

@@ -103,6 +103,9 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
     assert result["matched_tokens"] == result["new_tokens"]
     assert result["max_abs_logit_diff"] <= 1e-3
     assert result["cached_tokens"] == stats["doc_tokens"]
+    # exactness, defined: (a) the KV is this agent's own prefill bit for bit, so (b) its two-pass run
+    # continues identically; (c) the one-pass run agrees too in float32 on a CPU
+    assert result["kv_bit_identical"] is True and result["two_pass_matched_tokens"] == result["new_tokens"]
     # fetch or prefill: on this CPU fetching is far faster, and the client says what it predicted
     assert result["decision"] == "fetch" and result["predicted_fetch_s"] < result["predicted_prefill_s"]
 
