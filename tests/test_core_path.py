@@ -6,14 +6,17 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
 from kvcdn.client.agent import ask
 from kvcdn.edge import Edge, EdgeConfig, serve_edge
 from kvcdn.edge.tiers import MemoryTier
+from kvcdn.errors import InvalidArgument
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
@@ -248,3 +251,15 @@ async def test_ask_verify_reports_what_exactness_means_when_the_origin_prefilled
         assert result.max_abs_logit_diff <= 1e-3  # (c), a statistic: tiny in float32 either way
     finally:
         await stop_network(net)
+
+
+def test_cache_layers_kvcdn_cannot_rebuild_are_refused_naming_the_model_type(
+    tiny_models: dict[str, LoadedModel],
+) -> None:
+    model = tiny_models["llama"].model
+
+    class RecurrentState:  # what a state-space or linear-attention layer keeps instead of keys and values
+        is_sliding = False
+
+    with pytest.raises(InvalidArgument, match="llama models are not supported: cache layer 1 is a RecurrentState"):
+        adapter.check_layers(model, SimpleNamespace(layers=[DynamicLayer(), RecurrentState()]))

@@ -18,7 +18,7 @@ import transformers
 from kvcdn.errors import InvalidArgument
 from kvcdn.model.tensors import LayerKV, synchronize
 
-__all__ = ["Generation", "build_cache", "greedy", "kv_shape", "prefill", "timed_prefill"]
+__all__ = ["Generation", "build_cache", "check_layers", "greedy", "kv_shape", "prefill", "timed_prefill"]
 
 
 # transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
@@ -32,7 +32,7 @@ def _ids_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def _check_layers(model: Any, cache: Any) -> None:
+def check_layers(model: Any, cache: Any) -> None:
     """Refuse, with a sentence naming the model type, cache layers kvcdn cannot rebuild exactly: it
     stores every layer's full keys and values, which recurrent, state-space, chunked or shared layers
     are not."""
@@ -48,7 +48,7 @@ def _empty_cache(model: Any, full: bool) -> Any:
     """A DynamicCache with the model's own layer types; `full`: sliding-window layers keep every
     token instead of their last window (what the origin stores), until the cache is rebuilt."""
     cache = DynamicCache(config=model.config)
-    _check_layers(model, cache)
+    check_layers(model, cache)
     if full:
         for layer in cache.layers:
             if layer.is_sliding:
