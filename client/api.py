@@ -204,7 +204,9 @@ class KVClient:
         blocks = await self.lookup(model, ids)
         key = model.device_key
         if policy == "auto" and blocks and key not in self.estimates.prefill_tokens_per_s:
+            c0 = time.perf_counter()
             await self.calibrate(model, ids)
+            t0 += time.perf_counter() - c0  # a one-off measurement, not part of this fetch's time
         decision = decide(
             policy,
             tokens=len(ids),
