@@ -10,7 +10,7 @@ from kvcdn.origin.origin import Origin
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.metrics import ServerMetrics
-from kvcdn.wire.rpc import rpc_errors, stream_errors
+from kvcdn.wire.rpc import feed_errors, rpc_errors, stream_errors
 
 __all__ = ["OriginService"]
 
@@ -55,7 +55,7 @@ class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
         versions, blocks, seq = await self.origin.purge(request.document, request.version)
         return pb.PurgeResponse(versions=versions, blocks_removed=blocks, seq=seq)
 
-    @stream_errors
+    @feed_errors
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InvalidationEvent]:

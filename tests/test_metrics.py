@@ -61,6 +61,9 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
         origin = await _scrape(net.origin_server.metrics_url)
         assert origin[("kvcdn_origin_blocks_computed_total", ())] == n_blocks
         assert origin[("kvcdn_origin_prefill_runs_total", ())] == 1
+        # the edge's invalidation feed (Watch) stays open, yet no block stream is in flight
+        assert origin.get(("kvcdn_streams_in_flight", (("transport", "grpc"),)), 0.0) == 0
+        assert ("kvcdn_request_seconds_count", (("method", "Watch"),)) not in origin
         # The edge pulled each block from the origin once, over gRPC, reusing the infos of the one
         # lookup it forwarded (the second client lookup was answered from the edge's memory).
         assert origin[("kvcdn_requests_total", (("code", "OK"), ("method", "StreamBlocks")))] == n_blocks

@@ -30,6 +30,7 @@ __all__ = [
     "KVCacheHandlers",
     "Server",
     "check_read_request",
+    "feed_errors",
     "rpc_errors",
     "start_server",
     "stream_errors",
@@ -59,9 +60,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
 
 
 @contextlib.asynccontextmanager
-async def _boundary(metrics: ServerMetrics, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+async def _boundary(
+    metrics: ServerMetrics, context: grpc.aio.ServicerContext, method: str, timed: bool = True
+) -> AsyncIterator[None]:
     """Where a servicer method meets gRPC: domain errors become their status (anything else INTERNAL),
-    and every call is counted by method and final status, with its latency."""
+    and every call is counted by method and final status, with its latency when `timed`."""
     code = grpc.StatusCode.OK
     started = time.perf_counter()
     try:
@@ -74,7 +77,8 @@ async def _boundary(metrics: ServerMetrics, context: grpc.aio.ServicerContext, m
         await _abort(context, exc, method)
     finally:
         metrics.requests.labels(method, code.name).inc()
-        metrics.latency.labels(method).observe(time.perf_counter() - started)
+        if timed:
+            metrics.latency.labels(method).observe(time.perf_counter() - started)
 
 
 def rpc_errors(
@@ -110,6 +114,21 @@ def stream_errors(
                     yield item
         finally:
             in_flight.dec()
+
+    return wrapper
+
+
+def feed_errors(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    """`stream_errors` for a feed that stays open as long as its follower (the invalidation feed): its
+    calls are counted when they end, but it is no block stream in flight and has no latency to time."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        async with _boundary(self.metrics, context, fn.__name__, timed=False):
+            async for item in fn(self, request, context):
+                yield item
 
     return wrapper
 
