@@ -39,11 +39,17 @@ from kvcdn.wire.metrics import EdgeMetrics, Stat
 from kvcdn.wire.rpc import check_read_request
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["Edge", "Pull"]
+__all__ = ["Edge", "Pull", "reader_for"]
 
 log = logging.getLogger(__name__)
 
 _ORIGIN_INFO_FILE = "origin-info.pb"
+
+
+def reader_for(config: EdgeConfig, address: str) -> CacheReader:
+    """The stub an edge loads blocks with from `address` (its origin or a peer), with the config's
+    deadlines: `origin_timeout_s` a call, ten times that a stream."""
+    return CacheReader(address, config.origin_timeout_s, 10 * config.origin_timeout_s)
 
 
 class Pull:
@@ -347,8 +353,7 @@ class Edge:
 
     def _peer(self, address: str) -> CacheReader:
         if address not in self._peers:
-            timeout_s = self.config.origin_timeout_s
-            self._peers[address] = CacheReader(address, timeout_s, 10 * timeout_s)
+            self._peers[address] = reader_for(self.config, address)
         return self._peers[address]
 
     def suspected_peers(self) -> list[str]:

@@ -6,13 +6,12 @@ import logging
 
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.disk import DiskTier
-from kvcdn.edge.edge import Edge
+from kvcdn.edge.edge import Edge, reader_for
 from kvcdn.edge.service import EdgeService
 from kvcdn.edge.tiers import MemoryTier, Tier
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
-from kvcdn.wire.stub import CacheReader
 
 __all__ = ["build_edge", "run_edge", "serve_edge", "start_edge"]
 
@@ -24,8 +23,7 @@ def build_edge(config: EdgeConfig) -> Edge:
     tiers: list[Tier] = [MemoryTier(config.mem_bytes)]
     if config.disk_dir is not None:
         tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
-    upstream = CacheReader(config.origin, config.origin_timeout_s, 10 * config.origin_timeout_s)
-    return Edge(config, upstream, tiers)
+    return Edge(config, reader_for(config, config.origin), tiers)
 
 
 async def serve_edge(edge: Edge) -> Server:

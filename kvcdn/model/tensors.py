@@ -120,14 +120,14 @@ class KVAssembler:
         dtype = TORCH_DTYPES[geometry.dtype]
         shape = (n_tokens, geometry.kv_heads, geometry.head_dim)
         self._row_bytes = geometry.segment_bytes(1)
-        self._staging = staging
+        self._stream: Any = None
+        """The side stream of the copies to a GPU (None on the CPU, where the buffers are the cache)."""
+        self._pool: StagingPool | None = None
         self._host_block: torch.Tensor | None = None
-        on_gpu = device.type == "cuda"
-        if on_gpu:
+        if device.type == "cuda":
             size = n_tokens * self._row_bytes
-            pool = staging if staging is not None else StagingPool(keep_bytes=0)
-            self._staging = pool
-            self._host_block = pool.take(2 * geometry.layers * size)
+            self._pool = staging if staging is not None else StagingPool(keep_bytes=0)
+            self._host_block = self._pool.take(2 * geometry.layers * size)
             self._buffers = [
                 self._host_block[i * size : (i + 1) * size].view(dtype).view(shape) for i in range(2 * geometry.layers)
             ]
@@ -168,7 +168,7 @@ class KVAssembler:
 
     def block_done(self, block_start: int, block_tokens: int) -> None:
         """The block's frames are all written and verified: start its copy to the GPU (no-op on the CPU)."""
-        if self._buffers is self._device_buffers:
+        if self._stream is None:
             return
         with torch.cuda.stream(self._stream):
             for host, dev in zip(self._buffers, self._device_buffers, strict=True):
@@ -181,13 +181,13 @@ class KVAssembler:
         """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device.
         For a GPU: copies what `block_done` did not, waits until every copy has landed and gives the
         staging buffer back; call it once, after the last frame."""
-        if self._buffers is not self._device_buffers:
+        if self._stream is not None:
             for start, end in block_spans(self.n_tokens, self.geometry.block_tokens):
                 if start not in self._landed:
                     self.block_done(start, end - start)
             self._stream.synchronize()
-            if self._staging is not None and self._host_block is not None:
-                self._staging.give(self._host_block)
+            if self._pool is not None and self._host_block is not None:
+                self._pool.give(self._host_block)
                 self._host_block = None
         out: list[LayerKV] = []
         for i in range(0, len(self._device_buffers), 2):
