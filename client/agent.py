@@ -6,13 +6,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 
-import torch
-
 from kvcdn.client.api import KVClient, generate_from_cache
 from kvcdn.client.policy import Policy
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.model.tensors import bit_identical
 
 __all__ = ["AskResult", "ask", "compare"]
 
@@ -106,13 +105,7 @@ async def ask(
         return result
     own, prefill_s = adapter.timed_prefill(model.model, doc)
     client.estimates.observe_prefill(model.device_key, len(doc), prefill_s)
-    identical = None
-    if fetched.cached_tokens:
-        n = fetched.cached_tokens
-        identical = all(
-            torch.equal(k, rk[:, :, :n]) and torch.equal(v, rv[:, :, :n])
-            for (k, v), (rk, rv) in zip(fetched.layers, own, strict=True)
-        )
+    identical = bit_identical(fetched.layers, own) if fetched.cached_tokens else None
     two_pass, _ = compare(gen, adapter.greedy(model.model, ids, max_new_tokens, cache=own))
     matched, diff = compare(gen, adapter.greedy(model.model, ids, max_new_tokens))
     return replace(

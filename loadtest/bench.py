@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +30,7 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.model.tensors import bit_identical
 from kvcdn.ops.launcher import Cluster
 from kvcdn.wire.stub import CacheReader
 
@@ -138,8 +138,7 @@ async def measure(
                 matched = matched and gen.tokens == local.tokens
                 two_pass_matched = two_pass_matched and gen.tokens == two_pass.tokens
                 if identical is None:  # (a), checked once, outside the timings
-                    pairs = zip(fetched.layers, own, strict=True)
-                    identical = all(torch.equal(k, rk) and torch.equal(v, rv) for (k, v), (rk, rv) in pairs)
+                    identical = bit_identical(fetched.layers, own)
                 n_bytes = fetched.n_bytes
                 # An agent done with a cache drops it; the next fetch then reuses that memory, as
                 # the TCP baseline reuses its buffer.

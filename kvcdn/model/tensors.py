@@ -19,7 +19,7 @@ from kvcdn.errors import InvalidArgument
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_spans
 
-__all__ = ["TORCH_DTYPES", "KVAssembler", "LayerKV", "StagingPool", "block_payload", "synchronize"]
+__all__ = ["TORCH_DTYPES", "KVAssembler", "LayerKV", "StagingPool", "bit_identical", "block_payload", "synchronize"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -32,6 +32,17 @@ _CudaStream: Any = torch.cuda.Stream  # partly annotated in torch
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (keys, values), each `[batch=1, kv_heads, tokens, head_dim]`."""
+
+
+def bit_identical(layers: list[LayerKV], reference: list[LayerKV]) -> bool:
+    """Whether `layers` equal the first tokens of `reference` (as many as they hold), bit for bit."""
+    if len(layers) != len(reference):
+        return False
+    n = layers[0][0].shape[2] if layers else 0
+    return all(
+        torch.equal(k, rk[:, :, :n]) and torch.equal(v, rv[:, :, :n])
+        for (k, v), (rk, rv) in zip(layers, reference, strict=True)
+    )
 
 
 def synchronize(device: torch.device) -> None:
