@@ -80,6 +80,8 @@ class FetchedCache:
     """Edges that streamed (or failed to stream) part of the cache, in the order first asked."""
     first_frame_s: float = 0.0
     """Seconds from the first lookup to the first verified frame (0 if nothing was cached)."""
+    streams: int = 0
+    """Streams that ran at the same time (runs of blocks, bounded by `streams_per_fetch`)."""
     decision: Decision | None = None
     """With `KVClient.prepare`: whether the cached prefix was fetched or left to a local prefill, and why."""
 
@@ -266,6 +268,7 @@ class KVClient:
             fetch_s=time.perf_counter() - t0,
             edges_used=used,
             first_frame_s=first_frame_at - t0,
+            streams=min(len(runs), self.config.streams_per_fetch),
         )
         self.estimates.observe_fetch(fetched.n_bytes, fetched.fetch_s)
         return fetched

@@ -1,9 +1,9 @@
 """The baselines the benchmark compares fetches with, measured in the same run.
 
 `raw_tcp_gbps`: a plain TCP transfer of the same number of bytes from another process over loopback,
-into a pre-touched buffer (stdlib only, so the spawned sender starts in a blink). The bytes are a known
-pattern, checked after each timed transfer, so a baseline that moved less (or other) data than it
-claims fails instead of flattering the comparison.
+over as many connections at once as the fetch used, into a pre-touched buffer (stdlib only, so the
+spawned sender starts in a blink). The bytes are a known pattern, checked after each timed transfer,
+so a baseline that moved less (or other) data than it claims fails instead of flattering the comparison.
 
 `blake3_gbps`: one core hashing the same bytes in frames, as a receiver verifies them. A verified
 fetch cannot beat `verified_bound(raw, hash) = 1 / (1/raw + 1/hash)` where the receiving core both
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
 import blake3
@@ -25,49 +28,69 @@ _CHUNK = 1 << 20
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
 
 
-def _tcp_sender(conn: Connection, n_bytes: int, repeats: int) -> None:
+def _send_part(peer: socket.socket) -> None:
+    """Serve one connection: it asks for (offset, length) of the stream, byte i of which is i % 256."""
     buf = memoryview(_PATTERN)
+    with peer:
+        offset, length = struct.unpack("!QQ", peer.recv(16, socket.MSG_WAITALL))
+        assert offset % 256 == 0
+        while length:
+            take = min(length, _CHUNK)
+            peer.sendall(buf[:take])
+            length -= take
+
+
+def _tcp_sender(conn: Connection) -> None:
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
+        srv.listen(64)
         conn.send(srv.getsockname()[1])
-        for _ in range(repeats):
+        while True:  # a thread per connection (sendall releases the GIL); the parent ends this process
             peer, _ = srv.accept()
-            with peer:
-                left = n_bytes
-                while left:  # byte i of the stream is i % 256
-                    take = min(left, _CHUNK)
-                    peer.sendall(buf[:take])
-                    left -= take
+            threading.Thread(target=_send_part, args=(peer,), daemon=True).start()
 
 
-def raw_tcp_gbps(n_bytes: int, repeats: int = 3) -> float:
-    """Best GB/s of a plain TCP transfer of `n_bytes` from another process over loopback; raises
+def _receive_part(port: int, view: memoryview, offset: int) -> None:
+    n_bytes = len(view)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(struct.pack("!QQ", offset, n_bytes))
+        got = 0
+        while got < n_bytes:
+            n = s.recv_into(view[got:], min(n_bytes - got, 4 * _CHUNK))
+            if n == 0:
+                raise ConnectionError(f"the sender closed after {got} of {n_bytes} bytes")
+            got += n
+
+
+def raw_tcp_gbps(n_bytes: int, repeats: int = 3, streams: int = 1) -> float:
+    """Best GB/s of a plain TCP transfer of `n_bytes` from another process over loopback, split over
+    `streams` connections at once (parts of whole MiB, each received by a thread of its own); raises
     ConnectionError if the sender stops early and ValueError if the bytes arrive changed."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_tcp_sender, args=(child, n_bytes, repeats), daemon=True)
+    proc = ctx.Process(target=_tcp_sender, args=(child,), daemon=True)
     proc.start()
-    port = parent.recv()
-    sink = bytearray(n_bytes)
-    view = memoryview(sink)
-    pattern = memoryview(_PATTERN)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            got = 0
-            while got < n_bytes:
-                n = s.recv_into(view[got:], min(n_bytes - got, 4 * _CHUNK))
-                if n == 0:
-                    raise ConnectionError(f"the sender closed after {got} of {n_bytes} bytes")
-                got += n
-        best = min(best, time.perf_counter() - t0)
-        for offset in range(0, n_bytes, _CHUNK):  # not timed: the stream is byte i = i % 256
-            chunk = view[offset : offset + _CHUNK]
-            if chunk != pattern[: len(chunk)]:
-                raise ValueError(f"the raw TCP baseline received other bytes than were sent at byte {offset}")
-    proc.join(10)
+    try:
+        port = parent.recv()
+        sink = bytearray(n_bytes)
+        view = memoryview(sink)
+        part = -(-n_bytes // streams // _CHUNK) * _CHUNK or _CHUNK
+        parts = [(offset, view[offset : offset + part]) for offset in range(0, n_bytes, part)]
+        pattern = memoryview(_PATTERN)
+        best = float("inf")
+        with ThreadPoolExecutor(len(parts)) as pool:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for done in [pool.submit(_receive_part, port, v, offset) for offset, v in parts]:
+                    done.result()
+                best = min(best, time.perf_counter() - t0)
+                for offset in range(0, n_bytes, _CHUNK):  # not timed: the stream is byte i = i % 256
+                    chunk = view[offset : offset + _CHUNK]
+                    if chunk != pattern[: len(chunk)]:
+                        raise ValueError(f"the raw TCP baseline received other bytes than were sent at byte {offset}")
+    finally:
+        proc.kill()
+        proc.join(10)
     return n_bytes / best / 1e9
 
 

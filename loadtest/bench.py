@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvcdn.client.api import KVClient
+from kvcdn.client.api import ClientConfig, KVClient
 from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
 from kvcdn.model import adapter
@@ -69,8 +69,10 @@ class BenchRow:
     """Local prefill of document + question and the first new token."""
     cached_s: float
     """Fetch + rebuild, then the question and the first new token (best of the repeats)."""
+    streams: int
+    """Streams the fetch ran at once."""
     raw_gbps: float
-    """One raw TCP stream of the same bytes between two processes, in the same run."""
+    """Raw TCP of the same bytes between two processes over as many streams, in the same run."""
     hash_gbps: float
     """One core's BLAKE3 over the same bytes in frames, in the same run."""
     kv_identical: bool
@@ -100,12 +102,12 @@ class BenchRow:
 
     @property
     def bound_gbps(self) -> float:
-        """The verified-transfer bound: receiving and hashing every byte on one core."""
-        return verified_bound(self.raw_gbps, self.hash_gbps)
+        """The verified-transfer bound: every stream's core receives and hashes its bytes."""
+        return verified_bound(self.raw_gbps, self.hash_gbps * self.streams)
 
 
 async def measure(
-    model: LoadedModel, origin: str, edges: list[str], texts: list[str], repeats: int, console: Console
+    model: LoadedModel, origin: str, client_config: ClientConfig, texts: list[str], repeats: int, console: Console
 ) -> list[BenchRow]:
     """Publish `texts` at `origin`, warm the edges, and measure each (see the module docstring)."""
     question = question_ids(model.tokenizer, "What is this text about?")
@@ -114,7 +116,7 @@ async def measure(
             with console.status(f"origin: publishing {len(document_ids(model.tokenizer, text))} tokens ..."):
                 await publisher.publish(f"bench-{len(text)}", text)
     rows = []
-    async with KVClient(edges) as client:
+    async with KVClient(client_config) as client:
         for text in texts:
             doc = document_ids(model.tokenizer, text)
             ids = doc + question
@@ -128,7 +130,7 @@ async def measure(
             cached_s = fetch_s = float("inf")
             matched = two_pass_matched = True
             identical: bool | None = None
-            n_bytes = 0
+            n_bytes = streams = 0
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 fetched = await client.fetch(model, doc)
@@ -139,11 +141,11 @@ async def measure(
                 two_pass_matched = two_pass_matched and gen.tokens == two_pass.tokens
                 if identical is None:  # (a), checked once, outside the timings
                     identical = bit_identical(fetched.layers, own)
-                n_bytes = fetched.n_bytes
+                n_bytes, streams = fetched.n_bytes, fetched.streams
                 # An agent done with a cache drops it; the next fetch then reuses that memory, as
                 # the TCP baseline reuses its buffer.
                 del fetched, gen
-            raw = raw_tcp_gbps(n_bytes, repeats)
+            raw = raw_tcp_gbps(n_bytes, repeats, streams)
             hashed = blake3_gbps(n_bytes, (await client.info()).geometry.frame_bytes, repeats)
             rows.append(
                 BenchRow(
@@ -153,6 +155,7 @@ async def measure(
                     fetch_s=fetch_s,
                     local_s=local_s,
                     cached_s=cached_s,
+                    streams=streams,
                     raw_gbps=raw,
                     hash_gbps=hashed,
                     kv_identical=bool(identical),
@@ -175,6 +178,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
         "TTFT speed-up",
         "fetch GB/s",
         "break-even GB/s",
+        "streams",
         "raw TCP GB/s",
         "fetch/raw",
         "BLAKE3 GB/s",
@@ -196,6 +200,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
             f"{r.ttft_speedup:.1f}x",
             f"{r.fetch_gbps:.2f}",
             f"{r.breakeven_gbps:.2f}",
+            str(r.streams),
             f"{r.raw_gbps:.2f}",
             f"{r.fetch_gbps / r.raw_gbps:.0%}",
             f"{r.hash_gbps:.2f}",
@@ -230,12 +235,14 @@ class BenchConfig:
     markdown: bool = False
     json_path: Path | None = None
     """Also write the rows here as JSON (the input of `economics --bench`)."""
+    streams_per_run: int = 1
+    """Connections a run of blocks is split over (kvcdn.client.api.ClientConfig.streams_per_run)."""
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
             raise InvalidArgument("--lengths takes positive token counts, e.g. 256,1024,3774")
-        if self.repeats < 1 or self.edges < 1:
-            raise InvalidArgument("--repeats and --edges must be at least 1")
+        if self.repeats < 1 or self.edges < 1 or self.streams_per_run < 1:
+            raise InvalidArgument("--repeats, --edges and --streams-per-run must be at least 1")
 
 
 def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) -> int:
@@ -247,13 +254,14 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
             cluster = Cluster(store_dir=Path(store), edges=config.edges, origin_args=options.flags()).start()
+        clients = ClientConfig(tuple(cluster.edge_addresses), streams_per_run=config.streams_per_run)
         try:
-            rows = asyncio.run(
-                measure(model, cluster.origin_address, cluster.edge_addresses, texts, config.repeats, console)
-            )
+            rows = asyncio.run(measure(model, cluster.origin_address, clients, texts, config.repeats, console))
         finally:
             cluster.stop()
     edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
+    if config.streams_per_run > 1:
+        edges += f", {config.streams_per_run} streams per run"
     title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, loopback"
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}

@@ -43,6 +43,9 @@ def register(sub: Any) -> None:
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --bench`)")
     b.add_argument("--edges", type=int, default=1, help="edges on loopback; blocks stream from all at once (1)")
     b.add_argument(
+        "--streams-per-run", type=int, default=1, help="connections a run of blocks is split over, all to its owner (1)"
+    )
+    b.add_argument(
         "--geometry",
         choices=sorted(SHAPES),
         help="benchmark random weights of this published shape (= --model random:NAME; nothing to download)",
@@ -123,7 +126,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         lengths = tuple(int(x) for x in args.lengths.split(","))
     except ValueError:
         raise InvalidArgument(f"--lengths {args.lengths!r} is not a comma list of token counts") from None
-    return BenchConfig(lengths, args.repeats, args.edges, args.markdown, Path(args.json) if args.json else None)
+    return BenchConfig(
+        lengths, args.repeats, args.edges, args.markdown, Path(args.json) if args.json else None, args.streams_per_run
+    )
 
 
 def load_config(args: argparse.Namespace) -> LoadConfig:

@@ -2,7 +2,7 @@
 # The GPU check, on a machine with a CUDA device and no network (under 5 minutes): installs the wheels
 # in .whl/ (scripts/gpu-wheels.sh) beside the image's torch, runs the CUDA tests, and benchmarks
 # random-weight models of real geometries, fetched from 4 warm edges into GPU memory. Results go to
-# $OUT (default gpu-check-out/): gpu-tests.txt and one bench-*.md table per geometry.
+# $OUT (default gpu-check-out/): gpu-tests.txt and bench.md (one table per geometry and streams per run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -10,8 +10,12 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
-for geometry in qwen3-4b qwen3-0.6b llama3.1-8b; do
-  timeout 150 python3 -m kvcdn loadtest bench --geometry "$geometry" --edges 4 --lengths 3774 --repeats 3 \
-    --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee "$OUT/bench-$geometry.md"
-done
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
+bench() {  # GEOMETRY STREAMS_PER_RUN
+  timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --streams-per-run "$2" --lengths 3774 \
+    --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+}
+bench qwen3-4b 1
+bench qwen3-4b 2
+bench llama3.1-8b 1
+bench qwen3-0.6b 1

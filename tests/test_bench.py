@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from kvcdn.cli import main
+from kvcdn.client.api import ClientConfig
 from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
 from kvcdn.loadtest.bench import measure, render, text_of_length
 from kvcdn.model.prompt import document_ids
@@ -20,8 +21,9 @@ def test_raw_tcp_baseline_moves_every_byte_it_times() -> None:
     # The baseline checks the received pattern itself (ValueError otherwise); an odd size exercises
     # the last partial chunk.
     n_bytes = (3 << 20) + 12345
-    gbps = raw_tcp_gbps(n_bytes, repeats=2)
-    assert 0.001 < gbps < 1000  # a real transfer of n_bytes, timed in seconds, not a placeholder
+    for streams in (1, 3):  # three connections at once: parts of whole MiB, the last one short
+        gbps = raw_tcp_gbps(n_bytes, repeats=2, streams=streams)
+        assert 0.001 < gbps < 1000  # a real transfer of n_bytes, timed in seconds, not a placeholder
 
 
 def test_the_verified_bound_is_receive_then_hash_on_one_core() -> None:
@@ -39,13 +41,14 @@ async def test_measure_fetches_every_length_exactly_and_renders_a_table(network:
     model = network.model
     corpus = (SAMPLES / "gpl-3.0.txt").read_text()
     texts = [text_of_length(model, corpus, n) for n in (64, 200)]
-    rows = await measure(model, network.origin_server.address, [network.edge_address], texts, 2, Console(quiet=True))
+    config = ClientConfig((network.edge_address,))
+    rows = await measure(model, network.origin_server.address, config, texts, 2, Console(quiet=True))
     assert [r.tokens for r in rows] == [64, 200]
     assert all(r.matched and r.two_pass_matched and r.kv_identical for r in rows)  # float32 on a CPU: all three
     assert [r.cache_bytes for r in rows] == [n * model.geometry.token_bytes for n in (64, 200)]
     table = render(rows, "bench", markdown=True)
     assert isinstance(table, str) and table.count("\n| ") == 3 and "fetch/bound" in table
-    assert all(r.bound_gbps < min(r.raw_gbps, r.hash_gbps) for r in rows)
+    assert all(r.streams == 1 and r.bound_gbps < min(r.raw_gbps, r.hash_gbps) for r in rows)  # one edge
 
 
 def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
@@ -59,6 +62,7 @@ def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
     assert "random:smollm2-135m" in out and "2 warm edges" in out and "break-even GB/s" in out
     [row] = json.loads(report.read_text())["rows"]
     assert row["tokens"] == 300 and row["matched"] and row["cache_bytes"] == 300 * 46080  # SmolLM2's fp32 KV
+    assert 1 <= row["streams"] <= 2  # its blocks, from their owners at once
 
 
 def test_bench_refuses_an_unknown_geometry(capsys: pytest.CaptureFixture[str]) -> None:
