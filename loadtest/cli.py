@@ -45,6 +45,7 @@ def register(sub: Any) -> None:
     b.add_argument(
         "--streams-per-run", type=int, default=1, help="connections a run of blocks is split over, all to its owner (1)"
     )
+    b.add_argument("--bulk-send-threads", type=int, help="the edges' --bulk-send-threads (default: theirs)")
     b.add_argument(
         "--geometry",
         choices=sorted(SHAPES),
@@ -127,7 +128,13 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     except ValueError:
         raise InvalidArgument(f"--lengths {args.lengths!r} is not a comma list of token counts") from None
     return BenchConfig(
-        lengths, args.repeats, args.edges, args.markdown, Path(args.json) if args.json else None, args.streams_per_run
+        lengths,
+        args.repeats,
+        args.edges,
+        args.markdown,
+        Path(args.json) if args.json else None,
+        args.streams_per_run,
+        args.bulk_send_threads,
     )
 
 

@@ -5,10 +5,14 @@
 # $OUT (default gpu-check-out/): gpu-tests.txt and bench.md (one table per geometry and streams per run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-check-out}
+OUT=$(realpath -m "${OUT:-gpu-check-out}")
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# Run outside the checkout: its kvcdn/ folder (the core alone) would shadow the installed package.
+run=$(mktemp -d)
+cp -r tests pyproject.toml "$run/" && mkdir -p "$run/kvcdn" && cp -r kvcdn/samples "$run/kvcdn/"
+cd "$run" && rm -f kvcdn/samples/__init__.py
+export PYTHONPATH=/tmp/site:$run PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
 bench() {  # GEOMETRY STREAMS_PER_RUN
