@@ -32,12 +32,6 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
     )
-    s.add_argument(
-        "--bulk-send-threads",
-        type=int,
-        default=16,
-        help="threads sending bulk frames, so connections send in parallel (16; 0: the event loop sends)",
-    )
     s.set_defaults(run=run)
 
 
@@ -49,7 +43,6 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         disk_dir=Path(args.disk_dir) if args.disk_dir else None,
         disk_bytes=args.disk_bytes,
         bulk_port=args.bulk_port,
-        bulk_send_threads=args.bulk_send_threads,
         metrics_port=args.metrics_port,
         peers=tuple(args.peers or ()),
         replicas=args.replicas,

@@ -25,8 +25,6 @@ class EdgeConfig:
     """Byte budget of the disk tier."""
     bulk_port: int = 0
     """TCP port of the bulk frame stream on the listen host: 0 picks a free port, -1 turns it off."""
-    bulk_send_threads: int = 16
-    """Threads that send bulk frames (connections send in parallel); 0: the event loop sends them."""
     metrics_port: int = -1
     """Port of the Prometheus `/metrics` endpoint on the listen host: 0 picks a free port, -1 turns it off."""
     origin_timeout_s: float = 10.0
@@ -58,8 +56,8 @@ class EdgeConfig:
             raise InvalidArgument("peer_timeout_s must be positive")
         if self.replicas < 1:
             raise InvalidArgument("replicas must be at least 1")
-        if self.peer_suspect_s < 0 or self.prefetch_blocks < 0 or self.bulk_send_threads < 0:
-            raise InvalidArgument("peer_suspect_s, prefetch_blocks and bulk_send_threads must be >= 0")
+        if self.peer_suspect_s < 0 or self.prefetch_blocks < 0:
+            raise InvalidArgument("peer_suspect_s and prefetch_blocks must be >= 0")
         if self.remembered_misses < 0 or self.remembered_infos < 0:
             raise InvalidArgument("remembered_misses and remembered_infos must be >= 0")
         if self.peers:

@@ -39,7 +39,6 @@ async def serve_edge(edge: Edge) -> Server:
             bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
             bulk_port=config.bulk_port,
             metrics_port=config.metrics_port,
-            bulk_send_threads=config.bulk_send_threads,
         )
     except BaseException:
         await edge.close()

@@ -242,16 +242,12 @@ class BenchConfig:
     """Also write the rows here as JSON (the input of `economics --bench`)."""
     streams_per_run: int = 1
     """Connections a run of blocks is split over (kvcdn.client.api.ClientConfig.streams_per_run)."""
-    bulk_send_threads: int | None = None
-    """The edges' sender threads (kvcdn.edge.config.EdgeConfig.bulk_send_threads; None: their default)."""
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
             raise InvalidArgument("--lengths takes positive token counts, e.g. 256,1024,3774")
         if self.repeats < 1 or self.edges < 1 or self.streams_per_run < 1:
             raise InvalidArgument("--repeats, --edges and --streams-per-run must be at least 1")
-        if self.bulk_send_threads is not None and self.bulk_send_threads < 0:
-            raise InvalidArgument("--bulk-send-threads must be >= 0")
 
 
 def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) -> int:
@@ -262,10 +258,7 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     texts = [text_of_length(model, sample_corpus(), n) for n in config.lengths]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
-            senders = [] if config.bulk_send_threads is None else ["--bulk-send-threads", str(config.bulk_send_threads)]
-            cluster = Cluster(
-                store_dir=Path(store), edges=config.edges, origin_args=options.flags(), edge_args=senders
-            ).start()
+            cluster = Cluster(store_dir=Path(store), edges=config.edges, origin_args=options.flags()).start()
         clients = ClientConfig(tuple(cluster.edge_addresses), streams_per_run=config.streams_per_run)
         try:
             rows = asyncio.run(measure(model, cluster.origin_address, clients, texts, config.repeats, console))
@@ -274,8 +267,6 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
     if config.streams_per_run > 1:
         edges += f", {config.streams_per_run} streams per run"
-    if config.bulk_send_threads is not None:
-        edges += f", {config.bulk_send_threads} bulk send threads per edge"
     title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, loopback"
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}

@@ -45,7 +45,6 @@ def register(sub: Any) -> None:
     b.add_argument(
         "--streams-per-run", type=int, default=1, help="connections a run of blocks is split over, all to its owner (1)"
     )
-    b.add_argument("--bulk-send-threads", type=int, help="the edges' --bulk-send-threads (default: theirs)")
     b.add_argument(
         "--geometry",
         choices=sorted(SHAPES),
@@ -134,7 +133,6 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         args.markdown,
         Path(args.json) if args.json else None,
         args.streams_per_run,
-        args.bulk_send_threads,
     )
 
 

@@ -17,7 +17,6 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,8 +41,6 @@ _END = 0xFFFFFFFF
 _ERROR = 0xFFFFFFFE
 _MAX_REQUEST_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 4096
-_SEND_TIMEOUT_S = 30.0
-"""A sender thread gives up on a frame the peer has not taken within this long."""
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 StreamFn = Callable[[str, Sequence[bytes], int], AsyncIterator[bytes]]
@@ -60,7 +57,6 @@ class BulkServer:
     _sock: socket.socket
     _task: asyncio.Task[None]
     _conns: set[asyncio.Task[None]]
-    _senders: ThreadPoolExecutor | None
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -68,8 +64,6 @@ class BulkServer:
             task.cancel()
         await asyncio.gather(self._task, *self._conns, return_exceptions=True)
         self._sock.close()
-        if self._senders is not None:
-            self._senders.shutdown(wait=False)
 
 
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
@@ -84,17 +78,8 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
     return bytes(buf)
 
 
-def _send_frame(sock: socket.socket, prefix: bytes, payload: memoryview) -> None:
-    sock.sendall(prefix)
-    sock.sendall(payload)
-
-
 async def _serve(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    stream: StreamFn,
-    metrics: ServerMetrics,
-    senders: ThreadPoolExecutor | None,
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, stream: StreamFn, metrics: ServerMetrics
 ) -> None:
     code = grpc.StatusCode.OK
     started = time.perf_counter()
@@ -110,24 +95,16 @@ async def _serve(
                 req = pb.StreamBlocksRequest.FromString(await _recv_exact(loop, sock, n))
             except Exception:
                 raise InvalidArgument("bulk request is not a StreamBlocksRequest") from None
-            if senders is not None:  # blocking sends in a worker thread, with a deadline per frame
-                sock.settimeout(_SEND_TIMEOUT_S)
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
-                prefix = _PAIR.pack(len(header), len(payload)) + bytes(header)
-                if senders is not None:
-                    await loop.run_in_executor(senders, _send_frame, sock, prefix, payload)
-                else:
-                    await loop.sock_sendall(sock, prefix)
-                    await loop.sock_sendall(sock, payload)
+                await loop.sock_sendall(sock, _PAIR.pack(len(header), len(payload)) + bytes(header))
+                await loop.sock_sendall(sock, payload)
                 served.inc(len(raw))
-            end = _PAIR.pack(_END, 0)
-            await (loop.run_in_executor(senders, sock.sendall, end) if senders else loop.sock_sendall(sock, end))
+            await loop.sock_sendall(sock, _PAIR.pack(_END, 0))
         except KVCDNError as exc:
             code = exc.code
             message = str(exc).encode()
             record = _PAIR.pack(_ERROR, 4 + len(message)) + _U32.pack(exc.code.value[0]) + message
-            sock.setblocking(False)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, record)
         except (ConnectionError, OSError) as exc:
@@ -137,19 +114,13 @@ async def _serve(
             code = grpc.StatusCode.INTERNAL
             log.exception("bulk stream failed unexpectedly")
         finally:
-            with contextlib.suppress(OSError):  # wakes a sender thread still blocked on this socket
-                sock.shutdown(socket.SHUT_RDWR)
             in_flight.dec()
             metrics.requests.labels("BulkStreamBlocks", code.name).inc()
             metrics.latency.labels("BulkStreamBlocks").observe(time.perf_counter() - started)
 
 
-async def start_bulk_server(
-    host: str, port: int, stream: StreamFn, metrics: ServerMetrics, send_threads: int = 0
-) -> BulkServer:
-    """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection. Frames
-    are sent by `send_threads` worker threads (blocking sends release the GIL, so connections send in
-    parallel, beyond what one event loop moves), or by the event loop itself when it is 0."""
+async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: ServerMetrics) -> BulkServer:
+    """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -162,18 +133,17 @@ async def start_bulk_server(
     sock.listen(128)
     sock.setblocking(False)
     conns: set[asyncio.Task[None]] = set()
-    senders = ThreadPoolExecutor(send_threads, thread_name_prefix="kvcdn-bulk-send") if send_threads > 0 else None
 
     async def accept_loop() -> None:
         while True:
             conn, _ = await loop.sock_accept(sock)
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_serve(loop, conn, stream, metrics, senders))
+            task = asyncio.create_task(_serve(loop, conn, stream, metrics))
             conns.add(task)
             task.add_done_callback(conns.discard)
 
-    return BulkServer(sock.getsockname()[1], sock, asyncio.create_task(accept_loop()), conns, senders)
+    return BulkServer(sock.getsockname()[1], sock, asyncio.create_task(accept_loop()), conns)
 
 
 # --- client --------------------------------------------------------------------------------------

@@ -245,7 +245,6 @@ async def start_server(
     bulk_stream: StreamFn | None = None,
     bulk_port: int = 0,
     metrics_port: int = -1,
-    bulk_send_threads: int = 0,
 ) -> Server:
     """Build, bind and start a server with the KVCache service (plus Publisher on the origin),
     health checking and reflection, the bulk frame stream of `bulk_stream` on `bulk_port` and the
@@ -278,7 +277,7 @@ async def start_server(
     bound_metrics = 0
     try:
         if bulk_stream is not None and bulk_port >= 0:
-            bulk = await start_bulk_server(host, bulk_port, bulk_stream, kvcache.metrics, bulk_send_threads)
+            bulk = await start_bulk_server(host, bulk_port, bulk_stream, kvcache.metrics)
         if metrics_port >= 0:
             try:
                 bound_metrics = kvcache.metrics.start_http(host, metrics_port)
