@@ -4,6 +4,7 @@ prefill locally and compare. Shared by `kvcdn ask`, `kvcdn demo` and the benchma
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 from kvcdn.client.api import KVClient, generate_from_cache
@@ -12,6 +13,7 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
 from kvcdn.model.tensors import bit_identical
+from kvcdn.spec.codecs import CODECS
 
 __all__ = ["AskResult", "ask", "compare"]
 
@@ -25,6 +27,9 @@ class AskResult:
     cached_tokens: int
     """Tokens of the document served from the cache (the rest, if any, were prefilled locally)."""
     cache_bytes: int
+    """Size of the cached prefix's KV as computed."""
+    wire_bytes: int
+    """Bytes streamed for it (fewer when it travelled encoded)."""
     fetch_s: float
     """Lookup + stream + verify + rebuild, seconds."""
     generate_s: float
@@ -48,6 +53,10 @@ class AskResult:
     """What the client predicted fetching would cost (None: not predictable yet)."""
     predicted_prefill_s: float | None = None
     """What the client predicted a local prefill would cost."""
+    codec: str = "raw"
+    """Encoding the cache travelled in (kvcdn.spec.codecs)."""
+    exact: bool = True
+    """Whether that encoding is exact; a lossy cache is reported by its agreement, never as exact."""
 
     @property
     def speedup(self) -> float | None:
@@ -79,12 +88,14 @@ async def ask(
     max_new_tokens: int = 24,
     verify: bool = False,
     policy: Policy = "auto",
+    codecs: Sequence[str] | None = None,
 ) -> AskResult:
     """Answer `question` about `text`, starting from its cache when fetching it is faster than
-    prefilling (`policy`, see kvcdn.client.policy); with `verify`, also prefill locally and compare."""
+    prefilling (`policy`, see kvcdn.client.policy), in the first of `codecs` (default: the client's)
+    that holds it; with `verify`, also prefill locally and compare."""
     doc = document_ids(model.tokenizer, text)
     ids = doc + question_ids(model.tokenizer, question)
-    fetched = await client.prepare(model, doc, policy)
+    fetched = await client.prepare(model, doc, policy, codecs)
     decision = fetched.decision
     t0 = time.perf_counter()
     gen = generate_from_cache(model, fetched, ids, max_new_tokens)
@@ -94,12 +105,15 @@ async def ask(
         new_tokens=len(gen.tokens),
         doc_tokens=len(doc),
         cached_tokens=fetched.cached_tokens,
-        cache_bytes=fetched.n_bytes,
+        cache_bytes=fetched.cached_tokens * model.geometry.token_bytes,
+        wire_bytes=fetched.n_bytes,
         fetch_s=fetched.fetch_s,
         generate_s=generate_s,
         decision=decision.action if decision else "fetch",
         predicted_fetch_s=decision.predicted_fetch_s if decision else None,
         predicted_prefill_s=decision.predicted_prefill_s if decision else None,
+        codec=fetched.codec,
+        exact=CODECS[fetched.codec].exact,
     )
     if not verify:
         return result

@@ -16,10 +16,12 @@ import torch
 from kvcdn.client.policy import Decision, Estimates, Policy, decide
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
+from kvcdn.model.codecs import DecodingAssembler
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.tensors import KVAssembler, LayerKV, StagingPool, synchronize
+from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
-from kvcdn.spec.identity import block_keys
+from kvcdn.spec.identity import block_keys, encoded_key
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.bulk import Progress, receive_into
@@ -31,6 +33,9 @@ __all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "gene
 log = logging.getLogger(__name__)
 
 _RETRYABLE = (Unavailable, DeadlineExceeded)
+
+Target = KVAssembler | DecodingAssembler
+"""Where a fetch's frames land: the cache's buffers, or encoded blocks decoded into them."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,13 @@ class ClientConfig:
     streams_per_run: int = 1
     """Connections a long run of blocks is split over, all to its owner (more where one stream cannot
     fill the link, e.g. when one receiving core is the limit)."""
+    codecs: tuple[str, ...] = DEFAULT_ACCEPT
+    """Encodings this client accepts, preferred first (kvcdn.spec.codecs); the default, exact ones
+    only: an agent never receives a lossy cache it did not ask for."""
 
     def __post_init__(self) -> None:
         parse_edges(self.edges)  # fail early on a malformed list
+        parse_codecs(self.codecs)
         if self.assumed_gbps <= 0:
             raise InvalidArgument("assumed_gbps must be positive")
         if min(self.max_streams, self.streams_per_fetch, self.streams_per_run) < 1:
@@ -73,13 +82,15 @@ class FetchedCache:
     """Per layer (keys, values), each `[1, kv_heads, cached_tokens, head_dim]`; empty if none was cached."""
     cached_tokens: int
     n_bytes: int
-    """Payload bytes streamed."""
+    """Payload bytes streamed (encoded, for an encoded cache)."""
     fetch_s: float
     """Seconds from the first lookup to a cache ready for generate(): lookup, stream, verify, rebuild."""
     edges_used: list[str] = field(default_factory=list)
     """Edges that streamed (or failed to stream) part of the cache, in the order first asked."""
     first_frame_s: float = 0.0
     """Seconds from the first lookup to the first verified frame (0 if nothing was cached)."""
+    codec: str = "raw"
+    """Encoding the cache travelled in (kvcdn.spec.codecs; a lossy one only where the caller accepted it)."""
     streams: int = 0
     """Streams that ran at the same time (runs of blocks, bounded by `streams_per_fetch`)."""
     decision: Decision | None = None
@@ -175,35 +186,48 @@ class KVClient:
             )
         return Geometry.from_proto(info.geometry)
 
-    async def lookup(self, model: LoadedModel, ids: Sequence[int]) -> list[pb.BlockInfo]:
-        """Infos of the longest cached prefix of `ids`, in block order."""
+    async def lookup(
+        self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None
+    ) -> list[pb.BlockInfo]:
+        """Infos of the longest cached prefix of `ids`, in block order, in the first of `codecs`
+        (default: the config's) that reaches that length (one LookupPrefix for all of them)."""
         geometry = await self.geometry_for(model)
         keys = block_keys(model.fingerprint, ids, geometry.block_tokens)
         if not keys:
             raise InvalidArgument("the token sequence is empty")
+        accepted = parse_codecs(codecs or self.config.codecs)
         blocks: list[pb.BlockInfo] = await self._first(
-            self.placement.route(keys[0]), lambda r: r.lookup(model.fingerprint_hex, keys)
+            self.placement.route(keys[0]), lambda r: r.lookup(model.fingerprint_hex, keys, accepted)
         )
+        codec = (blocks[0].codec or "raw") if blocks else "raw"
+        if codec not in accepted:
+            raise DigestMismatch(f"edge answered a lookup in {codec}, which this client did not accept")
         for i, info in enumerate(blocks):
-            expected_tokens = min(geometry.block_tokens, len(ids) - i * geometry.block_tokens)
+            tokens = min(geometry.block_tokens, len(ids) - i * geometry.block_tokens)
+            raw = geometry.block_bytes(tokens)
             if (
                 i >= len(keys)
-                or info.key != keys[i]
+                or info.key != encoded_key(keys[i], codec)
                 or info.index != i
-                or info.n_tokens != expected_tokens
-                or info.n_bytes != geometry.block_bytes(info.n_tokens)
+                or info.n_tokens != tokens
+                or (info.codec or "raw") != codec
+                or info.raw_bytes != (0 if codec == "raw" else raw)
+                or not 0 < info.n_bytes <= max_encoded_bytes(codec, geometry, tokens)
+                or (codec == "raw" and info.n_bytes != raw)
                 or len(info.frame_digests) != geometry.frame_count(info.n_bytes)
             ):
-                raise DigestMismatch(f"edge answered a lookup with a malformed block {i}")
+                raise DigestMismatch(f"edge answered a lookup with a malformed block {i} ({codec})")
         return blocks
 
-    async def prepare(self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto") -> FetchedCache:
+    async def prepare(
+        self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto", codecs: Sequence[str] | None = None
+    ) -> FetchedCache:
         """The cache an agent should start from for `ids`: the longest cached prefix when fetching it
         (and prefilling the rest) is predicted faster than prefilling everything, else nothing
         (`policy="auto"`, see kvcdn.client.policy); `fetch` / `prefill` force either. The prefill rate
         of `model` is measured once, on a short prefill, before its first auto decision."""
         t0 = time.perf_counter()
-        blocks = await self.lookup(model, ids)
+        blocks = await self.lookup(model, ids, codecs)
         key = model.device_key
         if policy == "auto" and blocks and key not in self.estimates.prefill_tokens_per_s:
             c0 = time.perf_counter()
@@ -230,17 +254,20 @@ class KVClient:
         self.estimates.observe_prefill(model.device_key, len(sample), seconds)
         return len(sample) / seconds
 
-    async def fetch(self, model: LoadedModel, ids: Sequence[int]) -> FetchedCache:
-        """Stream and verify the longest cached prefix of `ids` into tensors on the model's device."""
+    async def fetch(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> FetchedCache:
+        """Stream and verify the longest cached prefix of `ids` into tensors on the model's device, in
+        the first of `codecs` (default: the config's) that holds it, decoded."""
         t0 = time.perf_counter()
-        return await self._fetch_blocks(model, await self.lookup(model, ids), t0)
+        return await self._fetch_blocks(model, await self.lookup(model, ids, codecs), t0)
 
     async def _fetch_blocks(self, model: LoadedModel, blocks: list[pb.BlockInfo], t0: float) -> FetchedCache:
         geometry = await self.geometry_for(model)
         n_tokens = sum(b.n_tokens for b in blocks)
         if not blocks:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
-        assembler = KVAssembler(geometry, n_tokens, model.device, self.staging)
+        into = KVAssembler(geometry, n_tokens, model.device, self.staging)
+        codec = blocks[0].codec or "raw"
+        assembler: Target = into if codec == "raw" else DecodingAssembler(into, blocks)
         # Every run of blocks streams at once (the ring spreads a document over its edges), each into
         # its own part of the tensors; a failure in one run fails over on its own, as if it were alone.
         runs = self.runs(blocks)
@@ -269,12 +296,13 @@ class KVClient:
             edges_used=used,
             first_frame_s=first_frame_at - t0,
             streams=min(len(runs), self.config.streams_per_fetch),
+            codec=codec,
         )
         self.estimates.observe_fetch(fetched.n_bytes, fetched.fetch_s)
         return fetched
 
     @staticmethod
-    def _land(assembler: KVAssembler) -> list[LayerKV]:
+    def _land(assembler: Target) -> list[LayerKV]:
         """The assembled tensors on their device, copies finished (a fetch ends when the cache can be used)."""
         layers = assembler.layers()
         synchronize(assembler.device)
@@ -304,7 +332,7 @@ class KVClient:
         fingerprint: str,
         geometry: Geometry,
         blocks: list[pb.BlockInfo],
-        assembler: KVAssembler,
+        assembler: Target,
         progress: Progress,
     ) -> list[str]:
         """Write every frame of `blocks` into `assembler`, asking the first block's route on the ring
@@ -359,7 +387,7 @@ class KVClient:
         fingerprint: str,
         geometry: Geometry,
         blocks: list[pb.BlockInfo],
-        assembler: KVAssembler,
+        assembler: Target,
         progress: Progress,
     ) -> None:
         async for raw in reader.stream(fingerprint, [b.key for b in blocks[progress.block :]], progress.frame):
@@ -394,16 +422,18 @@ class BlockingKVClient:
         info: pb.ServerInfo = self._run(self._client.info())
         return info
 
-    def lookup(self, model: LoadedModel, ids: Sequence[int]) -> list[pb.BlockInfo]:
-        blocks: list[pb.BlockInfo] = self._run(self._client.lookup(model, ids))
+    def lookup(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> list[pb.BlockInfo]:
+        blocks: list[pb.BlockInfo] = self._run(self._client.lookup(model, ids, codecs))
         return blocks
 
-    def fetch(self, model: LoadedModel, ids: Sequence[int]) -> FetchedCache:
-        fetched: FetchedCache = self._run(self._client.fetch(model, ids))
+    def fetch(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> FetchedCache:
+        fetched: FetchedCache = self._run(self._client.fetch(model, ids, codecs))
         return fetched
 
-    def prepare(self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto") -> FetchedCache:
-        prepared: FetchedCache = self._run(self._client.prepare(model, ids, policy))
+    def prepare(
+        self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto", codecs: Sequence[str] | None = None
+    ) -> FetchedCache:
+        prepared: FetchedCache = self._run(self._client.prepare(model, ids, policy, codecs))
         return prepared
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from kvcdn.client.policy import POLICIES
 from kvcdn.errors import InvalidArgument
 from kvcdn.flags import add_edges_flag
 from kvcdn.model.options import ModelOptions
+from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 
 __all__ = ["register"]
 
@@ -22,6 +23,12 @@ def register(sub: Any) -> None:
     s = sub.add_parser("publish", help="compute and store the caches of documents; prints their keys")
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
     s.add_argument("--name", help="document name (default: the file name without extension)")
+    s.add_argument(
+        "--codecs",
+        type=parse_codecs,
+        default=(),
+        help="encodings to offer besides raw, e.g. lossless,fp8,int4 (default: the origin's --codecs)",
+    )
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(run=publish)
 
@@ -38,6 +45,13 @@ def register(sub: Any) -> None:
         add_edges_flag(s)
         s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
+        s.add_argument(
+            "--codecs",
+            type=parse_codecs,
+            default=DEFAULT_ACCEPT,
+            help=f"encodings accepted, preferred first ({','.join(DEFAULT_ACCEPT)}: exact only); "
+            "name fp8 or int4 to accept a lossy cache",
+        )
         ModelOptions.add_flags(s)
         s.set_defaults(run=run)
         if name == "ask":
@@ -74,10 +88,13 @@ def publish(args: argparse.Namespace) -> int:
 
     async def run() -> list[Any]:
         async with CacheReader(args.origin) as origin:
-            return [await origin.publish(args.name or f.stem, text) for f, text in zip(files, texts, strict=True)]
+            return [
+                await origin.publish(args.name or f.stem, text, args.codecs)
+                for f, text in zip(files, texts, strict=True)
+            ]
 
     results = asyncio.run(run())
-    table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "first key")
+    table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "codecs", "first key")
     for r in results:
         m = r.manifest
         first = m.blocks[0].key.hex()[:16] if m.blocks else "-"
@@ -88,9 +105,13 @@ def publish(args: argparse.Namespace) -> int:
             str(len(m.blocks)),
             str(r.computed_blocks),
             f"{r.prefill_s:.2f}",
+            ",".join(("raw", *m.codecs)),
             first,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and pipes: do not squeeze the table into 80 columns
+    console.print(table)
     return 0
 
 
@@ -112,7 +133,7 @@ def purge(args: argparse.Namespace) -> int:
 
 
 def fetch(args: argparse.Namespace) -> int:
-    from kvcdn.client.api import KVClient
+    from kvcdn.client.api import ClientConfig, KVClient
     from kvcdn.model.prompt import document_ids
 
     text = _read_text(args.doc, "--doc")
@@ -120,7 +141,7 @@ def fetch(args: argparse.Namespace) -> int:
     doc = document_ids(model.tokenizer, text)
 
     async def run() -> Any:
-        async with KVClient(args.edges) as client:
+        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs)) as client:
             return await client.fetch(model, doc)
 
     fetched = asyncio.run(run())
@@ -131,6 +152,7 @@ def fetch(args: argparse.Namespace) -> int:
         "doc_tokens": len(doc),
         "cached_tokens": fetched.cached_tokens,
         "bytes": fetched.n_bytes,
+        "codec": fetched.codec,
         "fetch_s": round(fetched.fetch_s, 4),
         "gb_per_s": round(fetched.n_bytes / fetched.fetch_s / 1e9, 3),
         "verified_frames": "all (BLAKE3)",
@@ -140,7 +162,7 @@ def fetch(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"{fetched.cached_tokens}/{len(doc)} tokens, {fetched.n_bytes / 1e6:.1f} MB in "
+            f"{fetched.cached_tokens}/{len(doc)} tokens, {fetched.n_bytes / 1e6:.1f} MB ({fetched.codec}) in "
             f"{fetched.fetch_s * 1e3:.0f} ms ({result['gb_per_s']} GB/s), every frame verified"
         )
     return 0
@@ -148,13 +170,13 @@ def fetch(args: argparse.Namespace) -> int:
 
 def ask(args: argparse.Namespace) -> int:
     from kvcdn.client.agent import ask as ask_edges
-    from kvcdn.client.api import KVClient
+    from kvcdn.client.api import ClientConfig, KVClient
 
     text = _read_text(args.doc, "--doc")
     model = ModelOptions.from_args(args).load()
 
     async def run() -> Any:
-        async with KVClient(args.edges) as client:
+        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs)) as client:
             return await ask_edges(client, model, text, args.question, args.max_new_tokens, args.verify, args.policy)
 
     result = asyncio.run(run())
@@ -168,9 +190,15 @@ def ask(args: argparse.Namespace) -> int:
     else:
         line = (
             f"[{result.cached_tokens}/{result.doc_tokens} tokens from cache, {result.cache_bytes / 1e6:.1f} MB "
-            f"in {result.fetch_s:.3f} s"
+            f"as {result.wire_bytes / 1e6:.1f} MB {result.codec} in {result.fetch_s:.3f} s"
         )
-    if args.verify:
+    if args.verify and not result.exact:
+        line += (
+            f"; verify: lossy {result.codec} cache, not exact by design: agrees with a local prefill on "
+            f"{result.two_pass_matched_tokens}/{result.new_tokens} tokens (two-pass run), "
+            f"{result.matched_tokens}/{result.new_tokens} (one-pass run)"
+        )
+    elif args.verify:
         identical = {True: "yes", False: "NO", None: "n/a"}[result.kv_bit_identical]
         line += (
             f"; verify: KV bit-identical to a local prefill {identical}, two-pass run "

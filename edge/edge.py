@@ -29,6 +29,7 @@ from kvcdn.edge.admission import admit
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.tiers import Tier
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, NotFound, Unavailable
+from kvcdn.spec.codecs import best_prefix, parse_codecs
 from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
 from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
@@ -265,17 +266,16 @@ class Edge:
                 return info
         return None
 
-    async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
+    async def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
+        """The longest prefix of `keys` in the first of `codecs` (empty: raw) that reaches it: from the
+        tiers, and what they miss from the origin (in the encoding of the held part, if any)."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
-        found: list[pb.BlockInfo] = []
-        for key in keys:
-            info = self._held(key)
-            if info is None:
-                break
-            found.append(info)
+        accepted = parse_codecs(codecs, "codecs", allow_empty=True)
+        found = best_prefix(keys, accepted, self._held)
         if len(found) < len(keys):
+            ask = [found[0].codec or "raw"] if found else list(accepted)
             try:
-                from_origin = await self.upstream.lookup(fingerprint, keys[len(found) :])
+                from_origin = await self.upstream.lookup(fingerprint, keys[len(found) :], ask)
                 for info in from_origin:
                     self._origin_infos.put(info.key, info)
                 found += from_origin

@@ -33,7 +33,7 @@ class EdgeService:
     async def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupPrefixResponse:
-        return pb.LookupPrefixResponse(blocks=await self.edge.lookup(request.fingerprint, request.keys))
+        return pb.LookupPrefixResponse(blocks=await self.edge.lookup(request.fingerprint, request.keys, request.codecs))
 
     @stream_errors
     async def StreamBlocks(

@@ -32,6 +32,7 @@ from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids, question_ids
 from kvcdn.model.tensors import bit_identical
 from kvcdn.ops.launcher import Cluster
+from kvcdn.spec.codecs import DEFAULT_ACCEPT
 from kvcdn.wire.stub import CacheReader
 
 __all__ = ["BenchRow", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
@@ -61,6 +62,11 @@ def text_of_length(model: LoadedModel, corpus: str, n_tokens: int) -> str:
 class BenchRow:
     tokens: int
     cache_bytes: int
+    """The cache's size as computed (raw)."""
+    codec: str
+    """Encoding it travelled in."""
+    wire_bytes: int
+    """Bytes streamed (encoded)."""
     prefill_s: float
     """Local prefill of the document alone (best of the repeats)."""
     fetch_s: float
@@ -93,7 +99,13 @@ class BenchRow:
 
     @property
     def fetch_gbps(self) -> float:
+        """Cache bytes delivered per second (what break-even compares with)."""
         return self.cache_bytes / self.fetch_s / 1e9
+
+    @property
+    def wire_gbps(self) -> float:
+        """Bytes streamed per second (what the raw TCP baseline and the bound compare with)."""
+        return self.wire_bytes / self.fetch_s / 1e9
 
     @property
     def breakeven_gbps(self) -> float:
@@ -109,12 +121,14 @@ class BenchRow:
 async def measure(
     model: LoadedModel, origin: str, client_config: ClientConfig, texts: list[str], repeats: int, console: Console
 ) -> list[BenchRow]:
-    """Publish `texts` at `origin`, warm the edges, and measure each (see the module docstring)."""
+    """Publish `texts` at `origin` (offered in the codecs the client accepts), warm the edges, and
+    measure each (see the module docstring)."""
     question = question_ids(model.tokenizer, "What is this text about?")
+    offered = [c for c in client_config.codecs if c != "raw"]
     async with CacheReader(origin) as publisher:
         for text in texts:
             with console.status(f"origin: publishing {len(document_ids(model.tokenizer, text))} tokens ..."):
-                await publisher.publish(f"bench-{len(text)}", text)
+                await publisher.publish(f"bench-{len(text)}", text, offered)
     rows = []
     async with KVClient(client_config) as client:
         for text in texts:
@@ -136,6 +150,7 @@ async def measure(
             matched = two_pass_matched = True
             identical: bool | None = None
             n_bytes = streams = 0
+            codec = "raw"
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 fetched = await client.fetch(model, doc)
@@ -146,7 +161,7 @@ async def measure(
                 two_pass_matched = two_pass_matched and gen.tokens == two_pass.tokens
                 if identical is None:  # (a), checked once, outside the timings
                     identical = bit_identical(fetched.layers, own)
-                n_bytes, streams = fetched.n_bytes, fetched.streams
+                n_bytes, streams, codec = fetched.n_bytes, fetched.streams, fetched.codec
                 # An agent done with a cache drops it; the next fetch then reuses that memory, as
                 # the TCP baseline reuses its buffer.
                 del fetched, gen
@@ -155,7 +170,9 @@ async def measure(
             rows.append(
                 BenchRow(
                     tokens=len(doc),
-                    cache_bytes=n_bytes,
+                    cache_bytes=len(doc) * model.geometry.token_bytes,
+                    codec=codec,
+                    wire_bytes=n_bytes,
                     prefill_s=prefill_s,
                     fetch_s=fetch_s,
                     local_s=local_s,
@@ -175,6 +192,8 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
     head = [
         "tokens",
         "cache MB",
+        "codec",
+        "wire MB",
         "prefill s",
         "fetch s",
         "prefill/fetch",
@@ -197,6 +216,8 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
         [
             str(r.tokens),
             f"{r.cache_bytes / 1e6:.1f}",
+            r.codec,
+            f"{r.wire_bytes / 1e6:.1f}",
             f"{r.prefill_s:.3f}",
             f"{r.fetch_s:.3f}",
             f"{r.fetch_speedup:.1f}x",
@@ -207,10 +228,10 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
             f"{r.breakeven_gbps:.2f}",
             str(r.streams),
             f"{r.raw_gbps:.2f}",
-            f"{r.fetch_gbps / r.raw_gbps:.0%}",
+            f"{r.wire_gbps / r.raw_gbps:.0%}",
             f"{r.hash_gbps:.2f}",
             f"{r.bound_gbps:.2f}",
-            f"{r.fetch_gbps / r.bound_gbps:.0%}",
+            f"{r.wire_gbps / r.bound_gbps:.0%}",
             "yes" if r.kv_identical else "no",
             "yes" if r.two_pass_matched else "NO",
             "yes" if r.matched else "no",
@@ -242,6 +263,8 @@ class BenchConfig:
     """Also write the rows here as JSON (the input of `economics --bench`)."""
     streams_per_run: int = 1
     """Connections a run of blocks is split over (kvcdn.client.api.ClientConfig.streams_per_run)."""
+    codecs: tuple[str, ...] = DEFAULT_ACCEPT
+    """Encodings the client accepts, preferred first (the documents are offered in these)."""
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
@@ -259,7 +282,9 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
             cluster = Cluster(store_dir=Path(store), edges=config.edges, origin_args=options.flags()).start()
-        clients = ClientConfig(tuple(cluster.edge_addresses), streams_per_run=config.streams_per_run)
+        clients = ClientConfig(
+            tuple(cluster.edge_addresses), streams_per_run=config.streams_per_run, codecs=config.codecs
+        )
         try:
             rows = asyncio.run(measure(model, cluster.origin_address, clients, texts, config.repeats, console))
         finally:

@@ -21,6 +21,7 @@ from kvcdn.loadtest.economics import (
     geometry_from,
 )
 from kvcdn.model.options import ModelOptions
+from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 from kvcdn.spec.shapes import SHAPES
 
 if TYPE_CHECKING:  # the benchmarks import torch: only when they run
@@ -44,6 +45,12 @@ def register(sub: Any) -> None:
     b.add_argument("--edges", type=int, default=1, help="edges on loopback; blocks stream from all at once (1)")
     b.add_argument(
         "--streams-per-run", type=int, default=1, help="connections a run of blocks is split over, all to its owner (1)"
+    )
+    b.add_argument(
+        "--codecs",
+        type=parse_codecs,
+        default=DEFAULT_ACCEPT,
+        help=f"encodings offered and accepted, preferred first ({','.join(DEFAULT_ACCEPT)})",
     )
     b.add_argument(
         "--geometry",
@@ -133,6 +140,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         args.markdown,
         Path(args.json) if args.json else None,
         args.streams_per_run,
+        args.codecs,
     )
 
 

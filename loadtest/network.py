@@ -119,7 +119,7 @@ async def edge_memory(
     model: LoadedModel, origin: str, edge: str, edge_pid: int, mem_bytes: int, factor: int
 ) -> MemoryResult:
     """Stream, cold, a document `factor` times the edge's memory tier while sampling the RSS of the
-    edge process `edge_pid`."""
+    edge process `edge_pid` (raw: the object's size on the wire is its computed size)."""
     tokens = factor * mem_bytes // model.geometry.token_bytes
     text = text_of_length(model, f"Big document {time.time_ns()}.\n\n" + sample_corpus() * 4, tokens)
     async with CacheReader(origin) as reader:
@@ -140,7 +140,7 @@ async def edge_memory(
     sampler.start()
     try:
         async with KVClient([edge]) as client:
-            fetched = await client.fetch(model, ids)
+            fetched = await client.fetch(model, ids, ("raw",))
     finally:
         stop.set()
         sampler.join()

@@ -10,6 +10,7 @@ from typing import Any
 from kvcdn.flags import add_server_flags
 from kvcdn.model.options import ModelOptions
 from kvcdn.origin.config import OriginConfig
+from kvcdn.spec.codecs import parse_codecs
 
 __all__ = ["config_from", "register"]
 
@@ -20,6 +21,13 @@ def register(sub: Any) -> None:
     add_server_flags(s, listen="127.0.0.1:7070")
     s.add_argument("--store", required=True, help="folder of the block and manifest store")
     s.add_argument("--max-document-tokens", type=int, default=32768, help="longest document accepted (32768)")
+    s.add_argument(
+        "--codecs",
+        type=lambda v: parse_codecs(v, allow_empty=True),
+        default=("lossless",),
+        help="encodings every document is offered in besides raw, unless its publisher names others "
+        "(lossless; '' for raw only; lossy: fp8, int4)",
+    )
     ModelOptions.add_flags(s)
     s.set_defaults(run=run)
 
@@ -34,6 +42,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         device=m.device,
         models_dir=m.models_dir,
         max_document_tokens=args.max_document_tokens,
+        codecs=args.codecs,
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
     )

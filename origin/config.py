@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.model.options import DEFAULT_MODEL
+from kvcdn.spec.codecs import parse_codecs
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS
 
@@ -39,9 +40,13 @@ class OriginConfig:
     """Port of the Prometheus `/metrics` endpoint on the listen host: 0 picks a free port, -1 turns it off."""
     read_cache_bytes: int = 256 << 20
     """Memory for recently streamed blocks, so hot blocks are not re-read from disk."""
+    codecs: tuple[str, ...] = ("lossless",)
+    """Encodings a document is offered in besides raw, unless its publisher names others
+    (kvcdn.model.codecs)."""
 
     def __post_init__(self) -> None:
         if self.max_document_tokens <= 0:
             raise InvalidArgument("max_document_tokens must be positive")
         if self.read_cache_bytes < 0:
             raise InvalidArgument("read_cache_bytes must be >= 0")
+        parse_codecs(self.codecs, "codecs", allow_empty=True)

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 from kvcdn.errors import InvalidArgument, LimitExceeded, NotFound
 from kvcdn.model import adapter
+from kvcdn.model.codecs import encode
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import KVAssembler, LayerKV, block_payload
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
-from kvcdn.spec.identity import block_keys, block_spans, content_digest
+from kvcdn.spec.codecs import best_prefix, parse_codecs
+from kvcdn.spec.identity import block_keys, block_spans, content_digest, encoded_key
 from kvcdn.store.blockstore import BlockStore
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
@@ -28,6 +30,11 @@ from kvcdn.wire.rpc import check_read_request
 __all__ = ["Origin", "PublishResult"]
 
 log = logging.getLogger(__name__)
+
+
+def _stored_keys(manifest: pb.Manifest) -> list[bytes]:
+    """Every block key a manifest's document is stored under: raw and each offered encoding."""
+    return [encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", *manifest.codecs)]
 
 
 @dataclass(frozen=True)
@@ -84,8 +91,11 @@ class Origin:
 
     # --- write side -------------------------------------------------------------------------------
 
-    async def publish(self, document: str, text: str) -> PublishResult:
+    async def publish(self, document: str, text: str, codecs: Sequence[str] | None = None) -> PublishResult:
+        """Compute and store `document`'s cache (raw, and encoded with `codecs`, default the config's)
+        and version its manifest."""
         check_document_name(document)
+        offered = tuple(c for c in parse_codecs(codecs or self.config.codecs, "codecs", True) if c != "raw")
         if not text.strip():
             raise InvalidArgument("the document text is empty")
         ids = document_ids(self.model.tokenizer, text)
@@ -98,11 +108,13 @@ class Origin:
         digest = content_digest(ids)
         self.publishes += 1
         computed, prefill_s = await self._publishing.do(digest, lambda: self._compute(ids, keys))
+        if offered:
+            await asyncio.get_running_loop().run_in_executor(None, self._store_encodings, keys, offered)
         async with self._manifest_lock:
             versions = self.manifests.versions(document)
             if versions:
                 latest = self.manifests.get(document, versions[-1])
-                if latest.content_digest == digest:
+                if latest.content_digest == digest and tuple(latest.codecs) == offered:
                     return PublishResult(latest, computed, prefill_s)
             manifest = pb.Manifest(
                 document=document,
@@ -112,6 +124,7 @@ class Origin:
                 token_count=len(ids),
                 blocks=[self._stored_info(k) for k in keys],
                 content_digest=digest,
+                codecs=offered,
             )
             self.manifests.put(manifest)
         log.info(
@@ -136,10 +149,10 @@ class Origin:
                 versions = [version]
             if not versions:
                 raise NotFound(f"document {document!r} has not been published")
-            purged = {b.key for v in versions for b in self.manifests.get(document, v).blocks}
+            purged = {k for v in versions for k in _stored_keys(self.manifests.get(document, v))}
             for v in versions:
                 self.manifests.delete(document, v)
-            kept = {b.key for m in self.manifests.all() for b in m.blocks}
+            kept = {k for m in self.manifests.all() for k in _stored_keys(m)}
             orphans = sorted(purged - kept)
             for key in orphans:
                 self.blocks.delete(key)
@@ -200,6 +213,21 @@ class Origin:
             assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, payload)
         return assembler.layers()
 
+    def _store_encodings(self, keys: Sequence[bytes], codecs: Sequence[str]) -> None:
+        """Store each block of `keys` encoded with each of `codecs`, where not stored yet."""
+        for key in keys:
+            missing = [c for c in codecs if encoded_key(key, c) not in self.blocks]
+            if not missing:
+                continue
+            info, payload, _ = self.blocks.get(key)
+            for codec in missing:
+                data = encode(codec, self.geometry, info.n_tokens, payload)
+                frame_bytes = self.geometry.frame_bytes
+                block = encode_block(
+                    encoded_key(key, codec), info.index, info.n_tokens, data, frame_bytes, codec, info.n_bytes
+                )
+                self.blocks.put(block.info, data, frame_bytes)
+
     def _store_block(self, key: bytes, index: int, layers: list[LayerKV], start: int, end: int) -> None:
         if key in self.blocks:
             return
@@ -213,15 +241,10 @@ class Origin:
     def manifest(self, document: str, version: int) -> pb.Manifest:
         return self.manifests.get(document, version)
 
-    def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
+    def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
+        """The longest stored prefix of `keys`, in the first of `codecs` (empty: raw) that holds it."""
         check_read_request(fingerprint, self.fingerprint, keys)
-        found: list[pb.BlockInfo] = []
-        for key in keys:
-            info = self.blocks.info(key)
-            if info is None:
-                break
-            found.append(info)
-        return found
+        return best_prefix(keys, parse_codecs(codecs, "codecs", allow_empty=True), self.blocks.info)
 
     async def block(self, key: bytes) -> EncodedBlock:
         cached = self._read_cache.get(key)

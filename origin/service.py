@@ -34,7 +34,7 @@ class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
     async def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupPrefixResponse:
-        return pb.LookupPrefixResponse(blocks=self.origin.lookup(request.fingerprint, request.keys))
+        return pb.LookupPrefixResponse(blocks=self.origin.lookup(request.fingerprint, request.keys, request.codecs))
 
     @stream_errors
     async def StreamBlocks(
@@ -45,7 +45,7 @@ class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
 
     @rpc_errors
     async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:
-        result = await self.origin.publish(request.document, request.text)
+        result = await self.origin.publish(request.document, request.text, request.codecs)
         return pb.PublishResponse(
             manifest=result.manifest, computed_blocks=result.computed_blocks, prefill_s=result.prefill_s
         )

@@ -74,7 +74,11 @@ class Network:
         return self.edge_server.address
 
 
-async def start_network(model: LoadedModel, store: Path, metrics: bool = False, **origin_kwargs: int) -> Network:
+async def start_network(
+    model: LoadedModel, store: Path, metrics: bool = False, codecs: tuple[str, ...] = (), **origin_kwargs: int
+) -> Network:
+    """An origin and one edge on loopback. Documents are offered raw only unless `codecs` names
+    encodings (the tests of codecs do; the others check raw blocks by key)."""
     origin, origin_server = await start_origin(
         OriginConfig(
             store_dir=store,
@@ -83,6 +87,7 @@ async def start_network(model: LoadedModel, store: Path, metrics: bool = False, 
             block_tokens=model.geometry.block_tokens,
             frame_bytes=model.geometry.frame_bytes,
             metrics_port=0 if metrics else -1,
+            codecs=codecs,
             **origin_kwargs,
         ),
         model,

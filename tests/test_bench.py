@@ -63,6 +63,8 @@ def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
     [row] = json.loads(report.read_text())["rows"]
     assert row["tokens"] == 300 and row["matched"] and row["cache_bytes"] == 300 * 46080  # SmolLM2's fp32 KV
     assert 1 <= row["streams"] <= 2  # its blocks, from their owners at once
+    # the default: offered and fetched lossless, so fewer bytes travelled than the cache holds
+    assert row["codec"] == "lossless" and row["kv_identical"] and 0 < row["wire_bytes"] < row["cache_bytes"]
 
 
 def test_bench_refuses_an_unknown_geometry(capsys: pytest.CaptureFixture[str]) -> None:

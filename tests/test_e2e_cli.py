@@ -74,7 +74,8 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
     assert fetched.returncode == 0, fetched.stderr
     stats = json.loads(fetched.stdout)
     assert stats["cached_tokens"] == stats["doc_tokens"] > 2000
-    assert stats["bytes"] == stats["cached_tokens"] * 46080  # SmolLM2 float32 KV per token
+    # offered and fetched lossless by default: fewer bytes than SmolLM2's float32 KV (46,080 per token)
+    assert stats["codec"] == "lossless" and 0.7 < stats["bytes"] / (stats["cached_tokens"] * 46080) < 0.95
 
     asked = _run(
         "ask",
@@ -106,19 +107,29 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
     # exactness, defined: (a) the KV is this agent's own prefill bit for bit, so (b) its two-pass run
     # continues identically; (c) the one-pass run agrees too in float32 on a CPU
     assert result["kv_bit_identical"] is True and result["two_pass_matched_tokens"] == result["new_tokens"]
+    assert result["codec"] == "lossless" and result["exact"] and result["wire_bytes"] < result["cache_bytes"]
     # fetch or prefill: on this CPU fetching is far faster, and the client says what it predicted
     assert result["decision"] == "fetch" and result["predicted_fetch_s"] < result["predicted_prefill_s"]
 
-    # The edge pulled each block from the origin once, whatever the agents asked for since.
+    # A lossy encoding only for an agent that asks for it, and then reported as such, never as exact.
+    assert _run("publish", "--origin", origin, "--codecs", "lossless,fp8", doc).returncode == 0
+    lossy = _run("ask", "--edges", edges, "--doc", doc, "--question", "Who?", "--codecs", "fp8,raw", "--verify", "--json")
+    assert lossy.returncode == 0, lossy.stderr
+    answer = json.loads(lossy.stdout)
+    assert answer["codec"] == "fp8" and not answer["exact"] and answer["kv_bit_identical"] is False
+    assert 2 * answer["wire_bytes"] < answer["cache_bytes"]  # fp8 of float32: about a quarter
+
+    # The edge pulled each block from the origin once per encoding (lossless, fp8), whatever the
+    # agents asked for since.
     with urllib.request.urlopen(edge_metrics, timeout=5) as resp:
         metrics = resp.read().decode()
     blocks = -(-stats["doc_tokens"] // 256)
-    assert f"kvcdn_edge_origin_fetches_total {float(blocks)}" in metrics
+    assert f"kvcdn_edge_origin_fetches_total {float(2 * blocks)}" in metrics
     table = _run("stats", "--edges", edges)
     assert table.returncode == 0, table.stderr
     assert edges.split(",")[0] in table.stdout and "hit ratio" in table.stdout
 
-    purged = _run("purge", "--origin", origin, "apache-2.0@1")
+    purged = _run("purge", "--origin", origin, "apache-2.0")  # both versions, every encoding
     assert purged.returncode == 0 and "blocks removed" in purged.stdout, purged.stderr
     for _ in range(50):  # the edge applies the invalidation feed within moments
         gone = _run("fetch", "--edges", edges, "--doc", doc)

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "kvcdn.spec": {"kvcdn.errors", "kvcdn.v1"},
     "kvcdn.store": {"kvcdn.errors", "kvcdn.v1", "kvcdn.spec"},
     "kvcdn.wire": {"kvcdn.errors", "kvcdn.v1", "kvcdn.spec", "kvcdn.store"},
-    "kvcdn.model": {"kvcdn.errors", "kvcdn.spec"},
+    "kvcdn.model": {"kvcdn.errors", "kvcdn.spec", "kvcdn.v1"},
     "kvcdn.cli": {"kvcdn.errors", "kvcdn.wire"},
     "kvcdn.__main__": {"kvcdn.cli"},
     "kvcdn.__init__": set(),

@@ -23,6 +23,7 @@ __all__ = [
     "block_spans",
     "content_digest",
     "digest",
+    "encoded_key",
     "model_fingerprint",
 ]
 
@@ -81,6 +82,14 @@ def block_keys(fingerprint: bytes, ids: Sequence[int], block_tokens: int = DEFAU
         prev = hashlib.sha256(prev + _le_u32(ids[start:end])).digest()
         keys.append(prev)
     return keys
+
+
+def encoded_key(key: bytes, codec: str) -> bytes:
+    """The key of block `key` encoded with `codec` (kvcdn.model.codecs): the key itself for raw, else
+    SHA-256(key || "kvcdn-codec:" || codec), so every encoding is a block of its own on the wire."""
+    if codec in ("", "raw"):
+        return key
+    return hashlib.sha256(key + b"kvcdn-codec:" + codec.encode("ascii")).digest()
 
 
 def content_digest(ids: Sequence[int]) -> str:

@@ -169,14 +169,24 @@ class BlockInfo(_message.Message):
     N_TOKENS_FIELD_NUMBER: _builtins.int
     N_BYTES_FIELD_NUMBER: _builtins.int
     FRAME_DIGESTS_FIELD_NUMBER: _builtins.int
+    CODEC_FIELD_NUMBER: _builtins.int
+    RAW_BYTES_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
-    """32-byte chained SHA-256 key."""
+    """32-byte key: the chained SHA-256 key of the block's tokens for a raw block; for an encoded one,
+    SHA-256(chained key || "kvcdn-codec:" || codec name), so each encoding is a block of its own.
+    """
     index: _builtins.int
     """Position of the block in its chain (block 0 holds tokens [0, block_tokens))."""
     n_tokens: _builtins.int
     """Tokens the block covers."""
     n_bytes: _builtins.int
-    """Payload size in bytes: layers * 2 * n_tokens * kv_heads * head_dim * element size."""
+    """Stored (and streamed) payload size in bytes. Raw: layers * 2 * n_tokens * kv_heads * head_dim *
+    element size; encoded: the encoding's size, frames and digests cover these bytes.
+    """
+    codec: _builtins.str
+    """Codec of the payload: "lossless", "fp8", "int4" (kvcdn.model.codecs); empty for raw."""
+    raw_bytes: _builtins.int
+    """Size of the raw payload the encoding decodes to; 0 for raw blocks."""
     @_builtins.property
     def frame_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """BLAKE3-256 digest of every frame of the payload, in order."""
@@ -189,10 +199,12 @@ class BlockInfo(_message.Message):
         n_tokens: _builtins.int = ...,
         n_bytes: _builtins.int = ...,
         frame_digests: _abc.Iterable[_builtins.bytes] | None = ...,
+        codec: _builtins.str = ...,
+        raw_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_digests", b"frame_digests", "index", b"index", "key", b"key", "n_bytes", b"n_bytes", "n_tokens", b"n_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "frame_digests", b"frame_digests", "index", b"index", "key", b"key", "n_bytes", b"n_bytes", "n_tokens", b"n_tokens", "raw_bytes", b"raw_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,6 +223,7 @@ class Manifest(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     BLOCKS_FIELD_NUMBER: _builtins.int
     CONTENT_DIGEST_FIELD_NUMBER: _builtins.int
+    CODECS_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Publisher-chosen document name."""
     version: _builtins.int
@@ -229,6 +242,12 @@ class Manifest(_message.Message):
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockInfo]:
         """Blocks in chain order; together they cover token_count tokens."""
 
+    @_builtins.property
+    def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Encodings the document is offered in besides raw (blocks lists the raw ones; an encoded block's
+        key is derived from its raw key, see BlockInfo.key).
+        """
+
     def __init__(
         self,
         *,
@@ -239,10 +258,11 @@ class Manifest(_message.Message):
         token_count: _builtins.int = ...,
         blocks: _abc.Iterable[Global___BlockInfo] | None = ...,
         content_digest: _builtins.str = ...,
+        codecs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "token_count", b"token_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "token_count", b"token_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,21 +298,27 @@ class LookupPrefixRequest(_message.Message):
 
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
+    CODECS_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Hex fingerprint of the caller's model; a different one fails with FAILED_PRECONDITION."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Chained block keys of the caller's token sequence, in order (32 bytes each)."""
 
+    @_builtins.property
+    def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Encodings the caller accepts, preferred first ("raw", "lossless", "fp8", "int4"); empty: raw."""
+
     def __init__(
         self,
         *,
         fingerprint: _builtins.str = ...,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        codecs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "fingerprint", b"fingerprint", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -305,8 +331,9 @@ class LookupPrefixResponse(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockInfo]:
-        """The longest leading run of the requested keys that can be served, in order; empty when the
-        first key is unknown.
+        """The longest leading run of the requested keys that can be served, in order, all in one encoding:
+        the first accepted one that reaches that length (blocks carry their encoded keys and codec);
+        empty when the first key is unknown.
         """
 
     def __init__(
@@ -428,21 +455,27 @@ class PublishRequest(_message.Message):
 
     DOCUMENT_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    CODECS_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Document name; letters, digits and "._-/" only, at most 200 characters."""
     text: _builtins.str
     """UTF-8 text of the document. The origin frames and tokenizes it exactly as clients do
     (kvcdn.model.prompt.document_ids).
     """
+    @_builtins.property
+    def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Encodings to offer besides raw: "lossless", "fp8", "int4". Empty: the origin's default."""
+
     def __init__(
         self,
         *,
         document: _builtins.str = ...,
         text: _builtins.str = ...,
+        codecs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "document", b"document", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

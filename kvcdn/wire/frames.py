@@ -97,11 +97,22 @@ def check_start_frame(start: int, n_frames: int) -> None:
         raise InvalidArgument(f"start_frame {start} is past the {n_frames} frames of the block")
 
 
-def encode_block(key: bytes, index: int, n_tokens: int, payload: bytes, frame_bytes: int) -> EncodedBlock:
-    """Cut a block payload into frames, digest each and encode them."""
+def encode_block(
+    key: bytes, index: int, n_tokens: int, payload: bytes, frame_bytes: int, codec: str = "", raw_bytes: int = 0
+) -> EncodedBlock:
+    """Cut a block payload (raw, or encoded with `codec` from `raw_bytes`) into frames, digest each
+    and encode them."""
     view = memoryview(payload)
     digests = [digest(view[offset : offset + frame_bytes]) for offset in range(0, len(payload), frame_bytes)]
-    info = pb.BlockInfo(key=key, index=index, n_tokens=n_tokens, n_bytes=len(payload), frame_digests=digests)
+    info = pb.BlockInfo(
+        key=key,
+        index=index,
+        n_tokens=n_tokens,
+        n_bytes=len(payload),
+        frame_digests=digests,
+        codec=codec,
+        raw_bytes=raw_bytes,
+    )
     return encode_stored(info, payload, frame_bytes)
 
 

@@ -87,10 +87,10 @@ class CacheReader:
         )
         return manifest
 
-    async def lookup(self, fingerprint: str, keys: Sequence[bytes]) -> list[pb.BlockInfo]:
-        resp = await self._call(
-            self._kv.LookupPrefix(pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys), timeout=self.timeout_s)
-        )
+    async def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
+        """The longest cached prefix of `keys` in the first of `codecs` (empty: raw) that holds it."""
+        request = pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys, codecs=codecs)
+        resp = await self._call(self._kv.LookupPrefix(request, timeout=self.timeout_s))
         return list(resp.blocks)
 
     async def stream(
@@ -105,10 +105,12 @@ class CacheReader:
             async for raw in frames:
                 yield raw
 
-    async def publish(self, document: str, text: str, timeout_s: float = 1800.0) -> pb.PublishResponse:
-        resp: pb.PublishResponse = await self._call(
-            self._publisher.Publish(pb.PublishRequest(document=document, text=text), timeout=timeout_s)
-        )
+    async def publish(
+        self, document: str, text: str, codecs: Sequence[str] = (), timeout_s: float = 1800.0
+    ) -> pb.PublishResponse:
+        """Publish `text` as `document`, offered raw and in `codecs` (empty: the origin's default)."""
+        request = pb.PublishRequest(document=document, text=text, codecs=codecs)
+        resp: pb.PublishResponse = await self._call(self._publisher.Publish(request, timeout=timeout_s))
         return resp
 
     async def purge(self, document: str, version: int = 0) -> pb.PurgeResponse:

@@ -1,0 +1,257 @@
+"""KV codecs: how a block payload (kvcdn.spec.geometry's layout) is encoded into fewer bytes and back.
+
+Names and sizes are kvcdn.spec.codecs. A published document can be offered in several encodings;
+each encoded block is a block of its own (kvcdn.spec.identity.encoded_key). Frames and digests cover
+the encoded bytes, so edges verify, store and relay encoded blocks exactly like raw ones, without
+decoding (and without this module). Origins encode; clients decode where the cache lands.
+
+Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 0 | u32 n_tokens`, then:
+
+- `lossless` (bit-exact): byte planes. Element byte i of every value goes to plane i (for bf16 the
+  high plane holds sign and exponent and compresses ~2.6x; the low plane is mantissa noise); each
+  plane is zstd-compressed (level 1) when that saves at least 5 %, else stored. Body: per plane
+  `u8 method (0 stored, 1 zstd) | u32 length | bytes`.
+- `fp8` (lossy): float8 e4m3 with one float32 scale per (segment, head, channel) over the block's
+  tokens (amax / 448). Body: per segment `scales [H*D] f32 | codes [T*H*D] u8`.
+- `int4` (lossy, KIVI-style): asymmetric 4-bit codes, two per byte; keys per channel (one float32
+  minimum and step per (head, channel) over the block's tokens), values per token (one float16
+  minimum and step per (token, head) over the head's channels). Body: per segment
+  `minimum | step | codes [T*H*D/2] u8`.
+
+Decoders check every length against the geometry before touching data: a truncated or corrupted
+encoding is a DigestMismatch (DATA_LOSS), never a crash or an oversized allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import zstandard
+
+from kvcdn.errors import DigestMismatch, InvalidArgument
+from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV
+from kvcdn.spec.codecs import (
+    CODECS,
+    HEADER_BYTES,
+    PLANE_HEADER_BYTES,
+    fixed_body_bytes,
+    int4_segment_bytes,
+    max_encoded_bytes,
+    parse_codecs,
+)
+from kvcdn.spec.geometry import Geometry
+from kvcdn.v1 import kvcdn_pb2 as pb
+
+__all__ = ["DecodingAssembler", "decode", "encode"]
+
+_HEAD = struct.Struct("<4sBBHI")
+_MAGIC = b"KVC1"
+_PLANE = struct.Struct("<BI")
+assert _HEAD.size == HEADER_BYTES and _PLANE.size == PLANE_HEADER_BYTES
+_FP8_MAX = 448.0
+_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+"""The float32 value of each e4m3 code (a table lookup decodes faster than torch's conversion)."""
+
+
+def _segments(geometry: Geometry) -> int:
+    return 2 * geometry.layers
+
+
+def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memoryview) -> bytes:
+    """The `codec` encoding of an n-token block payload."""
+    parse_codecs([codec], "codec")
+    if len(payload) != geometry.block_bytes(n_tokens):
+        raise InvalidArgument(f"payload of {len(payload)} bytes is not an {n_tokens}-token block")
+    if codec == "raw":
+        return bytes(payload)
+    head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, 0, n_tokens)
+    if codec == "lossless":
+        return head + _encode_planes(payload, geometry.element_bytes)
+    values = _as_float(geometry, n_tokens, payload)
+    parts = [head]
+    for i in range(_segments(geometry)):
+        x = values[i]
+        parts += _encode_fp8(x) if codec == "fp8" else _encode_int4(x, keys=i % 2 == 0)
+    return b"".join(parts)
+
+
+def decode(codec: str, geometry: Geometry, n_tokens: int, data: bytes | memoryview) -> np.ndarray:
+    """The block payload (uint8, `geometry.block_bytes(n_tokens)` long) that `data` encodes."""
+    raw = geometry.block_bytes(n_tokens)
+    if codec == "raw":
+        if len(data) != raw:
+            raise DigestMismatch(f"raw block of {len(data)} bytes, expected {raw}")
+        return np.frombuffer(data, dtype=np.uint8)
+    view = memoryview(data)
+    if len(view) < _HEAD.size or len(view) > max_encoded_bytes(codec, geometry, n_tokens):
+        raise DigestMismatch(f"{codec} block of {len(view)} bytes cannot hold {n_tokens} tokens")
+    magic, codec_id, element, _, tokens = _HEAD.unpack_from(view)
+    if (magic, codec_id, element, tokens) != (_MAGIC, CODECS[codec].id, geometry.element_bytes, n_tokens):
+        raise DigestMismatch(f"{codec} block header does not match its info ({n_tokens} tokens, {geometry.dtype})")
+    body = view[_HEAD.size :]
+    if codec == "lossless":
+        return _decode_planes(body, raw, geometry.element_bytes)
+    expected = fixed_body_bytes(codec, geometry, n_tokens)
+    if len(body) != expected:
+        raise DigestMismatch(f"{codec} block body of {len(body)} bytes, expected {expected}")
+    out = (_decode_fp8 if codec == "fp8" else _decode_int4)(body, geometry, n_tokens)
+    wire = out.to(TORCH_DTYPES[geometry.dtype]).contiguous()
+    return wire.reshape(-1).view(torch.uint8).numpy()
+
+
+# --- lossless ---------------------------------------------------------------------------------------
+
+_ZSTD_LEVEL = 1
+_PAYS = 0.95
+
+
+def _encode_planes(payload: bytes | memoryview, element: int) -> bytes:
+    rows = np.frombuffer(payload, dtype=np.uint8).reshape(-1, element)
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
+    parts = []
+    for i in range(element):
+        plane = np.ascontiguousarray(rows[:, i]).tobytes()
+        packed = compressor.compress(plane)
+        method, body = (1, packed) if len(packed) < _PAYS * len(plane) else (0, plane)
+        parts += [_PLANE.pack(method, len(body)), body]
+    return b"".join(parts)
+
+
+def _decode_planes(body: memoryview, raw: int, element: int) -> np.ndarray:
+    n = raw // element
+    out = np.empty((n, element), dtype=np.uint8)
+    decompressor = zstandard.ZstdDecompressor()
+    pos = 0
+    for i in range(element):
+        if pos + _PLANE.size > len(body):
+            raise DigestMismatch("lossless block is truncated")
+        method, length = _PLANE.unpack_from(body, pos)
+        pos += _PLANE.size
+        chunk = body[pos : pos + length]
+        pos += length
+        if len(chunk) != length or method not in (0, 1):
+            raise DigestMismatch("lossless block is truncated or names an unknown plane method")
+        try:
+            plane = decompressor.decompress(chunk, max_output_size=n) if method else chunk
+        except zstandard.ZstdError as exc:
+            raise DigestMismatch(f"lossless block plane {i} does not decompress: {exc}") from None
+        if len(plane) != n:
+            raise DigestMismatch(f"lossless block plane {i} holds {len(plane)} bytes, expected {n}")
+        out[:, i] = np.frombuffer(plane, dtype=np.uint8)
+    if pos != len(body):
+        raise DigestMismatch("lossless block has bytes after its last plane")
+    return out.reshape(-1)
+
+
+# --- lossy ------------------------------------------------------------------------------------------
+
+
+def _read(body: memoryview, pos: int, dtype: type[np.generic], count: int) -> tuple[torch.Tensor, int]:
+    """`count` values of `dtype` at byte `pos` of `body` (copied: aligned and writable), and the next pos."""
+    size = np.dtype(dtype).itemsize * count
+    values = np.frombuffer(body, dtype=dtype, count=count, offset=pos).copy()
+    return torch.from_numpy(values), pos + size
+
+
+def _as_float(geometry: Geometry, n_tokens: int, payload: bytes | memoryview) -> torch.Tensor:
+    """The payload as float32 `[2 * layers, n_tokens, kv_heads, head_dim]` (segment order)."""
+    flat = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).view(TORCH_DTYPES[geometry.dtype])
+    return flat.reshape(_segments(geometry), n_tokens, geometry.kv_heads, geometry.head_dim).float()
+
+
+def _f32(t: torch.Tensor) -> bytes:
+    return t.contiguous().numpy().tobytes()
+
+
+def _encode_fp8(x: torch.Tensor) -> list[bytes]:
+    scale = (x.abs().amax(dim=0) / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # [H, D]
+    codes = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    return [_f32(scale), codes.contiguous().numpy().tobytes()]
+
+
+def _decode_fp8(body: memoryview, geometry: Geometry, n_tokens: int) -> torch.Tensor:
+    h, d = geometry.kv_heads, geometry.head_dim
+    out = torch.empty(_segments(geometry), n_tokens, h, d)
+    pos = 0
+    for i in range(_segments(geometry)):
+        scale, pos = _read(body, pos, np.float32, h * d)
+        codes = np.frombuffer(body, dtype=np.uint8, count=n_tokens * h * d, offset=pos)
+        pos += n_tokens * h * d
+        out[i] = torch.from_numpy(_FP8_VALUES[codes]).reshape(n_tokens, h, d) * scale.reshape(h, d)
+    if not torch.isfinite(out).all():
+        raise DigestMismatch("fp8 block decodes to non-finite values")
+    return out
+
+
+def _encode_int4(x: torch.Tensor, keys: bool) -> list[bytes]:
+    dim = 0 if keys else 2  # keys: over tokens per channel; values: over channels per token
+    low = x.amin(dim=dim, keepdim=True)
+    step = ((x.amax(dim=dim, keepdim=True) - low) / 15).clamp_min(1e-8)
+    if not keys:
+        low, step = low.half().float(), step.half().float().clamp_min(6e-5)
+    codes = ((x - low) / step).round().clamp(0, 15).to(torch.uint8).reshape(-1)
+    packed = codes[0::2] | (codes[1::2] << 4)
+    stored = (low, step) if keys else (low.half(), step.half())
+    return [t.contiguous().numpy().tobytes() for t in stored] + [packed.numpy().tobytes()]
+
+
+def _decode_int4(body: memoryview, geometry: Geometry, n_tokens: int) -> torch.Tensor:
+    h, d = geometry.kv_heads, geometry.head_dim
+    out = torch.empty(_segments(geometry), n_tokens, h, d)
+    _, _, n_codes = int4_segment_bytes(geometry, n_tokens)
+    pos = 0
+    for i in range(_segments(geometry)):
+        keys = i % 2 == 0
+        dtype, shape = (np.float32, (1, h, d)) if keys else (np.float16, (n_tokens, h, 1))
+        count = h * (d if keys else n_tokens)
+        low, pos = _read(body, pos, dtype, count)
+        step, pos = _read(body, pos, dtype, count)
+        low, step = low.float().reshape(shape), step.float().reshape(shape)
+        packed, pos = _read(body, pos, np.uint8, n_codes)
+        codes = torch.stack((packed & 0x0F, packed >> 4), dim=1).reshape(n_tokens, h, d)
+        out[i] = low + codes.float() * step
+    if not torch.isfinite(out).all():
+        raise DigestMismatch("int4 block decodes to non-finite values")
+    return out
+
+
+# --- receiving --------------------------------------------------------------------------------------
+
+
+class DecodingAssembler:
+    """A frame target (kvcdn.wire.bulk.FrameTarget) for encoded blocks: frames land in a buffer of
+    their block's encoded size; when a block is complete and verified, it is decoded into `assembler`
+    (whose buffers are the cache, or staging for a GPU) and handed on. Streams of different blocks
+    decode in their own threads, in parallel."""
+
+    def __init__(self, assembler: KVAssembler, blocks: Sequence[pb.BlockInfo]) -> None:
+        self.assembler = assembler
+        self.device = assembler.device
+        self._infos = {b.index * assembler.geometry.block_tokens: b for b in blocks}
+        self._encoded: dict[int, np.ndarray] = {}
+
+    def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
+        info = self._infos.get(block_start)
+        if info is None or info.n_tokens != block_tokens or offset < 0 or offset + length > info.n_bytes:
+            raise InvalidArgument("frame lies outside the encoded block being assembled")
+        buffer = self._encoded.get(block_start)
+        if buffer is None:
+            buffer = self._encoded[block_start] = np.empty(info.n_bytes, dtype=np.uint8)
+        return [buffer[offset : offset + length]]
+
+    def write(self, block_start: int, block_tokens: int, offset: int, payload: memoryview) -> None:
+        [region] = self.regions(block_start, block_tokens, offset, len(payload))
+        region[:] = np.frombuffer(payload, dtype=np.uint8)
+
+    def block_done(self, block_start: int, block_tokens: int) -> None:
+        info = self._infos[block_start]
+        data = self._encoded.pop(block_start)
+        raw = decode(info.codec, self.assembler.geometry, block_tokens, data.data)
+        self.assembler.write(block_start, block_tokens, 0, raw.data)
+        self.assembler.block_done(block_start, block_tokens)
+
+    def layers(self) -> list[LayerKV]:
+        return self.assembler.layers()

@@ -1,0 +1,117 @@
+"""KV codec names and sizes: which encodings of a block payload exist and how large each may be.
+
+Pure arithmetic (no torch): the clients' checks of what an edge announces and the flags of every
+command use it; the encoders and decoders are kvcdn.model.codecs. An encoded block is a block of its
+own, keyed `kvcdn.spec.identity.encoded_key(key, codec)`, whose `BlockInfo.codec` names the codec and
+`raw_bytes` the decoded size; frames and digests cover the encoded bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvcdn.errors import InvalidArgument
+from kvcdn.spec.geometry import Geometry
+from kvcdn.spec.identity import encoded_key
+from kvcdn.v1 import kvcdn_pb2 as pb
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_ACCEPT",
+    "HEADER_BYTES",
+    "PLANE_HEADER_BYTES",
+    "Codec",
+    "best_prefix",
+    "fixed_body_bytes",
+    "int4_segment_bytes",
+    "max_encoded_bytes",
+    "parse_codecs",
+]
+
+HEADER_BYTES = 12
+"""`KVC1 | u8 codec id | u8 element bytes | u16 0 | u32 n_tokens`, before every encoded body."""
+PLANE_HEADER_BYTES = 5
+"""`u8 method | u32 length` before each byte plane of a lossless body."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    id: int
+    exact: bool
+    """Decodes to the very bytes it encoded (token-exact continuations stay exact)."""
+    summary: str
+
+
+CODECS: dict[str, Codec] = {
+    c.name: c
+    for c in (
+        Codec("raw", 0, True, "the payload as computed"),
+        Codec("lossless", 1, True, "byte planes, zstd where it pays (bit-exact)"),
+        Codec("fp8", 2, False, "float8 e4m3, a float32 scale per head channel"),
+        Codec("int4", 3, False, "4-bit, keys per channel, values per token (KIVI-style)"),
+    )
+}
+DEFAULT_ACCEPT = ("lossless", "raw")
+"""What a client accepts unless told otherwise: exact encodings only, the smaller first."""
+
+
+def parse_codecs(names: str | Sequence[str], what: str = "--codecs", allow_empty: bool = False) -> tuple[str, ...]:
+    """Codec names (a list, or comma-separated) as a tuple, after checking each is known and none repeats."""
+    items = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    if (items or not allow_empty) and (
+        any(n not in CODECS for n in items) or not items or len(set(items)) != len(items)
+    ):
+        raise InvalidArgument(
+            f"{what} {','.join(items) or '(none)'} is not a list of distinct codecs from {', '.join(CODECS)}"
+        )
+    return tuple(items)
+
+
+def int4_segment_bytes(geometry: Geometry, n_tokens: int) -> tuple[int, int, int]:
+    """int4 bytes of a keys segment, of a values segment, and of the codes in either."""
+    h, d = geometry.kv_heads, geometry.head_dim
+    codes = n_tokens * h * d // 2
+    return 2 * 4 * h * d + codes, 2 * 2 * n_tokens * h + codes, codes
+
+
+def fixed_body_bytes(codec: str, geometry: Geometry, n_tokens: int) -> int:
+    """The exact body size of a fixed-size (lossy) encoding of an n-token block."""
+    h, d = geometry.kv_heads, geometry.head_dim
+    if codec == "fp8":
+        return 2 * geometry.layers * (4 * h * d + n_tokens * h * d)
+    if codec == "int4":
+        keys, values, _ = int4_segment_bytes(geometry, n_tokens)
+        return geometry.layers * (keys + values)
+    raise InvalidArgument(f"codec {codec!r} has no fixed size")
+
+
+def max_encoded_bytes(codec: str, geometry: Geometry, n_tokens: int) -> int:
+    """The most bytes a valid `codec` encoding of an n-token block can take (receivers refuse more)."""
+    raw = geometry.block_bytes(n_tokens)
+    if codec in ("", "raw"):
+        return raw
+    if codec == "lossless":  # planes that did not pay are stored; zstd never adds more than this
+        return HEADER_BYTES + raw + geometry.element_bytes * (PLANE_HEADER_BYTES + 64 + raw // 100)
+    return HEADER_BYTES + fixed_body_bytes(codec, geometry, n_tokens)
+
+
+def best_prefix(
+    keys: Sequence[bytes], codecs: Sequence[str], info_of: Callable[[bytes], pb.BlockInfo | None]
+) -> list[pb.BlockInfo]:
+    """The longest leading run of `keys`' blocks that `info_of` (encoded key -> info) knows, in the
+    first of `codecs` (empty: raw) that reaches that length: how servers answer LookupPrefix."""
+    best: list[pb.BlockInfo] = []
+    for codec in codecs or ("raw",):
+        found: list[pb.BlockInfo] = []
+        for key in keys:
+            info = info_of(encoded_key(key, codec))
+            if info is None:
+                break
+            found.append(info)
+        if len(found) > len(best):
+            best = found
+        if len(best) == len(keys):
+            break
+    return best
