@@ -199,7 +199,7 @@ class KVClient:
         blocks: list[pb.BlockInfo] = await self._first(
             self.placement.route(keys[0]), lambda r: r.lookup(model.fingerprint_hex, keys, accepted)
         )
-        codec = (blocks[0].codec or "raw") if blocks else "raw"
+        codec = (blocks[0].codec or "raw") if blocks else accepted[0]
         if codec not in accepted:
             raise DigestMismatch(f"edge answered a lookup in {codec}, which this client did not accept")
         for i, info in enumerate(blocks):

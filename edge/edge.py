@@ -117,6 +117,8 @@ class Edge:
         self.tiers = list(tiers)
         # Block infos the origin answered lookups with, so a pull needs no second lookup.
         self._origin_infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(config.remembered_infos, lambda _: 1)
+        self._chosen: ByteLRU[bytes, str] = ByteLRU(config.remembered_infos, lambda _: 1)
+        """The encoding the origin chose for a sequence (first key) and an accept list (kvcdn.spec.codecs)."""
         self._loads: SingleFlight[bytes, Pull] = SingleFlight()
         self._seen: ByteLRU[bytes, bool] = ByteLRU(config.remembered_misses, lambda _: 1)
         self.ring: Placement | None = None
@@ -267,23 +269,27 @@ class Edge:
         return None
 
     async def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
-        """The longest prefix of `keys` in the first of `codecs` (empty: raw) that reaches it: from the
-        tiers, and what they miss from the origin (in the encoding of the held part, if any)."""
+        """The longest prefix of `keys` in the first of `codecs` (empty: raw) that reaches it. The tiers
+        answer alone when they hold the whole sequence in the encoding the origin chose last time for
+        it (or in the first one asked for); otherwise the origin is asked, and its infos remembered."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
-        accepted = parse_codecs(codecs, "codecs", allow_empty=True)
+        accepted = parse_codecs(codecs, "codecs", allow_empty=True) or ("raw",)
         found = best_prefix(keys, accepted, self._held)
-        if len(found) < len(keys):
-            ask = [found[0].codec or "raw"] if found else list(accepted)
-            try:
-                from_origin = await self.upstream.lookup(fingerprint, keys[len(found) :], ask)
-                for info in from_origin:
-                    self._origin_infos.put(info.key, info)
-                found += from_origin
-            except Unavailable:
-                if not found:
-                    raise
-                log.warning("origin unreachable; answering the lookup from the tiers alone")
-        return found
+        choice = keys[0] + ",".join(accepted).encode()
+        if len(found) == len(keys) and (found[0].codec or "raw") in (accepted[0], self._chosen.get(choice)):
+            return found
+        try:
+            from_origin = await self.upstream.lookup(fingerprint, keys, accepted)
+        except Unavailable:
+            if not found:
+                raise
+            log.warning("origin unreachable; answering the lookup from the tiers alone")
+            return found
+        for info in from_origin:
+            self._origin_infos.put(info.key, info)
+        if from_origin:
+            self._chosen.put(choice, from_origin[0].codec or "raw")
+        return from_origin if len(from_origin) >= len(found) else found
 
     async def block(self, fingerprint: str, key: bytes, from_peers: bool = True) -> FrameSource:
         """The block from the first tier, or the pull that is loading it (started here if none is)."""

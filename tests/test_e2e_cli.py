@@ -113,7 +113,8 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
 
     # A lossy encoding only for an agent that asks for it, and then reported as such, never as exact.
     assert _run("publish", "--origin", origin, "--codecs", "lossless,fp8", doc).returncode == 0
-    lossy = _run("ask", "--edges", edges, "--doc", doc, "--question", "Who?", "--codecs", "fp8,raw", "--verify", "--json")
+    question = ["--question", "Who?", "--verify", "--json"]
+    lossy = _run("ask", "--edges", edges, "--doc", doc, "--codecs", "fp8,raw", *question)
     assert lossy.returncode == 0, lossy.stderr
     answer = json.loads(lossy.stdout)
     assert answer["codec"] == "fp8" and not answer["exact"] and answer["kv_bit_identical"] is False

@@ -16,6 +16,7 @@ from kvcdn.errors import DigestMismatch, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
+from kvcdn.spec.identity import encoded_key
 from kvcdn.store.blockstore import BlockStore
 from kvcdn.wire.frames import encode_block
 from tests.conftest import SAMPLES, Network, start_network, stop_network
@@ -93,18 +94,21 @@ async def test_parallel_runs_and_one_broken_mid_block_resumes_on_the_next_edge_a
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
 @pytest.mark.parametrize("fault", ["tampered", "garbage"])
+@pytest.mark.parametrize("codec", ["raw", "lossless"])  # an encoded block is verified and resumed alike
 async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
-    network: Network, sample_text: str, bulk: bool, fault: str
+    network: Network, sample_text: str, bulk: bool, fault: str, codec: str
 ) -> None:
     model = network.model
-    manifest = (await network.origin.publish("doc", sample_text)).manifest
+    manifest = (await network.origin.publish("doc", sample_text, [codec])).manifest
+    first_key = encoded_key(manifest.blocks[0].key, codec)
     edge2, server2 = await start_edge(EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0"))
     by_address = {network.edge_address: network.edge, server2.address: edge2}
     asked: list[tuple[str, bytes, int]] = []
     try:
         doc = document_ids(model.tokenizer, sample_text)
-        async with KVClient(ClientConfig((network.edge_address, server2.address), bulk=bulk)) as client:
-            bad, good = client.placement.route(manifest.blocks[0].key)
+        config = ClientConfig((network.edge_address, server2.address), bulk=bulk, codecs=(codec,))
+        async with KVClient(config) as client:
+            bad, good = client.placement.route(first_key)
             real_bad, real_good = by_address[bad].stream, by_address[good].stream
 
             async def corrupts_its_second_frame(
@@ -128,7 +132,8 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
             by_address[bad].stream = corrupts_its_second_frame  # type: ignore[method-assign]
             by_address[good].stream = records  # type: ignore[method-assign]
             fetched = await client.fetch(model, doc)
-        first_run = [(address, start) for address, key, start in asked if key == manifest.blocks[0].key]
+        assert fetched.codec == codec
+        first_run = [(address, start) for address, key, start in asked if key == first_key]
         assert first_run[:2] == [(bad, 0), (good, 1)]  # the replica resumed at the bad frame
         for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
             assert torch.equal(k, rk) and torch.equal(v, rv)

@@ -1,0 +1,197 @@
+"""KV codecs: round trips per codec and dtype, sizes, hostile encodings, and negotiation between a
+publisher's offer and a client's accept list over a real origin and edge."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvcdn.client import CacheReader, ClientConfig, KVClient
+from kvcdn.errors import DigestMismatch, InvalidArgument
+from kvcdn.model import adapter
+from kvcdn.model.codecs import decode, encode
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.model.tensors import TORCH_DTYPES, bit_identical
+from kvcdn.spec.codecs import CODECS, max_encoded_bytes, parse_codecs
+from kvcdn.spec.geometry import Geometry
+from kvcdn.spec.identity import encoded_key
+from tests.conftest import SAMPLES, memory_tier, start_network, stop_network
+
+TEXT = (SAMPLES / "apache-2.0.txt").read_text()[:2500]
+
+
+def _kv(geometry: Geometry, n_tokens: int, seed: int = 0) -> tuple[bytes, torch.Tensor]:
+    """A block payload shaped like real KV: unit-scale values, a few outlier channels, a sink token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * geometry.layers, n_tokens, geometry.kv_heads, geometry.head_dim, generator=g)
+    x[0::2, :, :, :3] *= 20  # keys: outlier channels (why keys are quantized per channel)
+    x[1::2, 0] *= 8  # values: a large first token
+    wire = x.to(TORCH_DTYPES[geometry.dtype])
+    return wire.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), wire.float()
+
+
+def _values(geometry: Geometry, data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(data.copy()).view(TORCH_DTYPES[geometry.dtype]).float()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("n_tokens", [32, 7])  # a full block and a short last one
+def test_every_codec_round_trips_each_dtype(dtype: str, n_tokens: int) -> None:
+    g = Geometry(layers=3, kv_heads=2, head_dim=16, dtype=dtype, block_tokens=32)
+    payload, reference = _kv(g, n_tokens)
+    for name, codec in CODECS.items():
+        data = encode(name, g, n_tokens, payload)
+        assert 0 < len(data) <= max_encoded_bytes(name, g, n_tokens)
+        out = decode(name, g, n_tokens, data)
+        assert out.dtype == np.uint8 and out.size == g.block_bytes(n_tokens)
+        if codec.exact:
+            assert out.tobytes() == payload  # bit for bit
+            continue
+        got = _values(g, out).reshape(reference.shape)
+        relative = float((got - reference).norm() / reference.norm())
+        assert relative < {"fp8": 0.04, "int4": 0.12}[name], (name, relative)
+        assert len(data) == max_encoded_bytes(name, g, n_tokens)  # fixed-size encodings
+
+
+def test_lossy_codecs_meet_their_ratios_against_bf16_on_a_real_geometry() -> None:
+    g = Geometry(layers=30, kv_heads=3, head_dim=64, dtype="bfloat16")  # SmolLM2-135M
+    payload, _ = _kv(g, 256)
+    ratio = {name: len(payload) / len(encode(name, g, 256, payload)) for name in CODECS}
+    assert ratio["raw"] == 1.0 and ratio["fp8"] >= 1.95 and ratio["int4"] >= 3.5
+    assert ratio["lossless"] > 1.1  # random normal data; real KV (kvcdn loadtest codecs): ~1.45
+
+
+def _mutations(data: bytes) -> dict[str, bytes]:
+    return {
+        "truncated by one byte": data[:-1],
+        "header only": data[:12],
+        "empty": b"",
+        "one byte too many": data + b"\0",
+        "another codec's id": data[:4] + bytes([data[4] ^ 3]) + data[5:],
+        "another token count": data[:8] + (int.from_bytes(data[8:12], "little") + 1).to_bytes(4, "little") + data[12:],
+        "garbage": bytes(range(256)) * (len(data) // 256 + 1),
+    }
+
+
+@pytest.mark.parametrize("codec", ["lossless", "fp8", "int4"])
+def test_a_corrupted_or_truncated_encoding_is_data_loss_never_a_crash(codec: str) -> None:
+    g = Geometry(layers=2, kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=32)
+    payload, _ = _kv(g, 32)
+    data = encode(codec, g, 32, payload)
+    cases = _mutations(data)
+    if codec == "lossless":  # a flipped bit inside the compressed plane (zstd's checksum catches it)
+        cases["flipped compressed byte"] = data[:-10] + bytes([data[-10] ^ 0x40]) + data[-9:]
+    if codec == "fp8":  # codes that are NaN in e4m3
+        cases["NaN codes"] = data[: len(data) // 2] + b"\x7f" * (len(data) - len(data) // 2)
+    for what, bad in cases.items():
+        with pytest.raises(DigestMismatch):
+            decode(codec, g, 32, bad)
+            raise AssertionError(f"{codec}: {what} decoded")
+
+
+def test_codec_lists_are_checked() -> None:
+    assert parse_codecs("lossless, raw") == ("lossless", "raw")
+    assert parse_codecs("", allow_empty=True) == ()
+    for bad in ("zip", "raw,raw", ""):
+        with pytest.raises(InvalidArgument, match="codecs"):
+            parse_codecs(bad)
+    with pytest.raises(InvalidArgument):
+        ClientConfig(("127.0.0.1:1",), codecs=("gzip",))
+
+
+async def test_negotiation_between_what_a_document_is_offered_in_and_what_a_client_accepts(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    net = await start_network(llama, tmp_path / "store", codecs=("lossless", "fp8"))
+    try:
+        manifest = (await net.origin.publish("doc", TEXT)).manifest
+        assert list(manifest.codecs) == ["lossless", "fp8"]
+        doc = document_ids(llama.tokenizer, TEXT)
+        own = adapter.prefill(llama.model, doc)
+        raw_bytes = len(doc) * llama.geometry.token_bytes
+        async with KVClient([net.edge_address]) as client:
+            exact = await client.fetch(llama, doc)  # default: lossless, then raw
+            raw = await client.fetch(llama, doc, ["raw"])
+            lossy = await client.fetch(llama, doc, ["fp8", "raw"])
+            absent = await client.fetch(llama, doc, ["int4"])  # not offered: nothing cached
+        assert (exact.codec, raw.codec, lossy.codec) == ("lossless", "raw", "fp8")
+        assert bit_identical(exact.layers, own) and bit_identical(raw.layers, own)
+        assert exact.n_bytes < raw.n_bytes == raw_bytes and 3 * lossy.n_bytes < raw_bytes  # fp8 of float32
+        assert not bit_identical(lossy.layers, own)
+        for (k, v), (rk, rv) in zip(lossy.layers, own, strict=True):
+            for got, want in ((k, rk), (v, rv)):
+                assert float((got - want).norm() / want.norm()) < 0.05
+        assert absent.cached_tokens == 0 and absent.layers == []
+        # The edge holds and relays the encodings as blocks of their own, at their encoded sizes.
+        tier = memory_tier(net.edge)
+        for info in manifest.blocks:
+            for codec in ("lossless", "fp8"):
+                held = tier.info(encoded_key(info.key, codec))
+                assert held is not None and held.codec == codec and held.raw_bytes == info.n_bytes > held.n_bytes
+    finally:
+        await stop_network(net)
+
+
+async def test_a_document_published_raw_only_is_served_raw_to_a_default_client(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    net = await start_network(llama, tmp_path / "store")  # offers no encoding: blocks as before codecs
+    try:
+        await net.origin.publish("doc", TEXT)
+        doc = document_ids(llama.tokenizer, TEXT)
+        async with KVClient([net.edge_address]) as client:
+            fetched = await client.fetch(llama, doc)
+        assert fetched.codec == "raw" and fetched.cached_tokens == len(doc)
+        assert bit_identical(fetched.layers, adapter.prefill(llama.model, doc))
+        with pytest.raises(InvalidArgument, match="codecs"):
+            await net.origin.publish("other", TEXT, ["zip"])
+    finally:
+        await stop_network(net)
+
+
+async def test_an_edge_cannot_hand_a_lossy_cache_to_a_client_that_demands_exactness(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    net = await start_network(llama, tmp_path / "store", codecs=("fp8",))
+    try:
+        await net.origin.publish("doc", TEXT)
+        doc = document_ids(llama.tokenizer, TEXT)
+        real = net.edge.lookup
+
+        async def answers_fp8(fingerprint: str, keys: list[bytes], codecs: list[str]) -> object:
+            return await real(fingerprint, keys, ["fp8"])  # whatever the client asked for
+
+        net.edge.lookup = answers_fp8  # type: ignore[assignment]
+        async with KVClient([net.edge_address]) as client:
+            with pytest.raises(DigestMismatch, match="did not accept"):
+                await client.fetch(llama, doc)  # accepts lossless, raw
+    finally:
+        await stop_network(net)
+
+
+async def test_purge_removes_every_encoding_at_the_origin_and_the_edges(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store", codecs=("lossless", "int4"))
+    try:
+        manifest = (await net.origin.publish("doc", TEXT)).manifest
+        doc = document_ids(llama.tokenizer, TEXT)
+        async with KVClient([net.edge_address]) as client:
+            assert (await client.fetch(llama, doc)).codec == "lossless"
+            assert (await client.fetch(llama, doc, ["int4"])).codec == "int4"
+        keys = [encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", "lossless", "int4")]
+        assert all(k in net.origin.blocks for k in keys)
+        async with CacheReader(net.origin_server.address) as origin:
+            purged = await origin.purge("doc")
+        assert purged.blocks_removed == len(keys)
+        for _ in range(500):
+            if net.edge.invalidated_seq >= purged.seq:
+                break
+            await asyncio.sleep(0.02)
+        tier = memory_tier(net.edge)
+        assert not any(k in net.origin.blocks or tier.info(k) is not None for k in keys)
+    finally:
+        await stop_network(net)
