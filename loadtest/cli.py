@@ -1,4 +1,4 @@
-"""`kvcdn loadtest bench|run|network|economics`, registered with kvcdn.cli: each builds its typed config
+"""`kvcdn loadtest bench|codecs|run|network|economics`, registered with kvcdn.cli: each builds its typed config
 from the flags, so bad flags fail before any model loads or process starts."""
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ def register(sub: Any) -> None:
     )
     ModelOptions.add_flags(b)
     b.set_defaults(run=bench)
+
+    c = lt.add_parser("codecs", help="every KV codec on a real model: ratio, GB/s per core, answer agreement, KL")
+    c.add_argument("--dtypes", default="bfloat16,float32", help="cache dtypes to measure (bfloat16,float32)")
+    c.add_argument("--tokens", type=int, default=1024, help="first tokens of each bundled document (1024)")
+    c.add_argument("--new-tokens", type=int, default=24, help="length of the greedy answers compared (24)")
+    c.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    c.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --codecs-report`)")
+    ModelOptions.add_flags(c)
+    c.set_defaults(run=codecs)
 
     r = lt.add_parser("run", help="live load test: agents fetch Zipf-popular documents through the edges")
     add_edges_flag(r)
@@ -242,6 +251,17 @@ def bench(args: argparse.Namespace) -> int:
     if args.geometry:
         options = replace(options, model=f"random:{args.geometry}")
     return run_bench(config, options.load(), options)
+
+
+def codecs(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.codecs import CodecsConfig, run_codecs
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or any(d not in ("bfloat16", "float16", "float32") for d in dtypes):
+        raise InvalidArgument(f"--dtypes {args.dtypes!r} is not a comma list of bfloat16, float16, float32")
+    config = CodecsConfig(dtypes, args.tokens, args.new_tokens, args.markdown, Path(args.json) if args.json else None)
+    options = ModelOptions.from_args(args)
+    return run_codecs(config, lambda dtype: replace(options, dtype=dtype).load())
 
 
 def run(args: argparse.Namespace) -> int:
