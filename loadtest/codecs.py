@@ -183,7 +183,7 @@ def render(rows: list[CodecRow], title: str, markdown: bool) -> str | Table:
             "yes" if r.exact else "no",
             f"{r.ratio:.2f}x",
             f"{r.ratio_vs_bf16:.2f}x",
-            f"{r.encode_gbps:.2f}",
+            "-" if r.codec == "raw" else f"{r.encode_gbps:.2f}",
             "-" if r.codec == "raw" else f"{r.decode_gbps:.2f}",
             f"{r.greedy_agreement:.0%}",
             f"{r.top1_agreement:.1%}",

@@ -17,7 +17,7 @@ nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
 bench() {  # GEOMETRY STREAMS_PER_RUN
   timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --streams-per-run "$2" --lengths 3774 \
-    --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+    --codecs raw --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
 }
 bench qwen3-4b 1
 bench qwen3-4b 2
