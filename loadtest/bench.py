@@ -35,7 +35,7 @@ from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.codecs import DEFAULT_ACCEPT
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["BenchRow", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
+__all__ = ["BenchRow", "grid", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
 
 
 def sample_corpus() -> str:
@@ -238,6 +238,11 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
         ]
         for r in rows
     ]
+    return grid(head, body, title, markdown)
+
+
+def grid(head: list[str], body: list[list[str]], title: str, markdown: bool) -> str | Table:
+    """A table of the benchmarks: Markdown text, or a rich Table for the terminal."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
         lines += ["| " + " | ".join(b) + " |" for b in body]

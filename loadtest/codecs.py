@@ -23,6 +23,7 @@ from rich.table import Table
 
 from kvcdn.client.agent import compare
 from kvcdn.errors import InvalidArgument
+from kvcdn.loadtest.bench import grid
 from kvcdn.model import adapter
 from kvcdn.model.codecs import decode, encode
 from kvcdn.model.loading import LoadedModel
@@ -192,13 +193,7 @@ def render(rows: list[CodecRow], title: str, markdown: bool) -> str | Table:
         ]
         for r in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-        return f"{title}\n\n" + "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    table = Table(*head, title=title)
-    for b in body:
-        table.add_row(*b)
-    return table
+    return grid(head, body, title, markdown)
 
 
 def run_codecs(config: CodecsConfig, load: Any) -> int:
