@@ -7,8 +7,8 @@ core   kvcdn.errors  kvcdn.flags  kvcdn.spec  kvcdn.wire  kvcdn.store  kvcdn.mod
          ├── edge          (core without kvcdn.model: an edge never imports torch)
          └── client  ◀──  ops  ◀──  loadtest
 ```
-Within the core: spec needs only errors; store builds on spec; wire on store; model on spec; the CLI
-dispatches to components through entry points and imports none of them.
+Within the core: spec needs only errors; store builds on spec; wire on store; model on spec (and the wire
+types, for the codecs); the CLI dispatches to components through entry points and imports none of them.
 """
 
 from __future__ import annotations

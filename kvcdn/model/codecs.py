@@ -9,7 +9,7 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 0 |
 
 - `lossless` (bit-exact): byte planes. Element byte i of every value goes to plane i (for bf16 the
   high plane holds sign and exponent and compresses ~2.6x; the low plane is mantissa noise); each
-  plane is zstd-compressed (level 1) when that saves at least 5 %, else stored. Body: per plane
+  plane is zstd-compressed (level 1, with its checksum) when that saves at least 5 %, else stored. Per plane
   `u8 method (0 stored, 1 zstd) | u32 length | bytes`.
 - `fp8` (lossy): float8 e4m3 with one float32 scale per (segment, head, channel) over the block's
   tokens (amax / 448). Body: per segment `scales [H*D] f32 | codes [T*H*D] u8`.
