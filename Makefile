@@ -51,7 +51,7 @@ demo: install model
 	$(BIN)/kvcdn demo
 
 bench: install model
-	$(BIN)/kvcdn loadtest bench --markdown
+	$(BIN)/kvcdn loadtest bench --codecs raw --markdown
 
 gpu-wheels:  ## here, with a package index: the wheels a GPU machine without network needs, into .whl/
 	scripts/gpu-wheels.sh
