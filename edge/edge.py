@@ -394,7 +394,7 @@ class Edge:
                         header, payload = decode_frame(raw, reader.address)
                         verify_frame(info, frame_bytes, len(pull.frames), header, payload, reader.address)
                         pull.append(raw)
-                        got += len(raw)
+                        got += len(payload)
                 if len(pull.frames) != len(info.frame_digests):
                     raise Unavailable(f"{reader.address} ended block {key.hex()[:16]}… after {len(pull.frames)} frames")
             except (Unavailable, DeadlineExceeded, DigestMismatch, TimeoutError) as exc:

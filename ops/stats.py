@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
 from kvcdn.errors import KVCDNError, Unavailable
-from kvcdn.wire.metrics import BYTES_SERVED, STREAMS_IN_FLIGHT
+from kvcdn.wire.metrics import PAYLOAD_BYTES_SERVED, STREAMS_IN_FLIGHT, TRANSPORTS, Metric
 from kvcdn.wire.metrics import EdgeMetrics as E
 from kvcdn.wire.stub import CacheReader
 
@@ -37,6 +37,7 @@ class EdgeStats:
     peer_fetches: float = 0
     bytes_from_peers: float = 0
     bytes_served: float = 0
+    """Block payload bytes sent to clients, over both transports."""
     streams_in_flight: float = 0
 
     @property
@@ -46,15 +47,22 @@ class EdgeStats:
         return (self.hits + self.disk_hits) / total if total else 0.0
 
 
-def _scrape(url: str, timeout_s: float) -> dict[str, float]:
-    """Metric samples summed over their labels, by sample name."""
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(url: str, timeout_s: float) -> Scrape:
+    """Every sample's value, by sample name and sorted labels."""
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:
         text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _by_transport(m: Scrape, metric: Metric) -> float:
+    return sum(m[(metric.sample, (("transport", t),))] for t in TRANSPORTS)
 
 
 async def _one(address: str, timeout_s: float) -> EdgeStats:
@@ -66,34 +74,40 @@ async def _one(address: str, timeout_s: float) -> EdgeStats:
         host = address.rpartition(":")[0]
         url = f"http://{host}:{info.metrics_port}/metrics"
         try:
-            m = await asyncio.to_thread(_scrape, url, timeout_s)
+            scraped = await asyncio.to_thread(_scrape, url, timeout_s)
         except OSError as exc:
             raise Unavailable(f"{url}: {exc}") from None
     except KVCDNError as exc:
         return EdgeStats(address, up=False, error=str(exc))
+
+    def m(metric: Metric) -> float:
+        return scraped[metric.key]
+
+    def optional(metric: Metric) -> float:  # an edge without a disk tier exports no disk series
+        return scraped.get(metric.key, 0.0)
+
     try:
         return EdgeStats(
             address,
             up=True,
-            memory_blocks=m[E.MEMORY.blocks.sample],
-            memory_bytes=m[E.MEMORY.bytes.sample],
-            hits=m[E.MEMORY.hits.sample],
-            misses=m[E.MEMORY.misses.sample],
-            # an edge without a disk tier exports no disk metrics
-            disk_blocks=m.get(E.DISK.blocks.sample, 0.0),
-            disk_bytes=m.get(E.DISK.bytes.sample, 0.0),
-            disk_hits=m.get(E.DISK.hits.sample, 0.0),
-            evictions=m[E.MEMORY.evictions.sample],
-            origin_fetches=m[E.ORIGIN_FETCHES.sample],
-            bytes_from_origin=m[E.BYTES_FROM_ORIGIN.sample],
-            peer_fetches=m[E.PEER_FETCHES.sample],
-            bytes_from_peers=m[E.BYTES_FROM_PEERS.sample],
-            # labelled by transport: no sample until the first stream
-            bytes_served=m.get(BYTES_SERVED.sample, 0.0),
-            streams_in_flight=m.get(STREAMS_IN_FLIGHT.sample, 0.0),
+            memory_blocks=m(E.MEMORY.blocks),
+            memory_bytes=m(E.MEMORY.bytes),
+            hits=m(E.MEMORY.hits),
+            misses=m(E.MEMORY.misses),
+            disk_blocks=optional(E.DISK.blocks),
+            disk_bytes=optional(E.DISK.bytes),
+            disk_hits=optional(E.DISK.hits),
+            evictions=m(E.MEMORY.evictions),
+            origin_fetches=m(E.ORIGIN_FETCHES),
+            bytes_from_origin=m(E.BYTES_FROM_ORIGIN),
+            peer_fetches=m(E.PEER_FETCHES),
+            bytes_from_peers=m(E.BYTES_FROM_PEERS),
+            bytes_served=_by_transport(scraped, PAYLOAD_BYTES_SERVED),
+            streams_in_flight=_by_transport(scraped, STREAMS_IN_FLIGHT),
         )
     except KeyError as exc:
-        return EdgeStats(address, up=False, error=f"{address} exports no metric {exc.args[0]}: is it a kvcdn edge?")
+        name = exc.args[0][0]
+        return EdgeStats(address, up=False, error=f"{address} exports no metric {name}: is it a kvcdn edge?")
 
 
 async def edge_stats(edges: Sequence[str], timeout_s: float = 5.0) -> list[EdgeStats]:

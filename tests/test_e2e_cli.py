@@ -125,7 +125,7 @@ def test_publish_then_ask_verify_is_token_exact(cluster: tuple[str, str, str]) -
     with urllib.request.urlopen(edge_metrics, timeout=5) as resp:
         metrics = resp.read().decode()
     blocks = -(-stats["doc_tokens"] // 256)
-    assert f"kvcdn_edge_origin_fetches_total {float(2 * blocks)}" in metrics
+    assert f'kvcdn_edge_block_loads_total{{source="origin"}} {float(2 * blocks)}' in metrics
     table = _run("stats", "--edges", edges)
     assert table.returncode == 0, table.stderr
     assert edges.split(",")[0] in table.stdout and "hit ratio" in table.stdout

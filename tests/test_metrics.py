@@ -45,29 +45,48 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
                 await reader.manifest("missing")
 
         edge = await _scrape(net.edge_server.metrics_url)
-        assert edge[("kvcdn_edge_origin_fetches_total", ())] == n_blocks
-        assert edge[("kvcdn_edge_block_misses_memory_total", ())] == n_blocks
-        assert edge[("kvcdn_edge_block_hits_memory_total", ())] == n_blocks
-        assert edge[("kvcdn_edge_memory_blocks", ())] == n_blocks
-        assert edge[("kvcdn_edge_bytes_from_origin_total", ())] >= first.n_bytes
-        served = edge[("kvcdn_bytes_served_total", (("transport", "bulk"),))]
-        assert 2 * first.n_bytes <= served < 2 * first.n_bytes * 1.1
-        assert edge[("kvcdn_requests_total", (("code", "OK"), ("method", "LookupPrefix")))] == 2
-        assert edge[("kvcdn_requests_total", (("code", "NOT_FOUND"), ("method", "GetManifest")))] == 1
-        assert edge[("kvcdn_requests_total", (("code", "OK"), ("method", "BulkStreamBlocks")))] == 2
+        memory, origin_source = (("tier", "memory"),), (("source", "origin"),)
+        assert edge[("kvcdn_edge_block_loads_total", origin_source)] == n_blocks
+        assert edge[("kvcdn_edge_block_loads_total", (("source", "peer"),))] == 0
+        assert edge[("kvcdn_edge_tier_misses_total", memory)] == n_blocks
+        assert edge[("kvcdn_edge_tier_hits_total", memory)] == n_blocks
+        assert edge[("kvcdn_edge_tier_blocks", memory)] == n_blocks
+        assert edge[("kvcdn_edge_loaded_bytes_total", origin_source)] == first.n_bytes
+        # Payload bytes served reconcile exactly with what the client received; frames add headers.
+        served = edge[("kvcdn_payload_bytes_served_total", (("transport", "bulk"),))]
+        assert served == 2 * first.n_bytes
+        assert served < edge[("kvcdn_wire_bytes_served_total", (("transport", "bulk"),))] < 1.05 * served
+        assert edge[("kvcdn_payload_bytes_served_total", (("transport", "grpc"),))] == 0  # pre-initialised
+
+        def rpc(service: str, method: str, kind: str = "unary") -> tuple[tuple[str, str], ...]:
+            return (("grpc_method", method), ("grpc_service", service), ("grpc_type", kind))
+
+        lookup, manifest_rpc = rpc("kvcdn.v1.KVCache", "LookupPrefix"), rpc("kvcdn.v1.KVCache", "GetManifest")
+        bulk = rpc("kvcdn.v1.Bulk", "StreamBlocks", "server_stream")
+        assert edge[("grpc_server_started_total", lookup)] == 2
+        assert edge[("grpc_server_handled_total", (("grpc_code", "OK"), *lookup))] == 2
+        assert edge[("grpc_server_handled_total", (("grpc_code", "NOT_FOUND"), *manifest_rpc))] == 1
+        assert edge[("grpc_server_handled_total", (("grpc_code", "OK"), *manifest_rpc))] == 0  # pre-initialised
+        assert edge[("grpc_server_handled_total", (("grpc_code", "OK"), *bulk))] == 2
+        assert edge[("grpc_server_handling_seconds_count", lookup)] == 2
         assert edge[("kvcdn_streams_in_flight", (("transport", "bulk"),))] == 0
-        assert edge[("kvcdn_request_seconds_count", (("method", "LookupPrefix"),))] == 2
+        assert edge[("process_resident_memory_bytes", ())] > 0 and edge[("process_open_fds", ())] > 0
+        assert not [name for name, _ in edge if name.endswith("_created")]
 
         origin = await _scrape(net.origin_server.metrics_url)
         assert origin[("kvcdn_origin_blocks_computed_total", ())] == n_blocks
         assert origin[("kvcdn_origin_prefill_runs_total", ())] == 1
         # the edge's invalidation feed (Watch) stays open, yet no block stream is in flight
-        assert origin.get(("kvcdn_streams_in_flight", (("transport", "grpc"),)), 0.0) == 0
-        assert ("kvcdn_request_seconds_count", (("method", "Watch"),)) not in origin
+        watch = rpc("kvcdn.v1.Invalidations", "Watch", "server_stream")
+        assert origin[("kvcdn_streams_in_flight", (("transport", "grpc"),))] == 0
+        assert origin[("grpc_server_started_total", watch)] == 1
+        assert ("grpc_server_handling_seconds_count", watch) not in origin
         # The edge pulled each block from the origin once, over gRPC, reusing the infos of the one
         # lookup it forwarded (the second client lookup was answered from the edge's memory).
-        assert origin[("kvcdn_requests_total", (("code", "OK"), ("method", "StreamBlocks")))] == n_blocks
-        assert origin[("kvcdn_requests_total", (("code", "OK"), ("method", "LookupPrefix")))] == 1
+        streams = rpc("kvcdn.v1.KVCache", "StreamBlocks", "server_stream")
+        assert origin[("grpc_server_handled_total", (("grpc_code", "OK"), *streams))] == n_blocks
+        assert origin[("grpc_server_handled_total", (("grpc_code", "OK"), *lookup))] == 1
+        assert origin[("kvcdn_payload_bytes_served_total", (("transport", "grpc"),))] == first.n_bytes
         stats = await edge_stats([net.edge_address, "127.0.0.1:1"], timeout_s=2)
         assert stats[0].up and stats[0].hits == stats[0].misses == n_blocks and stats[0].hit_ratio == 0.5
         assert stats[0].origin_fetches == n_blocks and stats[0].bytes_served == served

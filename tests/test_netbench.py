@@ -20,7 +20,7 @@ async def test_cold_herd_counts_one_origin_transfer_per_block(llama: LoadedModel
         herd = await cold_herd(llama, net.origin_server.address, [net.edge_address, server.address], 30, 100)
         assert herd.ok == 30 and herd.tokens == 100 and herd.blocks == 4
         assert herd.origin_pulls == herd.blocks == sum(herd.pulls_per_edge)
-        assert herd.gb_served * 1e9 > 30 * 100 * llama.geometry.token_bytes
+        assert round(herd.gb_served * 1e9) == 30 * 100 * llama.geometry.token_bytes  # payload bytes, exactly
     finally:
         await server.stop(0)
         await extra.close()

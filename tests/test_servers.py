@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from kvcdn.edge.service import EdgeService
 from kvcdn.errors import InvalidArgument, Unavailable, error_for
@@ -19,14 +19,36 @@ from kvcdn.wire.stub import CacheReader
 from tests.conftest import Network
 
 
-async def _services(address: str) -> set[str]:
+async def _services(address: str, version: str = "v1alpha") -> set[str]:
+    """The services a server lists through reflection `version` (v1 is v1alpha's messages under
+    another package name)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        call = stub.ServerReflectionInfo(iter([request]), timeout=5)
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         async for response in call:
             return {s.name for s in response.list_services_response.service}
     return set()
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_answers_both_protocol_versions_and_describes_kvcdn(network: Network, version: str) -> None:
+    services = await _services(network.edge_address, version)
+    assert {"kvcdn.v1.KVCache", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= (
+        services
+    )
+    async with grpc.aio.insecure_channel(network.edge_address) as channel:
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="kvcdn.v1.KVCache")]), timeout=5)
+        async for response in call:
+            files = response.file_descriptor_response.file_descriptor_proto
+            assert files and any(b"LookupPrefix" in f for f in files)
+            break
 
 
 async def test_origin_and_edge_expose_health_and_reflection(network: Network) -> None:
@@ -75,12 +97,12 @@ def test_bad_sizes_are_rejected_with_an_example(text: str) -> None:
 
 async def test_streams_starting_together_ask_a_server_for_its_bulk_port_once(network: Network) -> None:
     registry = network.edge_server.metrics.registry
-    labels = {"method": "GetInfo", "code": "OK"}
-    before = registry.get_sample_value("kvcdn_requests_total", labels) or 0.0
+    labels = {"grpc_type": "unary", "grpc_service": "kvcdn.v1.KVCache", "grpc_method": "GetInfo", "grpc_code": "OK"}
+    before = registry.get_sample_value("grpc_server_handled_total", labels)
     async with CacheReader(network.edge_address) as edge:
         addresses = await asyncio.gather(*(edge.bulk_address() for _ in range(10)))
     assert len(set(addresses)) == 1 and addresses[0] is not None
-    assert registry.get_sample_value("kvcdn_requests_total", labels) == before + 1
+    assert before is not None and registry.get_sample_value("grpc_server_handled_total", labels) == before + 1
 
 
 def test_a_call_the_server_cancelled_is_retryable_elsewhere() -> None:

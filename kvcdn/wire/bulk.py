@@ -29,7 +29,7 @@ from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCD
 from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import check_digest, expect_frame, frame_parts
-from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 
 __all__ = ["BulkServer", "FrameTarget", "Progress", "receive_into", "start_bulk_server"]
 
@@ -83,7 +83,10 @@ async def _serve(
 ) -> None:
     code = grpc.StatusCode.OK
     started = time.perf_counter()
-    served = metrics.bytes_served.labels("bulk")
+    labels = (BULK_METHOD.type, BULK_METHOD.service, BULK_METHOD.name)
+    metrics.started.labels(*labels).inc()
+    payload_served = metrics.payload_bytes.labels("bulk")
+    wire_served = metrics.wire_bytes.labels("bulk")
     in_flight = metrics.streams_in_flight.labels("bulk")
     in_flight.inc()
     with sock:
@@ -97,9 +100,11 @@ async def _serve(
                 raise InvalidArgument("bulk request is not a StreamBlocksRequest") from None
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
-                await loop.sock_sendall(sock, _PAIR.pack(len(header), len(payload)) + bytes(header))
+                record = _PAIR.pack(len(header), len(payload)) + bytes(header)
+                await loop.sock_sendall(sock, record)
                 await loop.sock_sendall(sock, payload)
-                served.inc(len(raw))
+                payload_served.inc(len(payload))
+                wire_served.inc(len(record) + len(payload))
             await loop.sock_sendall(sock, _PAIR.pack(_END, 0))
         except KVCDNError as exc:
             code = exc.code
@@ -115,8 +120,8 @@ async def _serve(
             log.exception("bulk stream failed unexpectedly")
         finally:
             in_flight.dec()
-            metrics.requests.labels("BulkStreamBlocks", code.name).inc()
-            metrics.latency.labels("BulkStreamBlocks").observe(time.perf_counter() - started)
+            metrics.handled.labels(*labels, code.name).inc()
+            metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
 async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: ServerMetrics) -> BulkServer:

@@ -1,24 +1,42 @@
 """Prometheus metrics of one server: its own registry (so several servers can share a process, as in
-tests), RPC counts and latencies recorded at the gRPC boundary (kvcdn.wire.rpc), bulk stream traffic, and
-whatever the component's domain exposes through a collector read at scrape time."""
+tests) with the standard process and platform collectors, RPC counts and latencies recorded at the gRPC
+boundary (kvcdn.wire.rpc) under the names of the gRPC ecosystem's server metrics, bulk stream traffic,
+and whatever the component's domain exposes through a collector read at scrape time.
+
+Conventions, for Prometheus users: every series a server will ever export exists from its first
+scrape (labels pre-initialised); what varies by tier, source or transport is a label, not part of a
+name; no `*_created` series. The full list is in the README's metrics table."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
-    "BYTES_SERVED",
+    "BULK_METHOD",
+    "PAYLOAD_BYTES_SERVED",
     "STREAMS_IN_FLIGHT",
+    "TRANSPORTS",
+    "WIRE_BYTES_SERVED",
     "DomainCollector",
     "EdgeMetrics",
+    "Method",
     "Metric",
     "OriginMetrics",
     "ServerMetrics",
@@ -26,64 +44,103 @@ __all__ = [
     "TierMetrics",
 ]
 
+# `*_created` series double the number of series and no dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+
+TRANSPORTS = ("grpc", "bulk")
+"""How block frames leave a server: gRPC StreamBlocks, or the bulk TCP stream."""
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric a kvcdn server exports."""
+    """One series a kvcdn server exports from its domain counters: a family name and, where the family
+    is split by tier or source, that label."""
 
     name: str
     """Name without the `kvcdn_` prefix; counters end in `_total`."""
     kind: Literal["counter", "gauge"]
     help: str
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def sample(self) -> str:
-        """The sample's name as a scrape shows it."""
+        """The family's name as a scrape shows it."""
         return f"kvcdn_{self.name}"
+
+    @property
+    def key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The series as a scrape shows it: sample name and sorted labels."""
+        return self.sample, tuple(sorted(self.labels))
 
 
 Stat = tuple[Metric, float]
-"""A domain metric and its current value."""
+"""A domain series and its current value."""
 
-BYTES_SERVED = Metric("bytes_served_total", "counter", "Frame bytes sent to clients, by transport")
+
+@dataclass(frozen=True)
+class Method:
+    """An RPC as the gRPC server metrics label it."""
+
+    service: str
+    name: str
+    type: Literal["unary", "server_stream"]
+    feed: bool = False
+    """A stream that stays open as long as its follower (the invalidation feed): counted when it
+    starts and ends, but no block stream in flight and no latency to time."""
+
+
+BULK_METHOD = Method("kvcdn.v1.Bulk", "StreamBlocks", "server_stream")
+"""The bulk TCP stream, counted with the gRPC methods under a service name of its own."""
+
+PAYLOAD_BYTES_SERVED = Metric(
+    "payload_bytes_served_total", "counter", "Block payload bytes sent to clients (what they receive), by transport"
+)
+WIRE_BYTES_SERVED = Metric(
+    "wire_bytes_served_total",
+    "counter",
+    "Bytes of frames sent to clients, payload plus frame headers, by transport",
+)
 STREAMS_IN_FLIGHT = Metric("streams_in_flight", "gauge", "Block streams being served, by transport")
 
 
 @dataclass(frozen=True)
 class TierMetrics:
-    """The metrics of one edge tier (`tier` names it: memory, disk)."""
+    """The series of one edge tier (`tier` names it: memory, disk), label `tier`."""
 
     tier: str
 
+    def _series(self, name: str, kind: Literal["counter", "gauge"], help: str) -> Metric:
+        return Metric(name, kind, help, (("tier", self.tier),))
+
     @property
     def hits(self) -> Metric:
-        return Metric(f"edge_block_hits_{self.tier}_total", "counter", f"Blocks served from the {self.tier} tier")
+        return self._series("edge_tier_hits_total", "counter", "Blocks served from a tier")
 
     @property
     def misses(self) -> Metric:
-        return Metric(f"edge_block_misses_{self.tier}_total", "counter", f"Blocks missing from the {self.tier} tier")
+        return self._series("edge_tier_misses_total", "counter", "Blocks asked of a tier that it did not hold")
 
     @property
     def evictions(self) -> Metric:
-        return Metric(f"edge_evictions_{self.tier}_total", "counter", f"Blocks evicted from the {self.tier} tier")
+        return self._series("edge_tier_evictions_total", "counter", "Blocks evicted from a tier")
 
     @property
     def corrupt(self) -> Metric:
-        return Metric(
-            f"edge_corrupt_{self.tier}_total",
-            "counter",
-            f"{self.tier.title()} blocks that failed their digest (dropped)",
-        )
+        return self._series("edge_tier_corrupt_total", "counter", "Blocks of a tier that failed their digest (dropped)")
 
     @property
     def bytes(self) -> Metric:
-        return Metric(f"edge_{self.tier}_bytes", "gauge", f"Bytes held by the {self.tier} tier")
+        return self._series("edge_tier_bytes", "gauge", "Bytes held by a tier")
 
     @property
     def blocks(self) -> Metric:
-        return Metric(f"edge_{self.tier}_blocks", "gauge", f"Blocks held by the {self.tier} tier")
+        return self._series("edge_tier_blocks", "gauge", "Blocks held by a tier")
+
+
+def _source(name: str, kind: Literal["counter", "gauge"], help: str, source: str) -> Metric:
+    return Metric(name, kind, help, (("source", source),))
 
 
 class EdgeMetrics:
@@ -91,10 +148,14 @@ class EdgeMetrics:
 
     MEMORY = TierMetrics("memory")
     DISK = TierMetrics("disk")
-    ORIGIN_FETCHES = Metric("edge_origin_fetches_total", "counter", "Blocks pulled from the origin")
-    BYTES_FROM_ORIGIN = Metric("edge_bytes_from_origin_total", "counter", "Frame bytes pulled from the origin")
-    PEER_FETCHES = Metric("edge_peer_fetches_total", "counter", "Blocks loaded from their owner edges")
-    BYTES_FROM_PEERS = Metric("edge_bytes_from_peers_total", "counter", "Frame bytes loaded from owner edges")
+    ORIGIN_FETCHES = _source("edge_block_loads_total", "counter", "Blocks loaded from upstream, by source", "origin")
+    PEER_FETCHES = _source("edge_block_loads_total", "counter", "Blocks loaded from upstream, by source", "peer")
+    BYTES_FROM_ORIGIN = _source(
+        "edge_loaded_bytes_total", "counter", "Frame payload bytes loaded from upstream, by source", "origin"
+    )
+    BYTES_FROM_PEERS = _source(
+        "edge_loaded_bytes_total", "counter", "Frame payload bytes loaded from upstream, by source", "peer"
+    )
     ADMISSIONS_REFUSED = Metric(
         "edge_admissions_refused_total",
         "counter",
@@ -116,44 +177,75 @@ class OriginMetrics:
 
 
 class DomainCollector(Collector):
-    """Turns a component's own counters into metrics at scrape time, so the domain keeps plain ints."""
+    """Turns a component's own counters into metric families at scrape time, so the domain keeps plain
+    ints; series of one family (a tier, a source) become its labelled samples."""
 
     def __init__(self, stats: Callable[[], Iterable[Stat]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for metric, value in self._stats():
-            family = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
-            yield family(metric.sample, metric.help, value=value)
+            family = families.get(metric.sample)
+            if family is None:
+                kind = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
+                family = kind(metric.sample, metric.help, labels=[k for k, _ in metric.labels])
+                families[metric.sample] = family
+            family.add_metric([v for _, v in metric.labels], value)
+        return families.values()
+
+
+def _family(metric: Metric) -> str:
+    """The name prometheus_client takes for the family (it appends `_total` to counters itself)."""
+    return metric.sample.removesuffix("_total")
 
 
 class ServerMetrics:
-    """The metrics of one kvcdn server and, once started, its `/metrics` HTTP endpoint."""
+    """The metrics of one kvcdn server and, once started, its `/metrics` HTTP endpoint.
+
+    RPCs are counted as the gRPC ecosystem's server interceptors count them (`grpc_server_started_total`,
+    `grpc_server_handled_total` by `grpc_code`, `grpc_server_handling_seconds`), labelled
+    `grpc_service`, `grpc_method`, `grpc_type`; the bulk stream counts as service `kvcdn.v1.Bulk`."""
 
     def __init__(self, stats: Callable[[], Iterable[Stat]] | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "kvcdn_requests",
-            "RPCs handled, by method and final status code",
-            ["method", "code"],
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter("grpc_server_started", "RPCs started on the server", labels, registry=self.registry)
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by final status code",
+            [*labels, "grpc_code"],
             registry=self.registry,
         )
-        self.latency = Histogram(
-            "kvcdn_request_seconds",
-            "RPC latency, by method (streams: until the last frame)",
-            ["method"],
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC latency until the server's last message (feeds excluded)",
+            labels,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.bytes_served = Counter(
-            BYTES_SERVED.sample.removesuffix("_total"), BYTES_SERVED.help, ["transport"], registry=self.registry
-        )
-        self.streams_in_flight = Gauge(
-            STREAMS_IN_FLIGHT.sample, STREAMS_IN_FLIGHT.help, ["transport"], registry=self.registry
-        )
+        by = ["transport"]
+        r = self.registry
+        self.payload_bytes = Counter(_family(PAYLOAD_BYTES_SERVED), PAYLOAD_BYTES_SERVED.help, by, registry=r)
+        self.wire_bytes = Counter(_family(WIRE_BYTES_SERVED), WIRE_BYTES_SERVED.help, by, registry=r)
+        self.streams_in_flight = Gauge(_family(STREAMS_IN_FLIGHT), STREAMS_IN_FLIGHT.help, by, registry=r)
+        for transport in TRANSPORTS:
+            for family in (self.payload_bytes, self.wire_bytes, self.streams_in_flight):
+                family.labels(transport)
         if stats is not None:
             self.registry.register(DomainCollector(stats))
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def declare(self, methods: Sequence[Method]) -> None:
+        """Pre-initialise the series of every method this server answers (status OK)."""
+        for m in methods:
+            labels = (m.type, m.service, m.name)
+            self.started.labels(*labels)
+            self.handled.labels(*labels, "OK")
+            if not m.feed:
+                self.handling_seconds.labels(*labels)
 
     def start_http(self, host: str, port: int) -> int:
         """Serve `/metrics` on host:port (0: any free port); returns the bound port."""

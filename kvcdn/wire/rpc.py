@@ -14,14 +14,15 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, LimitExceeded
 from kvcdn.spec.identity import KEY_BYTES
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
-from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.frames import frame_parts
+from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -46,6 +47,20 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 MAX_KEYS_PER_REQUEST = 4096
 STREAM_BLOCKS = "/kvcdn.v1.KVCache/StreamBlocks"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+_FEEDS = {"Watch"}
+METHODS: dict[str, Method] = {
+    method.name: Method(
+        service.full_name,
+        method.name,
+        "server_stream" if method.server_streaming else "unary",
+        feed=method.name in _FEEDS,
+    )
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+}
+"""Every kvcdn RPC by method name (names are unique across kvcdn's services), as metrics label it."""
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -60,11 +75,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
 
 
 @contextlib.asynccontextmanager
-async def _boundary(
-    metrics: ServerMetrics, context: grpc.aio.ServicerContext, method: str, timed: bool = True
-) -> AsyncIterator[None]:
+async def _boundary(metrics: ServerMetrics, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
     """Where a servicer method meets gRPC: domain errors become their status (anything else INTERNAL),
-    and every call is counted by method and final status, with its latency when `timed`."""
+    and every call is counted when it starts and by final status, with its latency (feeds: none)."""
+    m = METHODS[method]
+    labels = (m.type, m.service, m.name)
+    metrics.started.labels(*labels).inc()
     code = grpc.StatusCode.OK
     started = time.perf_counter()
     try:
@@ -76,9 +92,9 @@ async def _boundary(
         code = exc.code if isinstance(exc, KVCDNError) else grpc.StatusCode.INTERNAL
         await _abort(context, exc, method)
     finally:
-        metrics.requests.labels(method, code.name).inc()
-        if timed:
-            metrics.latency.labels(method).observe(time.perf_counter() - started)
+        metrics.handled.labels(*labels, code.name).inc()
+        if not m.feed:
+            metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
 def rpc_errors(
@@ -103,14 +119,16 @@ def stream_errors(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
         metrics: ServerMetrics = self.metrics
-        served = metrics.bytes_served.labels("grpc")
+        payload = metrics.payload_bytes.labels("grpc")
+        wire = metrics.wire_bytes.labels("grpc")
         in_flight = metrics.streams_in_flight.labels("grpc")
         in_flight.inc()
         try:
             async with _boundary(metrics, context, fn.__name__):
                 async for item in fn(self, request, context):
                     if isinstance(item, bytes):
-                        served.inc(len(item))
+                        payload.inc(len(frame_parts(item)[1]))
+                        wire.inc(len(item))
                     yield item
         finally:
             in_flight.dec()
@@ -126,7 +144,7 @@ def feed_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-        async with _boundary(self.metrics, context, fn.__name__, timed=False):
+        async with _boundary(self.metrics, context, fn.__name__):
             async for item in fn(self, request, context):
                 yield item
 
@@ -198,6 +216,21 @@ def _kvcache_handlers(servicer: KVCacheHandlers, ports: _Ports) -> grpc.GenericR
     return grpc.method_handlers_generic_handler("kvcdn.v1.KVCache", handlers)
 
 
+def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    """Server reflection under both package names clients use: `grpc.reflection.v1` (grpcurl and
+    current tools) and `grpc.reflection.v1alpha`. The two protocols are the same messages field for
+    field, so one servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    handler = grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1})
+    server.add_generic_rpc_handlers((handler,))
+
+
 class Server:
     """A started grpc.aio server, the port it bound, its bulk frame server and its metrics endpoint."""
 
@@ -265,7 +298,9 @@ async def start_server(
         names.append(pb.DESCRIPTOR.services_by_name["Invalidations"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    _add_reflection(server, [*names, health.SERVICE_NAME])
+    served = [m for m in METHODS.values() if m.service in names]
+    kvcache.metrics.declare([*served, BULK_METHOD] if bulk_stream is not None else served)
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError:
