@@ -30,6 +30,7 @@ from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.tiers import Tier
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, NotFound, Unavailable
 from kvcdn.spec.codecs import best_prefix, parse_codecs
+from kvcdn.spec.identity import encoded_key
 from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
 from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
@@ -115,8 +116,10 @@ class Edge:
         self.config = config
         self.upstream = upstream
         self.tiers = list(tiers)
-        # Block infos the origin answered lookups with, so a pull needs no second lookup.
-        self._origin_infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(config.remembered_infos, lambda _: 1)
+        # Block infos lookups were answered with (by the origin, or by the owner edges for the blocks
+        # they hold), so a pull needs no second lookup. An owner's info is trusted as far as the
+        # bytes that owner sends.
+        self._infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(config.remembered_infos, lambda _: 1)
         self._chosen: ByteLRU[bytes, str] = ByteLRU(config.remembered_infos, lambda _: 1)
         """The encoding the origin chose for a sequence (first key) and an accept list (kvcdn.spec.codecs)."""
         self._loads: SingleFlight[bytes, Pull] = SingleFlight()
@@ -187,7 +190,7 @@ class Edge:
         for key in event.keys:
             if (pull := self._loads.get(key)) is not None:
                 pull.stale = True
-            self._origin_infos.pop(key)
+            self._infos.pop(key)
             dropped = [tier.drop(key) for tier in self.tiers]
             self.invalidated_blocks += any(dropped)
         self.invalidated_seq = event.seq
@@ -268,28 +271,84 @@ class Edge:
                 return info
         return None
 
-    async def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
-        """The longest prefix of `keys` in the first of `codecs` (empty: raw) that reaches it. The tiers
-        answer alone when they hold the whole sequence in the encoding the origin chose last time for
-        it (or in the first one asked for); otherwise the origin is asked, and its infos remembered."""
+    async def lookup(
+        self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False
+    ) -> list[pb.BlockInfo]:
+        """The longest prefix of `keys` in the first of `codecs` (empty: raw) that reaches it. This edge's
+        tiers, and its peers' for the blocks they own, answer alone when together they hold the whole
+        sequence in the encoding the origin chose last time for it (or in the first one asked for);
+        otherwise the origin is asked, and its infos remembered. `from_peer`: a peer asks which of
+        `keys` this edge holds (LookupPrefixRequest.from_peer): the tiers answer, nobody else."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
         accepted = parse_codecs(codecs, "codecs", allow_empty=True) or ("raw",)
-        found = best_prefix(keys, accepted, self._held)
+        if from_peer:
+            return self._held_among(keys, accepted)
         choice = keys[0] + ",".join(accepted).encode()
-        if len(found) == len(keys) and (found[0].codec or "raw") in (accepted[0], self._chosen.get(choice)):
+
+        def complete(found: list[pb.BlockInfo]) -> bool:
+            return len(found) == len(keys) and (found[0].codec or "raw") in (accepted[0], self._chosen.get(choice))
+
+        found = best_prefix(keys, accepted, self._held)
+        if not complete(found) and self.ring is not None:
+            at_peers = await self._peer_infos(fingerprint, keys, accepted)
+            if at_peers:
+                found = best_prefix(keys, accepted, lambda k: self._held(k) or at_peers.get(k))
+        if complete(found):
             return found
         try:
             from_origin = await self.upstream.lookup(fingerprint, keys, accepted)
         except Unavailable:
             if not found:
                 raise
-            log.warning("origin unreachable; answering the lookup from the tiers alone")
+            log.warning("origin unreachable; answering the lookup from the edges' tiers alone")
             return found
         for info in from_origin:
-            self._origin_infos.put(info.key, info)
+            self._infos.put(info.key, info)
         if from_origin:
             self._chosen.put(choice, from_origin[0].codec or "raw")
         return from_origin if len(from_origin) >= len(found) else found
+
+    def _held_among(self, keys: Sequence[bytes], accepted: Sequence[str]) -> list[pb.BlockInfo]:
+        """For each of `keys` this edge holds in an accepted encoding, the first such block's info."""
+        out: list[pb.BlockInfo] = []
+        for key in keys:
+            for codec in accepted:
+                if (info := self._held(encoded_key(key, codec))) is not None:
+                    out.append(info)
+                    break
+        return out
+
+    async def _peer_infos(
+        self, fingerprint: str, keys: Sequence[bytes], accepted: Sequence[str]
+    ) -> dict[bytes, pb.BlockInfo]:
+        """Infos, by encoded key, of the blocks of `keys` this edge lacks that their owners hold: one
+        from_peer lookup per peer that owns some of them, in parallel, each bounded by the peer
+        timeout (a peer that fails or is slow counts as holding nothing)."""
+        assert self.ring is not None
+        asked: dict[str, list[bytes]] = {}
+        now = time.monotonic()
+        for key in keys:
+            if any(self._held(encoded_key(key, codec)) is not None for codec in accepted):
+                continue
+            # An encoded block lives with the owners of its own key; clients stream from any of them.
+            owners = {o for codec in accepted for o in self.ring.owners(encoded_key(key, codec))}
+            for owner in sorted(owners):
+                if owner != self.address and self._suspect_until.get(owner, 0.0) <= now:
+                    asked.setdefault(owner, []).append(key)
+
+        async def ask(peer: str, peer_keys: list[bytes]) -> list[pb.BlockInfo]:
+            try:
+                async with asyncio.timeout(self.config.peer_timeout_s):
+                    return await self._peer(peer).lookup(fingerprint, peer_keys, accepted, from_peer=True)
+            except (KVCDNError, TimeoutError) as exc:
+                log.debug("peer %s could not answer a lookup: %s", peer, exc or "timed out")
+                return []
+
+        answers = await asyncio.gather(*(ask(peer, peer_keys) for peer, peer_keys in asked.items()))
+        found = {info.key: info for infos in answers for info in infos}
+        for info in found.values():
+            self._infos.put(info.key, info)
+        return found
 
     async def block(self, fingerprint: str, key: bytes, from_peers: bool = True) -> FrameSource:
         """The block from the first tier, or the pull that is loading it (started here if none is)."""
@@ -370,7 +429,7 @@ class Edge:
     async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
         """Load one block into `pull` from its owners on the ring (if this edge is not one) or the
         origin, verifying every frame against the origin's digests before anyone sees it."""
-        info = self._origin_infos.pop(key)
+        info = self._infos.pop(key)
         if info is None:
             infos = await self.upstream.lookup(fingerprint, [key])
             if not infos:

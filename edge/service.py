@@ -33,7 +33,8 @@ class EdgeService:
     async def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupPrefixResponse:
-        return pb.LookupPrefixResponse(blocks=await self.edge.lookup(request.fingerprint, request.keys, request.codecs))
+        blocks = await self.edge.lookup(request.fingerprint, request.keys, request.codecs, from_peer=request.from_peer)
+        return pb.LookupPrefixResponse(blocks=blocks)
 
     @stream_errors
     async def StreamBlocks(

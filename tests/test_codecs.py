@@ -163,8 +163,8 @@ async def test_an_edge_cannot_hand_a_lossy_cache_to_a_client_that_demands_exactn
         doc = document_ids(llama.tokenizer, TEXT)
         real = net.edge.lookup
 
-        async def answers_fp8(fingerprint: str, keys: list[bytes], codecs: list[str]) -> object:
-            return await real(fingerprint, keys, ["fp8"])  # whatever the client asked for
+        async def answers_fp8(fingerprint: str, keys: list[bytes], codecs: list[str], from_peer: bool) -> object:
+            return await real(fingerprint, keys, ["fp8"], from_peer)  # whatever the client asked for
 
         net.edge.lookup = answers_fp8  # type: ignore[assignment]
         async with KVClient([net.edge_address]) as client:

@@ -83,6 +83,47 @@ async def test_edges_load_blocks_they_do_not_own_from_the_owners(llama: LoadedMo
         await stop_network(net)
 
 
+def _origin_rpcs(server: Server) -> dict[str, float]:
+    """RPCs the origin has started, by method (the edges' invalidation feed aside)."""
+    return {
+        s.labels["grpc_method"]: s.value
+        for metric in server.metrics.registry.collect()
+        if metric.name == "grpc_server_started"
+        for s in metric.samples
+        if s.name.endswith("_total") and s.labels["grpc_method"] != "Watch"
+    }
+
+
+async def test_warm_fetches_from_any_edge_cost_the_origin_nothing(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store", metrics=True, codecs=("lossless",))
+    try:
+        async with peered_edges(net.origin_server.address) as (edges, ring, _servers):
+            text = (SAMPLES / "gpl-3.0.txt").read_text()[:3000]
+            manifest = (await net.origin.publish("gpl3", text)).manifest
+            doc = document_ids(llama.tokenizer, text)
+            keys = [b.key for b in manifest.blocks]
+            assert len({ring.owners(k)[0] for k in keys}) > 1, "the document's blocks should spread over edges"
+            async with KVClient(list(edges)) as client:  # cold: the owners pull every block once
+                cold = await client.fetch(llama, doc)
+            for edge in edges.values():
+                await edge.settle()
+            before = _origin_rpcs(net.origin_server)
+            pulls = sum(e.origin_fetches for e in edges.values())
+
+            # Agents that know the whole ring, and agents that know one edge each: every lookup is
+            # answered by an edge's tiers and its peers' (from_peer lookups), every block by its owner.
+            for known in [list(edges), *([address] for address in edges)]:
+                async with KVClient(known) as client:
+                    warm = await client.fetch(llama, doc)
+                assert warm.cached_tokens == len(doc) and warm.codec == "lossless"
+                for (k, v), (ck, cv) in zip(warm.layers, cold.layers, strict=True):
+                    assert torch.equal(k, ck) and torch.equal(v, cv)
+            assert _origin_rpcs(net.origin_server) == before
+            assert sum(e.origin_fetches for e in edges.values()) == pulls
+    finally:
+        await stop_network(net)
+
+
 async def test_owners_down_fall_back_to_the_origin_and_peer_requests_never_forward(
     llama: LoadedModel, tmp_path: Path
 ) -> None:

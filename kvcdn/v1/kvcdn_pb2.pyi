@@ -299,8 +299,15 @@ class LookupPrefixRequest(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
+    FROM_PEER_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Hex fingerprint of the caller's model; a different one fails with FAILED_PRECONDITION."""
+    from_peer: _builtins.bool
+    """Set by an edge asking a peer which of `keys` it holds: the receiver answers from its own tiers
+    only (never asking the origin or another edge), with, for each key it holds in an accepted
+    encoding, the info of the first such encoding, in key order, gaps allowed. Edges combine these
+    answers so that a lookup of a document cached across the ring costs the origin nothing.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Chained block keys of the caller's token sequence, in order (32 bytes each)."""
@@ -315,10 +322,11 @@ class LookupPrefixRequest(_message.Message):
         fingerprint: _builtins.str = ...,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
+        from_peer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "fingerprint", b"fingerprint", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "fingerprint", b"fingerprint", "from_peer", b"from_peer", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

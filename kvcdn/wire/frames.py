@@ -29,6 +29,7 @@ __all__ = [
     "encode_stored",
     "expect_frame",
     "frame_parts",
+    "payload_size",
     "stream_blocks",
     "verify_frame",
 ]
@@ -161,6 +162,15 @@ def frame_parts(data: bytes) -> tuple[memoryview, memoryview]:
     if pos + n != len(buf):
         raise ValueError("trailing fields")
     return header, buf[pos : pos + n]
+
+
+def payload_size(data: bytes) -> int:
+    """Bytes of payload in an encoded frame, 0 for bytes that are not a frame written header first (for
+    counting what a server sends; it never raises)."""
+    try:
+        return len(frame_parts(data)[1])
+    except ValueError:
+        return 0
 
 
 def decode_frame(data: bytes, peer: str = "") -> tuple[pb.FrameHeader, memoryview]:

@@ -21,7 +21,7 @@ from kvcdn.spec.identity import KEY_BYTES
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
-from kvcdn.wire.frames import frame_parts
+from kvcdn.wire.frames import payload_size
 from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
 
 __all__ = [
@@ -127,7 +127,7 @@ def stream_errors(
             async with _boundary(metrics, context, fn.__name__):
                 async for item in fn(self, request, context):
                     if isinstance(item, bytes):
-                        payload.inc(len(frame_parts(item)[1]))
+                        payload.inc(payload_size(item))
                         wire.inc(len(item))
                     yield item
         finally:

@@ -87,9 +87,12 @@ class CacheReader:
         )
         return manifest
 
-    async def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
-        """The longest cached prefix of `keys` in the first of `codecs` (empty: raw) that holds it."""
-        request = pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys, codecs=codecs)
+    async def lookup(
+        self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False
+    ) -> list[pb.BlockInfo]:
+        """The longest cached prefix of `keys` in the first of `codecs` (empty: raw) that holds it
+        (`from_peer`: an edge asking another edge, see LookupPrefixRequest.from_peer)."""
+        request = pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys, codecs=codecs, from_peer=from_peer)
         resp = await self._call(self._kv.LookupPrefix(request, timeout=self.timeout_s))
         return list(resp.blocks)
 
