@@ -181,6 +181,11 @@ def _source(spec: str, models_dir: Path | None) -> str:
     if spec == DEFAULT_MODEL:
         return str(provision_default_model(models_dir or default_models_dir()))
     if Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise InvalidArgument(
+                f"--model {spec!r} is a folder without config.json: point it at a transformers model folder "
+                f"(one save_pretrained wrote, with its tokenizer), or use the alias {DEFAULT_MODEL!r}"
+            )
         return spec
     if Path(spec).exists() or spec.startswith((".", "/")):
         raise InvalidArgument(f"--model {spec!r} is not a model directory")
@@ -211,6 +216,12 @@ def load_model(
             raise InvalidArgument(
                 f"cannot load model {spec!r}: not the alias {DEFAULT_MODEL!r}, not random:GEOMETRY, not a local "
                 f"model directory, and not reachable as a hub id ({exc})"
+            ) from exc
+        except ValueError as exc:  # a folder with a config but no usable tokenizer or weights
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidArgument(
+                f"cannot load model {spec!r}: the folder needs a config, weights and a tokenizer that "
+                f"transformers can read ({first})"
             ) from exc
     model = model.to(dev).eval()
     layers, kv_heads, head_dim = adapter.kv_shape(model)
