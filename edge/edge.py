@@ -262,8 +262,8 @@ class Edge:
         info.ClearField("metrics_port")
         return info
 
-    async def manifest(self, document: str, version: int) -> pb.Manifest:
-        return await self.upstream.manifest(document, version)
+    async def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+        return await self.upstream.manifest(document, version, token_ids)
 
     def _held(self, key: bytes) -> pb.BlockInfo | None:
         for tier in self.tiers:

@@ -27,7 +27,7 @@ class EdgeService:
 
     @rpc_errors
     async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
-        return await self.edge.manifest(request.document, request.version)
+        return await self.edge.manifest(request.document, request.version, request.token_ids)
 
     @rpc_errors
     async def LookupPrefix(

@@ -115,7 +115,7 @@ class Origin:
             if versions:
                 latest = self.manifests.get(document, versions[-1])
                 if latest.content_digest == digest and tuple(latest.codecs) == offered:
-                    return PublishResult(latest, computed, prefill_s)
+                    return PublishResult(_with_ids(latest, False), computed, prefill_s)
             manifest = pb.Manifest(
                 document=document,
                 version=(versions[-1] + 1) if versions else 1,
@@ -125,6 +125,7 @@ class Origin:
                 blocks=[self._stored_info(k) for k in keys],
                 content_digest=digest,
                 codecs=offered,
+                token_ids=ids,
             )
             self.manifests.put(manifest)
         log.info(
@@ -135,7 +136,7 @@ class Origin:
             len(keys),
             computed,
         )
-        return PublishResult(manifest, computed, prefill_s)
+        return PublishResult(_with_ids(manifest, False), computed, prefill_s)
 
     async def purge(self, document: str, version: int) -> tuple[list[int], int, int]:
         """Remove `document` (one version, or all for 0) and the blocks no other manifest uses; append
@@ -238,8 +239,9 @@ class Origin:
 
     # --- read side --------------------------------------------------------------------------------
 
-    def manifest(self, document: str, version: int) -> pb.Manifest:
-        return self.manifests.get(document, version)
+    def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+        """The manifest of `document` (version 0: the latest), with its token ids if asked for."""
+        return _with_ids(self.manifests.get(document, version), token_ids)
 
     def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
         """The longest stored prefix of `keys`, in the first of `codecs` (empty: raw) that holds it."""
@@ -264,3 +266,13 @@ class Origin:
     async def _blocks(self, keys: Sequence[bytes]) -> AsyncIterator[EncodedBlock]:
         for key in keys:
             yield await self.block(key)
+
+
+def _with_ids(manifest: pb.Manifest, token_ids: bool) -> pb.Manifest:
+    """`manifest` as stored, or a copy without its token ids (what answers carry unless asked)."""
+    if token_ids or not manifest.token_ids:
+        return manifest
+    out = pb.Manifest()
+    out.CopyFrom(manifest)
+    out.ClearField("token_ids")
+    return out

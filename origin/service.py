@@ -28,7 +28,7 @@ class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
 
     @rpc_errors
     async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
-        return self.origin.manifest(request.document, request.version)
+        return self.origin.manifest(request.document, request.version, request.token_ids)
 
     @rpc_errors
     async def LookupPrefix(

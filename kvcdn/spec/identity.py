@@ -24,6 +24,7 @@ __all__ = [
     "content_digest",
     "digest",
     "encoded_key",
+    "fingerprint_json",
     "model_fingerprint",
 ]
 
@@ -31,7 +32,7 @@ DEFAULT_BLOCK_TOKENS = 256
 KEY_BYTES = 32
 
 
-def model_fingerprint(
+def fingerprint_json(
     *,
     architecture: str,
     config: Mapping[str, Any],
@@ -39,9 +40,10 @@ def model_fingerprint(
     tokenizer_digest: str,
     dtype: str,
     attn_implementation: str,
-) -> bytes:
-    """SHA-256 over a canonical JSON encoding of everything that changes the KV numbers."""
-    canonical = json.dumps(
+) -> str:
+    """The canonical JSON a model fingerprint hashes: sorted keys, no spaces, ASCII only, floats as
+    Python writes them (shortest round-trip repr: `100000.0`, `1e-05`), anything else as `str()`."""
+    return json.dumps(
         {
             "architecture": architecture,
             "config": config,
@@ -55,7 +57,11 @@ def model_fingerprint(
         ensure_ascii=True,
         default=str,
     )
-    return hashlib.sha256(canonical.encode("ascii")).digest()
+
+
+def model_fingerprint(**inputs: Any) -> bytes:
+    """SHA-256 over `fingerprint_json(**inputs)`: everything that changes the KV numbers."""
+    return hashlib.sha256(fingerprint_json(**inputs).encode("ascii")).digest()
 
 
 def _le_u32(ids: Sequence[int]) -> bytes:

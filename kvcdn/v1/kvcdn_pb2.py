@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc4\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\x12\x18\n\x10invalidation_seq\x18\x08 \x01(\x04\"\x83\x01\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\"\xca\x01\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\"7\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"[\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"`\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"@\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"1\n\x0cPurgeRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rPurgeResponse\x12\x10\n\x08versions\x18\x01 \x03(\r\x12\x16\n\x0e\x62locks_removed\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"Q\n\x11InvalidationEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32\x85\x01\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponse\x12\x38\n\x05Purge\x12\x16.kvcdn.v1.PurgeRequest\x1a\x17.kvcdn.v1.PurgeResponse2O\n\rInvalidations\x12>\n\x05Watch\x12\x16.kvcdn.v1.WatchRequest\x1a\x1b.kvcdn.v1.InvalidationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc4\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\x12\x18\n\x10invalidation_seq\x18\x08 \x01(\x04\"\x83\x01\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\"\xdd\x01\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\x12\x11\n\ttoken_ids\x18\t \x03(\r\"J\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x01(\x08\"[\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"`\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"@\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"1\n\x0cPurgeRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rPurgeResponse\x12\x10\n\x08versions\x18\x01 \x03(\r\x12\x16\n\x0e\x62locks_removed\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"Q\n\x11InvalidationEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32\x85\x01\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponse\x12\x38\n\x05Purge\x12\x16.kvcdn.v1.PurgeRequest\x1a\x17.kvcdn.v1.PurgeResponse2O\n\rInvalidations\x12>\n\x05Watch\x12\x16.kvcdn.v1.WatchRequest\x1a\x1b.kvcdn.v1.InvalidationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKINFO']._serialized_start=374
   _globals['_BLOCKINFO']._serialized_end=505
   _globals['_MANIFEST']._serialized_start=508
-  _globals['_MANIFEST']._serialized_end=710
-  _globals['_GETMANIFESTREQUEST']._serialized_start=712
-  _globals['_GETMANIFESTREQUEST']._serialized_end=767
-  _globals['_LOOKUPPREFIXREQUEST']._serialized_start=769
-  _globals['_LOOKUPPREFIXREQUEST']._serialized_end=860
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=862
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=921
-  _globals['_STREAMBLOCKSREQUEST']._serialized_start=923
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=1019
-  _globals['_FRAMEHEADER']._serialized_start=1021
-  _globals['_FRAMEHEADER']._serialized_end=1112
-  _globals['_FRAME']._serialized_start=1114
-  _globals['_FRAME']._serialized_end=1177
-  _globals['_PUBLISHREQUEST']._serialized_start=1179
-  _globals['_PUBLISHREQUEST']._serialized_end=1243
-  _globals['_PUBLISHRESPONSE']._serialized_start=1245
-  _globals['_PUBLISHRESPONSE']._serialized_end=1344
-  _globals['_PURGEREQUEST']._serialized_start=1346
-  _globals['_PURGEREQUEST']._serialized_end=1395
-  _globals['_PURGERESPONSE']._serialized_start=1397
-  _globals['_PURGERESPONSE']._serialized_end=1467
-  _globals['_WATCHREQUEST']._serialized_start=1469
-  _globals['_WATCHREQUEST']._serialized_end=1502
-  _globals['_INVALIDATIONEVENT']._serialized_start=1504
-  _globals['_INVALIDATIONEVENT']._serialized_end=1585
-  _globals['_KVCACHE']._serialized_start=1588
-  _globals['_KVCACHE']._serialized_end=1866
-  _globals['_PUBLISHER']._serialized_start=1869
-  _globals['_PUBLISHER']._serialized_end=2002
-  _globals['_INVALIDATIONS']._serialized_start=2004
-  _globals['_INVALIDATIONS']._serialized_end=2083
+  _globals['_MANIFEST']._serialized_end=729
+  _globals['_GETMANIFESTREQUEST']._serialized_start=731
+  _globals['_GETMANIFESTREQUEST']._serialized_end=805
+  _globals['_LOOKUPPREFIXREQUEST']._serialized_start=807
+  _globals['_LOOKUPPREFIXREQUEST']._serialized_end=898
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=900
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=959
+  _globals['_STREAMBLOCKSREQUEST']._serialized_start=961
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=1057
+  _globals['_FRAMEHEADER']._serialized_start=1059
+  _globals['_FRAMEHEADER']._serialized_end=1150
+  _globals['_FRAME']._serialized_start=1152
+  _globals['_FRAME']._serialized_end=1215
+  _globals['_PUBLISHREQUEST']._serialized_start=1217
+  _globals['_PUBLISHREQUEST']._serialized_end=1281
+  _globals['_PUBLISHRESPONSE']._serialized_start=1283
+  _globals['_PUBLISHRESPONSE']._serialized_end=1382
+  _globals['_PURGEREQUEST']._serialized_start=1384
+  _globals['_PURGEREQUEST']._serialized_end=1433
+  _globals['_PURGERESPONSE']._serialized_start=1435
+  _globals['_PURGERESPONSE']._serialized_end=1505
+  _globals['_WATCHREQUEST']._serialized_start=1507
+  _globals['_WATCHREQUEST']._serialized_end=1540
+  _globals['_INVALIDATIONEVENT']._serialized_start=1542
+  _globals['_INVALIDATIONEVENT']._serialized_end=1623
+  _globals['_KVCACHE']._serialized_start=1626
+  _globals['_KVCACHE']._serialized_end=1904
+  _globals['_PUBLISHER']._serialized_start=1907
+  _globals['_PUBLISHER']._serialized_end=2040
+  _globals['_INVALIDATIONS']._serialized_start=2042
+  _globals['_INVALIDATIONS']._serialized_end=2121
 # @@protoc_insertion_point(module_scope)

@@ -224,6 +224,7 @@ class Manifest(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     CONTENT_DIGEST_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Publisher-chosen document name."""
     version: _builtins.int
@@ -248,6 +249,13 @@ class Manifest(_message.Message):
         key is derived from its raw key, see BlockInfo.key).
         """
 
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The document's token ids, prompt framing included (SPEC.md, "Token ids"), when the request asked
+        for them (GetManifestRequest.token_ids): a client on another runtime computes the block keys from
+        these without reproducing the tokenizer. Empty for documents published before kvcdn stored them.
+        """
+
     def __init__(
         self,
         *,
@@ -259,10 +267,11 @@ class Manifest(_message.Message):
         blocks: _abc.Iterable[Global___BlockInfo] | None = ...,
         content_digest: _builtins.str = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "token_count", b"token_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "token_count", b"token_count", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,19 +283,23 @@ class GetManifestRequest(_message.Message):
 
     DOCUMENT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Document name as published."""
     version: _builtins.int
     """Version to resolve; 0 means the latest."""
+    token_ids: _builtins.bool
+    """Include Manifest.token_ids (4 bytes or less per token; left out unless asked)."""
     def __init__(
         self,
         *,
         document: _builtins.str = ...,
         version: _builtins.int = ...,
+        token_ids: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

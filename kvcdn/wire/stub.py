@@ -81,10 +81,10 @@ class CacheReader:
             return None
         return self.address.rpartition(":")[0].strip("[]"), info.bulk_port
 
-    async def manifest(self, document: str, version: int = 0) -> pb.Manifest:
-        manifest: pb.Manifest = await self._call(
-            self._kv.GetManifest(pb.GetManifestRequest(document=document, version=version), timeout=self.timeout_s)
-        )
+    async def manifest(self, document: str, version: int = 0, token_ids: bool = False) -> pb.Manifest:
+        """The manifest of `document` (version 0: the latest), with its token ids if `token_ids`."""
+        request = pb.GetManifestRequest(document=document, version=version, token_ids=token_ids)
+        manifest: pb.Manifest = await self._call(self._kv.GetManifest(request, timeout=self.timeout_s))
         return manifest
 
     async def lookup(
