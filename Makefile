@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install model proto proto-check lint format typecheck test test-fast demo bench gpu-wheels gpu-check clean
+.PHONY: install model proto proto-check lint format typecheck conformance test test-fast demo bench gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,14 @@ typecheck: install
 	for p in origin edge client ops loadtest; do ln -s "$(CURDIR)/$$p" build/typecheck/kvcdn/$$p; done
 	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p kvcdn
 
-test: install model proto-check lint typecheck
+# The Node.js client written from the wire spec alone (tests/test_conformance_node.py); without
+# Node.js here those tests are skipped and say so.
+conformance:  ## install the conformance client's npm packages (pinned by its package-lock.json)
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix conformance/node --no-audit --no-fund --loglevel=error; \
+	else echo "no Node.js here: the conformance tests will be skipped"; fi
+
+test: install model proto-check lint typecheck conformance
 	$(BIN)/pytest
 
 test-fast: install  ## the suite without the SmolLM2 end-to-end test

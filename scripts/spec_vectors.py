@@ -46,7 +46,7 @@ def vectors() -> dict[str, Any]:
             "keys_hex": [k.hex() for k in keys],
         },
         "encoded_keys": [
-            {"key_hex": keys[0].hex(), "codec": name, "encoded_hex": encoded_key(keys[0], name).hex()} for name in CODECS
+            {"key_hex": keys[0].hex(), "codec": c, "encoded_hex": encoded_key(keys[0], c).hex()} for c in CODECS
         ],
         "frame_digest": {"payload_utf8": "kvcdn frame", "blake3_hex": digest(b"kvcdn frame").hex()},
         "model_fingerprint": {

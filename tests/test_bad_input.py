@@ -215,7 +215,7 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
         load_model(str(tmp_path / "missing"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(InvalidArgument, match="folder without config.json"):
+    with pytest.raises(InvalidArgument, match=r"folder without config\.json"):
         load_model(str(empty))
     (empty / "config.json").write_text("{}")
     with pytest.raises(InvalidArgument, match="needs a config, weights and a tokenizer"):
