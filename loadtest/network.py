@@ -31,7 +31,7 @@ from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import Cluster
-from kvcdn.ops.stats import EdgeStats, edge_stats
+from kvcdn.ops.stats import EdgeStats, edge_stats, metrics_url, rpcs_started
 from kvcdn.spec.placement import DEFAULT_REPLICAS
 from kvcdn.wire.stub import CacheReader
 
@@ -55,10 +55,15 @@ class HerdResult:
     pulls_per_edge: list[float]
     wall_s: float
     gb_served: float
+    warm_ok: int
+    """Agents whose second (warm) fetch was complete."""
+    warm_origin_rpcs: float
+    """RPCs the origin started during the warm pass (the goal: none)."""
 
 
 async def cold_herd(model: LoadedModel, origin: str, edges: list[str], agents: int, tokens: int) -> HerdResult:
-    """`agents` concurrent fetches of one freshly published document (one client each)."""
+    """`agents` concurrent fetches of one freshly published document (one client each), then the same
+    again warm, counting the origin's RPCs during the warm pass."""
     text = text_of_length(model, f"Cold herd document {time.time_ns()}.\n\n" + sample_corpus(), tokens)
     async with CacheReader(origin) as reader:
         manifest = (await reader.publish(f"herd-{time.time_ns()}", text)).manifest
@@ -69,11 +74,16 @@ async def cold_herd(model: LoadedModel, origin: str, edges: list[str], agents: i
         t0 = time.perf_counter()
         fetched = await asyncio.gather(*(c.fetch(model, ids) for c in clients), return_exceptions=True)
         wall_s = time.perf_counter() - t0
+        after = await edge_stats(edges)
+        origin_metrics = await metrics_url(origin)
+        origin_before = await rpcs_started(origin_metrics)
+        warm = await asyncio.gather(*(c.fetch(model, ids) for c in clients), return_exceptions=True)
+        warm_origin_rpcs = await rpcs_started(origin_metrics) - origin_before
     finally:
         for c in clients:
             await c.close()
-    after = await edge_stats(edges)
     ok = [f for f in fetched if not isinstance(f, BaseException) and f.cached_tokens == len(ids)]
+    warm_ok = [f for f in warm if not isinstance(f, BaseException) and f.cached_tokens == len(ids)]
     pulls = [a.origin_fetches - b.origin_fetches for a, b in zip(after, before, strict=True)]
     return HerdResult(
         agents=agents,
@@ -85,6 +95,8 @@ async def cold_herd(model: LoadedModel, origin: str, edges: list[str], agents: i
         pulls_per_edge=pulls,
         wall_s=wall_s,
         gb_served=(_total(after, "bytes_served") - _total(before, "bytes_served")) / 1e9,
+        warm_ok=len(warm_ok),
+        warm_origin_rpcs=warm_origin_rpcs,
     )
 
 
@@ -214,6 +226,7 @@ def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: M
                     cold_herd(model, cluster.origin_address, cluster.edge_addresses, config.agents, config.herd_tokens)
                 )
             ok &= herd.ok == herd.agents and herd.origin_pulls <= DEFAULT_REPLICAS * herd.blocks
+            ok &= herd.warm_ok == herd.agents and herd.warm_origin_rpcs == 0
             out.append(
                 _rows_table(
                     f"1. cold herd: {herd.agents} concurrent agents, one cold document, 3 edges",
@@ -224,6 +237,8 @@ def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: M
                         ("  per edge", ", ".join(f"{p:.0f}" for p in herd.pulls_per_edge)),
                         ("  allowed: R x blocks", f"{DEFAULT_REPLICAS * herd.blocks}"),
                         ("served by the edges", f"{herd.gb_served:.2f} GB in {herd.wall_s:.1f} s"),
+                        ("warm pass: caches complete", f"{herd.warm_ok}/{herd.agents}"),
+                        ("  RPCs the origin answered (goal: 0)", f"{herd.warm_origin_rpcs:.0f}"),
                     ],
                     config.markdown,
                 )

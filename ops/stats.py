@@ -16,7 +16,7 @@ from kvcdn.wire.metrics import PAYLOAD_BYTES_SERVED, STREAMS_IN_FLIGHT, TRANSPOR
 from kvcdn.wire.metrics import EdgeMetrics as E
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["EdgeStats", "edge_stats", "stats_table"]
+__all__ = ["EdgeStats", "edge_stats", "metrics_url", "rpcs_started", "scrape", "stats_table"]
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,36 @@ def _by_transport(m: Scrape, metric: Metric) -> float:
     return sum(m[(metric.sample, (("transport", t),))] for t in TRANSPORTS)
 
 
+async def metrics_url(address: str, timeout_s: float = 5.0) -> str:
+    """The `/metrics` URL a server advertises in its ServerInfo."""
+    async with CacheReader(address, timeout_s) as reader:
+        info = await reader.info()
+    if not info.metrics_port:
+        raise Unavailable(f"{address} exports no metrics (started with --metrics-port -1)")
+    return f"http://{address.rpartition(':')[0]}:{info.metrics_port}/metrics"
+
+
+async def scrape(url: str, timeout_s: float = 5.0) -> Scrape:
+    """Every sample a `/metrics` endpoint exports."""
+    try:
+        return await asyncio.to_thread(_scrape, url, timeout_s)
+    except OSError as exc:
+        raise Unavailable(f"{url}: {exc}") from None
+
+
+async def rpcs_started(url: str, timeout_s: float = 5.0) -> float:
+    """RPCs the server of a `/metrics` URL has started (bulk streams included), its followers'
+    invalidation feeds aside."""
+    return sum(
+        value
+        for (name, labels), value in (await scrape(url, timeout_s)).items()
+        if name == "grpc_server_started_total" and ("grpc_method", "Watch") not in labels
+    )
+
+
 async def _one(address: str, timeout_s: float) -> EdgeStats:
     try:
-        async with CacheReader(address, timeout_s) as reader:
-            info = await reader.info()
-        if not info.metrics_port:
-            raise Unavailable(f"{address} exports no metrics (started with --metrics-port -1)")
-        host = address.rpartition(":")[0]
-        url = f"http://{host}:{info.metrics_port}/metrics"
-        try:
-            scraped = await asyncio.to_thread(_scrape, url, timeout_s)
-        except OSError as exc:
-            raise Unavailable(f"{url}: {exc}") from None
+        scraped = await scrape(await metrics_url(address, timeout_s), timeout_s)
     except KVCDNError as exc:
         return EdgeStats(address, up=False, error=str(exc))
 

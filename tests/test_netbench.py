@@ -5,25 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.loadtest.network import cold_herd, edge_memory
 from kvcdn.model.loading import LoadedModel
 from kvcdn.ops.launcher import Cluster
 from kvcdn.ops.stats import edge_stats
 from tests.conftest import start_network, stop_network, tiny_llama
+from tests.test_peers import peered_edges
 
 
-async def test_cold_herd_counts_one_origin_transfer_per_block(llama: LoadedModel, tmp_path: Path) -> None:
+async def test_cold_herd_counts_one_origin_transfer_per_block_and_no_origin_rpc_when_warm(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
     net = await start_network(llama, tmp_path / "store", metrics=True)
-    extra, server = await start_edge(EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", metrics_port=0))
     try:
-        herd = await cold_herd(llama, net.origin_server.address, [net.edge_address, server.address], 30, 100)
+        async with peered_edges(net.origin_server.address, n=2, metrics=True) as (edges, _ring, _servers):
+            herd = await cold_herd(llama, net.origin_server.address, list(edges), 30, 100)
         assert herd.ok == 30 and herd.tokens == 100 and herd.blocks == 4
         assert herd.origin_pulls == herd.blocks == sum(herd.pulls_per_edge)
         assert round(herd.gb_served * 1e9) == 30 * 100 * llama.geometry.token_bytes  # payload bytes, exactly
+        assert herd.warm_ok == 30 and herd.warm_origin_rpcs == 0
     finally:
-        await server.stop(0)
-        await extra.close()
         await stop_network(net)
 
 

@@ -29,12 +29,20 @@ Edges = dict[str, Edge]
 
 @asynccontextmanager
 async def peered_edges(
-    origin: str, n: int = 3, peer_timeout_s: float = 1.0
+    origin: str, n: int = 3, peer_timeout_s: float = 1.0, metrics: bool = False
 ) -> AsyncIterator[tuple[Edges, Placement, dict[str, Server]]]:
     """n edges in front of `origin` that know their ring (`--peers`); stopped on exit."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports("127.0.0.1", n)]
     started = [
-        await start_edge(EdgeConfig(origin=origin, listen=a, peers=tuple(addresses), peer_timeout_s=peer_timeout_s))
+        await start_edge(
+            EdgeConfig(
+                origin=origin,
+                listen=a,
+                peers=tuple(addresses),
+                peer_timeout_s=peer_timeout_s,
+                metrics_port=0 if metrics else -1,
+            )
+        )
         for a in addresses
     ]
     edges = {server.address: edge for edge, server in started}

@@ -1,10 +1,11 @@
 """Where a block lives: a consistent-hash ring over the edges, shared by clients and edges.
 
-Built on `uhashring` (ketama-compatible, maintained): 160 virtual nodes per unit of weight keep the
-load within ~10% of the mean over 8 nodes, and adding or removing one of N nodes moves about 1/N of
-the keys, only to or from that node. A key's owners are the first R distinct nodes clockwise from
-it; clients ask them in that order and then the rest of the ring, so losing an owner moves its load
-onto the next replica instead of reshuffling everyone's.
+Built on `uhashring` (maintained; its MD5-point ring is written out in proto/kvcdn/v1/SPEC.md section
+6, with test vectors): 160 virtual nodes per unit of weight keep the load within ~10% of the mean over
+8 nodes, and adding or removing one of N nodes moves about 1/N of the keys, only to or from that
+node. A key's owners are the first R distinct nodes clockwise from it; clients ask them in that order
+and then the rest of the ring, so losing an owner moves its load onto the next replica instead of
+reshuffling everyone's.
 
 Membership comes from flags (`HOST:PORT` entries, optionally `=WEIGHT`) and from DNS names that
 resolve to several addresses (a Kubernetes headless service), expanded by `resolve_edges`.
