@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install model proto proto-check lint format typecheck conformance test test-fast demo bench gpu-wheels gpu-check clean
+.PHONY: install model proto proto-check lint format typecheck conformance prometheus-check test test-fast demo bench gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ conformance:  ## install the conformance client's npm packages (pinned by its pa
 	@if command -v npm >/dev/null 2>&1; then \
 		npm ci --prefix conformance/node --no-audit --no-fund --loglevel=error; \
 	else echo "no Node.js here: the conformance tests will be skipped"; fi
+
+prometheus-check: install model  ## Debian: install the prometheus package if missing, then let it scrape a live network
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y --no-install-recommends prometheus; } \
+		|| { echo "install Debian's prometheus package (apt install prometheus) first"; exit 1; }
+	$(BIN)/pytest tests/test_prometheus.py
 
 test: install model proto-check lint typecheck conformance
 	$(BIN)/pytest
