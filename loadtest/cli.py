@@ -17,6 +17,7 @@ from kvcdn.loadtest.economics import (
     EconomicsRequest,
     Inputs,
     ReuseCurve,
+    codecs_from_report,
     curve_from_bench,
     geometry_from,
 )
@@ -120,6 +121,11 @@ def register(sub: Any) -> None:
     e.add_argument("--origin-egress-usd-per-gb", type=float, default=0.09, help="origin -> edge ($0.09)")
     e.add_argument("--edge-egress-usd-per-gb", type=float, default=0.09, help="edge -> agent ($0.09)")
     e.add_argument("--compression", type=float, default=1.0, help="raw/shipped bytes (1: kvcdn ships raw KV)")
+    e.add_argument(
+        "--codecs-report",
+        metavar="JSON",
+        help="price every codec `kvcdn loadtest codecs --json` measured: which makes shipping pay",
+    )
     e.add_argument("--hit-ratio", type=float, default=0.99, help="loads served by edge tiers (0.99)")
     e.add_argument("--replicas", type=int, default=2, help="edge copies of each block (2)")
     e.add_argument("--storage-usd-per-gb-month", type=float, default=0.023, help="($0.023)")
@@ -237,6 +243,7 @@ def economics_request(args: argparse.Namespace) -> EconomicsRequest:
         out_dir=Path(args.out),
         markdown=args.markdown,
         json=args.json,
+        codecs=codecs_from_report(Path(args.codecs_report), inputs.geometry.dtype) if args.codecs_report else (),
     )
 
 

@@ -15,7 +15,9 @@ ways (every input is a flag and printed with the result):
 Reuse compute is prefill compute divided by the reuse ratio (prefill / reuse), which grows with the
 length of the document; it is a curve through measured points, interpolated in log-log space. The
 default points are the preprint's (Qwen3-4B: 8.6x at 255 tokens, 49.7x at 3,774); `--bench` takes the
-points measured by `kvcdn loadtest bench --json`.
+points measured by `kvcdn loadtest bench --json`. `--codecs-report` takes the ratios and quality that
+`kvcdn loadtest codecs --json` measured and prices every codec: which one, if any, makes shipping
+cheaper than recomputing, and at what egress price.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ __all__ = [
     "PAPER_REUSE",
     "Costs",
     "Inputs",
+    "MeasuredCodec",
     "PaperFigure",
     "ReuseCurve",
     "Verdict",
+    "codecs_from_report",
     "costs",
     "geometry_from",
     "inputs_from_run",
@@ -395,6 +399,135 @@ def inputs_from_run(path: Path, base: Inputs, agents: float | None) -> tuple[Inp
     return inputs, measured
 
 
+@dataclass(frozen=True)
+class MeasuredCodec:
+    """One codec as `kvcdn loadtest codecs --json` measured it in the priced dtype's width."""
+
+    codec: str
+    exact: bool
+    ratio: float
+    """Raw bytes of the priced dtype / shipped bytes."""
+    top1_agreement: float
+    greedy_agreement: float
+    measured_dtype: str
+
+
+def codecs_from_report(path: Path, dtype: str) -> tuple[MeasuredCodec, ...]:
+    """The codecs a `kvcdn loadtest codecs --json FILE` report measured, for a cache of `dtype`: the rows
+    of that dtype, or of bfloat16 for float16 (same width; the report measures bf16 and float32)."""
+    wanted = "float32" if dtype == "float32" else "bfloat16"
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        found = tuple(
+            MeasuredCodec(
+                codec=str(r["codec"]),
+                exact=bool(r["exact"]),
+                ratio=float(r["ratio"]),
+                top1_agreement=float(r["top1_agreement"]),
+                greedy_agreement=float(r["greedy_agreement"]),
+                measured_dtype=str(r["dtype"]),
+            )
+            for r in rows
+            if r["dtype"] == wanted
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"--codecs-report {path}: not a `kvcdn loadtest codecs --json` report ({exc})") from None
+    if not found:
+        raise InvalidArgument(
+            f"--codecs-report {path} has no {wanted} rows: run `kvcdn loadtest codecs --dtypes {wanted} --json FILE`"
+        )
+    if any(c.ratio <= 0 for c in found):
+        raise InvalidArgument(f"--codecs-report {path}: a codec's ratio is not positive")
+    return found
+
+
+def codec_rows(i: Inputs, measured: Sequence[MeasuredCodec]) -> list[dict[str, Any]]:
+    """Each measured codec priced: the inputs with its ratio as the compression."""
+    out = []
+    for m in measured:
+        priced = replace(i, compression=m.ratio)
+        c, v = costs(priced), verdict(priced)
+        base, edge = c["re-prefill"].total, c["edge"].total
+        out.append(
+            {
+                "codec": m.codec,
+                "exact": m.exact,
+                "ratio": m.ratio,
+                "top1_agreement": m.top1_agreement,
+                "greedy_agreement": m.greedy_agreement,
+                "shipped_gb_per_load": priced.shipped_gb,
+                "edge_total_usd": edge,
+                "re_prefill_total_usd": base,
+                "edge_vs_re_prefill": base / edge,
+                "break_even_egress_usd_per_gb": v.break_even_egress_usd_per_gb,
+                "shipping_pays": edge < base,
+                "best_placement": v.best,
+            }
+        )
+    return out
+
+
+def codecs_verdict(rows: Sequence[dict[str, Any]], i: Inputs) -> str:
+    """Which codec makes shipping cheaper than recomputing, exact ones first."""
+    paying = [r for r in rows if r["shipping_pays"]]
+    needed = verdict(replace(i, compression=1.0)).compression_needed
+    if not paying:
+        best = max(rows, key=lambda r: r["ratio"])
+        return (
+            f"no measured codec makes streaming from an edge cheaper than re-prefill at "
+            f"${i.edge_egress_usd_per_gb:g}/GB: it needs {needed:.2f}x, the best measured is {best['codec']} at "
+            f"{best['ratio']:.2f}x (below ${best['break_even_egress_usd_per_gb']:.4f}/GB of egress it pays)."
+        )
+    exact = [r for r in paying if r["exact"]]
+    cheapest = min(paying, key=lambda r: r["edge_total_usd"])
+    parts = [f"shipping beats re-prefill with {', '.join(r['codec'] for r in paying)} (needs {needed:.2f}x)."]
+    if exact:
+        e = min(exact, key=lambda r: r["edge_total_usd"])
+        parts.append(f"cheapest exact codec: {e['codec']} ({e['edge_vs_re_prefill']:.2f}x cheaper than re-prefill).")
+    else:
+        parts.append("no exact codec pays at these prices: only lossy ones do.")
+    if not cheapest["exact"]:
+        parts.append(
+            f"cheapest overall: {cheapest['codec']} ({cheapest['edge_vs_re_prefill']:.2f}x cheaper, top-1 agreement "
+            f"{cheapest['top1_agreement']:.1%})."
+        )
+    return " ".join(parts)
+
+
+def codecs_report(i: Inputs, measured: Sequence[MeasuredCodec], markdown: bool) -> list[Any]:
+    rows = codec_rows(i, measured)
+    table = _table(
+        f"codecs measured ({measured[0].measured_dtype}), each priced as the edge placement",
+        [
+            "codec",
+            "exact",
+            "ratio",
+            "top-1 / greedy agreement",
+            "GB per load",
+            "edge total",
+            "vs re-prefill",
+            "pays below $/GB",
+            "beats re-prefill",
+        ],
+        [
+            (
+                r["codec"],
+                "yes" if r["exact"] else "no",
+                f"{r['ratio']:.2f}x",
+                f"{r['top1_agreement']:.1%} / {r['greedy_agreement']:.0%}",
+                f"{r['shipped_gb_per_load']:.4f}",
+                _money(r["edge_total_usd"]),
+                f"{r['edge_vs_re_prefill']:.2f}x",
+                f"${r['break_even_egress_usd_per_gb']:.4f}" if r["break_even_egress_usd_per_gb"] > 0 else "never",
+                "yes" if r["shipping_pays"] else "no",
+            )
+            for r in rows
+        ],
+        markdown,
+    )
+    return [table, codecs_verdict(rows, i)]
+
+
 SWEEPS: dict[str, tuple[str, Callable[[Inputs, float], Inputs], Sequence[float]]] = {
     "length": (
         "document length (tokens)",
@@ -579,6 +712,8 @@ class EconomicsRequest:
     out_dir: Path = Path("kvcdn-economics")
     markdown: bool = False
     json: bool = False
+    codecs: tuple[MeasuredCodec, ...] = ()
+    """Codecs measured by `kvcdn loadtest codecs --json`, each priced with its ratio."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sweeps if s not in SWEEPS]
@@ -609,9 +744,14 @@ def run_economics(request: EconomicsRequest) -> int:
             out["measured"] = measured
         if request.paper:
             out["paper"] = [{**asdict(f), "rel_diff": f.rel_diff} for f in paper_figures()]
+        if request.codecs:
+            out["codecs"] = codec_rows(inputs, request.codecs)
+            out["codecs_verdict"] = codecs_verdict(out["codecs"], inputs)
         print(json.dumps(out, indent=2))
     else:
         show(report(inputs, markdown, measured))
+        if request.codecs:
+            show(codecs_report(inputs, request.codecs, markdown))
     ok = True
     if request.paper and not request.json:
         parts, ok = paper_report(markdown)

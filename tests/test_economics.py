@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -158,3 +158,45 @@ def test_sweeps_write_a_csv_and_a_png(tmp_path: Path) -> None:
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(InvalidArgument, match="--sweep takes"):
         sweep(PAPER, "colour")
+
+
+def _codecs_report(path: Path, ratios: dict[str, float], dtype: str = "bfloat16") -> None:
+    from kvcdn.loadtest.codecs import CodecRow  # the report's own row type: the format cannot drift
+
+    rows = [
+        CodecRow(name, dtype, name in ("raw", "lossless"), r, r, 1.0, 1.0, 1.0 if r < 2 else 0.6, 0.99, 0.0, 0.0, 3)
+        for name, r in ratios.items()
+    ]
+    path.write_text(json.dumps({"model": "m", "rows": [asdict(r) for r in rows]}))
+
+
+def test_a_codecs_report_prices_every_codec_and_names_the_one_that_pays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "codecs.json"
+    _codecs_report(report, {"raw": 1.0, "lossless": 1.45, "fp8": 1.97, "int4": 3.66})
+    assert main(["loadtest", "economics", "--paper", "--codecs-report", str(report), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["codec"]: r for r in out["codecs"]}
+    assert list(rows) == ["raw", "lossless", "fp8", "int4"]
+    needed = verdict(replace(PAPER, compression=1.0)).compression_needed
+    for r in rows.values():  # a codec pays exactly when its ratio reaches the compression needed
+        assert r["shipping_pays"] == (r["ratio"] >= needed)
+    assert rows["raw"]["edge_total_usd"] == pytest.approx(costs(replace(PAPER, compression=1.0))["edge"].total)
+    prices = [r["break_even_egress_usd_per_gb"] for r in rows.values()]
+    assert prices == sorted(prices) and prices[-1] > 0.09 > prices[0]
+    assert "int4" in out["codecs_verdict"] and "no exact codec pays" in out["codecs_verdict"]
+
+    assert main(["loadtest", "economics", "--codecs-report", str(report), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "codecs measured (bfloat16)" in text and "| int4 | no | 3.66x |" in text
+
+
+def test_a_bad_codecs_report_is_a_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "codecs.json"
+    report.write_text("{}")
+    assert main(["loadtest", "economics", "--codecs-report", str(report)]) == 2
+    assert "not a `kvcdn loadtest codecs --json` report" in capsys.readouterr().err
+    _codecs_report(report, {"raw": 1.0}, dtype="bfloat16")
+    assert main(["loadtest", "economics", "--codecs-report", str(report), "--dtype", "float32"]) == 2
+    assert "--dtypes float32" in capsys.readouterr().err
