@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +24,7 @@ from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys, encoded_key
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
+from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.frames import decode_frame, verify_frame
@@ -64,6 +66,10 @@ class ClientConfig:
     codecs: tuple[str, ...] = DEFAULT_ACCEPT
     """Encodings this client accepts, preferred first (kvcdn.spec.codecs); the default, exact ones
     only: an agent never receives a lossy cache it did not ask for."""
+    trust: tuple[Path, ...] = ()
+    """Publisher public keys (PEM): every block info and manifest must carry a signature by one of
+    them (kvcdn.spec.provenance), else the edge's answer is refused and the next edge asked; empty:
+    no signature checks (digests still bind frames to the infos an edge sent)."""
 
     def __post_init__(self) -> None:
         parse_edges(self.edges)  # fail early on a malformed list
@@ -121,6 +127,7 @@ class KVClient:
     def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
         self.config = edges if isinstance(edges, ClientConfig) else ClientConfig(tuple(edges))
         self.placement = Placement(resolve_edges(parse_edges(self.config.edges)), self.config.replicas)
+        self.trust = TrustStore.from_files(self.config.trust) if self.config.trust else None
         self._readers = {
             address: CacheReader(address, self.config.timeout_s, self.config.stream_timeout_s)
             for address in self.placement.nodes
@@ -156,13 +163,15 @@ class KVClient:
     ) -> None:
         await self.close()
 
-    async def _first(self, order: Sequence[str], call: Any) -> Any:
-        """`call(reader)` on the first edge of `order` that answers."""
+    async def _first(self, order: Sequence[str], call: Any, also: tuple[type[Exception], ...] = ()) -> Any:
+        """`call(reader)` on the first edge of `order` that answers (`also`: further errors that make
+        an edge's answer worthless, such as one a trusted publisher did not sign)."""
         last: Exception | None = None
+        skipped: tuple[type[Exception], ...] = (*_RETRYABLE, *also)
         for address in self.order(order):
             try:
                 return await call(self._readers[address])
-            except _RETRYABLE as exc:
+            except skipped as exc:
                 log.warning("edge %s failed (%s); trying the next one", address, exc)
                 self._failed(address)
                 last = exc
@@ -196,14 +205,33 @@ class KVClient:
         if not keys:
             raise InvalidArgument("the token sequence is empty")
         accepted = parse_codecs(codecs or self.config.codecs)
-        blocks: list[pb.BlockInfo] = await self._first(
-            self.placement.route(keys[0]), lambda r: r.lookup(model.fingerprint_hex, keys, accepted)
-        )
+
+        async def ask(reader: CacheReader) -> list[pb.BlockInfo]:
+            blocks = await reader.lookup(model.fingerprint_hex, keys, accepted)
+            self._check_answer(blocks, keys, accepted, geometry, len(ids), model.fingerprint, reader.address)
+            return blocks
+
+        # An edge whose answer is malformed or unsigned is skipped like one that is down.
+        found: list[pb.BlockInfo] = await self._first(self.placement.route(keys[0]), ask, also=(DigestMismatch,))
+        return found
+
+    def _check_answer(
+        self,
+        blocks: list[pb.BlockInfo],
+        keys: list[bytes],
+        accepted: Sequence[str],
+        geometry: Geometry,
+        n_ids: int,
+        fingerprint: bytes,
+        edge: str,
+    ) -> None:
+        """DigestMismatch unless a lookup answer is well formed for this sequence in an accepted
+        encoding, and (with trusted keys) every block is signed by a trusted publisher."""
         codec = (blocks[0].codec or "raw") if blocks else accepted[0]
         if codec not in accepted:
-            raise DigestMismatch(f"edge answered a lookup in {codec}, which this client did not accept")
+            raise DigestMismatch(f"{edge} answered a lookup in {codec}, which this client did not accept")
         for i, info in enumerate(blocks):
-            tokens = min(geometry.block_tokens, len(ids) - i * geometry.block_tokens)
+            tokens = min(geometry.block_tokens, n_ids - i * geometry.block_tokens)
             raw = geometry.block_bytes(tokens)
             if (
                 i >= len(keys)
@@ -216,8 +244,22 @@ class KVClient:
                 or (codec == "raw" and info.n_bytes != raw)
                 or len(info.frame_digests) != geometry.frame_count(info.n_bytes)
             ):
-                raise DigestMismatch(f"edge answered a lookup with a malformed block {i} ({codec})")
-        return blocks
+                raise DigestMismatch(f"{edge} answered a lookup with a malformed block {i} ({codec})")
+            if self.trust is not None:
+                self.trust.check_block(fingerprint, info, edge)
+
+    async def manifest(self, document: str, version: int = 0, token_ids: bool = False) -> pb.Manifest:
+        """A published document's manifest (version 0: the latest); with trusted keys, signed by one
+        of them and, as the latest, never older than a version this client has seen (rollback)."""
+
+        async def ask(reader: CacheReader) -> pb.Manifest:
+            manifest = await reader.manifest(document, version, token_ids)
+            if self.trust is not None:
+                self.trust.check_manifest(manifest, latest=version == 0, sender=reader.address)
+            return manifest
+
+        found: pb.Manifest = await self._first(self.placement.nodes, ask, also=(DigestMismatch,))
+        return found
 
     async def prepare(
         self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto", codecs: Sequence[str] | None = None

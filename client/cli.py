@@ -11,7 +11,7 @@ from typing import Any
 
 from kvcdn.client.policy import POLICIES
 from kvcdn.errors import InvalidArgument
-from kvcdn.flags import add_edges_flag
+from kvcdn.flags import add_edges_flag, add_trust_flag
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 
@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
     ):
         s = sub.add_parser(name, help=help_text)
         add_edges_flag(s)
+        add_trust_flag(s)
         s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
         s.add_argument(
@@ -141,7 +142,7 @@ def fetch(args: argparse.Namespace) -> int:
     doc = document_ids(model.tokenizer, text)
 
     async def run() -> Any:
-        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs)) as client:
+        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs, trust=args.trust)) as client:
             return await client.fetch(model, doc)
 
     fetched = asyncio.run(run())
@@ -176,7 +177,7 @@ def ask(args: argparse.Namespace) -> int:
     model = ModelOptions.from_args(args).load()
 
     async def run() -> Any:
-        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs)) as client:
+        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs, trust=args.trust)) as client:
             return await ask_edges(client, model, text, args.question, args.max_new_tokens, args.verify, args.policy)
 
     result = asyncio.run(run())

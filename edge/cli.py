@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.edge.config import EdgeConfig
-from kvcdn.flags import add_server_flags, edge_list, parse_size
+from kvcdn.flags import add_server_flags, add_trust_flag, edge_list, parse_size
 
 __all__ = ["config_from", "register"]
 
@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
         "are loaded from their owners before the origin (default: none, always the origin)",
     )
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
+    add_trust_flag(s)
     s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
     s.add_argument(
         "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
@@ -48,6 +49,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         replicas=args.replicas,
         advertise=args.advertise or "",
         peer_timeout_s=args.peer_timeout,
+        trust=args.trust,
     )
 
 

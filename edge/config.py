@@ -46,6 +46,9 @@ class EdgeConfig:
     """Misses the admission rule remembers (a block missed before is admitted when it comes back)."""
     remembered_infos: int = 65536
     """Block infos kept from the origin's lookup answers, so a pull needs no second lookup."""
+    trust: tuple[Path, ...] = ()
+    """Publisher public keys (PEM) whose signature every block info must carry, from the origin and
+    from peers alike (kvcdn.spec.provenance); empty: no signature checks."""
 
     def __post_init__(self) -> None:
         if self.mem_bytes < 0 or self.disk_bytes < 0:

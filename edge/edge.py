@@ -32,6 +32,7 @@ from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCD
 from kvcdn.spec.codecs import best_prefix, parse_codecs
 from kvcdn.spec.identity import encoded_key
 from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
+from kvcdn.spec.provenance import TrustStore, Untrusted
 from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
@@ -120,6 +121,8 @@ class Edge:
         # they hold), so a pull needs no second lookup. An owner's info is trusted as far as the
         # bytes that owner sends.
         self._infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(config.remembered_infos, lambda _: 1)
+        self.trust = TrustStore.from_files(config.trust) if config.trust else None
+        """Publisher keys every block info must be signed by (kvcdn.spec.provenance), or None."""
         self._chosen: ByteLRU[bytes, str] = ByteLRU(config.remembered_infos, lambda _: 1)
         """The encoding the origin chose for a sequence (first key) and an accept list (kvcdn.spec.codecs)."""
         self._loads: SingleFlight[bytes, Pull] = SingleFlight()
@@ -296,7 +299,7 @@ class Edge:
         if complete(found):
             return found
         try:
-            from_origin = await self.upstream.lookup(fingerprint, keys, accepted)
+            from_origin = self._trusted(fingerprint, await self.upstream.lookup(fingerprint, keys, accepted), "")
         except Unavailable:
             if not found:
                 raise
@@ -307,6 +310,15 @@ class Edge:
         if from_origin:
             self._chosen.put(choice, from_origin[0].codec or "raw")
         return from_origin if len(from_origin) >= len(found) else found
+
+    def _trusted(self, fingerprint: str, infos: list[pb.BlockInfo], source: str) -> list[pb.BlockInfo]:
+        """`infos` from `source` ("": the origin), each checked against the trusted publisher keys (if
+        this edge has any): Untrusted for the first one that is unsigned or forged."""
+        if self.trust is not None:
+            raw_fingerprint = bytes.fromhex(fingerprint)
+            for info in infos:
+                self.trust.check_block(raw_fingerprint, info, source or self.upstream.address)
+        return infos
 
     def _held_among(self, keys: Sequence[bytes], accepted: Sequence[str]) -> list[pb.BlockInfo]:
         """For each of `keys` this edge holds in an accepted encoding, the first such block's info."""
@@ -339,7 +351,12 @@ class Edge:
         async def ask(peer: str, peer_keys: list[bytes]) -> list[pb.BlockInfo]:
             try:
                 async with asyncio.timeout(self.config.peer_timeout_s):
-                    return await self._peer(peer).lookup(fingerprint, peer_keys, accepted, from_peer=True)
+                    infos = await self._peer(peer).lookup(fingerprint, peer_keys, accepted, from_peer=True)
+                return self._trusted(fingerprint, infos, peer)
+            except Untrusted as exc:
+                self._suspect_until[peer] = time.monotonic() + self.config.peer_suspect_s
+                log.warning("peer %s: %s; not asking it for a while", peer, exc)
+                return []
             except (KVCDNError, TimeoutError) as exc:
                 log.debug("peer %s could not answer a lookup: %s", peer, exc or "timed out")
                 return []
@@ -431,7 +448,7 @@ class Edge:
         origin, verifying every frame against the origin's digests before anyone sees it."""
         info = self._infos.pop(key)
         if info is None:
-            infos = await self.upstream.lookup(fingerprint, [key])
+            infos = self._trusted(fingerprint, await self.upstream.lookup(fingerprint, [key]), "")
             if not infos:
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
             info = infos[0]

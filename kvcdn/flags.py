@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 
 __all__ = ["add_edges_flag", "add_server_flags", "edge_list", "parse_count", "parse_size"]
 
@@ -57,6 +58,26 @@ def add_edges_flag(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("KVCDN_EDGES"),
         required="KVCDN_EDGES" not in os.environ,
         help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
+    )
+
+
+TRUST_ENV = "KVCDN_TRUST"
+
+
+def trust_list(text: str) -> tuple[Path, ...]:
+    """'a.pub,b.pub' -> the files (read, and checked to be Ed25519 keys, by kvcdn.spec.provenance)."""
+    return tuple(Path(p.strip()) for p in text.split(",") if p.strip())
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """`--trust`, defaulting to $KVCDN_TRUST (which `kvcdn up` prints): the publisher keys whose
+    signatures are required on every block and manifest (none: nothing is checked)."""
+    p.add_argument(
+        "--trust",
+        type=trust_list,
+        default=trust_list(os.environ.get(TRUST_ENV, "")),
+        metavar="KEY.pub[,...]",
+        help="require blocks signed by these publisher keys (env KVCDN_TRUST; default: no signature checks)",
     )
 
 

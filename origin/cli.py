@@ -28,6 +28,10 @@ def register(sub: Any) -> None:
         help="encodings every document is offered in besides raw, unless its publisher names others "
         "(lossless; '' for raw only; lossy: fp8, int4)",
     )
+    s.add_argument(
+        "--signing-key",
+        help="the publisher's Ed25519 key (PEM, `kvcdn keys generate`): sign every block info and manifest",
+    )
     ModelOptions.add_flags(s)
     s.set_defaults(run=run)
 
@@ -43,6 +47,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         models_dir=m.models_dir,
         max_document_tokens=args.max_document_tokens,
         codecs=args.codecs,
+        signing_key=Path(args.signing_key) if args.signing_key else None,
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
 from kvcdn.spec.codecs import best_prefix, parse_codecs
 from kvcdn.spec.identity import block_keys, block_spans, content_digest, encoded_key
+from kvcdn.spec.provenance import Signer
 from kvcdn.store.blockstore import BlockStore
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
@@ -60,6 +62,9 @@ class Origin:
         self._publishing: SingleFlight[str, asyncio.Future[tuple[int, float]]] = SingleFlight()
         self._model_lock = asyncio.Lock()
         self._manifest_lock = asyncio.Lock()
+        self.signer = Signer.from_file(config.signing_key) if config.signing_key is not None else None
+        self._signed: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(1 << 16, lambda _: 1)
+        """Signed infos of recently looked-up blocks (a signature costs ~50 us; lookups repeat)."""
         self.prefill_runs = 0
         self.prefill_s_total = 0.0
         self.blocks_computed = 0
@@ -115,7 +120,7 @@ class Origin:
             if versions:
                 latest = self.manifests.get(document, versions[-1])
                 if latest.content_digest == digest and tuple(latest.codecs) == offered:
-                    return PublishResult(_with_ids(latest, False), computed, prefill_s)
+                    return PublishResult(self._answer(latest, False), computed, prefill_s)
             manifest = pb.Manifest(
                 document=document,
                 version=(versions[-1] + 1) if versions else 1,
@@ -126,6 +131,7 @@ class Origin:
                 content_digest=digest,
                 codecs=offered,
                 token_ids=ids,
+                issued_at=int(time.time()),
             )
             self.manifests.put(manifest)
         log.info(
@@ -136,7 +142,7 @@ class Origin:
             len(keys),
             computed,
         )
-        return PublishResult(_with_ids(manifest, False), computed, prefill_s)
+        return PublishResult(self._answer(manifest, False), computed, prefill_s)
 
     async def purge(self, document: str, version: int) -> tuple[list[int], int, int]:
         """Remove `document` (one version, or all for 0) and the blocks no other manifest uses; append
@@ -158,6 +164,7 @@ class Origin:
             for key in orphans:
                 self.blocks.delete(key)
                 self._read_cache.pop(key)
+                self._signed.pop(key)
             event = self.events.append(document, version, orphans)
         async with self._new_event:
             self._new_event.notify_all()
@@ -240,13 +247,33 @@ class Origin:
     # --- read side --------------------------------------------------------------------------------
 
     def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
-        """The manifest of `document` (version 0: the latest), with its token ids if asked for."""
-        return _with_ids(self.manifests.get(document, version), token_ids)
+        """The manifest of `document` (version 0: the latest), with its token ids if asked for, signed."""
+        return self._answer(self.manifests.get(document, version), token_ids)
+
+    def _answer(self, manifest: pb.Manifest, token_ids: bool) -> pb.Manifest:
+        """A manifest as answers carry it: token ids only if asked for, signed with the current key."""
+        out = _with_ids(manifest, token_ids)
+        if self.signer is not None:
+            if out is manifest:
+                out = pb.Manifest()
+                out.CopyFrom(manifest)
+            self.signer.sign_manifest(out)
+        return out
 
     def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:
-        """The longest stored prefix of `keys`, in the first of `codecs` (empty: raw) that holds it."""
+        """The longest stored prefix of `keys`, in the first of `codecs` (empty: raw) that holds it,
+        each info signed when the origin has a key."""
         check_read_request(fingerprint, self.fingerprint, keys)
-        return best_prefix(keys, parse_codecs(codecs, "codecs", allow_empty=True), self.blocks.info)
+        found = best_prefix(keys, parse_codecs(codecs, "codecs", allow_empty=True), self.blocks.info)
+        return found if self.signer is None else [self._sign(info) for info in found]
+
+    def _sign(self, info: pb.BlockInfo) -> pb.BlockInfo:
+        assert self.signer is not None
+        signed = self._signed.get(info.key)
+        if signed is None or list(signed.frame_digests) != list(info.frame_digests):
+            signed = self.signer.sign_block(self.model.fingerprint, info)
+            self._signed.put(info.key, signed)
+        return signed
 
     async def block(self, key: bytes) -> EncodedBlock:
         cached = self._read_cache.get(key)

@@ -174,6 +174,8 @@ class BlockInfo(_message.Message):
     FRAME_DIGESTS_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
     RAW_BYTES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     """32-byte key: the chained SHA-256 key of the block's tokens for a raw block; for an encoded one,
     SHA-256(chained key || "kvcdn-codec:" || codec name), so each encoding is a block of its own.
@@ -190,6 +192,13 @@ class BlockInfo(_message.Message):
     """Codec of the payload: "lossless", "fp8", "int4" (kvcdn.model.codecs); empty for raw."""
     raw_bytes: _builtins.int
     """Size of the raw payload the encoding decodes to; 0 for raw blocks."""
+    signature: _builtins.bytes
+    """Ed25519 signature of the publisher (the origin's key) over the block statement (SPEC.md section
+    12): fingerprint, key, index, sizes, codec and frame digests. Empty when the origin signs nothing.
+    Edges relay it untouched; clients and edges that pin publisher keys refuse blocks without it.
+    """
+    signer: _builtins.str
+    """Key id of the signing key: the first 8 bytes, hex, of SHA-256 of the raw Ed25519 public key."""
     @_builtins.property
     def frame_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """BLAKE3-256 digest of every frame of the payload, in order."""
@@ -204,10 +213,12 @@ class BlockInfo(_message.Message):
         frame_digests: _abc.Iterable[_builtins.bytes] | None = ...,
         codec: _builtins.str = ...,
         raw_bytes: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+        signer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "frame_digests", b"frame_digests", "index", b"index", "key", b"key", "n_bytes", b"n_bytes", "n_tokens", b"n_tokens", "raw_bytes", b"raw_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "frame_digests", b"frame_digests", "index", b"index", "key", b"key", "n_bytes", b"n_bytes", "n_tokens", b"n_tokens", "raw_bytes", b"raw_bytes", "signature", b"signature", "signer", b"signer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -228,6 +239,9 @@ class Manifest(_message.Message):
     CONTENT_DIGEST_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Publisher-chosen document name."""
     version: _builtins.int
@@ -238,6 +252,11 @@ class Manifest(_message.Message):
     """Tokens in the document."""
     content_digest: _builtins.str
     """SHA-256 (hex) of the document's token ids as LE-u32, identifying its content."""
+    issued_at: _builtins.int
+    """Unix time (seconds) the origin recorded this version."""
+    signature: _builtins.bytes
+    """Ed25519 signature of the publisher over the manifest statement (SPEC.md section 12), and its key id."""
+    signer: _builtins.str
     @_builtins.property
     def geometry(self) -> Global___Geometry:
         """KV geometry of the blocks."""
@@ -271,10 +290,13 @@ class Manifest(_message.Message):
         content_digest: _builtins.str = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        issued_at: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+        signer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "token_count", b"token_count", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "issued_at", b"issued_at", "signature", b"signature", "signer", b"signer", "token_count", b"token_count", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
