@@ -42,6 +42,15 @@ def register(sub: Any) -> None:
     ModelOptions.add_flags(s)
     s.set_defaults(run=demo)
 
+    s = sub.add_parser("keys", help="publisher signing keys: make one, or show a key file's id")
+    keys = s.add_subparsers(dest="keys_command", required=True, metavar="generate|show")
+    g = keys.add_parser("generate", help="a new Ed25519 publisher key: KEY (private, mode 0600) and KEY.pub")
+    g.add_argument("key", help="where to write the private key, e.g. publisher.key (never overwritten)")
+    g.set_defaults(run=keys_generate)
+    k = keys.add_parser("show", help="the key id of a public (.pub) or private key file")
+    k.add_argument("key")
+    k.set_defaults(run=keys_show)
+
     s = sub.add_parser("provision", help="fetch and convert the embedded default model")
     s.add_argument("--models-dir", default=os.environ.get("KVCDN_MODELS_DIR"))
     s.set_defaults(run=provision)
@@ -71,7 +80,8 @@ def up(args: argparse.Namespace) -> int:
                 disk = f", disk {args.disk_bytes / 2**20:.0f} MiB" if args.disk_bytes else ""
                 tiers = f"(memory {args.mem_bytes / 2**20:.0f} MiB{disk})"
                 print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}  {tiers}")
-            print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}", flush=True)
+            print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}")
+            print(f"export KVCDN_TRUST={cluster.trust_file}  # the publisher key clients require", flush=True)
             print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
             stop = threading.Event()
             # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.
@@ -104,4 +114,26 @@ def provision(args: argparse.Namespace) -> int:
     from kvcdn.model.loading import default_models_dir, provision_default_model
 
     print(provision_default_model(Path(args.models_dir) if args.models_dir else default_models_dir()))
+    return 0
+
+
+def keys_generate(args: argparse.Namespace) -> int:
+    from kvcdn.spec.provenance import generate_key
+
+    public, key_id = generate_key(Path(args.key))
+    print(f"wrote {args.key} (keep it on the origin: --signing-key)")
+    print(f"and {public} (give it to clients and edges: --trust)")
+    print(f"key id {key_id}")
+    return 0
+
+
+def keys_show(args: argparse.Namespace) -> int:
+    from kvcdn.spec.provenance import Signer, TrustStore
+
+    path = Path(args.key)
+    try:
+        (key_id,) = TrustStore.from_files([path]).keys
+    except InvalidArgument:
+        key_id = Signer.from_file(path).key_id
+    print(key_id)
     return 0

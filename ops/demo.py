@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcdn.client.agent import AskResult, ask
-from kvcdn.client.api import KVClient
+from kvcdn.client.api import ClientConfig, KVClient
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
@@ -45,7 +45,8 @@ async def _run(
                 f"{len(r.manifest.blocks)} blocks, prefill {r.prefill_s:.1f} s"
             )
     results = []
-    async with KVClient(cluster.edge_addresses) as client:
+    trust = (cluster.trust_file,) if cluster.trust_file is not None else ()
+    async with KVClient(ClientConfig(tuple(cluster.edge_addresses), trust=trust)) as client:
         for name, text, question in docs:
             with console.status(f"agent: fetching {name} from the edge, answering, verifying ..."):
                 result = await ask(client, model, text, question, max_new_tokens, verify=True)
@@ -64,7 +65,10 @@ def run_demo(model: LoadedModel, options: ModelOptions, max_new_tokens: int = 24
         with console.status("starting an origin and an edge on loopback ..."):
             cluster.start()
         try:
-            console.print(f"origin {cluster.origin_address}, edge {cluster.edge_addresses[0]}")
+            console.print(
+                f"origin {cluster.origin_address}, edge {cluster.edge_addresses[0]}; every block signed by the "
+                f"publisher key {cluster.trust_file} and checked by the edge and the agent"
+            )
             results = asyncio.run(_run(console, model, cluster, max_new_tokens))
         finally:
             cluster.stop()

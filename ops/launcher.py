@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kvcdn.errors import Unavailable
+from kvcdn.spec.provenance import generate_key
 
 __all__ = ["Cluster", "free_ports"]
 
@@ -48,6 +49,11 @@ class Cluster:
     """Give each edge a disk tier in a folder of its own under this one (edge0, edge1, ...)."""
     peers: bool = True
     """Tell every edge the ring (`kvcdn edge --peers`), so blocks it does not own come from their owners."""
+    signed: bool = True
+    """Sign with a publisher key kept in STORE/keys (made on first start) and have the edges require
+    it (`--signing-key`, `--trust`); clients pin `trust_file`."""
+    trust_file: Path | None = None
+    """The publisher's public key, for clients' `--trust` (set by `start` when `signed`)."""
     start_timeout_s: float = 600.0
     origin_address: str = ""
     edge_addresses: list[str] = field(default_factory=list)
@@ -92,7 +98,15 @@ class Cluster:
     def start(self) -> Cluster:
         self._tmp = tempfile.TemporaryDirectory(prefix="kvcdn-up-")
         try:
-            origin_file = self._spawn("origin", ["origin", "--store", str(self.store_dir), *self.origin_args])
+            signing: list[str] = []
+            if self.signed:
+                key = self.store_dir / "keys" / "publisher.key"
+                if not key.exists():
+                    generate_key(key)
+                self.trust_file = key.with_suffix(".pub")
+                signing = ["--signing-key", str(key)]
+            origin_args = ["origin", "--store", str(self.store_dir), *signing, *self.origin_args]
+            origin_file = self._spawn("origin", origin_args)
             self.origin_address = self._wait("origin", origin_file)
             # With peers, every edge must know the others' addresses before it starts: pick free ports.
             ports = free_ports(self.host, self.edges) if self.peers else [0] * self.edges
@@ -106,7 +120,8 @@ class Cluster:
 
     def _edge_command(self, i: int) -> list[str]:
         disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []
-        return ["edge", "--origin", self.origin_address, *disk, *self.edge_args]
+        trust = ["--trust", str(self.trust_file)] if self.trust_file is not None else []
+        return ["edge", "--origin", self.origin_address, *disk, *trust, *self.edge_args]
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         """The process of `name` (origin, edge0, edge1, ...), e.g. to signal it in a fault test."""
