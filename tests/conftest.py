@@ -75,10 +75,17 @@ class Network:
 
 
 async def start_network(
-    model: LoadedModel, store: Path, metrics: bool = False, codecs: tuple[str, ...] = (), **origin_kwargs: int
+    model: LoadedModel,
+    store: Path,
+    metrics: bool = False,
+    codecs: tuple[str, ...] = (),
+    signing_key: Path | None = None,
+    trust: tuple[Path, ...] = (),
+    **origin_kwargs: int,
 ) -> Network:
     """An origin and one edge on loopback. Documents are offered raw only unless `codecs` names
-    encodings (the tests of codecs do; the others check raw blocks by key)."""
+    encodings (the tests of codecs do; the others check raw blocks by key). `signing_key`: the origin
+    signs with it; `trust`: the edge requires those keys' signatures."""
     origin, origin_server = await start_origin(
         OriginConfig(
             store_dir=store,
@@ -88,12 +95,13 @@ async def start_network(
             frame_bytes=model.geometry.frame_bytes,
             metrics_port=0 if metrics else -1,
             codecs=codecs,
+            signing_key=signing_key,
             **origin_kwargs,
         ),
         model,
     )
     edge, edge_server = await start_edge(
-        EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0", metrics_port=0 if metrics else -1)
+        EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0", metrics_port=0 if metrics else -1, trust=trust)
     )
     return Network(model, origin, origin_server, edge, edge_server)
 
