@@ -11,9 +11,10 @@ from typing import Any
 
 from kvcdn.client.policy import POLICIES
 from kvcdn.errors import InvalidArgument
-from kvcdn.flags import add_edges_flag, add_trust_flag
+from kvcdn.flags import add_edges_flag, add_token_flag, add_trust_flag
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
+from kvcdn.wire.auth import read_token
 
 __all__ = ["register"]
 
@@ -29,11 +30,13 @@ def register(sub: Any) -> None:
         default=(),
         help="encodings to offer besides raw, e.g. lossless,fp8,int4 (default: the origin's --codecs)",
     )
+    add_token_flag(s)
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(run=publish)
 
     s = sub.add_parser("purge", help="remove a document at the origin and, through its feed, at every edge")
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    add_token_flag(s)
     s.add_argument("document", metavar="DOCUMENT[@VERSION]")
     s.set_defaults(run=purge)
 
@@ -88,7 +91,7 @@ def publish(args: argparse.Namespace) -> int:
     texts = [_read_text(f, "FILE") for f in files]  # every file readable before anything is published
 
     async def run() -> list[Any]:
-        async with CacheReader(args.origin) as origin:
+        async with CacheReader(args.origin, token=read_token(args.token_file)) as origin:
             return [
                 await origin.publish(args.name or f.stem, text, args.codecs)
                 for f, text in zip(files, texts, strict=True)
@@ -124,7 +127,7 @@ def purge(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{args.document!r} is not DOCUMENT[@VERSION]")
 
     async def run() -> Any:
-        async with CacheReader(args.origin) as origin:
+        async with CacheReader(args.origin, token=read_token(args.token_file)) as origin:
             return await origin.purge(document, int(version or 0))
 
     resp = asyncio.run(run())

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.flags import add_server_flags, add_trust_flag, edge_list, parse_size
+from kvcdn.wire.auth import read_token
 
 __all__ = ["config_from", "register"]
 
@@ -29,6 +30,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
     add_trust_flag(s)
+    s.add_argument("--origin-token-file", help="this edge's token for the origin's invalidation feed (an edge token)")
     s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
     s.add_argument(
         "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
@@ -50,6 +52,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         advertise=args.advertise or "",
         peer_timeout_s=args.peer_timeout,
         trust=args.trust,
+        origin_token=read_token(Path(args.origin_token_file) if args.origin_token_file else None),
     )
 
 

@@ -46,6 +46,8 @@ class EdgeConfig:
     """Misses the admission rule remembers (a block missed before is admitted when it comes back)."""
     remembered_infos: int = 65536
     """Block infos kept from the origin's lookup answers, so a pull needs no second lookup."""
+    origin_token: str = ""
+    """The edge's token for the origin's invalidation feed, when the origin requires one (kvcdn.wire.auth)."""
     trust: tuple[Path, ...] = ()
     """Publisher public keys (PEM) whose signature every block info must carry, from the origin and
     from peers alike (kvcdn.spec.provenance); empty: no signature checks."""

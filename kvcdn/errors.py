@@ -7,7 +7,9 @@ KVCDNError                      base; `.code` is the gRPC status it travels as
 ├── FingerprintMismatch         FAILED_PRECONDITION  caller's model differs from the server's
 ├── LimitExceeded               RESOURCE_EXHAUSTED   over a configured limit
 ├── Unavailable                 UNAVAILABLE          origin or peer unreachable (retryable)
-├── DigestMismatch              DATA_LOSS            bytes do not match their digest
+├── DigestMismatch              DATA_LOSS            bytes do not match their digest (or their signature)
+├── Unauthenticated             UNAUTHENTICATED      no credentials, or unknown ones
+├── PermissionDenied            PERMISSION_DENIED    credentials whose role may not call the method
 └── DeadlineExceeded            DEADLINE_EXCEEDED    the call ran past its deadline
 ```
 
@@ -30,6 +32,8 @@ __all__ = [
     "KVCDNError",
     "LimitExceeded",
     "NotFound",
+    "PermissionDenied",
+    "Unauthenticated",
     "Unavailable",
     "error_for",
     "from_rpc_error",
@@ -70,6 +74,14 @@ class DeadlineExceeded(KVCDNError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(KVCDNError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(KVCDNError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[KVCDNError]] = {
     cls.code: cls
     for cls in (
@@ -78,6 +90,8 @@ _BY_CODE: dict[grpc.StatusCode, type[KVCDNError]] = {
         FingerprintMismatch,
         LimitExceeded,
         Unavailable,
+        Unauthenticated,
+        PermissionDenied,
         DigestMismatch,
         DeadlineExceeded,
     )

@@ -81,6 +81,18 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_token_flag(p: argparse.ArgumentParser) -> None:
+    """`--token-file`, defaulting to $KVCDN_TOKEN_FILE (which `kvcdn up` prints): the publisher token
+    an origin started with `--tokens` requires."""
+    default = os.environ.get("KVCDN_TOKEN_FILE")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(default) if default else None,
+        help="file holding this publisher's token (env KVCDN_TOKEN_FILE; needed when the origin has --tokens)",
+    )
+
+
 def add_server_flags(p: argparse.ArgumentParser, listen: str) -> None:
     """What every server command takes: where it listens, its bulk and metrics ports, and the port
     file a parent process (`kvcdn up`) waits for."""

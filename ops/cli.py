@@ -72,6 +72,7 @@ def up(args: argparse.Namespace) -> int:
             origin_args=ModelOptions.from_args(args).flags(),
             edge_args=edge_args,
             edge_disk_root=store / "edge-disk" if args.disk_bytes else None,
+            auth=True,
         )
         print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
         with cluster:
@@ -81,7 +82,8 @@ def up(args: argparse.Namespace) -> int:
                 tiers = f"(memory {args.mem_bytes / 2**20:.0f} MiB{disk})"
                 print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}  {tiers}")
             print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}")
-            print(f"export KVCDN_TRUST={cluster.trust_file}  # the publisher key clients require", flush=True)
+            print(f"export KVCDN_TRUST={cluster.trust_file}  # the publisher key clients require")
+            print(f"export KVCDN_TOKEN_FILE={cluster.publisher_token_file}  # for publish and purge", flush=True)
             print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
             stop = threading.Event()
             # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.

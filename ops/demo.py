@@ -19,6 +19,7 @@ from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import Cluster
+from kvcdn.wire.auth import read_token
 from kvcdn.wire.stub import CacheReader
 
 __all__ = ["run_demo", "sample_documents"]
@@ -36,7 +37,7 @@ async def _run(
 ) -> list[tuple[str, AskResult, float]]:
     """(name, the agent's verified answer after a cold-edge fetch, a second agent's warm fetch s)."""
     docs = sample_documents()
-    async with CacheReader(cluster.origin_address) as origin:
+    async with CacheReader(cluster.origin_address, token=read_token(cluster.publisher_token_file)) as origin:
         for name, text, _ in docs:
             with console.status(f"origin: prefilling and storing {name} ..."):
                 r = await origin.publish(name, text)
@@ -61,7 +62,7 @@ def run_demo(model: LoadedModel, options: ModelOptions, max_new_tokens: int = 24
     if not console.is_terminal:
         console = Console(width=150)  # logs and CI: do not squeeze the table into 80 columns
     with tempfile.TemporaryDirectory(prefix="kvcdn-demo-") as store:
-        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags())
+        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags(), auth=True)
         with console.status("starting an origin and an edge on loopback ..."):
             cluster.start()
         try:

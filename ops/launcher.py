@@ -17,6 +17,7 @@ from types import TracebackType
 
 from kvcdn.errors import Unavailable
 from kvcdn.spec.provenance import generate_key
+from kvcdn.wire.auth import write_tokens
 
 __all__ = ["Cluster", "free_ports"]
 
@@ -54,6 +55,12 @@ class Cluster:
     it (`--signing-key`, `--trust`); clients pin `trust_file`."""
     trust_file: Path | None = None
     """The publisher's public key, for clients' `--trust` (set by `start` when `signed`)."""
+    auth: bool = False
+    """Require tokens for Publish, Purge and Watch (`kvcdn origin --tokens`), made in STORE/keys on
+    first start; the edges get theirs, publishers use `publisher_token_file`."""
+    publisher_token_file: Path | None = None
+    """The publisher's token (set by `start` when `auth`), for `--token-file`."""
+    _edge_token_file: Path | None = None
     start_timeout_s: float = 600.0
     origin_address: str = ""
     edge_addresses: list[str] = field(default_factory=list)
@@ -105,6 +112,13 @@ class Cluster:
                     generate_key(key)
                 self.trust_file = key.with_suffix(".pub")
                 signing = ["--signing-key", str(key)]
+            if self.auth:
+                keys = self.store_dir / "keys"
+                table = keys / "tokens"
+                if not table.exists():
+                    write_tokens(keys)
+                self.publisher_token_file, self._edge_token_file = keys / "publisher.token", keys / "edge.token"
+                signing += ["--tokens", str(table)]
             origin_args = ["origin", "--store", str(self.store_dir), *signing, *self.origin_args]
             origin_file = self._spawn("origin", origin_args)
             self.origin_address = self._wait("origin", origin_file)
@@ -121,6 +135,8 @@ class Cluster:
     def _edge_command(self, i: int) -> list[str]:
         disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []
         trust = ["--trust", str(self.trust_file)] if self.trust_file is not None else []
+        if self._edge_token_file is not None:
+            trust += ["--origin-token-file", str(self._edge_token_file)]
         return ["edge", "--origin", self.origin_address, *disk, *trust, *self.edge_args]
 
     def process(self, name: str) -> subprocess.Popen[bytes]:

@@ -29,6 +29,11 @@ def register(sub: Any) -> None:
         "(lossless; '' for raw only; lossy: fp8, int4)",
     )
     s.add_argument(
+        "--tokens",
+        help="file of `ROLE TOKEN` lines: Publish/Purge need a publisher token, Watch an edge token "
+        "(default: anyone who reaches the port may)",
+    )
+    s.add_argument(
         "--signing-key",
         help="the publisher's Ed25519 key (PEM, `kvcdn keys generate`): sign every block info and manifest",
     )
@@ -48,6 +53,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         max_document_tokens=args.max_document_tokens,
         codecs=args.codecs,
         signing_key=Path(args.signing_key) if args.signing_key else None,
+        tokens=Path(args.tokens) if args.tokens else None,
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
     )

@@ -43,6 +43,9 @@ class OriginConfig:
     codecs: tuple[str, ...] = ("lossless",)
     """Encodings a document is offered in besides raw, unless its publisher names others
     (kvcdn.model.codecs)."""
+    tokens: Path | None = None
+    """Who may Publish, Purge and Watch: lines `ROLE TOKEN` (kvcdn.wire.auth); None lets anyone who
+    reaches the port."""
     signing_key: Path | None = None
     """The publisher's Ed25519 key (PEM, `kvcdn keys generate`): block infos and manifests are signed
     with it (kvcdn.spec.provenance); None signs nothing."""

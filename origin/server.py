@@ -9,6 +9,7 @@ from kvcdn.model.loading import LoadedModel, load_model
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.origin import Origin
 from kvcdn.origin.service import OriginService
+from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin, Server]:
     """Start an origin for an already loaded model; the caller stops the returned server."""
     origin = Origin(config, model)
-    service = OriginService(origin, ServerMetrics(origin.stats))
+    auth = Authorizer.from_file(config.tokens) if config.tokens is not None else None
+    service = OriginService(origin, ServerMetrics(origin.stats), auth)
     server = await start_server(
         config.listen,
         service,

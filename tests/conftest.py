@@ -81,6 +81,8 @@ async def start_network(
     codecs: tuple[str, ...] = (),
     signing_key: Path | None = None,
     trust: tuple[Path, ...] = (),
+    tokens: Path | None = None,
+    origin_token: str = "",
     **origin_kwargs: int,
 ) -> Network:
     """An origin and one edge on loopback. Documents are offered raw only unless `codecs` names
@@ -96,12 +98,19 @@ async def start_network(
             metrics_port=0 if metrics else -1,
             codecs=codecs,
             signing_key=signing_key,
+            tokens=tokens,
             **origin_kwargs,
         ),
         model,
     )
     edge, edge_server = await start_edge(
-        EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0", metrics_port=0 if metrics else -1, trust=trust)
+        EdgeConfig(
+            origin=origin_server.address,
+            listen="127.0.0.1:0",
+            metrics_port=0 if metrics else -1,
+            trust=trust,
+            origin_token=origin_token,
+        )
     )
     return Network(model, origin, origin_server, edge, edge_server)
 

@@ -31,10 +31,11 @@ def cluster() -> Iterator[tuple[str, str, str]]:
         [*KVCDN, "up", "--edges", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     origin = edges = edge_metrics = ""
+    exported: dict[str, str] = {}
     deadline = time.monotonic() + 300
     try:
         assert proc.stdout is not None
-        while time.monotonic() < deadline and not edges:
+        while time.monotonic() < deadline and "KVCDN_TOKEN_FILE" not in exported:
             line = proc.stdout.readline()
             if not line:
                 break
@@ -42,12 +43,20 @@ def cluster() -> Iterator[tuple[str, str, str]]:
                 origin = line.split()[1]
             if line.startswith("edge0"):
                 edge_metrics = line.split("metrics")[1].split()[0]
-            if line.startswith("export KVCDN_EDGES="):
-                edges = line.strip().split("=", 1)[1]
+            if line.startswith("export "):
+                name, _, value = line.removeprefix("export ").split("#")[0].strip().partition("=")
+                exported[name] = value
+        edges = exported.get("KVCDN_EDGES", "")
         assert origin and edges, "kvcdn up did not print its addresses"
         assert edge_metrics.startswith("http://127.0.0.1:")
+        # Not signed in: the control plane refuses; then every command uses what `kvcdn up` printed.
+        refused = _run("publish", "--origin", origin, str(SAMPLES / "apache-2.0.txt"))
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
+        os.environ.update({k: exported[k] for k in ("KVCDN_TRUST", "KVCDN_TOKEN_FILE")})
         yield origin, edges, edge_metrics
     finally:
+        for name in ("KVCDN_TRUST", "KVCDN_TOKEN_FILE"):
+            os.environ.pop(name, None)
         proc.send_signal(signal.SIGINT)
         try:
             assert proc.wait(timeout=30) == 0

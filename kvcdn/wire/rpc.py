@@ -20,6 +20,7 @@ from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, Limit
 from kvcdn.spec.identity import KEY_BYTES
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.wire.frames import payload_size
 from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
@@ -75,15 +76,20 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
 
 
 @contextlib.asynccontextmanager
-async def _boundary(metrics: ServerMetrics, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-    """Where a servicer method meets gRPC: domain errors become their status (anything else INTERNAL),
-    and every call is counted when it starts and by final status, with its latency (feeds: none)."""
+async def _boundary(servicer: Any, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """Where a servicer method meets gRPC: its credentials are checked (`servicer.auth`, if any),
+    domain errors become their status (anything else INTERNAL), and every call is counted when it
+    starts and by final status, with its latency (feeds: none)."""
+    metrics: ServerMetrics = servicer.metrics
+    auth: Authorizer | None = getattr(servicer, "auth", None)
     m = METHODS[method]
     labels = (m.type, m.service, m.name)
     metrics.started.labels(*labels).inc()
     code = grpc.StatusCode.OK
     started = time.perf_counter()
     try:
+        if auth is not None:
+            auth.require(context.invocation_metadata(), method)
         yield
     except grpc.aio.AbortError:
         code = grpc.StatusCode.UNKNOWN
@@ -104,7 +110,7 @@ def rpc_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        async with _boundary(self.metrics, context, fn.__name__):
+        async with _boundary(self, context, fn.__name__):
             return await fn(self, request, context)
         raise AssertionError("unreachable: the boundary re-raises or aborts")
 
@@ -124,7 +130,7 @@ def stream_errors(
         in_flight = metrics.streams_in_flight.labels("grpc")
         in_flight.inc()
         try:
-            async with _boundary(metrics, context, fn.__name__):
+            async with _boundary(self, context, fn.__name__):
                 async for item in fn(self, request, context):
                     if isinstance(item, bytes):
                         payload.inc(payload_size(item))
@@ -144,7 +150,7 @@ def feed_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-        async with _boundary(self.metrics, context, fn.__name__):
+        async with _boundary(self, context, fn.__name__):
             async for item in fn(self, request, context):
                 yield item
 

@@ -15,6 +15,7 @@ from kvcdn.errors import from_rpc_error
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
+from kvcdn.wire.auth import bearer
 from kvcdn.wire.rpc import CHANNEL_OPTIONS, STREAM_BLOCKS
 
 __all__ = ["CacheReader"]
@@ -23,8 +24,10 @@ __all__ = ["CacheReader"]
 class CacheReader:
     """Calls to one server. Create and use it inside the event loop that runs it."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, stream_timeout_s: float = 300.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 30.0, stream_timeout_s: float = 300.0, token: str = "") -> None:
         self.address = address
+        self._credentials = bearer(token)
+        """Metadata of the calls that need credentials (Publish, Purge, Watch; kvcdn.wire.auth)."""
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -113,17 +116,24 @@ class CacheReader:
     ) -> pb.PublishResponse:
         """Publish `text` as `document`, offered raw and in `codecs` (empty: the origin's default)."""
         request = pb.PublishRequest(document=document, text=text, codecs=codecs)
-        resp: pb.PublishResponse = await self._call(self._publisher.Publish(request, timeout=timeout_s))
+        resp: pb.PublishResponse = await self._call(
+            self._publisher.Publish(request, timeout=timeout_s, metadata=self._credentials)
+        )
         return resp
 
     async def purge(self, document: str, version: int = 0) -> pb.PurgeResponse:
         resp: pb.PurgeResponse = await self._call(
-            self._publisher.Purge(pb.PurgeRequest(document=document, version=version), timeout=self.timeout_s)
+            self._publisher.Purge(
+                pb.PurgeRequest(document=document, version=version),
+                timeout=self.timeout_s,
+                metadata=self._credentials,
+            )
         )
         return resp
 
     async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
         """The origin's invalidation events after `after_seq`, as they happen (no deadline)."""
-        async with aclosing(self._drain(self._invalidations.Watch(pb.WatchRequest(after_seq=after_seq)))) as events:
+        call = self._invalidations.Watch(pb.WatchRequest(after_seq=after_seq), metadata=self._credentials)
+        async with aclosing(self._drain(call)) as events:
             async for event in events:
                 yield event
