@@ -193,7 +193,15 @@ class KVClient:
                 f"the local model {model.name} is {model.fingerprint_hex[:16]}…: load the same model, "
                 "dtype and attention implementation"
             )
-        return Geometry.from_proto(info.geometry)
+        served, own = Geometry.from_proto(info.geometry), model.geometry
+        shape = (served.layers, served.kv_heads, served.head_dim, served.dtype)
+        if shape != (own.layers, own.kv_heads, own.head_dim, own.dtype) or served.block_tokens > 1 << 16:
+            # The fingerprint matched, so the server misstates its geometry: never size buffers from it.
+            raise FingerprintMismatch(
+                f"the edges describe a KV geometry {shape} (blocks of {served.block_tokens} tokens) that is not "
+                f"the model's own {(own.layers, own.kv_heads, own.head_dim, own.dtype)}: a faulty or hostile edge"
+            )
+        return served
 
     async def lookup(
         self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None

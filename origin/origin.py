@@ -34,6 +34,10 @@ __all__ = ["Origin", "PublishResult"]
 log = logging.getLogger(__name__)
 
 
+_MAX_BYTES_PER_TOKEN = 16
+"""Text bytes per token a publish may bring before it is refused untokenized."""
+
+
 def _stored_keys(manifest: pb.Manifest) -> list[bytes]:
     """Every block key a manifest's document is stored under: raw and each offered encoding."""
     return [encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", *manifest.codecs)]
@@ -103,7 +107,15 @@ class Origin:
         offered = tuple(c for c in parse_codecs(codecs or self.config.codecs, "codecs", True) if c != "raw")
         if not text.strip():
             raise InvalidArgument("the document text is empty")
-        ids = document_ids(self.model.tokenizer, text)
+        # Checked before tokenizing: a token is rarely longer than 16 bytes of text, and tokenizing a
+        # huge text would hold a worker for seconds. Tokenizing runs off the event loop.
+        max_bytes = _MAX_BYTES_PER_TOKEN * self.config.max_document_tokens
+        if len(text) > max_bytes or len(text.encode()) > max_bytes:
+            raise LimitExceeded(
+                f"document {document!r} is over {max_bytes} bytes of text, more than {self.config.max_document_tokens} "
+                "tokens can hold (--max-document-tokens)"
+            )
+        ids = await asyncio.get_running_loop().run_in_executor(None, document_ids, self.model.tokenizer, text)
         if len(ids) > self.config.max_document_tokens:
             raise LimitExceeded(
                 f"document {document!r} is {len(ids)} tokens; this origin accepts at most "

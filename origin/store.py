@@ -16,11 +16,11 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = ["EventLog", "ManifestStore", "check_document_name"]
 
-_NAME = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+_NAME = re.compile(r"[A-Za-z0-9._/-]{1,200}")
 
 
 def check_document_name(name: str) -> None:
-    if not _NAME.match(name) or ".." in name.split("/"):
+    if not _NAME.fullmatch(name) or ".." in name.split("/"):
         raise InvalidArgument(
             f"document name {name!r} is invalid: use 1-200 letters, digits and '._-/', no '..' segment"
         )

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import struct
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from kvcdn.errors import (
     DigestMismatch,
     FingerprintMismatch,
     InvalidArgument,
+    KVCDNError,
     LimitExceeded,
     NotFound,
     Unavailable,
@@ -92,7 +94,12 @@ async def test_too_many_keys_is_resource_exhausted(network: Network) -> None:
 
 @pytest.mark.parametrize(
     ("name", "text", "match"),
-    [("bad name!", "text", "invalid"), ("../etc", "text", "invalid"), ("ok", "   ", "empty")],
+    [
+        ("bad name!", "text", "invalid"),
+        ("../etc", "text", "invalid"),
+        ("doc\n", "text", "invalid"),  # `$` would let a trailing newline through; names fully match
+        ("ok", "   ", "empty"),
+    ],
 )
 async def test_malformed_publish_is_invalid_argument(network: Network, name: str, text: str, match: str) -> None:
     async with CacheReader(network.origin_server.address) as origin:
@@ -105,7 +112,48 @@ async def test_document_over_the_token_limit_is_resource_exhausted(network: Netw
     async with CacheReader(network.origin_server.address) as origin:
         with pytest.raises(LimitExceeded, match="accepts at most 2000"):
             await origin.publish("long", "word " * 5000)
+        # Far over: refused by its size before any tokenizing (2,000 tokens x 16 bytes).
+        with pytest.raises(LimitExceeded, match="over 32000 bytes of text"):
+            await origin.publish("huge", "x" * 40_000)
     await _still_serving(network.origin_server.address)
+
+
+async def test_repeated_keys_are_refused_before_any_egress(network: Network, sample_text: str) -> None:
+    manifest = (await network.origin.publish("dup", sample_text)).manifest
+    key = manifest.blocks[0].key
+    async with CacheReader(network.edge_address) as reader:
+        with pytest.raises(InvalidArgument, match="more than once"):
+            async for _ in reader.stream(network.model.fingerprint_hex, [key] * 100):
+                pass
+        with pytest.raises(InvalidArgument, match="more than once"):
+            await reader.lookup(network.model.fingerprint_hex, [key, key])
+    await _still_serving(network.edge_address)
+
+
+async def test_an_internal_error_names_an_incident_not_the_exception(network: Network) -> None:
+    async def explodes(*_: object) -> pb.ServerInfo:
+        raise RuntimeError("secret path /var/lib/kvcdn/keys")
+
+    network.edge.info = explodes  # type: ignore[method-assign]
+    async with CacheReader(network.edge_address) as reader:
+        with pytest.raises(KVCDNError) as caught:
+            await reader.info()
+    assert "incident" in str(caught.value) and "secret" not in str(caught.value)
+
+
+async def test_an_edge_that_misstates_the_geometry_is_refused(network: Network, sample_text: str) -> None:
+    await network.origin.publish("doc", sample_text)
+    real = network.edge.info
+
+    async def inflated() -> pb.ServerInfo:
+        info = await real()
+        info.geometry.layers *= 1000  # a client sizing buffers from this would allocate ~1000x
+        return info
+
+    network.edge.info = inflated  # type: ignore[method-assign]
+    async with KVClient([network.edge_address]) as client:
+        with pytest.raises(FingerprintMismatch, match="faulty or hostile edge"):
+            await client.fetch(network.model, document_ids(network.model.tokenizer, sample_text))
 
 
 async def test_other_model_fingerprint_is_failed_precondition(
@@ -276,3 +324,48 @@ async def test_bulk_stream_errors_reach_the_client_typed(network: Network) -> No
         await asyncio.to_thread(
             receive_into, address, network.model.fingerprint_hex, blocks, geometry, assembler, Progress(), 5.0
         )
+
+
+async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(tmp_path: Path) -> None:
+    from kvcdn.wire.bulk import BulkLimits, start_bulk_server
+    from kvcdn.wire.frames import encode_block
+    from kvcdn.wire.metrics import ServerMetrics
+
+    block = encode_block(bytes(32), 0, 1, b"payload" * 100, 256)
+
+    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+        for frame in block.frames:
+            yield frame
+
+    limits = BulkLimits(connections=16, per_peer=4, request_s=0.5, send_stall_s=1.0)
+    server = await start_bulk_server("127.0.0.1", 0, stream, ServerMetrics(), limits)
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", server.port)
+
+    try:
+        # Six peers announce a 1 MiB request and send nothing: four are held (for request_s), the
+        # fifth and sixth are closed at once.
+        slow = [await connect() for _ in range(6)]
+        for _, writer in slow:
+            writer.write(struct.pack("<I", 1 << 20))
+            await writer.drain()
+        t0 = loop.time()
+        endings = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in slow))
+        assert loop.time() - t0 < 3  # none is held past its deadline
+        refused = [e for e in endings if e == b""]
+        timed_out = [e for e in endings if e.startswith(struct.pack("<I", 0xFFFFFFFE))]
+        assert len(refused) == 2 and len(timed_out) == 4
+        assert all(b"no whole bulk request" in e for e in timed_out)
+        for _, writer in slow:
+            writer.close()
+        # A normal request afterwards is served in full.
+        reader, writer = await connect()
+        request = pb.StreamBlocksRequest(keys=[bytes(32)]).SerializeToString()
+        writer.write(struct.pack("<I", len(request)) + request)
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert data.endswith(struct.pack("<II", 0xFFFFFFFF, 0)) and b"payload" in data
+    finally:
+        await server.stop()

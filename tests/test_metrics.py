@@ -93,3 +93,26 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
         assert not stats[1].up and "127.0.0.1:1" in stats[1].error
     finally:
         await stop_network(net)
+
+
+async def test_a_half_open_scrape_is_dropped_and_scrapes_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from kvcdn.wire import metrics
+
+    monkeypatch.setattr(metrics._Handler, "timeout", 0.5)
+    server = metrics.ServerMetrics()
+    port = server.start_http("127.0.0.1", 0)
+    try:
+
+        def half_open() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /metr")  # and never the rest
+                return sock.recv(1024)
+
+        stalled = [asyncio.to_thread(half_open) for _ in range(8)]
+        scraped = await _scrape(f"http://127.0.0.1:{port}/metrics")
+        assert ("process_open_fds", ()) in scraped
+        assert await asyncio.wait_for(asyncio.gather(*stalled), 4) == [b""] * 8  # closed by the server
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import struct
@@ -31,7 +32,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import check_digest, expect_frame, frame_parts
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 
-__all__ = ["BulkServer", "FrameTarget", "Progress", "receive_into", "start_bulk_server"]
+__all__ = ["DEFAULT_LIMITS", "BulkLimits", "BulkServer", "FrameTarget", "Progress", "receive_into", "start_bulk_server"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,23 @@ _END = 0xFFFFFFFF
 _ERROR = 0xFFFFFFFE
 _MAX_REQUEST_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class BulkLimits:
+    """What one bulk server grants the peers that connect to it (an attacker among them)."""
+
+    connections: int = 1024
+    """Connections served at once; more are closed on accept."""
+    per_peer: int = 64
+    """Connections one peer address may hold at once."""
+    request_s: float = 10.0
+    """Deadline for a connection's request to arrive whole (a peer that sends a length, then nothing)."""
+    send_stall_s: float = 60.0
+    """Longest a frame may wait for a reader that does not read (it pins the block meanwhile)."""
+
+
+DEFAULT_LIMITS = BulkLimits()
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 StreamFn = Callable[[str, Sequence[bytes], int], AsyncIterator[bytes]]
@@ -67,19 +85,32 @@ class BulkServer:
 
 
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = await loop.sock_recv_into(sock, view[got:])
-        if k == 0:
+    """`n` bytes, buffered as they arrive (memory follows what the peer sent, not what it announced)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, min(n - len(buf), 1 << 16))
+        if not chunk:
             raise ConnectionError("peer closed the connection")
-        got += k
+        buf += chunk
     return bytes(buf)
 
 
+async def _read_request(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> pb.StreamBlocksRequest:
+    (n,) = _U32.unpack(await _recv_exact(loop, sock, 4))
+    if n > _MAX_REQUEST_BYTES:
+        raise InvalidArgument(f"bulk request of {n} bytes is over the {_MAX_REQUEST_BYTES}-byte limit")
+    try:
+        return pb.StreamBlocksRequest.FromString(await _recv_exact(loop, sock, n))
+    except DecodeError:
+        raise InvalidArgument("bulk request is not a StreamBlocksRequest") from None
+
+
 async def _serve(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, stream: StreamFn, metrics: ServerMetrics
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    stream: StreamFn,
+    metrics: ServerMetrics,
+    limits: BulkLimits = DEFAULT_LIMITS,
 ) -> None:
     code = grpc.StatusCode.OK
     started = time.perf_counter()
@@ -91,18 +122,19 @@ async def _serve(
     in_flight.inc()
     with sock:
         try:
-            (n,) = _U32.unpack(await _recv_exact(loop, sock, 4))
-            if n > _MAX_REQUEST_BYTES:
-                raise InvalidArgument(f"bulk request of {n} bytes is over the {_MAX_REQUEST_BYTES}-byte limit")
             try:
-                req = pb.StreamBlocksRequest.FromString(await _recv_exact(loop, sock, n))
-            except Exception:
-                raise InvalidArgument("bulk request is not a StreamBlocksRequest") from None
+                req = await asyncio.wait_for(_read_request(loop, sock), limits.request_s)
+            except TimeoutError:
+                raise DeadlineExceeded(f"no whole bulk request within {limits.request_s:g} s") from None
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)
-                await loop.sock_sendall(sock, record)
-                await loop.sock_sendall(sock, payload)
+                try:
+                    async with asyncio.timeout(limits.send_stall_s):
+                        await loop.sock_sendall(sock, record)
+                        await loop.sock_sendall(sock, payload)
+                except TimeoutError:
+                    raise ConnectionError(f"the reader took no frame for {limits.send_stall_s:g} s") from None
                 payload_served.inc(len(payload))
                 wire_served.inc(len(record) + len(payload))
             await loop.sock_sendall(sock, _PAIR.pack(_END, 0))
@@ -110,8 +142,9 @@ async def _serve(
             code = exc.code
             message = str(exc).encode()
             record = _PAIR.pack(_ERROR, 4 + len(message)) + _U32.pack(exc.code.value[0]) + message
-            with contextlib.suppress(OSError):
-                await loop.sock_sendall(sock, record)
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(limits.request_s):
+                    await loop.sock_sendall(sock, record)
         except (ConnectionError, OSError) as exc:
             code = grpc.StatusCode.CANCELLED
             log.debug("bulk connection ended: %s", exc)
@@ -124,8 +157,12 @@ async def _serve(
             metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
-async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: ServerMetrics) -> BulkServer:
-    """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection."""
+async def start_bulk_server(
+    host: str, port: int, stream: StreamFn, metrics: ServerMetrics, limits: BulkLimits = DEFAULT_LIMITS
+) -> BulkServer:
+    """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection, within
+    `limits`: connections over a cap are closed at once, and running out of file descriptors pauses
+    the accept loop instead of ending it."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -139,14 +176,33 @@ async def start_bulk_server(host: str, port: int, stream: StreamFn, metrics: Ser
     sock.setblocking(False)
     conns: set[asyncio.Task[None]] = set()
 
+    per_peer: dict[str, int] = {}
+
+    def done(peer: str, task: asyncio.Task[None]) -> None:
+        conns.discard(task)
+        per_peer[peer] -= 1
+        if not per_peer[peer]:
+            del per_peer[peer]
+
     async def accept_loop() -> None:
         while True:
-            conn, _ = await loop.sock_accept(sock)
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: wait for connections to end, go on
+                log.warning("bulk port cannot accept (%s); retrying in 0.1 s", exc.strerror or exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = str(address[0])
+            if len(conns) >= limits.connections or per_peer.get(peer, 0) >= limits.per_peer:
+                log.warning("bulk port: refusing a connection from %s (%d open)", peer, per_peer.get(peer, 0))
+                conn.close()
+                continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_serve(loop, conn, stream, metrics))
+            task = asyncio.create_task(_serve(loop, conn, stream, metrics, limits))
             conns.add(task)
-            task.add_done_callback(conns.discard)
+            per_peer[peer] = per_peer.get(peer, 0) + 1
+            task.add_done_callback(functools.partial(done, peer))
 
     return BulkServer(sock.getsockname()[1], sock, asyncio.create_task(accept_loop()), conns)
 

@@ -9,11 +9,12 @@ name; no `*_created` series. The full list is in the README's metrics table."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,9 +24,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -195,6 +197,18 @@ class DomainCollector(Collector):
         return families.values()
 
 
+class _Handler(WSGIRequestHandler):
+    timeout = 10.0
+    """Seconds a scrape may take to send its request (socketserver's per-connection timeout)."""
+
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+        pass
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
 def _family(metric: Metric) -> str:
     """The name prometheus_client takes for the family (it appends `_total` to counters itself)."""
     return metric.sample.removesuffix("_total")
@@ -248,9 +262,15 @@ class ServerMetrics:
                 self.handling_seconds.labels(*labels)
 
     def start_http(self, host: str, port: int) -> int:
-        """Serve `/metrics` on host:port (0: any free port); returns the bound port."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http[0].server_port)
+        """Serve `/metrics` on host:port (0: any free port); returns the bound port. A connection that
+        sends no whole request within `_Handler.timeout` is dropped, so half-open scrapes cannot pile
+        up threads."""
+        server_class = _Server6 if ":" in host else ThreadingWSGIServer
+        server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_Handler)
+        thread = threading.Thread(target=server.serve_forever, name="kvcdn-metrics", daemon=True)
+        thread.start()
+        self._http = (server, thread)
+        return int(server.server_port)
 
     def stop(self) -> None:
         if self._http is not None:

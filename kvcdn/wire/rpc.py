@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -71,8 +72,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     if isinstance(exc, KVCDNError):
         log.debug("%s failed: %s %s", method, exc.code.name, exc)
         await context.abort(exc.code, str(exc))
-    log.error("%s failed unexpectedly", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    incident = secrets.token_hex(4)
+    log.error("%s failed unexpectedly (incident %s)", method, incident, exc_info=exc)
+    # The details stay in the server's log: a message could disclose paths, keys or internals.
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server's log)")
 
 
 @contextlib.asynccontextmanager
@@ -169,6 +172,8 @@ def check_read_request(asked_fingerprint: str, served_fingerprint: str, keys: Se
         raise InvalidArgument("the request names no block keys")
     if len(keys) > MAX_KEYS_PER_REQUEST:
         raise LimitExceeded(f"{len(keys)} keys in one request; the limit is {MAX_KEYS_PER_REQUEST}")
+    if len(set(keys)) != len(keys):  # a chain never repeats a key; repeats would multiply the egress asked for
+        raise InvalidArgument("the request names a block key more than once")
     for i, key in enumerate(keys):
         if len(key) != KEY_BYTES:
             raise InvalidArgument(f"key {i} is {len(key)} bytes; block keys are {KEY_BYTES} raw bytes")
