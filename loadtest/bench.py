@@ -270,6 +270,9 @@ class BenchConfig:
     """Connections a run of blocks is split over (kvcdn.client.api.ClientConfig.streams_per_run)."""
     codecs: tuple[str, ...] = DEFAULT_ACCEPT
     """Encodings the client accepts, preferred first (the documents are offered in these)."""
+    signed: bool = True
+    """The origin signs, edges and the agent check every block info (the product's default); False
+    measures the same path without signatures, for the comparison."""
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
@@ -286,9 +289,14 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     texts = [text_of_length(model, sample_corpus(), n) for n in config.lengths]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
-            cluster = Cluster(store_dir=Path(store), edges=config.edges, origin_args=options.flags()).start()
+            cluster = Cluster(
+                store_dir=Path(store), edges=config.edges, origin_args=options.flags(), signed=config.signed
+            ).start()
         clients = ClientConfig(
-            tuple(cluster.edge_addresses), streams_per_run=config.streams_per_run, codecs=config.codecs
+            tuple(cluster.edge_addresses),
+            streams_per_run=config.streams_per_run,
+            codecs=config.codecs,
+            trust=(cluster.trust_file,) if cluster.trust_file is not None else (),
         )
         try:
             rows = asyncio.run(measure(model, cluster.origin_address, clients, texts, config.repeats, console))
@@ -297,7 +305,8 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
     if config.streams_per_run > 1:
         edges += f", {config.streams_per_run} streams per run"
-    title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, loopback"
+    signed = "signed blocks checked by edges and agent" if config.signed else "unsigned"
+    title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, {signed}, loopback"
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
         config.json_path.write_text(json.dumps(report, indent=2) + "\n")

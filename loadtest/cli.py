@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
         "--streams-per-run", type=int, default=1, help="connections a run of blocks is split over, all to its owner (1)"
     )
     b.add_argument(
+        "--unsigned", action="store_true", help="no publisher signatures (to measure what checking them costs)"
+    )
+    b.add_argument(
         "--codecs",
         type=parse_codecs,
         default=DEFAULT_ACCEPT,
@@ -156,6 +159,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         Path(args.json) if args.json else None,
         args.streams_per_run,
         args.codecs,
+        signed=not args.unsigned,
     )
 
 

@@ -30,6 +30,14 @@ async def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     }
 
 
+async def _types(url: str) -> dict[str, str]:
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    return {family.name: family.type for family in text_string_to_metric_families(await asyncio.to_thread(get))}
+
+
 async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: Path) -> None:
     net = await start_network(llama, tmp_path / "store", metrics=True)
     try:
@@ -72,6 +80,11 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
         assert edge[("kvcdn_streams_in_flight", (("transport", "bulk"),))] == 0
         assert edge[("process_resident_memory_bytes", ())] > 0 and edge[("process_open_fds", ())] > 0
         assert not [name for name, _ in edge if name.endswith("_created")]
+        types = await _types(net.edge_server.metrics_url)
+        assert types["grpc_server_started"] == types["grpc_server_handled"] == "counter"
+        assert types["grpc_server_handling_seconds"] == "histogram"
+        assert types["kvcdn_payload_bytes_served"] == types["kvcdn_edge_tier_hits"] == "counter"
+        assert types["kvcdn_streams_in_flight"] == types["kvcdn_edge_tier_bytes"] == "gauge"
 
         origin = await _scrape(net.origin_server.metrics_url)
         assert origin[("kvcdn_origin_blocks_computed_total", ())] == n_blocks
