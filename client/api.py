@@ -29,6 +29,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.frames import decode_frame, verify_frame
 from kvcdn.wire.stub import CacheReader
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]
 
@@ -66,6 +67,9 @@ class ClientConfig:
     codecs: tuple[str, ...] = DEFAULT_ACCEPT
     """Encodings this client accepts, preferred first (kvcdn.spec.codecs); the default, exact ones
     only: an agent never receives a lossy cache it did not ask for."""
+    tls: TLSFiles | None = None
+    """Call the edges over TLS: verify them with `tls.ca`, present `tls.cert` where they require it
+    (mTLS); None: plaintext. TLS edges offer no bulk stream: frames come over gRPC."""
     trust: tuple[Path, ...] = ()
     """Publisher public keys (PEM): every block info and manifest must carry a signature by one of
     them (kvcdn.spec.provenance), else the edge's answer is refused and the next edge asked; empty:
@@ -129,7 +133,7 @@ class KVClient:
         self.placement = Placement(resolve_edges(parse_edges(self.config.edges)), self.config.replicas)
         self.trust = TrustStore.from_files(self.config.trust) if self.config.trust else None
         self._readers = {
-            address: CacheReader(address, self.config.timeout_s, self.config.stream_timeout_s)
+            address: CacheReader(address, self.config.timeout_s, self.config.stream_timeout_s, tls=self.config.tls)
             for address in self.placement.nodes
         }
         self._info: pb.ServerInfo | None = None

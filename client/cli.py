@@ -15,6 +15,7 @@ from kvcdn.flags import add_edges_flag, add_token_flag, add_trust_flag
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 from kvcdn.wire.auth import read_token
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["register"]
 
@@ -31,12 +32,14 @@ def register(sub: Any) -> None:
         help="encodings to offer besides raw, e.g. lossless,fp8,int4 (default: the origin's --codecs)",
     )
     add_token_flag(s)
+    TLSFiles.add_flags(s)
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(run=publish)
 
     s = sub.add_parser("purge", help="remove a document at the origin and, through its feed, at every edge")
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
     add_token_flag(s)
+    TLSFiles.add_flags(s)
     s.add_argument("document", metavar="DOCUMENT[@VERSION]")
     s.set_defaults(run=purge)
 
@@ -47,6 +50,7 @@ def register(sub: Any) -> None:
         s = sub.add_parser(name, help=help_text)
         add_edges_flag(s)
         add_trust_flag(s)
+        TLSFiles.add_flags(s)
         s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
         s.add_argument(
@@ -91,7 +95,7 @@ def publish(args: argparse.Namespace) -> int:
     texts = [_read_text(f, "FILE") for f in files]  # every file readable before anything is published
 
     async def run() -> list[Any]:
-        async with CacheReader(args.origin, token=read_token(args.token_file)) as origin:
+        async with CacheReader(args.origin, token=read_token(args.token_file), tls=TLSFiles.from_args(args)) as origin:
             return [
                 await origin.publish(args.name or f.stem, text, args.codecs)
                 for f, text in zip(files, texts, strict=True)
@@ -127,7 +131,7 @@ def purge(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{args.document!r} is not DOCUMENT[@VERSION]")
 
     async def run() -> Any:
-        async with CacheReader(args.origin, token=read_token(args.token_file)) as origin:
+        async with CacheReader(args.origin, token=read_token(args.token_file), tls=TLSFiles.from_args(args)) as origin:
             return await origin.purge(document, int(version or 0))
 
     resp = asyncio.run(run())
@@ -137,7 +141,7 @@ def purge(args: argparse.Namespace) -> int:
 
 
 def fetch(args: argparse.Namespace) -> int:
-    from kvcdn.client.api import ClientConfig, KVClient
+    from kvcdn.client.api import KVClient
     from kvcdn.model.prompt import document_ids
 
     text = _read_text(args.doc, "--doc")
@@ -145,7 +149,7 @@ def fetch(args: argparse.Namespace) -> int:
     doc = document_ids(model.tokenizer, text)
 
     async def run() -> Any:
-        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs, trust=args.trust)) as client:
+        async with KVClient(_client_config(args)) as client:
             return await client.fetch(model, doc)
 
     fetched = asyncio.run(run())
@@ -174,13 +178,13 @@ def fetch(args: argparse.Namespace) -> int:
 
 def ask(args: argparse.Namespace) -> int:
     from kvcdn.client.agent import ask as ask_edges
-    from kvcdn.client.api import ClientConfig, KVClient
+    from kvcdn.client.api import KVClient
 
     text = _read_text(args.doc, "--doc")
     model = ModelOptions.from_args(args).load()
 
     async def run() -> Any:
-        async with KVClient(ClientConfig(tuple(args.edges), codecs=args.codecs, trust=args.trust)) as client:
+        async with KVClient(_client_config(args)) as client:
             return await ask_edges(client, model, text, args.question, args.max_new_tokens, args.verify, args.policy)
 
     result = asyncio.run(run())
@@ -212,3 +216,9 @@ def ask(args: argparse.Namespace) -> int:
         )
     print(line + "]", file=sys.stderr)
     return 0
+
+
+def _client_config(args: argparse.Namespace) -> Any:
+    from kvcdn.client.api import ClientConfig
+
+    return ClientConfig(tuple(args.edges), codecs=args.codecs, trust=args.trust, tls=TLSFiles.from_args(args))

@@ -10,6 +10,7 @@ from typing import Any
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.flags import add_server_flags, add_trust_flag, edge_list, parse_size
 from kvcdn.wire.auth import read_token
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["config_from", "register"]
 
@@ -30,6 +31,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
     add_trust_flag(s)
+    TLSFiles.add_flags(s)
     s.add_argument("--origin-token-file", help="this edge's token for the origin's invalidation feed (an edge token)")
     s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
     s.add_argument(
@@ -52,6 +54,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         advertise=args.advertise or "",
         peer_timeout_s=args.peer_timeout,
         trust=args.trust,
+        tls=TLSFiles.from_args(args),
         origin_token=read_token(Path(args.origin_token_file) if args.origin_token_file else None),
     )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.placement import DEFAULT_REPLICAS, parse_edges
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["EdgeConfig"]
 
@@ -46,6 +47,9 @@ class EdgeConfig:
     """Misses the admission rule remembers (a block missed before is admitted when it comes back)."""
     remembered_infos: int = 65536
     """Block infos kept from the origin's lookup answers, so a pull needs no second lookup."""
+    tls: TLSFiles | None = None
+    """TLS files: the edge serves with them and calls the origin and its peers with them (one CA per
+    deployment; with `ca`, callers must present certificates too); None: plaintext."""
     origin_token: str = ""
     """The edge's token for the origin's invalidation feed, when the origin requires one (kvcdn.wire.auth)."""
     trust: tuple[Path, ...] = ()

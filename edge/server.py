@@ -39,6 +39,7 @@ async def serve_edge(edge: Edge) -> Server:
             bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
             bulk_port=config.bulk_port,
             metrics_port=config.metrics_port,
+            tls=config.tls,
         )
     except BaseException:
         await edge.close()

@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
     k.add_argument("key")
     k.set_defaults(run=keys_show)
 
+    s = sub.add_parser("certs", help="a test CA with server and client certificates, for TLS trials")
+    s.add_argument("--out", required=True, help="folder for ca.pem, server.pem/.key, client.pem/.key")
+    s.add_argument("--hosts", default="127.0.0.1,localhost", help="names and IPs the servers are reached by")
+    s.add_argument("--days", type=int, default=30, help="validity (30)")
+    s.set_defaults(run=certs)
+
     s = sub.add_parser("provision", help="fetch and convert the embedded default model")
     s.add_argument("--models-dir", default=os.environ.get("KVCDN_MODELS_DIR"))
     s.set_defaults(run=provision)
@@ -138,4 +144,15 @@ def keys_show(args: argparse.Namespace) -> int:
     except InvalidArgument:
         key_id = Signer.from_file(path).key_id
     print(key_id)
+    return 0
+
+
+def certs(args: argparse.Namespace) -> int:
+    from kvcdn.wire.tls import make_test_ca
+
+    files = make_test_ca(Path(args.out), [h.strip() for h in args.hosts.split(",") if h.strip()], args.days)
+    for name, path in files.items():
+        print(f"{name:11} {path}")
+    print("servers: --tls-cert server.pem --tls-key server.key [--tls-ca ca.pem: require client certificates]")
+    print("callers: --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key]")
     return 0

@@ -11,6 +11,7 @@ from kvcdn.flags import add_server_flags
 from kvcdn.model.options import ModelOptions
 from kvcdn.origin.config import OriginConfig
 from kvcdn.spec.codecs import parse_codecs
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["config_from", "register"]
 
@@ -37,6 +38,7 @@ def register(sub: Any) -> None:
         "--signing-key",
         help="the publisher's Ed25519 key (PEM, `kvcdn keys generate`): sign every block info and manifest",
     )
+    TLSFiles.add_flags(s)
     ModelOptions.add_flags(s)
     s.set_defaults(run=run)
 
@@ -54,6 +56,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         codecs=args.codecs,
         signing_key=Path(args.signing_key) if args.signing_key else None,
         tokens=Path(args.tokens) if args.tokens else None,
+        tls=TLSFiles.from_args(args),
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
     )

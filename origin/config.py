@@ -10,6 +10,7 @@ from kvcdn.model.options import DEFAULT_MODEL
 from kvcdn.spec.codecs import parse_codecs
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["OriginConfig"]
 
@@ -46,6 +47,9 @@ class OriginConfig:
     tokens: Path | None = None
     """Who may Publish, Purge and Watch: lines `ROLE TOKEN` (kvcdn.wire.auth); None lets anyone who
     reaches the port."""
+    tls: TLSFiles | None = None
+    """Serve gRPC over TLS with these files (a CA among them: callers must present certificates,
+    mTLS); None: plaintext. With TLS the bulk stream is off (kvcdn.wire.tls)."""
     signing_key: Path | None = None
     """The publisher's Ed25519 key (PEM, `kvcdn keys generate`): block infos and manifests are signed
     with it (kvcdn.spec.provenance); None signs nothing."""

@@ -32,6 +32,7 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
         bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
         bulk_port=config.bulk_port,
         metrics_port=config.metrics_port,
+        tls=config.tls,
     )
     log.info("origin serving %s on %s (fingerprint %s…)", model.name, server.address, origin.fingerprint[:16])
     return origin, server

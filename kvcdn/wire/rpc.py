@@ -25,6 +25,7 @@ from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.wire.frames import payload_size
 from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -289,6 +290,7 @@ async def start_server(
     bulk_stream: StreamFn | None = None,
     bulk_port: int = 0,
     metrics_port: int = -1,
+    tls: TLSFiles | None = None,
 ) -> Server:
     """Build, bind and start a server with the KVCache service (plus Publisher on the origin),
     health checking and reflection, the bulk frame stream of `bulk_stream` on `bulk_port` and the
@@ -313,7 +315,7 @@ async def start_server(
     served = [m for m in METHODS.values() if m.service in names]
     kvcache.metrics.declare([*served, BULK_METHOD] if bulk_stream is not None else served)
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -322,7 +324,7 @@ async def start_server(
     bulk = None
     bound_metrics = 0
     try:
-        if bulk_stream is not None and bulk_port >= 0:
+        if bulk_stream is not None and bulk_port >= 0 and tls is None:  # the bulk stream is plaintext only
             bulk = await start_bulk_server(host, bulk_port, bulk_stream, kvcache.metrics)
         if metrics_port >= 0:
             try:

@@ -17,6 +17,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import bearer
 from kvcdn.wire.rpc import CHANNEL_OPTIONS, STREAM_BLOCKS
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["CacheReader"]
 
@@ -24,13 +25,24 @@ __all__ = ["CacheReader"]
 class CacheReader:
     """Calls to one server. Create and use it inside the event loop that runs it."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, stream_timeout_s: float = 300.0, token: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 30.0,
+        stream_timeout_s: float = 300.0,
+        token: str = "",
+        tls: TLSFiles | None = None,
+    ) -> None:
         self.address = address
         self._credentials = bearer(token)
         """Metadata of the calls that need credentials (Publish, Purge, Watch; kvcdn.wire.auth)."""
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+            if tls is not None
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         self._kv = pb_grpc.KVCacheStub(self._channel)
         self._publisher = pb_grpc.PublisherStub(self._channel)
         self._invalidations = pb_grpc.InvalidationsStub(self._channel)

@@ -1,0 +1,70 @@
+"""TLS and mutual TLS on the gRPC ports: an origin and an edge that require client certificates from
+a test CA (`kvcdn certs`) serve a client that presents one, bit-identically; callers without a
+certificate, with another CA or in plaintext get nothing; TLS servers offer no plaintext bulk port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcdn.client import CacheReader, ClientConfig, KVClient
+from kvcdn.edge import EdgeConfig, start_edge
+from kvcdn.errors import Unavailable
+from kvcdn.model import adapter
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.origin import OriginConfig
+from kvcdn.origin.server import start_origin
+from kvcdn.wire.tls import TLSFiles, make_test_ca
+from tests.conftest import SAMPLES
+
+TEXT = (SAMPLES / "gpl-3.0.txt").read_text()[:2000]
+
+
+async def test_mutual_tls_round_trip_and_refusals(llama: LoadedModel, tmp_path: Path) -> None:
+    files = make_test_ca(tmp_path / "pki", ["127.0.0.1"])
+    server_tls = TLSFiles(files["server"], files["server_key"], files["ca"])  # ca: callers need certificates
+    client_tls = TLSFiles(files["client"], files["client_key"], files["ca"])
+    _origin, origin_server = await start_origin(
+        OriginConfig(
+            store_dir=tmp_path / "store",
+            listen="127.0.0.1:0",
+            model=llama.name,
+            block_tokens=llama.geometry.block_tokens,
+            frame_bytes=llama.geometry.frame_bytes,
+            codecs=(),
+            tls=server_tls,
+        ),
+        llama,
+    )
+    # The edge serves with the server certificate and presents it to the origin (mTLS both ways).
+    edge, edge_server = await start_edge(EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0", tls=server_tls))
+    try:
+        assert origin_server.bulk_port == 0 and edge_server.bulk_port == 0  # the bulk stream is plaintext only
+        async with CacheReader(origin_server.address, tls=client_tls) as publisher:
+            await publisher.publish("doc", TEXT)
+        doc = document_ids(llama.tokenizer, TEXT)
+        async with KVClient(ClientConfig((edge_server.address,), tls=client_tls)) as client:
+            fetched = await client.fetch(llama, doc)
+        assert fetched.cached_tokens == len(doc)
+        for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(llama.model, doc), strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+
+        other = make_test_ca(tmp_path / "other-pki", ["127.0.0.1"])
+        refused = [
+            ClientConfig((edge_server.address,), timeout_s=3, tls=TLSFiles(ca=files["ca"])),  # no certificate
+            ClientConfig(
+                (edge_server.address,), timeout_s=3, tls=TLSFiles(other["client"], other["client_key"], other["ca"])
+            ),
+            ClientConfig((edge_server.address,), timeout_s=3),  # plaintext
+        ]
+        for config in refused:
+            async with KVClient(config) as client:
+                with pytest.raises(Unavailable):
+                    await client.fetch(llama, doc)
+    finally:
+        await edge_server.stop(0)
+        await edge.close()
+        await origin_server.stop(0)
