@@ -1,4 +1,4 @@
-"""`kvcdn loadtest bench|codecs|run|network|economics`, registered with kvcdn.cli: each builds its typed config
+"""`kvcdn loadtest bench|codecs|run|network|attacks|economics`, registered with kvcdn.cli: each builds its typed config
 from the flags, so bad flags fail before any model loads or process starts."""
 
 from __future__ import annotations
@@ -100,6 +100,13 @@ def register(sub: Any) -> None:
     n.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ModelOptions.add_flags(n)
     n.set_defaults(run=network)
+
+    a = lt.add_parser(
+        "attacks", help="each attack of the trust review, bounded, against real processes: honest fetch and edge RSS"
+    )
+    a.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ModelOptions.add_flags(a)
+    a.set_defaults(run=attacks)
 
     e = lt.add_parser(
         "economics",
@@ -288,6 +295,13 @@ def network(args: argparse.Namespace) -> int:
     config = network_config(args)
     options = ModelOptions.from_args(args)
     return run_network_bench(config, options.load(), options)
+
+
+def attacks(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.attacks import run_attacks
+
+    options = ModelOptions.from_args(args)
+    return run_attacks(options.load(), options, args.markdown)
 
 
 def economics(args: argparse.Namespace) -> int:

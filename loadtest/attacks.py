@@ -1,0 +1,188 @@
+"""`kvcdn loadtest attacks`: the attacks of the trust review, each bounded and run on loopback against a
+real origin and edge (processes), while an honest agent keeps fetching: the table prints the agent's
+fetch time and the edge's resident memory during each attack beside the quiet baseline, and what the
+attacker got. Every attack is bounded in count and time and stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvcdn.client import CacheReader, ClientConfig, KVClient
+from kvcdn.errors import KVCDNError
+from kvcdn.loadtest.bench import grid, sample_corpus, text_of_length
+from kvcdn.loadtest.network import rss_mb
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.options import ModelOptions
+from kvcdn.model.prompt import document_ids
+from kvcdn.ops.launcher import Cluster
+from kvcdn.spec.identity import block_keys
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.auth import read_token
+
+__all__ = ["AttackRow", "run_attacks"]
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    attack: str
+    fetch_ms: float
+    """The honest agent's best fetch while the attack ran."""
+    rss_mib: float
+    """The edge's resident memory at the attack's height."""
+    outcome: str
+
+
+async def _fetch_ms(client: KVClient, model: LoadedModel, ids: list[int], n: int = 3) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fetched = await client.fetch(model, ids)
+        assert fetched.cached_tokens == len(ids), "the honest fetch came back incomplete"
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _open(host: str, port: int, n: int, first: bytes) -> list[socket.socket]:
+    """Up to `n` connections that send `first` and then nothing (refused ones are skipped)."""
+    out = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection((host, port), timeout=2)
+            s.sendall(first)
+            out.append(s)
+        except OSError:
+            break
+    return out
+
+
+def _still_open(socks: list[socket.socket]) -> int:
+    """How many of `socks` the server has not closed (a closed one reads EOF or an error record)."""
+    n = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            s.recv(1 << 16)  # EOF, or an error record before the close: the server ended it
+        except BlockingIOError:
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def run_attacks(model: LoadedModel, options: ModelOptions, markdown: bool) -> int:
+    """Start an origin and an edge (signed, tokens on), run each attack, print the table."""
+    with tempfile.TemporaryDirectory(prefix="kvcdn-attacks-") as store:
+        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags(), auth=True).start()
+        try:
+            rows = asyncio.run(_attacks(model, cluster))
+        finally:
+            cluster.stop()
+    body = [[r.attack, f"{r.fetch_ms:.0f}", f"{r.rss_mib:.0f}", r.outcome] for r in rows]
+    out = grid(
+        ["attack (bounded, loopback)", "honest fetch ms", "edge RSS MiB", "outcome"],
+        body,
+        f"kvcdn attacks: {model.name}, one edge, signed blocks, tokens on",
+        markdown,
+    )
+    if isinstance(out, str):
+        print(out)
+    else:
+        from rich.console import Console
+
+        Console(width=200).print(out)
+    return 0
+
+
+async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
+    edge = cluster.edge_addresses[0]
+    host = edge.rpartition(":")[0]
+    edge_pid = cluster.process("edge0").pid
+    text = text_of_length(model, "Attack document.\n\n" + sample_corpus(), 1024)
+    ids = document_ids(model.tokenizer, text)
+    token = read_token(cluster.publisher_token_file)
+    async with CacheReader(cluster.origin_address, token=token) as publisher:
+        manifest = (await publisher.publish("attacked", text)).manifest
+    trust = (cluster.trust_file,) if cluster.trust_file is not None else ()
+    rows: list[AttackRow] = []
+    async with KVClient(ClientConfig((edge,), trust=trust)) as client, CacheReader(edge) as reader:
+        bulk_port = (await reader.info()).bulk_port
+        metrics_port = int(cluster.metrics_urls["edge0"].rsplit(":", 1)[1].split("/")[0])
+        await _fetch_ms(client, model, ids)  # warm
+        rows.append(AttackRow("none (baseline)", await _fetch_ms(client, model, ids), rss_mb(edge_pid), "-"))
+
+        async def during(name: str, attack: Callable[[], Coroutine[Any, Any, str]]) -> None:
+            task: asyncio.Task[str] = asyncio.create_task(attack())
+            await asyncio.sleep(0.3)
+            fetch_ms = await _fetch_ms(client, model, ids)
+            rss = rss_mb(edge_pid)
+            rows.append(AttackRow(name, fetch_ms, rss, await task))
+
+        async def slow_loris() -> str:
+            socks = await asyncio.to_thread(_open, host, bulk_port, 400, struct.pack("<I", 1 << 20))
+            await asyncio.sleep(11)  # the bulk port's request deadline is 10 s
+            left = await asyncio.to_thread(_still_open, socks)
+            for s in socks:
+                s.close()
+            return f"{len(socks)} of 400 accepted (64 per peer), {left} still open after 11 s"
+
+        async def non_readers() -> str:
+            request = pb.StreamBlocksRequest(
+                fingerprint=model.fingerprint_hex, keys=[b.key for b in manifest.blocks]
+            ).SerializeToString()
+            socks = await asyncio.to_thread(_open, host, bulk_port, 16, struct.pack("<I", len(request)) + request)
+            await asyncio.sleep(3)
+            for s in socks:
+                s.close()
+            return f"{len(socks)} readers that never read: bounded by socket buffers, dropped after 60 s"
+
+        async def repeated_keys() -> str:
+            key = block_keys(model.fingerprint, ids, model.geometry.block_tokens)[0]
+            t0 = time.perf_counter()
+            try:
+                async for _ in reader.stream(model.fingerprint_hex, [key] * 4096):
+                    pass
+            except KVCDNError as exc:
+                return f"{type(exc).__name__} in {(time.perf_counter() - t0) * 1e3:.0f} ms, no byte sent"
+            return "SERVED"
+
+        async def huge_publish() -> str:
+            t0 = time.perf_counter()
+            try:
+                async with CacheReader(cluster.origin_address, token=token) as p:
+                    await p.publish("huge", "word " * ((8 << 20) // 5))
+            except KVCDNError as exc:
+                return f"{type(exc).__name__} in {(time.perf_counter() - t0) * 1e3:.0f} ms, before tokenizing"
+            return "ACCEPTED"
+
+        async def anonymous_purge() -> str:
+            try:
+                async with CacheReader(cluster.origin_address) as anonymous:
+                    await anonymous.purge("attacked")
+            except KVCDNError as exc:
+                return f"{type(exc).__name__}; the document is still served"
+            return "PURGED"
+
+        async def half_open_scrapes() -> str:
+            socks = await asyncio.to_thread(_open, host, metrics_port, 100, b"GET /metr")
+            await asyncio.sleep(11)  # scrapes get 10 s to send their request
+            left = await asyncio.to_thread(_still_open, socks)
+            for s in socks:
+                s.close()
+            return f"{len(socks)} half-open scrapes, {left} still open after 11 s"
+
+        await during("slow-loris on the bulk port (400 conns, 1 MiB announced)", slow_loris)
+        await during("16 bulk readers that never read", non_readers)
+        await during("one request naming a key 4,096 times", repeated_keys)
+        await during("an 8 MiB Publish", huge_publish)
+        await during("anonymous Purge", anonymous_purge)
+        await during("100 half-open /metrics requests", half_open_scrapes)
+    return rows
