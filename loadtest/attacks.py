@@ -51,12 +51,17 @@ async def _fetch_ms(client: KVClient, model: LoadedModel, ids: list[int], n: int
     return best * 1e3
 
 
+ATTACKER = "127.0.0.2"
+"""The attacker's source address: another peer than the honest agent (Linux routes all of 127/8 to
+loopback), as it would be on a network; per-peer caps tell them apart."""
+
+
 def _open(host: str, port: int, n: int, first: bytes) -> list[socket.socket]:
-    """Up to `n` connections that send `first` and then nothing (refused ones are skipped)."""
+    """Up to `n` connections from ATTACKER that send `first` and then nothing (refused ones skipped)."""
     out = []
     for _ in range(n):
         try:
-            s = socket.create_connection((host, port), timeout=2)
+            s = socket.create_connection((host, port), timeout=2, source_address=(ATTACKER, 0))
             s.sendall(first)
             out.append(s)
         except OSError:
@@ -128,11 +133,13 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
 
         async def slow_loris() -> str:
             socks = await asyncio.to_thread(_open, host, bulk_port, 400, struct.pack("<I", 1 << 20))
-            await asyncio.sleep(11)  # the bulk port's request deadline is 10 s
+            await asyncio.sleep(0.5)
+            held = await asyncio.to_thread(_still_open, socks)
+            await asyncio.sleep(10.5)  # the bulk port's request deadline is 10 s
             left = await asyncio.to_thread(_still_open, socks)
             for s in socks:
                 s.close()
-            return f"{len(socks)} of 400 accepted (64 per peer), {left} still open after 11 s"
+            return f"the edge held {held} of {len(socks)} (64 per peer), {left} after 11 s"
 
         async def non_readers() -> str:
             request = pb.StreamBlocksRequest(
@@ -142,7 +149,7 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
             await asyncio.sleep(3)
             for s in socks:
                 s.close()
-            return f"{len(socks)} readers that never read: bounded by socket buffers, dropped after 60 s"
+            return f"{len(socks)} stalled 3 s, then closed by the attacker (the edge drops one stalled 60 s)"
 
         async def repeated_keys() -> str:
             key = block_keys(model.fingerprint, ids, model.geometry.block_tokens)[0]
@@ -173,11 +180,13 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
 
         async def half_open_scrapes() -> str:
             socks = await asyncio.to_thread(_open, host, metrics_port, 100, b"GET /metr")
-            await asyncio.sleep(11)  # scrapes get 10 s to send their request
+            await asyncio.sleep(0.5)
+            held = await asyncio.to_thread(_still_open, socks)
+            await asyncio.sleep(10.5)  # scrapes get 10 s to send their request
             left = await asyncio.to_thread(_still_open, socks)
             for s in socks:
                 s.close()
-            return f"{len(socks)} half-open scrapes, {left} still open after 11 s"
+            return f"{held} half-open scrapes held, {left} after 11 s"
 
         await during("slow-loris on the bulk port (400 conns, 1 MiB announced)", slow_loris)
         await during("16 bulk readers that never read", non_readers)
