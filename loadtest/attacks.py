@@ -139,7 +139,7 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
             left = await asyncio.to_thread(_still_open, socks)
             for s in socks:
                 s.close()
-            return f"the edge held {held} of {len(socks)} (64 per peer), {left} after 11 s"
+            return f"the edge held {held} of {len(socks)} (512 per peer), {left} after 11 s"
 
         async def non_readers() -> str:
             request = pb.StreamBlocksRequest(

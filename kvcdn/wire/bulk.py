@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import resource
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import blake3
@@ -44,14 +45,20 @@ _MAX_REQUEST_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 4096
 
 
+def _fd_budget() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, min(4096, soft * 3 // 4)) if soft > 0 else 4096
+
+
 @dataclass(frozen=True)
 class BulkLimits:
     """What one bulk server grants the peers that connect to it (an attacker among them)."""
 
-    connections: int = 1024
-    """Connections served at once; more are closed on accept."""
-    per_peer: int = 64
-    """Connections one peer address may hold at once."""
+    connections: int = field(default_factory=lambda: _fd_budget())
+    """Connections served at once; more are closed on accept (default: 3/4 of the process's file
+    descriptor limit, at most 4,096, so the accept loop is never the one to run out)."""
+    per_peer: int = 512
+    """Connections one peer address may hold at once (one agent host runs many agents: generous)."""
     request_s: float = 10.0
     """Deadline for a connection's request to arrive whole (a peer that sends a length, then nothing)."""
     send_stall_s: float = 60.0
