@@ -19,18 +19,25 @@ from kvcdn.wire.stub import CacheReader
 from tests.conftest import Network
 
 
-async def _services(address: str, version: str = "v1alpha") -> set[str]:
-    """The services a server lists through reflection `version` (v1 is v1alpha's messages under
-    another package name)."""
+async def _reflect(
+    address: str, request: reflection_pb2.ServerReflectionRequest, version: str = "v1alpha"
+) -> reflection_pb2.ServerReflectionResponse:
+    """One reflection answer through protocol `version` (v1 is v1alpha's messages under another
+    package name)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.stream_stream(
             f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
             request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
             response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
-        )(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        )(iter([request]), timeout=5)
         async for response in call:
-            return {s.name for s in response.list_services_response.service}
-    return set()
+            return response  # type: ignore[no-any-return]
+    raise AssertionError("no reflection answer")
+
+
+async def _services(address: str, version: str = "v1alpha") -> set[str]:
+    response = await _reflect(address, reflection_pb2.ServerReflectionRequest(list_services=""), version)
+    return {s.name for s in response.list_services_response.service}
 
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
@@ -39,16 +46,9 @@ async def test_reflection_answers_both_protocol_versions_and_describes_kvcdn(net
     assert {"kvcdn.v1.KVCache", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= (
         services
     )
-    async with grpc.aio.insecure_channel(network.edge_address) as channel:
-        call = channel.stream_stream(
-            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
-        )(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="kvcdn.v1.KVCache")]), timeout=5)
-        async for response in call:
-            files = response.file_descriptor_response.file_descriptor_proto
-            assert files and any(b"LookupPrefix" in f for f in files)
-            break
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="kvcdn.v1.KVCache")
+    files = (await _reflect(network.edge_address, request, version)).file_descriptor_response.file_descriptor_proto
+    assert files and any(b"LookupPrefix" in f for f in files)
 
 
 async def test_origin_and_edge_expose_health_and_reflection(network: Network) -> None:
