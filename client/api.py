@@ -402,17 +402,26 @@ class KVClient:
             try:
                 bulk = await reader.bulk_address() if self.config.bulk else None
                 if bulk is not None:
-                    await loop.run_in_executor(
-                        self._receivers,
-                        receive_into,
-                        bulk,
-                        fingerprint,
-                        blocks,
-                        geometry,
-                        assembler,
-                        progress,
-                        self.config.stream_timeout_s,
-                    )
+                    before = (progress.block, progress.frame)
+                    try:
+                        await loop.run_in_executor(
+                            self._receivers,
+                            receive_into,
+                            bulk,
+                            fingerprint,
+                            blocks,
+                            geometry,
+                            assembler,
+                            progress,
+                            self.config.stream_timeout_s,
+                        )
+                    except Unavailable as exc:
+                        if (progress.block, progress.frame) != before:
+                            raise
+                        # Refused or dropped before a frame (a connection cap, a restarted bulk
+                        # port): the edge itself may be fine, so ask it over gRPC before moving on.
+                        log.info("bulk stream from %s failed before a frame (%s); using its gRPC port", address, exc)
+                        await self._grpc_stream_into(reader, fingerprint, geometry, blocks, assembler, progress)
                 else:
                     await self._grpc_stream_into(reader, fingerprint, geometry, blocks, assembler, progress)
                 return used

@@ -243,3 +243,16 @@ async def test_with_the_origin_down_edges_serve_what_they_hold_and_misses_fail_f
                 await asyncio.wait_for(client.fetch(llama, document_ids(llama.tokenizer, missing)), 30)
     finally:
         await stop_network(net)
+
+
+async def test_a_bulk_port_that_refuses_falls_back_to_the_same_edges_grpc_port(
+    network: Network, sample_text: str
+) -> None:
+    await network.origin.publish("doc", sample_text)
+    doc = document_ids(network.model.tokenizer, sample_text)
+    async with KVClient([network.edge_address]) as client:
+        assert await client._readers[network.edge_address].bulk_address() is not None  # advertised, cached
+        assert network.edge_server.bulk is not None
+        await network.edge_server.bulk.stop()  # then refused: a connection cap, a restarted bulk port
+        fetched = await client.fetch(network.model, doc)
+    assert fetched.cached_tokens == len(doc) and fetched.edges_used == [network.edge_address]
