@@ -168,13 +168,10 @@ class Origin:
                 versions = [version]
             if not versions:
                 raise NotFound(f"document {document!r} has not been published")
-            purged = {k for v in versions for k in _stored_keys(self.manifests.get(document, v))}
-            for v in versions:
-                self.manifests.delete(document, v)
-            kept = {k for m in self.manifests.all() for k in _stored_keys(m)}
-            orphans = sorted(purged - kept)
+            # Reading every manifest and deleting files is disk work: off the event loop, which keeps
+            # serving meanwhile (every manifest change holds this lock).
+            orphans = await asyncio.get_running_loop().run_in_executor(None, self._remove, document, versions)
             for key in orphans:
-                self.blocks.delete(key)
                 self._read_cache.pop(key)
                 self._signed.pop(key)
             event = self.events.append(document, version, orphans)
@@ -182,6 +179,17 @@ class Origin:
             self._new_event.notify_all()
         log.info("purged %s %s: %d blocks, event %d", document, versions, len(orphans), event.seq)
         return versions, len(orphans), event.seq
+
+    def _remove(self, document: str, versions: Sequence[int]) -> list[bytes]:
+        """Delete `versions` of `document` and the blocks no remaining manifest uses; returns those keys."""
+        purged = {k for v in versions for k in _stored_keys(self.manifests.get(document, v))}
+        for v in versions:
+            self.manifests.delete(document, v)
+        kept = {k for m in self.manifests.all() for k in _stored_keys(m)}
+        orphans = sorted(purged - kept)
+        for key in orphans:
+            self.blocks.delete(key)
+        return orphans
 
     async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
         """Invalidation events after `after_seq`, then each new one; never ends by itself."""
