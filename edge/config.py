@@ -45,6 +45,12 @@ class EdgeConfig:
     """Blocks a stream loads ahead of the one it is sending, so loads overlap the stream."""
     remembered_misses: int = 65536
     """Misses the admission rule remembers (a block missed before is admitted when it comes back)."""
+    origin_lookups: int = 32
+    """Lookups this edge forwards to the origin at once; more wait their turn (a flood of lookups for
+    keys nobody holds reaches the origin at this concurrency, not the flood's)."""
+    miss_ttl_s: float = 1.0
+    """How long a lookup the origin answered with nothing is answered with nothing again, without
+    asking it (agents polling for a document not yet published)."""
     remembered_infos: int = 65536
     """Block infos kept from the origin's lookup answers, so a pull needs no second lookup."""
     tls: TLSFiles | None = None
@@ -67,6 +73,8 @@ class EdgeConfig:
             raise InvalidArgument("replicas must be at least 1")
         if self.peer_suspect_s < 0 or self.prefetch_blocks < 0:
             raise InvalidArgument("peer_suspect_s and prefetch_blocks must be >= 0")
+        if self.origin_lookups < 1 or self.miss_ttl_s < 0:
+            raise InvalidArgument("origin_lookups must be at least 1 and miss_ttl_s >= 0")
         if self.remembered_misses < 0 or self.remembered_infos < 0:
             raise InvalidArgument("remembered_misses and remembered_infos must be >= 0")
         if self.peers:

@@ -124,6 +124,9 @@ class Edge:
         self._infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(config.remembered_infos, lambda _: 1)
         self.trust = TrustStore.from_files(config.trust) if config.trust else None
         """Publisher keys every block info must be signed by (kvcdn.spec.provenance), or None."""
+        self._origin_lookups = asyncio.Semaphore(config.origin_lookups)
+        self._origin_misses: ByteLRU[bytes, float] = ByteLRU(config.remembered_misses, lambda _: 1)
+        """Sequences (first key and accept list) the origin held nothing of, with when it said so."""
         self._chosen: ByteLRU[bytes, str] = ByteLRU(config.remembered_infos, lambda _: 1)
         """The encoding the origin chose for a sequence (first key) and an accept list (kvcdn.spec.codecs)."""
         self._loads: SingleFlight[bytes, Pull] = SingleFlight()
@@ -299,8 +302,13 @@ class Edge:
                 found = best_prefix(keys, accepted, lambda k: self._held(k) or at_peers.get(k))
         if complete(found):
             return found
+        missed_at = self._origin_misses.get(choice)
+        if not found and missed_at is not None and time.monotonic() - missed_at < self.config.miss_ttl_s:
+            return []
         try:
-            from_origin = self._trusted(fingerprint, await self.upstream.lookup(fingerprint, keys, accepted), "")
+            async with self._origin_lookups:
+                answer = await self.upstream.lookup(fingerprint, keys, accepted)
+            from_origin = self._trusted(fingerprint, answer, "")
         except Unavailable:
             if not found:
                 raise
@@ -310,6 +318,9 @@ class Edge:
             self._infos.put(info.key, info)
         if from_origin:
             self._chosen.put(choice, from_origin[0].codec or "raw")
+            self._origin_misses.pop(choice)
+        elif not found:
+            self._origin_misses.put(choice, time.monotonic())
         return from_origin if len(from_origin) >= len(found) else found
 
     def _trusted(self, fingerprint: str, infos: list[pb.BlockInfo], source: str) -> list[pb.BlockInfo]:

@@ -369,3 +369,41 @@ async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(tmp_
         assert data.endswith(struct.pack("<II", 0xFFFFFFFF, 0)) and b"payload" in data
     finally:
         await server.stop()
+
+
+async def test_a_lookup_flood_reaches_the_origin_bounded_and_repeated_misses_not_at_all(
+    network: Network, sample_text: str
+) -> None:
+    edge = network.edge
+    real = edge.upstream.lookup
+    at_once = peak = calls = 0
+
+    async def counted(*args: object, **kwargs: object) -> list[pb.BlockInfo]:
+        nonlocal at_once, peak, calls
+        at_once, calls = at_once + 1, calls + 1
+        peak = max(peak, at_once)
+        try:
+            await asyncio.sleep(0.01)
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            at_once -= 1
+
+    edge.upstream.lookup = counted  # type: ignore[method-assign]
+    fingerprint = network.model.fingerprint_hex
+    async with CacheReader(edge_address := network.edge_address) as reader:
+        # 200 lookups of random keys nobody holds: the origin sees at most origin_lookups at once.
+        keys = [[bytes([i % 256, i // 256]) * 16] for i in range(200)]
+        answers = await asyncio.gather(*(reader.lookup(fingerprint, k) for k in keys))
+        assert all(a == [] for a in answers) and calls == 200 and peak <= edge.config.origin_lookups
+        # The same miss again within miss_ttl_s: answered by the edge alone.
+        assert await reader.lookup(fingerprint, keys[0]) == [] and calls == 200
+        # An agent polls for a document before it is published: once published, it is found as soon
+        # as the remembered miss expires (miss_ttl_s).
+        model = network.model
+        doc_keys = block_keys(model.fingerprint, document_ids(model.tokenizer, sample_text), model.geometry.block_tokens)
+        assert await reader.lookup(fingerprint, doc_keys) == []
+        await network.origin.publish("later", sample_text)
+        assert await reader.lookup(fingerprint, doc_keys) == []  # the miss, remembered
+        await asyncio.sleep(edge.config.miss_ttl_s)
+        assert len(await reader.lookup(fingerprint, doc_keys)) == len(doc_keys)
+    await _still_serving(edge_address)
