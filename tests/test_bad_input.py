@@ -400,7 +400,8 @@ async def test_a_lookup_flood_reaches_the_origin_bounded_and_repeated_misses_not
         # An agent polls for a document before it is published: once published, it is found as soon
         # as the remembered miss expires (miss_ttl_s).
         model = network.model
-        doc_keys = block_keys(model.fingerprint, document_ids(model.tokenizer, sample_text), model.geometry.block_tokens)
+        ids = document_ids(model.tokenizer, sample_text)
+        doc_keys = block_keys(model.fingerprint, ids, model.geometry.block_tokens)
         assert await reader.lookup(fingerprint, doc_keys) == []
         await network.origin.publish("later", sample_text)
         assert await reader.lookup(fingerprint, doc_keys) == []  # the miss, remembered
