@@ -50,7 +50,7 @@ class ClientConfig:
     timeout_s: float = 30.0
     """Deadline of each unary call."""
     stream_timeout_s: float = 300.0
-    """Deadline of one block stream (on the bulk path: the longest wait for data)."""
+    """Deadline of one block stream, on either transport (a sender that trickles bytes is cut off)."""
     bulk: bool = True
     """Stream frames over an edge's bulk TCP port when it offers one (else over gRPC)."""
     suspect_s: float = 10.0

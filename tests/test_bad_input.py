@@ -18,6 +18,7 @@ import torch
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.errors import (
+    DeadlineExceeded,
     DigestMismatch,
     FingerprintMismatch,
     InvalidArgument,
@@ -408,3 +409,57 @@ async def test_a_lookup_flood_reaches_the_origin_bounded_and_repeated_misses_not
         await asyncio.sleep(edge.config.miss_ttl_s)
         assert len(await reader.lookup(fingerprint, doc_keys)) == len(doc_keys)
     await _still_serving(edge_address)
+
+
+async def test_a_bulk_sender_that_trickles_is_cut_off_at_the_stream_deadline(
+    network: Network, sample_text: str
+) -> None:
+    manifest = (await network.origin.publish("trickle", sample_text)).manifest
+    info = manifest.blocks[0]
+    header = pb.FrameHeader(block_key=info.key, frame_index=0, offset=0, digest=info.frame_digests[0])
+    body = header.SerializeToString()
+    frame_len = min(network.model.geometry.frame_bytes, info.n_bytes)
+
+    stop = asyncio.Event()
+    handlers: list[asyncio.Task[None]] = []
+
+    async def trickles(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            (n,) = struct.unpack("<I", await reader.readexactly(4))
+            await reader.readexactly(n)
+            writer.write(struct.pack("<II", len(body), frame_len) + body)
+            for _ in range(frame_len):  # a byte every 50 ms: each wait is short, the whole is not
+                if stop.is_set():
+                    break
+                writer.write(b"\0")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickles, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    geometry = network.model.geometry
+    assembler = KVAssembler(geometry, info.n_tokens, torch.device("cpu"))
+    t0 = asyncio.get_running_loop().time()
+    try:
+        with pytest.raises(DeadlineExceeded, match="within 1 s"):
+            await asyncio.to_thread(
+                receive_into,
+                ("127.0.0.1", port),
+                network.model.fingerprint_hex,
+                [info],
+                geometry,
+                assembler,
+                Progress(),
+                1.0,
+            )
+        assert asyncio.get_running_loop().time() - t0 < 3
+    finally:
+        stop.set()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        server.close()
+        await server.wait_closed()

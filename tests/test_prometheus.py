@@ -42,7 +42,8 @@ async def _query(base: str, promql: str) -> float | None:
 
 
 async def _until(check: Any, timeout_s: float = 40.0) -> Any:
-    """Poll `check()` until it returns something truthy (scrapes land every second)."""
+    """Poll `check()` until it returns something truthy (scrapes land every second); `check` may
+    leave what it last saw in `check.seen` for the failure message."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
@@ -51,7 +52,7 @@ async def _until(check: Any, timeout_s: float = 40.0) -> Any:
         except OSError:
             pass  # Prometheus still starting
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"Prometheus did not get there in {timeout_s:.0f} s")
+            raise AssertionError(f"Prometheus did not get there in {timeout_s:.0f} s: {getattr(check, 'seen', '')}")
         await asyncio.sleep(0.5)
 
 
@@ -60,7 +61,12 @@ async def test_prometheus_scrapes_every_server_and_bytes_reconcile(llama: Loaded
     net = await start_network(llama, tmp_path / "store", metrics=True)
     proc = None
     try:
-        async with peered_edges(net.origin_server.address, n=2, metrics=True) as (edges, _ring, servers):
+        # A generous peer timeout: a peer given up on under load would have served bytes nobody kept.
+        async with peered_edges(net.origin_server.address, n=2, peer_timeout_s=30.0, metrics=True) as (
+            edges,
+            _ring,
+            servers,
+        ):
             origin_target = net.origin_server.metrics_url.split("/")[2]
             edge_targets = [s.metrics_url.split("/")[2] for s in servers.values()]
             config = tmp_path / "prometheus.yml"
@@ -102,6 +108,7 @@ async def test_prometheus_scrapes_every_server_and_bytes_reconcile(llama: Loaded
                     'sum(kvcdn_payload_bytes_served_total{job="edges"})'
                     ' - sum(kvcdn_edge_loaded_bytes_total{job="edges",source="peer"})',
                 )
+                edges_served.seen = f"edges served {to_agents} to agents, agents received {received}"  # type: ignore[attr-defined]
                 return to_agents == received
 
             await _until(edges_served)

@@ -250,18 +250,22 @@ class Progress:
         return True
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view`; with a `deadline` (time.monotonic), every wait is cut to what is left of it, so a
+    sender that trickles bytes cannot stretch the stream past it."""
     got = 0
     while got < len(view):
+        if deadline is not None:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ConnectionError("the server closed the connection mid-stream")
         got += n
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
+def _recv(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    _recv_into(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
@@ -274,7 +278,8 @@ def receive_into(
     progress: Progress,
     timeout_s: float,
 ) -> None:
-    """Stream `blocks` from `progress` on, writing each payload in place and verifying it.
+    """Stream `blocks` from `progress` on, writing each payload in place and verifying it, within
+    `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks).
 
     Blocking: run it in a worker thread. `progress` advances frame by frame, so after a retryable
     failure another server can resume exactly where this one stopped.
@@ -283,18 +288,19 @@ def receive_into(
         fingerprint=fingerprint, keys=[b.key for b in blocks[progress.block :]], start_frame=progress.frame
     ).SerializeToString()
     peer = f"{address[0]}:{address[1]} (bulk)"
+    deadline = time.monotonic() + timeout_s
     try:
         with socket.create_connection(address, timeout=timeout_s) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(_U32.pack(len(request)) + request)
             while progress.block < len(blocks):
-                _receive_frame(sock, peer, blocks, geometry, assembler, progress)
+                _receive_frame(sock, peer, blocks, geometry, assembler, progress, deadline)
             first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
             _raise_if_error(sock, peer, first, second)
             if first != _END:
                 raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
     except TimeoutError:
-        raise DeadlineExceeded(f"{peer}: no data for {timeout_s:.0f} s") from None
+        raise DeadlineExceeded(f"{peer}: the stream did not complete within {timeout_s:g} s") from None
     except (ConnectionError, OSError) as exc:
         raise Unavailable(f"{peer}: {exc}") from None
 
@@ -318,8 +324,9 @@ def _receive_frame(
     geometry: Geometry,
     assembler: FrameTarget,
     progress: Progress,
+    deadline: float,
 ) -> None:
-    header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size))
+    header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size, deadline))
     _raise_if_error(sock, peer, header_len, payload_len)
     info = blocks[progress.block]
     if header_len == _END:
@@ -327,7 +334,7 @@ def _receive_frame(
     if header_len > _MAX_HEADER_BYTES:
         raise DigestMismatch(f"{peer} announced a frame header of {header_len} bytes (at most {_MAX_HEADER_BYTES})")
     try:
-        header = pb.FrameHeader.FromString(_recv(sock, header_len))
+        header = pb.FrameHeader.FromString(_recv(sock, header_len, deadline))
     except DecodeError:
         raise DigestMismatch(f"{peer} sent a frame header that is not a FrameHeader") from None
     index = progress.frame
@@ -336,7 +343,7 @@ def _receive_frame(
     start = info.index * geometry.block_tokens
     for region in assembler.regions(start, info.n_tokens, header.offset, payload_len):
         view = memoryview(region.data)
-        _recv_into(sock, view)
+        _recv_into(sock, view, deadline)
         hasher.update(view)
     check_digest(info, index, hasher.digest(), peer)
     if progress.advance(len(info.frame_digests)):
