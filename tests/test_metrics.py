@@ -14,20 +14,8 @@ from kvcdn.errors import NotFound
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.stats import edge_stats
+from kvcdn.ops.stats import scrape as _scrape
 from tests.conftest import SAMPLES, start_network, stop_network
-
-
-async def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    def get() -> str:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return str(resp.read().decode())
-
-    text = await asyncio.to_thread(get)
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def _types(url: str) -> dict[str, str]:
