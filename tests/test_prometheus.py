@@ -112,9 +112,14 @@ async def test_prometheus_scrapes_every_server_and_bytes_reconcile(llama: Loaded
                 return to_agents == received
 
             await _until(edges_served)
-            from_origin = await _query(base, 'sum(kvcdn_edge_loaded_bytes_total{job="edges",source="origin"})')
-            origin_served = await _query(base, 'sum(kvcdn_payload_bytes_served_total{job="origin"})')
-            assert from_origin == origin_served and from_origin is not None and from_origin > 0
+
+            async def origin_reconciles() -> bool:  # the origin is scraped at its own moments: wait for it too
+                from_origin = await _query(base, 'sum(kvcdn_edge_loaded_bytes_total{job="edges",source="origin"})')
+                origin_served = await _query(base, 'sum(kvcdn_payload_bytes_served_total{job="origin"})')
+                origin_reconciles.seen = f"edges loaded {from_origin} from the origin, it served {origin_served}"  # type: ignore[attr-defined]
+                return from_origin == origin_served and from_origin is not None and from_origin > 0
+
+            await _until(origin_reconciles)
             assert await _query(base, 'count(grpc_server_handled_total{job="edges",grpc_code="OK"})')
             assert await _query(base, 'sum(process_resident_memory_bytes{job="edges"})')
             targets = await _get(f"{base}/api/v1/targets")
