@@ -68,8 +68,10 @@ class ClientConfig:
     """Encodings this client accepts, preferred first (kvcdn.spec.codecs); the default, exact ones
     only: an agent never receives a lossy cache it did not ask for."""
     tls: TLSFiles | None = None
-    """Call the edges over TLS: verify them with `tls.ca`, present `tls.cert` where they require it
-    (mTLS); None: plaintext. TLS edges offer no bulk stream: frames come over gRPC."""
+    """Call the edges over TLS (gRPC and bulk stream): verify them with `tls.ca`, present `tls.cert`
+    where they require it (mTLS); None: plaintext."""
+    token: str = ""
+    """This agent's token (role `reader`) for edges that close reads (kvcdn.wire.auth); "": none."""
     trust: tuple[Path, ...] = ()
     """Publisher public keys (PEM): every block info and manifest must carry a signature by one of
     them (kvcdn.spec.provenance), else the edge's answer is refused and the next edge asked; empty:
@@ -133,9 +135,12 @@ class KVClient:
         self.placement = Placement(resolve_edges(parse_edges(self.config.edges)), self.config.replicas)
         self.trust = TrustStore.from_files(self.config.trust) if self.config.trust else None
         self._readers = {
-            address: CacheReader(address, self.config.timeout_s, self.config.stream_timeout_s, tls=self.config.tls)
+            address: CacheReader(
+                address, self.config.timeout_s, self.config.stream_timeout_s, self.config.token, self.config.tls
+            )
             for address in self.placement.nodes
         }
+        self._bulk_tls = self.config.tls.client_context() if self.config.tls is not None else None
         self._info: pb.ServerInfo | None = None
         self._suspect_until: dict[str, float] = {}
         self.staging = StagingPool() if torch.cuda.is_available() else None
@@ -414,6 +419,8 @@ class KVClient:
                             assembler,
                             progress,
                             self.config.stream_timeout_s,
+                            self._bulk_tls,
+                            self.config.token,
                         )
                     except Unavailable as exc:
                         if (progress.block, progress.frame) != before:

@@ -50,6 +50,7 @@ def register(sub: Any) -> None:
         s = sub.add_parser(name, help=help_text)
         add_edges_flag(s)
         add_trust_flag(s)
+        add_token_flag(s)
         TLSFiles.add_flags(s)
         s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -221,4 +222,10 @@ def ask(args: argparse.Namespace) -> int:
 def _client_config(args: argparse.Namespace) -> Any:
     from kvcdn.client.api import ClientConfig
 
-    return ClientConfig(tuple(args.edges), codecs=args.codecs, trust=args.trust, tls=TLSFiles.from_args(args))
+    return ClientConfig(
+        tuple(args.edges),
+        codecs=args.codecs,
+        trust=args.trust,
+        tls=TLSFiles.from_args(args),
+        token=read_token(args.token_file),
+    )

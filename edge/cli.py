@@ -32,7 +32,18 @@ def register(sub: Any) -> None:
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
     add_trust_flag(s)
     TLSFiles.add_flags(s)
-    s.add_argument("--origin-token-file", help="this edge's token for the origin's invalidation feed (an edge token)")
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        help="this edge's own token (role edge): for the origin's invalidation feed and, where reads are "
+        "closed, for reads from the origin and the peers",
+    )
+    s.add_argument(
+        "--tokens",
+        type=Path,
+        help="file of `ROLE TOKEN` lines: close reads here, to callers with one of these tokens "
+        "(agents: reader; peers: edge); default: reads are open",
+    )
     s.add_argument("--advertise", help="this edge's HOST:PORT in --peers (default: the address it is bound to)")
     s.add_argument(
         "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
@@ -55,7 +66,8 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         peer_timeout_s=args.peer_timeout,
         trust=args.trust,
         tls=TLSFiles.from_args(args),
-        origin_token=read_token(Path(args.origin_token_file) if args.origin_token_file else None),
+        token=read_token(args.token_file),
+        tokens=args.tokens,
     )
 
 

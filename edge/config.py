@@ -56,8 +56,12 @@ class EdgeConfig:
     tls: TLSFiles | None = None
     """TLS files: the edge serves with them and calls the origin and its peers with them (one CA per
     deployment; with `ca`, callers must present certificates too); None: plaintext."""
-    origin_token: str = ""
-    """The edge's token for the origin's invalidation feed, when the origin requires one (kvcdn.wire.auth)."""
+    token: str = ""
+    """The edge's own token (role `edge`, kvcdn.wire.auth): for the origin's invalidation feed, and for
+    reads from the origin and from peers where the deployment closes them."""
+    tokens: Path | None = None
+    """Tokens file (`ROLE TOKEN` lines) of the callers this edge serves; with it reads are closed:
+    they need a token of any role in it (agents `reader`, peers `edge`). None: reads are open."""
     trust: tuple[Path, ...] = ()
     """Publisher public keys (PEM) whose signature every block info must carry, from the origin and
     from peers alike (kvcdn.spec.provenance); empty: no signature checks."""

@@ -51,9 +51,8 @@ _ORIGIN_INFO_FILE = "origin-info.pb"
 
 def reader_for(config: EdgeConfig, address: str) -> CacheReader:
     """The stub an edge loads blocks with from `address` (its origin or a peer), with the config's
-    deadlines: `origin_timeout_s` a call, ten times that a stream, and its token for the origin."""
-    token = config.origin_token if address == config.origin else ""
-    return CacheReader(address, config.origin_timeout_s, 10 * config.origin_timeout_s, token, config.tls)
+    deadlines (`origin_timeout_s` a call, ten times that a stream), its token and its TLS files."""
+    return CacheReader(address, config.origin_timeout_s, 10 * config.origin_timeout_s, config.token, config.tls)
 
 
 class Pull:

@@ -9,6 +9,7 @@ from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.edge import Edge, reader_for
 from kvcdn.edge.service import EdgeService
 from kvcdn.edge.tiers import MemoryTier, Tier
+from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
@@ -31,11 +32,12 @@ async def serve_edge(edge: Edge) -> Server:
     `await edge.close()` (closed here if it cannot start)."""
     config = edge.config
     try:
+        auth = Authorizer.from_file(config.tokens, closed_reads=True) if config.tokens is not None else None
         if config.disk_dir is not None:
             await edge.catch_up(config.origin_timeout_s)
         server = await start_server(
             config.listen,
-            EdgeService(edge, ServerMetrics(edge.stats)),
+            EdgeService(edge, ServerMetrics(edge.stats), auth),
             bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
             bulk_port=config.bulk_port,
             metrics_port=config.metrics_port,

@@ -8,6 +8,7 @@ import grpc
 
 from kvcdn.edge.edge import Edge
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.rpc import rpc_errors, stream_errors
 
@@ -17,9 +18,11 @@ __all__ = ["EdgeService"]
 class EdgeService:
     """KVCache, registered by kvcdn.wire.rpc with pass-through frames."""
 
-    def __init__(self, edge: Edge, metrics: ServerMetrics) -> None:
+    def __init__(self, edge: Edge, metrics: ServerMetrics, auth: Authorizer | None = None) -> None:
         self.edge = edge
         self.metrics = metrics
+        self.auth = auth
+        """Checks the callers' tokens where reads are closed (kvcdn.wire.rpc calls it); None: open."""
 
     @rpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:

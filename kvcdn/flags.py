@@ -82,14 +82,15 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_token_flag(p: argparse.ArgumentParser) -> None:
-    """`--token-file`, defaulting to $KVCDN_TOKEN_FILE (which `kvcdn up` prints): the publisher token
-    an origin started with `--tokens` requires."""
+    """`--token-file`, defaulting to $KVCDN_TOKEN_FILE (which `kvcdn up` prints): the token a server
+    started with `--tokens` requires (publisher: Publish, Purge; reader: reads where they are closed)."""
     default = os.environ.get("KVCDN_TOKEN_FILE")
     p.add_argument(
         "--token-file",
         type=Path,
         default=Path(default) if default else None,
-        help="file holding this publisher's token (env KVCDN_TOKEN_FILE; needed when the origin has --tokens)",
+        help="file holding this caller's token (env KVCDN_TOKEN_FILE): a publisher token to publish and purge "
+        "where the origin has --tokens, any token to read where reads are closed",
     )
 
 

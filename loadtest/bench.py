@@ -125,7 +125,7 @@ async def measure(
     measure each (see the module docstring)."""
     question = question_ids(model.tokenizer, "What is this text about?")
     offered = [c for c in client_config.codecs if c != "raw"]
-    async with CacheReader(origin) as publisher:
+    async with CacheReader(origin, tls=client_config.tls) as publisher:
         for text in texts:
             with console.status(f"origin: publishing {len(document_ids(model.tokenizer, text))} tokens ..."):
                 await publisher.publish(f"bench-{len(text)}", text, offered)
@@ -274,6 +274,9 @@ class BenchConfig:
     """The origin signs, edges and the agent check every block info (the product's default); False
     measures the same path without signatures, for the comparison."""
 
+    tls: bool = False
+    """Every port in mutual TLS (gRPC and the bulk stream), to measure what encryption costs."""
+
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
             raise InvalidArgument("--lengths takes positive token counts, e.g. 256,1024,3774")
@@ -290,13 +293,18 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
             cluster = Cluster(
-                store_dir=Path(store), edges=config.edges, origin_args=options.flags(), signed=config.signed
+                store_dir=Path(store),
+                edges=config.edges,
+                origin_args=options.flags(),
+                signed=config.signed,
+                tls=config.tls,
             ).start()
         clients = ClientConfig(
             tuple(cluster.edge_addresses),
             streams_per_run=config.streams_per_run,
             codecs=config.codecs,
             trust=(cluster.trust_file,) if cluster.trust_file is not None else (),
+            tls=cluster.client_tls,
         )
         try:
             rows = asyncio.run(measure(model, cluster.origin_address, clients, texts, config.repeats, console))
@@ -306,6 +314,8 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     if config.streams_per_run > 1:
         edges += f", {config.streams_per_run} streams per run"
     signed = "signed blocks checked by edges and agent" if config.signed else "unsigned"
+    if config.tls:
+        signed += ", mutual TLS on every port"
     title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, {signed}, loopback"
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}

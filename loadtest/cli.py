@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
         "--unsigned", action="store_true", help="no publisher signatures (to measure what checking them costs)"
     )
     b.add_argument(
+        "--tls", action="store_true", help="mutual TLS on every port, test CA (to measure what encryption costs)"
+    )
+    b.add_argument(
         "--codecs",
         type=parse_codecs,
         default=DEFAULT_ACCEPT,
@@ -167,6 +170,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         args.streams_per_run,
         args.codecs,
         signed=not args.unsigned,
+        tls=args.tls,
     )
 
 

@@ -30,6 +30,11 @@ def register(sub: Any) -> None:
         type=parse_size,
         help="give each edge a disk tier of this size, under STORE/edge-disk (default: none)",
     )
+    s.add_argument(
+        "--closed-reads",
+        action="store_true",
+        help="reads need a token too (the printed KVCDN_TOKEN_FILE reads and publishes; agents get reader.token)",
+    )
     ModelOptions.add_flags(s)
     s.set_defaults(run=up)
 
@@ -79,6 +84,7 @@ def up(args: argparse.Namespace) -> int:
             edge_args=edge_args,
             edge_disk_root=store / "edge-disk" if args.disk_bytes else None,
             auth=True,
+            closed_reads=args.closed_reads,
         )
         print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
         with cluster:
@@ -90,6 +96,8 @@ def up(args: argparse.Namespace) -> int:
             print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}")
             print(f"export KVCDN_TRUST={cluster.trust_file}  # the publisher key clients require")
             print(f"export KVCDN_TOKEN_FILE={cluster.publisher_token_file}  # for publish and purge", flush=True)
+            if args.closed_reads:
+                print(f"# reads are closed: agents use --token-file {cluster.reader_token_file}", flush=True)
             print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
             stop = threading.Event()
             # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.

@@ -17,7 +17,8 @@ from types import TracebackType
 
 from kvcdn.errors import Unavailable
 from kvcdn.spec.provenance import generate_key
-from kvcdn.wire.auth import write_tokens
+from kvcdn.wire.auth import ROLES, write_tokens
+from kvcdn.wire.tls import TLSFiles, make_test_ca
 
 __all__ = ["Cluster", "free_ports"]
 
@@ -58,9 +59,21 @@ class Cluster:
     auth: bool = False
     """Require tokens for Publish, Purge and Watch (`kvcdn origin --tokens`), made in STORE/keys on
     first start; the edges get theirs, publishers use `publisher_token_file`."""
+    tls: bool = False
+    """Serve every port in mutual TLS with a test CA made in STORE/keys/pki (`kvcdn certs`); clients
+    use `client_tls`."""
+    client_tls: TLSFiles | None = None
+    """A client certificate and the CA (set by `start` when `tls`), for ClientConfig.tls / `--tls-*`."""
+    closed_reads: bool = False
+    """With `auth`: reads need a token too (`--closed-reads` on the origin, `--tokens` on the edges);
+    agents use `reader_token_file`."""
     publisher_token_file: Path | None = None
     """The publisher's token (set by `start` when `auth`), for `--token-file`."""
+    reader_token_file: Path | None = None
+    """An agent's token (set by `start` when `auth`), for `--token-file` where reads are closed."""
     _edge_token_file: Path | None = None
+    _tokens_file: Path | None = None
+    _tls_args: list[str] = field(default_factory=list)
     start_timeout_s: float = 600.0
     origin_address: str = ""
     edge_addresses: list[str] = field(default_factory=list)
@@ -114,11 +127,20 @@ class Cluster:
                 signing = ["--signing-key", str(key)]
             if self.auth:
                 keys = self.store_dir / "keys"
-                table = keys / "tokens"
-                if not table.exists():
-                    write_tokens(keys)
-                self.publisher_token_file, self._edge_token_file = keys / "publisher.token", keys / "edge.token"
-                signing += ["--tokens", str(table)]
+                table, tokens = keys / "tokens", {role: keys / f"{role}.token" for role in ROLES}
+                if not all(f.exists() for f in (table, *tokens.values())):  # first start (or a role added since)
+                    table, tokens = write_tokens(keys)
+                self.publisher_token_file, self._edge_token_file = tokens["publisher"], tokens["edge"]
+                self.reader_token_file, self._tokens_file = tokens["reader"], table
+                signing += ["--tokens", str(table), *(["--closed-reads"] if self.closed_reads else [])]
+            if self.tls:
+                pki = make_test_ca(self.store_dir / "keys" / "pki", [self.host])
+                self._tls_args = [
+                    *("--tls-cert", str(pki["server"]), "--tls-key", str(pki["server_key"])),
+                    *("--tls-ca", str(pki["ca"])),
+                ]
+                self.client_tls = TLSFiles(pki["client"], pki["client_key"], pki["ca"])
+                signing += self._tls_args
             origin_args = ["origin", "--store", str(self.store_dir), *signing, *self.origin_args]
             origin_file = self._spawn("origin", origin_args)
             self.origin_address = self._wait("origin", origin_file)
@@ -136,8 +158,10 @@ class Cluster:
         disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []
         trust = ["--trust", str(self.trust_file)] if self.trust_file is not None else []
         if self._edge_token_file is not None:
-            trust += ["--origin-token-file", str(self._edge_token_file)]
-        return ["edge", "--origin", self.origin_address, *disk, *trust, *self.edge_args]
+            trust += ["--token-file", str(self._edge_token_file)]
+        if self.closed_reads and self._tokens_file is not None:
+            trust += ["--tokens", str(self._tokens_file)]
+        return ["edge", "--origin", self.origin_address, *disk, *trust, *self._tls_args, *self.edge_args]
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         """The process of `name` (origin, edge0, edge1, ...), e.g. to signal it in a fault test."""

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from kvcdn.flags import add_server_flags
+from kvcdn.flags import add_server_flags, parse_size
 from kvcdn.model.options import ModelOptions
 from kvcdn.origin.config import OriginConfig
 from kvcdn.spec.codecs import parse_codecs
@@ -35,6 +35,17 @@ def register(sub: Any) -> None:
         "(default: anyone who reaches the port may)",
     )
     s.add_argument(
+        "--closed-reads",
+        action="store_true",
+        help="reads need a token of --tokens too (agents: reader; edges: edge); default: reads are open",
+    )
+    s.add_argument(
+        "--store-bytes",
+        type=parse_size,
+        default=0,
+        help="byte budget of the block store: a publish that could exceed it is refused (default: none)",
+    )
+    s.add_argument(
         "--signing-key",
         help="the publisher's Ed25519 key (PEM, `kvcdn keys generate`): sign every block info and manifest",
     )
@@ -56,6 +67,8 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         codecs=args.codecs,
         signing_key=Path(args.signing_key) if args.signing_key else None,
         tokens=Path(args.tokens) if args.tokens else None,
+        closed_reads=args.closed_reads,
+        store_bytes=args.store_bytes,
         tls=TLSFiles.from_args(args),
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,

@@ -47,9 +47,14 @@ class OriginConfig:
     tokens: Path | None = None
     """Who may Publish, Purge and Watch: lines `ROLE TOKEN` (kvcdn.wire.auth); None lets anyone who
     reaches the port."""
+    closed_reads: bool = False
+    """Reads (manifests, lookups, streams, the bulk port) need a token of `tokens` too."""
     tls: TLSFiles | None = None
-    """Serve gRPC over TLS with these files (a CA among them: callers must present certificates,
-    mTLS); None: plaintext. With TLS the bulk stream is off (kvcdn.wire.tls)."""
+    """Serve gRPC and the bulk stream over TLS with these files (a CA among them: callers must
+    present certificates, mTLS); None: plaintext (kvcdn.wire.tls)."""
+    store_bytes: int = 0
+    """Byte budget of the block store: a publish that could take it over is refused
+    (RESOURCE_EXHAUSTED) before it computes anything; 0: no budget."""
     signing_key: Path | None = None
     """The publisher's Ed25519 key (PEM, `kvcdn keys generate`): block infos and manifests are signed
     with it (kvcdn.spec.provenance); None signs nothing."""
@@ -60,3 +65,7 @@ class OriginConfig:
         if self.read_cache_bytes < 0:
             raise InvalidArgument("read_cache_bytes must be >= 0")
         parse_codecs(self.codecs, "codecs", allow_empty=True)
+        if self.closed_reads and self.tokens is None:
+            raise InvalidArgument("closed reads need a tokens file (--tokens) naming who may read")
+        if self.store_bytes < 0:
+            raise InvalidArgument("store_bytes must be >= 0 (0: no budget)")

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from kvcdn.errors import InvalidArgument, LimitExceeded, NotFound
+from kvcdn.errors import DigestMismatch, InvalidArgument, LimitExceeded, NotFound
 from kvcdn.model import adapter
 from kvcdn.model.codecs import encode
 from kvcdn.model.loading import LoadedModel
@@ -18,7 +18,7 @@ from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import KVAssembler, LayerKV, block_payload
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
-from kvcdn.spec.codecs import best_prefix, parse_codecs
+from kvcdn.spec.codecs import best_prefix, max_encoded_bytes, parse_codecs
 from kvcdn.spec.identity import block_keys, block_spans, content_digest, encoded_key
 from kvcdn.spec.provenance import Signer
 from kvcdn.store.blockstore import BlockStore
@@ -38,11 +38,6 @@ _MAX_BYTES_PER_TOKEN = 16
 """Text bytes per token a publish may bring before it is refused untokenized."""
 
 
-def _stored_keys(manifest: pb.Manifest) -> list[bytes]:
-    """Every block key a manifest's document is stored under: raw and each offered encoding."""
-    return [encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", *manifest.codecs)]
-
-
 @dataclass(frozen=True)
 class PublishResult:
     manifest: pb.Manifest
@@ -58,12 +53,17 @@ class Origin:
         self.config = config
         self.model = model
         self.geometry = model.geometry
-        self.blocks = BlockStore(config.store_dir / "blocks")
+        self.blocks = BlockStore(config.store_dir / "blocks", quarantine=config.store_dir / "quarantine")
+        if config.store_bytes:
+            self.blocks.size()  # counted once now (a scan of the store), then kept up to date
         self.manifests = ManifestStore(config.store_dir)
         self.events = EventLog(config.store_dir)
         self._new_event = asyncio.Condition()
         self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
         self._publishing: SingleFlight[str, asyncio.Future[tuple[int, float]]] = SingleFlight()
+        self._reserved = 0
+        """Bytes publishes under way may still add to the store (counted against its budget)."""
+        self._repairing: SingleFlight[bytes, asyncio.Future[None]] = SingleFlight()
         self._model_lock = asyncio.Lock()
         self._manifest_lock = asyncio.Lock()
         self.signer = Signer.from_file(config.signing_key) if config.signing_key is not None else None
@@ -72,6 +72,7 @@ class Origin:
         self.prefill_runs = 0
         self.prefill_s_total = 0.0
         self.blocks_computed = 0
+        self.blocks_repaired = 0
         self.publishes = 0
 
     def stats(self) -> list[Stat]:
@@ -82,6 +83,8 @@ class Origin:
             (OriginMetrics.PREFILL_SECONDS, self.prefill_s_total),
             (OriginMetrics.BLOCKS_COMPUTED, self.blocks_computed),
             (OriginMetrics.READ_CACHE_BYTES, self._read_cache.bytes),
+            (OriginMetrics.BLOCKS_QUARANTINED, self.blocks.quarantined),
+            (OriginMetrics.BLOCKS_REPAIRED, self.blocks_repaired),
         ]
 
     @property
@@ -124,9 +127,14 @@ class Origin:
         keys = block_keys(self.model.fingerprint, ids, self.geometry.block_tokens)
         digest = content_digest(ids)
         self.publishes += 1
-        computed, prefill_s = await self._publishing.do(digest, lambda: self._compute(ids, keys))
-        if offered:
-            await asyncio.get_running_loop().run_in_executor(None, self._store_encodings, keys, offered)
+        need = self._room_for(document, len(ids), keys, offered)
+        self._reserved += need
+        try:
+            computed, prefill_s = await self._publishing.do(digest, lambda: self._compute(ids, keys))
+            if offered:
+                await self._encode(ids, keys, offered)
+        finally:
+            self._reserved -= need
         async with self._manifest_lock:
             versions = self.manifests.versions(document)
             if versions:
@@ -181,12 +189,9 @@ class Origin:
         return versions, len(orphans), event.seq
 
     def _remove(self, document: str, versions: Sequence[int]) -> list[bytes]:
-        """Delete `versions` of `document` and the blocks no remaining manifest uses; returns those keys."""
-        purged = {k for v in versions for k in _stored_keys(self.manifests.get(document, v))}
-        for v in versions:
-            self.manifests.delete(document, v)
-        kept = {k for m in self.manifests.all() for k in _stored_keys(m)}
-        orphans = sorted(purged - kept)
+        """Delete `versions` of `document` and the blocks no remaining manifest uses (the store's
+        index says which); returns those keys."""
+        orphans = sorted({k for v in versions for k in self.manifests.delete(document, v)})
         for key in orphans:
             self.blocks.delete(key)
         return orphans
@@ -204,33 +209,99 @@ class Origin:
     def _has_events_after(self, seq: int) -> bool:
         return self.events.last_seq > seq
 
+    def _room_for(self, document: str, n_tokens: int, keys: Sequence[bytes], codecs: Sequence[str]) -> int:
+        """The most bytes publishing `keys` (raw and in `codecs`) can add to the store; LimitExceeded
+        if that could take it over its budget (with what publishes under way may still add)."""
+        budget = self.config.store_bytes
+        if not budget:
+            return 0
+        spans = block_spans(n_tokens, self.geometry.block_tokens)
+        need = sum(
+            max_encoded_bytes(codec, self.geometry, e - s)
+            for key, (s, e) in zip(keys, spans, strict=True)
+            for codec in ("raw", *codecs)
+            if encoded_key(key, codec) not in self.blocks
+        )
+        used = self.blocks.size() + self._reserved
+        if need and used + need > budget:
+            raise LimitExceeded(
+                f"publishing {document!r} may take {need / 1e6:.1f} MB and the store holds {used / 1e6:.1f} MB "
+                f"of its {budget / 1e6:.1f} MB budget (--store-bytes): purge documents or raise the budget"
+            )
+        return need
+
     def _stored_info(self, key: bytes) -> pb.BlockInfo:
         info = self.blocks.info(key)
         assert info is not None, "publish stores every block before its manifest"
         return info
 
-    async def _compute(self, ids: list[int], keys: list[bytes]) -> tuple[int, float]:
-        """Prefill what is not stored yet, reusing the longest stored prefix; store the new blocks."""
+    async def _compute(self, ids: list[int], keys: list[bytes], reuse: bool = True) -> tuple[int, float]:
+        """Prefill what is not stored yet and store the new blocks, reusing the longest stored prefix
+        (not with `reuse` False: a repair recomputes from the first token, as a first publish does)."""
         spans = block_spans(len(ids), self.geometry.block_tokens)
-        have = 0
-        while have < len(keys) and keys[have] in self.blocks:
-            have += 1
-        if have == len(keys):
+        missing = [i for i, key in enumerate(keys) if key not in self.blocks]
+        if not missing:
             return 0, 0.0
+        have = missing[0] if reuse else 0
         loop = asyncio.get_running_loop()
         async with self._model_lock:
-            past = await loop.run_in_executor(None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0)
+            try:
+                past = await loop.run_in_executor(
+                    None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0
+                )
+            except DigestMismatch:  # a stored prefix block was corrupt (quarantined now): compute it too
+                have, past = 0, None
             start = spans[have][0]
             layers, prefill_s = await loop.run_in_executor(
                 None, adapter.timed_prefill, self.model.model, ids[start:], past
             )
             self.prefill_runs += 1
             self.prefill_s_total += prefill_s
+        stored = 0
         for i in range(have, len(keys)):
             s, e = spans[i]
-            await loop.run_in_executor(None, self._store_block, keys[i], i, layers, s, e)
-            self.blocks_computed += 1
-        return len(keys) - have, prefill_s
+            stored += await loop.run_in_executor(None, self._store_block, keys[i], i, layers, s, e)
+        self.blocks_computed += stored
+        return stored, prefill_s
+
+    async def _encode(self, ids: list[int], keys: list[bytes], codecs: Sequence[str]) -> None:
+        """Store `keys`' blocks in `codecs` where missing; a raw block found corrupt on the way
+        (quarantined) is recomputed first."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._store_encodings, keys, codecs)
+        except DigestMismatch:
+            await self._compute(ids, keys, reuse=False)
+            await loop.run_in_executor(None, self._store_encodings, keys, codecs)
+
+    async def _repair(self, key: bytes) -> None:
+        """Recompute the block `key`, whose stored file failed its digests (moved to quarantine), from
+        the token ids of a manifest that uses it; manifests that describe it are updated if the new
+        bytes differ (a block first computed after a stored prefix is recomputed from token 0)."""
+        async with self._manifest_lock:
+            users = self.manifests.users(key)
+            manifest = self.manifests.get(*users[0]) if users else None
+        if manifest is None or not manifest.token_ids:
+            raise DigestMismatch(
+                f"stored block {key.hex()[:16]}… was corrupt (quarantined) and no manifest with token ids uses "
+                "it: publish its document again"
+            )
+        ids = list(manifest.token_ids)
+        keys = block_keys(self.model.fingerprint, ids, self.geometry.block_tokens)
+        await self._compute(ids, keys, reuse=False)
+        if manifest.codecs:
+            await self._encode(ids, keys, tuple(manifest.codecs))
+        self._read_cache.pop(key)
+        self.blocks_repaired += 1
+        log.warning("recomputed corrupt block %s… from %s v%d", key.hex()[:16], manifest.document, manifest.version)
+        async with self._manifest_lock:
+            for document, version in self.manifests.users(key):
+                stored = self.manifests.get(document, version)
+                fresh = [self.blocks.info(b.key) or b for b in stored.blocks]
+                if any(f.frame_digests != b.frame_digests for f, b in zip(fresh, stored.blocks, strict=True)):
+                    del stored.blocks[:]
+                    stored.blocks.extend(fresh)
+                    self.manifests.put(stored)
 
     def _load_prefix(self, keys: Sequence[bytes], n_tokens: int) -> list[LayerKV] | None:
         if not keys:
@@ -256,13 +327,15 @@ class Origin:
                 )
                 self.blocks.put(block.info, data, frame_bytes)
 
-    def _store_block(self, key: bytes, index: int, layers: list[LayerKV], start: int, end: int) -> None:
+    def _store_block(self, key: bytes, index: int, layers: list[LayerKV], start: int, end: int) -> bool:
+        """Store the block of tokens [start, end) unless it is stored; True if it was not."""
         if key in self.blocks:
-            return
+            return False
         payload = block_payload(self.geometry, layers, start, end)
         block = encode_block(key, index, end - start, payload, self.geometry.frame_bytes)
         self.blocks.put(block.info, payload, self.geometry.frame_bytes)
         self._read_cache.put(key, block)
+        return True
 
     # --- read side --------------------------------------------------------------------------------
 
@@ -299,7 +372,12 @@ class Origin:
         cached = self._read_cache.get(key)
         if cached is not None:
             return cached
-        info, payload, frame_bytes = await asyncio.get_running_loop().run_in_executor(None, self.blocks.get, key)
+        loop = asyncio.get_running_loop()
+        try:
+            info, payload, frame_bytes = await loop.run_in_executor(None, self.blocks.get, key)
+        except DigestMismatch:  # the file is quarantined now: recompute the block (once, whoever asks)
+            await self._repairing.do(key, functools.partial(self._repair, key))
+            info, payload, frame_bytes = await loop.run_in_executor(None, self.blocks.get, key)
         block = encode_stored(info, payload, frame_bytes)
         self._read_cache.put(key, block)
         return block

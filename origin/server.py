@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin, Server]:
     """Start an origin for an already loaded model; the caller stops the returned server."""
     origin = Origin(config, model)
-    auth = Authorizer.from_file(config.tokens) if config.tokens is not None else None
+    auth = Authorizer.from_file(config.tokens, config.closed_reads) if config.tokens is not None else None
     service = OriginService(origin, ServerMetrics(origin.stats), auth)
     server = await start_server(
         config.listen,

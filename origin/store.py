@@ -1,6 +1,9 @@
 """The origin's versioned manifest store on local disk (blocks live in a kvcdn.store.blockstore.BlockStore).
 
 Every manifest is written atomically (kvcdn.store.files); leftover temporary files are removed on open.
+An index kept in memory (built from the manifests on open) says which manifests use each stored block
+key, so a purge finds the blocks it orphans without reading every manifest, and a corrupt block finds
+a document to recompute it from.
 """
 
 from __future__ import annotations
@@ -11,10 +14,20 @@ import re
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument, NotFound
+from kvcdn.spec.identity import encoded_key
 from kvcdn.store.files import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["EventLog", "ManifestStore", "check_document_name"]
+__all__ = ["EventLog", "ManifestStore", "check_document_name", "stored_keys"]
+
+Version = tuple[str, int]
+"""(document, version)."""
+
+
+def stored_keys(manifest: pb.Manifest) -> list[bytes]:
+    """Every block key a manifest's document is stored under: raw and each offered encoding."""
+    return [encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", *manifest.codecs)]
+
 
 _NAME = re.compile(r"[A-Za-z0-9._/-]{1,200}")
 
@@ -33,6 +46,17 @@ class ManifestStore:
         self.root = root / "manifests"
         self.root.mkdir(parents=True, exist_ok=True)
         remove_temporaries(self.root)
+        self._users: dict[bytes, set[Version]] = {}
+        for path in self.root.glob("*/*.manifest"):
+            self._index(pb.Manifest.FromString(path.read_bytes()))
+
+    def _index(self, manifest: pb.Manifest) -> None:
+        for key in stored_keys(manifest):
+            self._users.setdefault(key, set()).add((manifest.document, manifest.version))
+
+    def users(self, key: bytes) -> list[Version]:
+        """The (document, version) pairs whose manifests use the stored block `key`, oldest first."""
+        return sorted(self._users.get(key, ()))
 
     def _dir(self, document: str) -> Path:
         return self.root / hashlib.sha256(document.encode()).hexdigest()
@@ -44,7 +68,9 @@ class ManifestStore:
         return sorted(int(p.stem) for p in d.glob("*.manifest"))
 
     def put(self, manifest: pb.Manifest) -> None:
+        """Store `manifest` (a new version, or a version's blocks re-described after a repair)."""
         atomic_write(self._dir(manifest.document) / f"{manifest.version}.manifest", manifest.SerializeToString())
+        self._index(manifest)
 
     def get(self, document: str, version: int = 0) -> pb.Manifest:
         """The manifest of `document` at `version` (0: the latest)."""
@@ -58,12 +84,18 @@ class ManifestStore:
             raise NotFound(f"document {document!r} has no version {version} (latest is {versions[-1]})")
         return pb.Manifest.FromString((self._dir(document) / f"{version}.manifest").read_bytes())
 
-    def delete(self, document: str, version: int) -> None:
+    def delete(self, document: str, version: int) -> list[bytes]:
+        """Remove a version's manifest; returns the stored block keys no manifest uses any more."""
+        manifest = self.get(document, version)
         (self._dir(document) / f"{version}.manifest").unlink(missing_ok=True)
-
-    def all(self) -> list[pb.Manifest]:
-        """Every stored manifest (for purges, which must keep blocks other documents use)."""
-        return [pb.Manifest.FromString(p.read_bytes()) for p in self.root.glob("*/*.manifest")]
+        orphans = []
+        for key in dict.fromkeys(stored_keys(manifest)):
+            users = self._users.get(key, set())
+            users.discard((document, version))
+            if not users:
+                self._users.pop(key, None)
+                orphans.append(key)
+        return orphans
 
 
 class EventLog:

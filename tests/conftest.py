@@ -82,7 +82,7 @@ async def start_network(
     signing_key: Path | None = None,
     trust: tuple[Path, ...] = (),
     tokens: Path | None = None,
-    origin_token: str = "",
+    edge_token: str = "",
     **origin_kwargs: int,
 ) -> Network:
     """An origin and one edge on loopback. Documents are offered raw only unless `codecs` names
@@ -109,7 +109,7 @@ async def start_network(
             listen="127.0.0.1:0",
             metrics_port=0 if metrics else -1,
             trust=trust,
-            origin_token=origin_token,
+            token=edge_token,
         )
     )
     return Network(model, origin, origin_server, edge, edge_server)

@@ -22,7 +22,7 @@ TEXT = (SAMPLES / "mpl-2.0.txt").read_text()[:1500]
 async def test_publish_purge_and_watch_need_the_right_token(llama: LoadedModel, tmp_path: Path) -> None:
     table, files = write_tokens(tmp_path / "keys")
     publisher, edge_token = read_token(files["publisher"]), read_token(files["edge"])
-    net = await start_network(llama, tmp_path / "store", tokens=table, origin_token=edge_token)
+    net = await start_network(llama, tmp_path / "store", tokens=table, edge_token=edge_token)
     origin = net.origin_server.address
     try:
         async with CacheReader(origin) as anonymous, CacheReader(origin, token=edge_token) as as_edge:

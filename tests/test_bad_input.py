@@ -219,27 +219,6 @@ async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(
             await client.fetch(model, doc)
 
 
-async def test_corrupt_origin_block_is_data_loss_and_dropped(
-    llama: LoadedModel, tmp_path: Path, sample_text: str
-) -> None:
-    network = await start_network(llama, tmp_path / "store", read_cache_bytes=0)  # every read from disk
-    try:
-        manifest = (await network.origin.publish("doc", sample_text)).manifest
-        key = manifest.blocks[0].key
-        path = network.origin.blocks.path(key)
-        data = bytearray(path.read_bytes())
-        data[-5] ^= 0xFF
-        path.write_bytes(bytes(data))
-        async with CacheReader(network.origin_server.address) as origin:
-            with pytest.raises(DigestMismatch, match="corrupt"):
-                async for _ in origin.stream(network.model.fingerprint_hex, [key]):
-                    pass
-        assert not path.exists()
-        await _still_serving(network.origin_server.address)
-    finally:
-        await stop_network(network)
-
-
 async def test_start_frame_past_the_block_is_invalid_argument(network: Network, sample_text: str) -> None:
     manifest = (await network.origin.publish("doc", sample_text)).manifest
     async with CacheReader(network.edge_address) as reader:

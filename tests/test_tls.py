@@ -1,9 +1,11 @@
-"""TLS and mutual TLS on the gRPC ports: an origin and an edge that require client certificates from
-a test CA (`kvcdn certs`) serve a client that presents one, bit-identically; callers without a
-certificate, with another CA or in plaintext get nothing; TLS servers offer no plaintext bulk port."""
+"""TLS and mutual TLS on the gRPC ports and the bulk stream: an origin and an edge that require client
+certificates from a test CA (`kvcdn certs`) serve a client that presents one, bit-identically, over
+either transport; callers without a certificate, with another CA or in plaintext get nothing."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,20 @@ from kvcdn.errors import Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
+from kvcdn.model.tensors import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.origin.server import start_origin
+from kvcdn.wire.bulk import Progress, receive_into
+from kvcdn.wire.rpc import Server
 from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES
 
 TEXT = (SAMPLES / "gpl-3.0.txt").read_text()[:2000]
+
+
+def _bulk_bytes(server: Server) -> float:
+    value = server.metrics.registry.get_sample_value("kvcdn_payload_bytes_served_total", {"transport": "bulk"})
+    return value or 0.0
 
 
 async def test_mutual_tls_round_trip_and_refusals(llama: LoadedModel, tmp_path: Path) -> None:
@@ -42,15 +52,19 @@ async def test_mutual_tls_round_trip_and_refusals(llama: LoadedModel, tmp_path: 
     # The edge serves with the server certificate and presents it to the origin (mTLS both ways).
     edge, edge_server = await start_edge(EdgeConfig(origin=origin_server.address, listen="127.0.0.1:0", tls=server_tls))
     try:
-        assert origin_server.bulk_port == 0 and edge_server.bulk_port == 0  # the bulk stream is plaintext only
+        assert origin_server.bulk_port and edge_server.bulk_port
         async with CacheReader(origin_server.address, tls=client_tls) as publisher:
-            await publisher.publish("doc", TEXT)
+            manifest = (await publisher.publish("doc", TEXT)).manifest
         doc = document_ids(llama.tokenizer, TEXT)
-        async with KVClient(ClientConfig((edge_server.address,), tls=client_tls)) as client:
-            fetched = await client.fetch(llama, doc)
-        assert fetched.cached_tokens == len(doc)
-        for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(llama.model, doc), strict=True):
-            assert torch.equal(k, rk) and torch.equal(v, rv)
+        expected = adapter.prefill(llama.model, doc)
+        for bulk in (True, False):  # the bulk stream in TLS, then gRPC's
+            before = _bulk_bytes(edge_server)
+            async with KVClient(ClientConfig((edge_server.address,), tls=client_tls, bulk=bulk)) as client:
+                fetched = await client.fetch(llama, doc)
+            assert fetched.cached_tokens == len(doc)
+            assert (_bulk_bytes(edge_server) - before == fetched.n_bytes) == bulk
+            for (k, v), (rk, rv) in zip(fetched.layers, expected, strict=True):
+                assert torch.equal(k, rk) and torch.equal(v, rv)
 
         other = make_test_ca(tmp_path / "other-pki", ["127.0.0.1"])
         refused = [
@@ -61,9 +75,22 @@ async def test_mutual_tls_round_trip_and_refusals(llama: LoadedModel, tmp_path: 
             ClientConfig((edge_server.address,), timeout_s=3),  # plaintext
         ]
         for config in refused:
-            async with KVClient(config) as client:
-                with pytest.raises(Unavailable):
-                    await client.fetch(llama, doc)
+            for bulk in (True, False):
+                async with KVClient(replace(config, bulk=bulk)) as client:
+                    with pytest.raises(Unavailable):
+                        await client.fetch(llama, doc)
+        # The bulk port itself, asked directly: a plaintext request or a TLS one without a certificate
+        # gets no frame (the fetches above fail at gRPC's GetInfo/lookup before reaching it).
+        client_tls_context = client_tls.client_context()
+        for tls in (None, TLSFiles(ca=files["ca"]).client_context(), client_tls_context):
+            assembler = KVAssembler(llama.geometry, len(doc), torch.device("cpu"))
+            args = (llama.fingerprint_hex, manifest.blocks, llama.geometry, assembler, Progress(), 3.0, tls)
+            address = ("127.0.0.1", edge_server.bulk_port)
+            if tls is client_tls_context:
+                await asyncio.to_thread(receive_into, address, *args)  # the control: this one is served
+                continue
+            with pytest.raises(Unavailable):
+                await asyncio.to_thread(receive_into, address, *args)
     finally:
         await edge_server.stop(0)
         await edge.close()

@@ -3,12 +3,15 @@
 A file is `KVB2 | u32 info length | u32 frame bytes | BlockInfo | payload`, written atomically
 (kvcdn.store.files), so a crash never leaves a partial block under a valid name; leftover temporary files
 are removed on open. Reads check the payload against every frame digest in the BlockInfo and drop a
-file that fails (DATA_LOSS), so a corrupt block is never served.
+file that fails (DATA_LOSS), so a corrupt block is never served; a store with a quarantine folder (the
+origin's) moves the file there instead, for an operator to look at, and its owner recomputes the block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +38,16 @@ class BlockFile:
 class BlockStore:
     """Blocks by key in a folder tree (`root/ab/abcd….blk`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, quarantine: Path | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.removed_temporaries = remove_temporaries(self.root)
         self._infos: dict[bytes, pb.BlockInfo] = {}
+        self.quarantine = quarantine
+        """Where corrupt files are moved (None: they are deleted)."""
+        self.quarantined = 0
+        self._bytes: int | None = None
+        """Bytes of every block file, once `size()` has counted them (then kept up to date)."""
 
     def path(self, key: bytes) -> Path:
         h = key.hex()
@@ -54,13 +62,45 @@ class BlockStore:
         parts = payload if isinstance(payload, list) else [payload]
         body = info.SerializeToString()
         head = _HEAD.pack(_MAGIC, len(body), frame_bytes)
+        replaced = self._file_bytes(info.key) if self._bytes is not None else 0
         atomic_write(self.path(info.key), head, body, *parts)
         self._infos[info.key] = info
-        return len(head) + len(body) + sum(len(p) for p in parts)
+        size = len(head) + len(body) + sum(len(p) for p in parts)
+        if self._bytes is not None:
+            self._bytes += size - replaced
+        return size
+
+    def _file_bytes(self, key: bytes) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def delete(self, key: bytes) -> None:
+        if self._bytes is not None:
+            self._bytes -= self._file_bytes(key)
         self.path(key).unlink(missing_ok=True)
         self._infos.pop(key, None)
+
+    def size(self) -> int:
+        """Bytes of every block file (counted on the first call, then kept as blocks come and go)."""
+        if self._bytes is None:
+            self._bytes = sum(f.size for f in self.files())
+        return self._bytes
+
+    def _drop_corrupt(self, key: bytes) -> str:
+        """Delete, or quarantine, the file of `key`; says which happened."""
+        if self.quarantine is None:
+            self.delete(key)
+            return "dropped"
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        if self._bytes is not None:
+            self._bytes -= self._file_bytes(key)
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).rename(self.quarantine / f"{key.hex()}.{time.time_ns()}.blk")
+        self._infos.pop(key, None)
+        self.quarantined += 1
+        return f"moved to {self.quarantine}"
 
     def info(self, key: bytes) -> pb.BlockInfo | None:
         """The stored block's info (from its header only), or None when absent."""
@@ -96,14 +136,16 @@ class BlockStore:
             digest(payload[i * frame_bytes : (i + 1) * frame_bytes]) == d for i, d in enumerate(info.frame_digests)
         )
         if not ok:
-            self.delete(key)
-            raise DigestMismatch(f"stored block {key.hex()[:16]}… was corrupt and has been dropped")
+            where = self._drop_corrupt(key)
+            raise DigestMismatch(f"stored block {key.hex()[:16]}… was corrupt and has been {where}")
         return info, payload, frame_bytes
 
     def files(self) -> list[BlockFile]:
-        """Every block file below the root whose size matches its header (others are deleted)."""
+        """Every block file below the root whose size matches its header (others are deleted, or
+        quarantined)."""
         found: list[BlockFile] = []
         for path in self.root.glob("*/*.blk"):
+            key = b""
             try:
                 key = bytes.fromhex(path.stem)
                 stat = path.stat()
@@ -114,7 +156,10 @@ class BlockStore:
             except Exception:
                 complete = False
             if not complete:
-                path.unlink(missing_ok=True)
+                if len(key) == 32 and path == self.path(key):
+                    self._drop_corrupt(key)
+                else:
+                    path.unlink(missing_ok=True)
                 continue
             self._infos[key] = info
             found.append(BlockFile(key, stat.st_size, stat.st_mtime))

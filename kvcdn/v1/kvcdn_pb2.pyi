@@ -403,6 +403,7 @@ class StreamBlocksRequest(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     START_FRAME_FIELD_NUMBER: _builtins.int
     FROM_PEER_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Hex fingerprint of the caller's model; a different one fails with FAILED_PRECONDITION."""
     start_frame: _builtins.int
@@ -411,6 +412,10 @@ class StreamBlocksRequest(_message.Message):
     """Set by an edge that fetches a block it does not own from one of the block's owners: the receiver
     loads what it misses from its own tiers or the origin, never from another edge, so that edges
     whose views of the ring disagree cannot send a request around in a loop.
+    """
+    token: _builtins.str
+    """Bulk port only: the caller's bearer token where the deployment closes reads (gRPC calls carry it
+    as `authorization: Bearer TOKEN` metadata instead). Empty: none.
     """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
@@ -423,10 +428,11 @@ class StreamBlocksRequest(_message.Message):
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
         start_frame: _builtins.int = ...,
         from_peer: _builtins.bool = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "from_peer", b"from_peer", "keys", b"keys", "start_frame", b"start_frame"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "from_peer", b"from_peer", "keys", b"keys", "start_frame", b"start_frame", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,11 +1,15 @@
-"""Credentials of the control plane: bearer tokens with roles, checked where a call meets gRPC.
+"""Credentials: bearer tokens with roles, checked where a call meets gRPC (and on the bulk port).
 
 The origin's write side and its invalidation feed are not for everyone who can reach it: with a
 tokens file (`kvcdn origin --tokens FILE`, lines `ROLE TOKEN`), Publish and Purge need a `publisher`
 token and Watch an `edge` (or `publisher`) token, sent as gRPC metadata `authorization: Bearer TOKEN`.
 No token, or an unknown one, is UNAUTHENTICATED; a token whose role may not call the method is
-PERMISSION_DENIED. Reads (GetInfo, GetManifest, LookupPrefix, StreamBlocks, the bulk port) stay open:
-what they return is public, and signed (kvcdn.spec.provenance). Tokens are compared in constant time.
+PERMISSION_DENIED. Reads (GetManifest, LookupPrefix, StreamBlocks, the bulk port) are open by
+default: what they return is signed (kvcdn.spec.provenance). A deployment whose documents are not
+for everyone closes them (`--closed-reads`, on the origin and on every edge): then reads need a token
+of any role (`reader` for agents; edges read from the origin and each other with their `edge` token),
+and the bulk port takes it in its request. GetInfo and health stay open. Tokens are compared in
+constant time.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from kvcdn.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = ["ROLES", "Authorizer", "bearer", "read_token", "write_tokens"]
 
+READS = frozenset({"GetManifest", "LookupPrefix", "StreamBlocks"})
+"""Methods that need a token only where reads are closed."""
 ROLES: dict[str, frozenset[str]] = {
-    "publisher": frozenset({"Publish", "Purge", "Watch"}),
-    "edge": frozenset({"Watch"}),
+    "publisher": frozenset({"Publish", "Purge", "Watch"}) | READS,
+    "edge": frozenset({"Watch"}) | READS,
+    "reader": READS,
 }
-"""What each role may call besides the open reads."""
-GUARDED = frozenset(m for methods in ROLES.values() for m in methods)
-"""Methods that need credentials when the server has a tokens file."""
+"""What each role may call."""
+WRITES = frozenset(m for methods in ROLES.values() for m in methods) - READS
+"""Methods that need credentials whenever a server has a tokens file."""
 _MIN_TOKEN = 16
 
 
@@ -38,16 +45,18 @@ def _digest(token: str) -> bytes:
 class Authorizer:
     """The tokens a server accepts and the role each grants."""
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
+    def __init__(self, tokens: Mapping[str, str], closed_reads: bool = False) -> None:
         for token, role in tokens.items():
             if role not in ROLES:
                 raise InvalidArgument(f"role {role!r} is not one of {', '.join(ROLES)}")
             if len(token) < _MIN_TOKEN:
                 raise InvalidArgument(f"a {role} token is shorter than {_MIN_TOKEN} characters: use a random one")
         self._roles = [(_digest(t), r) for t, r in tokens.items()]
+        self.guarded = WRITES | READS if closed_reads else WRITES
+        """The methods a call needs a token for."""
 
     @classmethod
-    def from_file(cls, path: Path) -> Authorizer:
+    def from_file(cls, path: Path, closed_reads: bool = False) -> Authorizer:
         """Lines `ROLE TOKEN`; blank lines and `#` comments ignored."""
         try:
             lines = path.read_text().splitlines()
@@ -64,17 +73,21 @@ class Authorizer:
             tokens[parts[1]] = parts[0]
         if not tokens:
             raise InvalidArgument(f"--tokens {path} holds no token")
-        return cls(tokens)
+        return cls(tokens, closed_reads)
 
     def require(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str) -> None:
-        """Nothing for open methods; else Unauthenticated / PermissionDenied unless the call carries a
-        token whose role may call `method`."""
-        if method not in GUARDED:
-            return
+        """`check` the token a gRPC call carries as `authorization: Bearer TOKEN` metadata."""
         token = ""
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 token = value.removeprefix("Bearer ").strip()
+        self.check(token, method)
+
+    def check(self, token: str, method: str) -> None:
+        """Nothing for open methods; else Unauthenticated / PermissionDenied unless `token`'s role
+        may call `method`."""
+        if method not in self.guarded:
+            return
         if not token:
             raise Unauthenticated(f"{method} needs credentials: send `authorization: Bearer TOKEN` (--token-file)")
         digest = _digest(token)

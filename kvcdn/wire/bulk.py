@@ -1,11 +1,14 @@
-"""The bulk frame stream: StreamBlocks' frames over a plain TCP connection (format in the .proto).
+"""The bulk frame stream: StreamBlocks' frames over a TCP connection (format in the .proto), in TLS
+when the server has certificates (kvcdn.wire.tls).
 
 gRPC stays the API for everything, and StreamBlocks over gRPC stays available; this path exists
 because gRPC's per-message work caps a 1 MiB-frame stream at about half of what the loopback socket
 carries on this machine (~2 vs ~4 GB/s). Here the server sends its cached encoded frames with no copy
 (`sock_sendall` on slices), and the receiver reads each payload straight into the tensors it belongs
 to (`recv_into` on the KVAssembler's regions) and checks the frame's BLAKE3 digest in place. A frame
-that fails its digest aborts the fetch; the half-written tensors are never handed out.
+that fails its digest aborts the fetch; the half-written tensors are never handed out. Under TLS the
+same records travel encrypted (asyncio's SSL transport on the server, an `ssl` socket's `recv_into` on
+the receiver); a deployment that closes reads sends its token in the request (`token`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import functools
 import logging
 import resource
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,9 +31,17 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, Unavailable, error_for
+from kvcdn.errors import (
+    DeadlineExceeded,
+    DigestMismatch,
+    InvalidArgument,
+    KVCDNError,
+    Unavailable,
+    error_for,
+)
 from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.frames import check_digest, expect_frame, frame_parts
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 
@@ -66,6 +78,15 @@ class BulkLimits:
 
 
 DEFAULT_LIMITS = BulkLimits()
+
+
+@dataclass(frozen=True)
+class _Options:
+    limits: BulkLimits
+    tls: ssl.SSLContext | None
+    auth: Authorizer | None
+
+
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 StreamFn = Callable[[str, Sequence[bytes], int], AsyncIterator[bytes]]
@@ -91,67 +112,121 @@ class BulkServer:
         self._sock.close()
 
 
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+class _Plain:
+    """A plaintext connection: the encoded frames go out with no copy (`sock_sendall` on slices)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self._loop, self._sock = loop, sock
+
+    async def recv(self, n: int) -> bytes:
+        return await self._loop.sock_recv(self._sock, n)
+
+    async def send(self, data: bytes | memoryview) -> None:
+        await self._loop.sock_sendall(self._sock, data)
+
+
+class _Secure:
+    """A TLS connection (asyncio's SSL transport over the accepted socket)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    @classmethod
+    async def accept(cls, sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> _Secure:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_MAX_HEADER_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=context, ssl_handshake_timeout=timeout_s
+        )
+        return cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
+    async def recv(self, n: int) -> bytes:
+        return await self._reader.read(n)
+
+    async def send(self, data: bytes | memoryview) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close(self, timeout_s: float) -> None:
+        """Flush what is buffered, say close_notify, close (within `timeout_s`)."""
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), timeout_s)
+
+
+async def _connect(sock: socket.socket, tls: ssl.SSLContext | None, timeout_s: float) -> _Plain | _Secure:
+    """The accepted connection, after its TLS handshake when the server has a context."""
+    if tls is None:
+        return _Plain(asyncio.get_running_loop(), sock)
+    try:
+        return await _Secure.accept(sock, tls, timeout_s)
+    except ssl.SSLError as exc:
+        raise ConnectionError(f"TLS handshake failed: {exc.reason}") from None
+
+
+async def _recv_exact(conn: _Plain | _Secure, n: int) -> bytes:
     """`n` bytes, buffered as they arrive (memory follows what the peer sent, not what it announced)."""
     buf = bytearray()
     while len(buf) < n:
-        chunk = await loop.sock_recv(sock, min(n - len(buf), 1 << 16))
+        chunk = await conn.recv(min(n - len(buf), 1 << 16))
         if not chunk:
             raise ConnectionError("peer closed the connection")
         buf += chunk
     return bytes(buf)
 
 
-async def _read_request(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> pb.StreamBlocksRequest:
-    (n,) = _U32.unpack(await _recv_exact(loop, sock, 4))
+async def _read_request(conn: _Plain | _Secure) -> pb.StreamBlocksRequest:
+    (n,) = _U32.unpack(await _recv_exact(conn, 4))
     if n > _MAX_REQUEST_BYTES:
         raise InvalidArgument(f"bulk request of {n} bytes is over the {_MAX_REQUEST_BYTES}-byte limit")
     try:
-        return pb.StreamBlocksRequest.FromString(await _recv_exact(loop, sock, n))
+        return pb.StreamBlocksRequest.FromString(await _recv_exact(conn, n))
     except DecodeError:
         raise InvalidArgument("bulk request is not a StreamBlocksRequest") from None
 
 
-async def _serve(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    stream: StreamFn,
-    metrics: ServerMetrics,
-    limits: BulkLimits = DEFAULT_LIMITS,
-) -> None:
+async def _serve(sock: socket.socket, stream: StreamFn, metrics: ServerMetrics, options: _Options) -> None:
     code = grpc.StatusCode.OK
     started = time.perf_counter()
+    limits = options.limits
     labels = (BULK_METHOD.type, BULK_METHOD.service, BULK_METHOD.name)
     metrics.started.labels(*labels).inc()
     payload_served = metrics.payload_bytes.labels("bulk")
     wire_served = metrics.wire_bytes.labels("bulk")
     in_flight = metrics.streams_in_flight.labels("bulk")
     in_flight.inc()
+    conn: _Plain | _Secure | None = None
     with sock:
         try:
             try:
-                req = await asyncio.wait_for(_read_request(loop, sock), limits.request_s)
+                async with asyncio.timeout(limits.request_s):
+                    conn = await _connect(sock, options.tls, limits.request_s)
+                    req = await _read_request(conn)
             except TimeoutError:
                 raise DeadlineExceeded(f"no whole bulk request within {limits.request_s:g} s") from None
+            if options.auth is not None:  # as StreamBlocks' metadata is checked over gRPC
+                options.auth.check(req.token, "StreamBlocks")
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)
                 try:
                     async with asyncio.timeout(limits.send_stall_s):
-                        await loop.sock_sendall(sock, record)
-                        await loop.sock_sendall(sock, payload)
+                        await conn.send(record)
+                        await conn.send(payload)
                 except TimeoutError:
                     raise ConnectionError(f"the reader took no frame for {limits.send_stall_s:g} s") from None
                 payload_served.inc(len(payload))
                 wire_served.inc(len(record) + len(payload))
-            await loop.sock_sendall(sock, _PAIR.pack(_END, 0))
+            await conn.send(_PAIR.pack(_END, 0))
         except KVCDNError as exc:
             code = exc.code
             message = str(exc).encode()
             record = _PAIR.pack(_ERROR, 4 + len(message)) + _U32.pack(exc.code.value[0]) + message
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(limits.request_s):
-                    await loop.sock_sendall(sock, record)
+                    if conn is not None:  # None: the TLS handshake failed, there is no channel to answer on
+                        await conn.send(record)
         except (ConnectionError, OSError) as exc:
             code = grpc.StatusCode.CANCELLED
             log.debug("bulk connection ended: %s", exc)
@@ -159,17 +234,26 @@ async def _serve(
             code = grpc.StatusCode.INTERNAL
             log.exception("bulk stream failed unexpectedly")
         finally:
+            if isinstance(conn, _Secure):
+                await conn.close(limits.request_s)
             in_flight.dec()
             metrics.handled.labels(*labels, code.name).inc()
             metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
 async def start_bulk_server(
-    host: str, port: int, stream: StreamFn, metrics: ServerMetrics, limits: BulkLimits = DEFAULT_LIMITS
+    host: str,
+    port: int,
+    stream: StreamFn,
+    metrics: ServerMetrics,
+    limits: BulkLimits = DEFAULT_LIMITS,
+    tls: ssl.SSLContext | None = None,
+    auth: Authorizer | None = None,
 ) -> BulkServer:
     """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection, within
     `limits`: connections over a cap are closed at once, and running out of file descriptors pauses
-    the accept loop instead of ending it."""
+    the accept loop instead of ending it. With `tls` every connection is TLS (its handshake counts
+    against the request deadline); with `auth` a request's token is checked as StreamBlocks' is."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -182,7 +266,7 @@ async def start_bulk_server(
     sock.listen(128)
     sock.setblocking(False)
     conns: set[asyncio.Task[None]] = set()
-
+    options = _Options(limits, tls, auth)
     per_peer: dict[str, int] = {}
 
     def done(peer: str, task: asyncio.Task[None]) -> None:
@@ -206,7 +290,7 @@ async def start_bulk_server(
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_serve(loop, conn, stream, metrics, limits))
+            task = asyncio.create_task(_serve(conn, stream, metrics, options))
             conns.add(task)
             per_peer[peer] = per_peer.get(peer, 0) + 1
             task.add_done_callback(functools.partial(done, peer))
@@ -277,30 +361,39 @@ def receive_into(
     assembler: FrameTarget,
     progress: Progress,
     timeout_s: float,
+    tls: ssl.SSLContext | None = None,
+    token: str = "",
 ) -> None:
     """Stream `blocks` from `progress` on, writing each payload in place and verifying it, within
-    `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks).
+    `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks); over TLS with `tls`
+    (the server's certificate checked for `address`'s host), sending `token` for closed reads.
 
     Blocking: run it in a worker thread. `progress` advances frame by frame, so after a retryable
     failure another server can resume exactly where this one stopped.
     """
     request = pb.StreamBlocksRequest(
-        fingerprint=fingerprint, keys=[b.key for b in blocks[progress.block :]], start_frame=progress.frame
+        fingerprint=fingerprint,
+        keys=[b.key for b in blocks[progress.block :]],
+        start_frame=progress.frame,
+        token=token,
     ).SerializeToString()
-    peer = f"{address[0]}:{address[1]} (bulk)"
+    peer = f"{address[0]}:{address[1]} (bulk{', TLS' if tls else ''})"
     deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection(address, timeout=timeout_s) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(_U32.pack(len(request)) + request)
-            while progress.block < len(blocks):
-                _receive_frame(sock, peer, blocks, geometry, assembler, progress, deadline)
-            first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
-            _raise_if_error(sock, peer, first, second)
-            if first != _END:
-                raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
+        with socket.create_connection(address, timeout=timeout_s) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with tls.wrap_socket(raw, server_hostname=address[0]) if tls is not None else raw as sock:
+                sock.sendall(_U32.pack(len(request)) + request)
+                while progress.block < len(blocks):
+                    _receive_frame(sock, peer, blocks, geometry, assembler, progress, deadline)
+                first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
+                _raise_if_error(sock, peer, first, second)
+                if first != _END:
+                    raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
     except TimeoutError:
         raise DeadlineExceeded(f"{peer}: the stream did not complete within {timeout_s:g} s") from None
+    except ssl.SSLCertVerificationError as exc:  # as gRPC reports a failed handshake: the next edge is tried
+        raise Unavailable(f"{peer}: the server's certificate does not verify: {exc.verify_message}") from None
     except (ConnectionError, OSError) as exc:
         raise Unavailable(f"{peer}: {exc}") from None
 

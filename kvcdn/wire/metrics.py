@@ -176,6 +176,12 @@ class OriginMetrics:
     PREFILL_SECONDS = Metric("origin_prefill_seconds_total", "counter", "Seconds spent in prefill")
     BLOCKS_COMPUTED = Metric("origin_blocks_computed_total", "counter", "Blocks computed and stored")
     READ_CACHE_BYTES = Metric("origin_read_cache_bytes", "gauge", "Bytes of encoded blocks held in memory")
+    BLOCKS_QUARANTINED = Metric(
+        "origin_blocks_quarantined_total", "counter", "Stored blocks that failed their digests (moved to quarantine)"
+    )
+    BLOCKS_REPAIRED = Metric(
+        "origin_blocks_repaired_total", "counter", "Quarantined blocks recomputed from their documents' token ids"
+    )
 
 
 class DomainCollector(Collector):

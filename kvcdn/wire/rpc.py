@@ -324,8 +324,15 @@ async def start_server(
     bulk = None
     bound_metrics = 0
     try:
-        if bulk_stream is not None and bulk_port >= 0 and tls is None:  # the bulk stream is plaintext only
-            bulk = await start_bulk_server(host, bulk_port, bulk_stream, kvcache.metrics)
+        if bulk_stream is not None and bulk_port >= 0:
+            bulk = await start_bulk_server(
+                host,
+                bulk_port,
+                bulk_stream,
+                kvcache.metrics,
+                tls=tls.server_context() if tls is not None else None,
+                auth=getattr(kvcache, "auth", None),
+            )
         if metrics_port >= 0:
             try:
                 bound_metrics = kvcache.metrics.start_http(host, metrics_port)

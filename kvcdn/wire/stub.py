@@ -34,8 +34,10 @@ class CacheReader:
         tls: TLSFiles | None = None,
     ) -> None:
         self.address = address
+        self.token = token
         self._credentials = bearer(token)
-        """Metadata of the calls that need credentials (Publish, Purge, Watch; kvcdn.wire.auth)."""
+        """Metadata every call carries: Publish, Purge and Watch need a token where the server has a
+        tokens file, reads where it closes them (kvcdn.wire.auth)."""
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
         self._channel = (
@@ -99,7 +101,8 @@ class CacheReader:
     async def manifest(self, document: str, version: int = 0, token_ids: bool = False) -> pb.Manifest:
         """The manifest of `document` (version 0: the latest), with its token ids if `token_ids`."""
         request = pb.GetManifestRequest(document=document, version=version, token_ids=token_ids)
-        manifest: pb.Manifest = await self._call(self._kv.GetManifest(request, timeout=self.timeout_s))
+        call = self._kv.GetManifest(request, timeout=self.timeout_s, metadata=self._credentials)
+        manifest: pb.Manifest = await self._call(call)
         return manifest
 
     async def lookup(
@@ -108,7 +111,7 @@ class CacheReader:
         """The longest cached prefix of `keys` in the first of `codecs` (empty: raw) that holds it
         (`from_peer`: an edge asking another edge, see LookupPrefixRequest.from_peer)."""
         request = pb.LookupPrefixRequest(fingerprint=fingerprint, keys=keys, codecs=codecs, from_peer=from_peer)
-        resp = await self._call(self._kv.LookupPrefix(request, timeout=self.timeout_s))
+        resp = await self._call(self._kv.LookupPrefix(request, timeout=self.timeout_s, metadata=self._credentials))
         return list(resp.blocks)
 
     async def stream(
@@ -119,7 +122,8 @@ class CacheReader:
         request = pb.StreamBlocksRequest(
             fingerprint=fingerprint, keys=keys, start_frame=start_frame, from_peer=from_peer
         )
-        async with aclosing(self._drain(self._stream(request, timeout=self.stream_timeout_s))) as frames:
+        call = self._stream(request, timeout=self.stream_timeout_s, metadata=self._credentials)
+        async with aclosing(self._drain(call)) as frames:
             async for raw in frames:
                 yield raw
 

@@ -1,11 +1,11 @@
-"""TLS for kvcdn's gRPC ports: certificates from files, mutual TLS when a server names a client CA,
-and `kvcdn certs`, a helper that makes a test CA with server and client certificates.
+"""TLS for kvcdn's ports: certificates from files, mutual TLS when a server names a client CA, and
+`kvcdn certs`, a helper that makes a test CA with server and client certificates.
 
 One deployment CA is the simple case: every server presents a certificate it signed, every caller
 verifies against it, and with `--tls-ca` on a server callers must present one too (mTLS: edges to
-the origin and to their peers, agents to edges). The bulk frame stream is plaintext only: a server
-started with TLS does not offer it (ServerInfo.bulk_port 0), so clients stream over gRPC. Plaintext
-stays the default, for loopback.
+the origin and to their peers, agents to edges). The same files secure the gRPC port (grpcio's
+credentials) and the bulk frame stream (Python's `ssl` contexts, same certificates, same client-
+certificate rule). Plaintext stays the default, for loopback.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,44 @@ class TLSFiles:
             private_key=_read(self.key, "--tls-key"),
             certificate_chain=_read(self.cert, "--tls-cert"),
         )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The bulk port's TLS context: the same certificate, and with a CA the same rule (callers
+        present a certificate it signed)."""
+        if self.cert is None or self.key is None:
+            raise InvalidArgument("a TLS server needs --tls-cert and --tls-key")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _load(ctx, self.cert, self.key)
+        if self.ca is not None:
+            _verify_with(ctx, self.ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """A bulk caller's TLS context: verify the server (and its host name) against the CA, or the
+        system's roots without one; present this party's certificate if it has one."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca is not None:
+            _verify_with(ctx, self.ca)
+        if self.cert is not None and self.key is not None:
+            _load(ctx, self.cert, self.key)
+        return ctx
+
+
+def _load(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"--tls-cert {cert} / --tls-key {key}: {exc}") from None
+
+
+def _verify_with(ctx: ssl.SSLContext, ca: Path) -> None:
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"--tls-ca {ca}: {exc}") from None
 
 
 def _name(common: str) -> x509.Name:
