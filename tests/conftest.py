@@ -83,11 +83,13 @@ async def start_network(
     trust: tuple[Path, ...] = (),
     tokens: Path | None = None,
     edge_token: str = "",
+    edge_tokens: Path | None = None,
     **origin_kwargs: int,
 ) -> Network:
     """An origin and one edge on loopback. Documents are offered raw only unless `codecs` names
     encodings (the tests of codecs do; the others check raw blocks by key). `signing_key`: the origin
-    signs with it; `trust`: the edge requires those keys' signatures."""
+    signs with it; `trust`: the edge requires those keys' signatures; `tokens`: the origin's tokens
+    file, `edge_token` the edge's own, `edge_tokens` closes the edge's reads to that file's tokens."""
     origin, origin_server = await start_origin(
         OriginConfig(
             store_dir=store,
@@ -110,6 +112,7 @@ async def start_network(
             metrics_port=0 if metrics else -1,
             trust=trust,
             token=edge_token,
+            tokens=edge_tokens,
         )
     )
     return Network(model, origin, origin_server, edge, edge_server)

@@ -35,7 +35,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.frames import decode_frame
-from tests.conftest import Network, memory_tier, start_network, stop_network
+from tests.conftest import Network, memory_tier
 
 
 async def _still_serving(address: str) -> None:

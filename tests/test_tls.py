@@ -13,17 +13,19 @@ import torch
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
-from kvcdn.errors import Unavailable
+from kvcdn.errors import Unauthenticated, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import KVAssembler
+from kvcdn.ops.launcher import Cluster
 from kvcdn.origin import OriginConfig
 from kvcdn.origin.server import start_origin
+from kvcdn.wire.auth import read_token
 from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.rpc import Server
 from kvcdn.wire.tls import TLSFiles, make_test_ca
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, tiny_llama
 
 TEXT = (SAMPLES / "gpl-3.0.txt").read_text()[:2000]
 
@@ -95,3 +97,32 @@ async def test_mutual_tls_round_trip_and_refusals(llama: LoadedModel, tmp_path: 
         await edge_server.stop(0)
         await edge.close()
         await origin_server.stop(0)
+
+
+async def test_a_deployment_with_every_lock_on(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Processes as `kvcdn up --closed-reads` runs them, plus mutual TLS on every port: the origin signs,
+    edges pull from each other and the origin with their edge token over TLS, and an agent with a reader
+    token, the CA and a client certificate gets the exact cache; without the token it gets nothing."""
+    model, args = tiny_llama(tiny_dirs)
+    text = (SAMPLES / "gpl-3.0.txt").read_text()[:6000]
+    doc = document_ids(model.tokenizer, text)
+    cluster = Cluster(store_dir=tmp_path / "store", edges=2, origin_args=args, auth=True, closed_reads=True, tls=True)
+    with cluster:
+        assert cluster.client_tls is not None and cluster.trust_file is not None
+        token = read_token(cluster.publisher_token_file)
+        async with CacheReader(cluster.origin_address, token=token, tls=cluster.client_tls) as origin:
+            await origin.publish("gpl", text)
+        config = ClientConfig(
+            tuple(cluster.edge_addresses),
+            tls=cluster.client_tls,
+            trust=(cluster.trust_file,),
+            token=read_token(cluster.reader_token_file),
+        )
+        async with KVClient(config) as client:
+            fetched = await client.fetch(model, doc)
+        assert fetched.cached_tokens == len(doc)
+        for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+        async with KVClient(replace(config, token="")) as client:
+            with pytest.raises(Unauthenticated):
+                await client.fetch(model, doc)
