@@ -272,9 +272,16 @@ class Edge:
         return await self.upstream.manifest(document, version, token_ids)
 
     def _held(self, key: bytes) -> pb.BlockInfo | None:
+        """The info of a block this edge holds, as it answers lookups: a block signed under a key it no
+        longer trusts (rotated away, expired) counts only once the origin has signed it afresh."""
         for tier in self.tiers:
             if (info := tier.info(key)) is not None:
-                return info
+                if self.trust is None or self.trust.accepts(info.signer):
+                    return info
+                fresh = self._infos.get(key)
+                if fresh is not None and self.trust.accepts(fresh.signer) and fresh.frame_digests == info.frame_digests:
+                    return fresh
+                return None
         return None
 
     async def lookup(

@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
     keys = s.add_subparsers(dest="keys_command", required=True, metavar="generate|show")
     g = keys.add_parser("generate", help="a new Ed25519 publisher key: KEY (private, mode 0600) and KEY.pub")
     g.add_argument("key", help="where to write the private key, e.g. publisher.key (never overwritten)")
+    g.add_argument(
+        "--days",
+        type=float,
+        default=0,
+        help="the key expires this many days from now (written into KEY.pub; default: never)",
+    )
     g.set_defaults(run=keys_generate)
     k = keys.add_parser("show", help="the key id of a public (.pub) or private key file")
     k.add_argument("key")
@@ -136,22 +142,24 @@ def provision(args: argparse.Namespace) -> int:
 def keys_generate(args: argparse.Namespace) -> int:
     from kvcdn.spec.provenance import generate_key
 
-    public, key_id = generate_key(Path(args.key))
+    public, key_id = generate_key(Path(args.key), args.days)
     print(f"wrote {args.key} (keep it on the origin: --signing-key)")
     print(f"and {public} (give it to clients and edges: --trust)")
-    print(f"key id {key_id}")
+    print(f"key id {key_id}" + (f", expires in {args.days:g} days" if args.days else ""))
     return 0
 
 
 def keys_show(args: argparse.Namespace) -> int:
-    from kvcdn.spec.provenance import Signer, TrustStore
+    from kvcdn.spec.provenance import Signer, TrustStore, utc_text
 
     path = Path(args.key)
     try:
-        (key_id,) = TrustStore.from_files([path]).keys
+        trust = TrustStore.from_files([path])
+        (key_id,) = trust.keys
+        expires = trust.expires.get(key_id)
     except InvalidArgument:
-        key_id = Signer.from_file(path).key_id
-    print(key_id)
+        key_id, expires = Signer.from_file(path).key_id, None
+    print(key_id + (f" expires {utc_text(expires)}{'' if trust.accepts(key_id) else ' (EXPIRED)'}" if expires else ""))
     return 0
 
 

@@ -363,7 +363,7 @@ class Origin:
     def _sign(self, info: pb.BlockInfo) -> pb.BlockInfo:
         assert self.signer is not None
         signed = self._signed.get(info.key)
-        if signed is None or signed.frame_digests != info.frame_digests:
+        if signed is None or signed.frame_digests != info.frame_digests or signed.signer != self.signer.key_id:
             signed = self.signer.sign_block(self.model.fingerprint, info)
             self._signed.put(info.key, signed)
         return signed

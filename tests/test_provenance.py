@@ -14,7 +14,7 @@ import torch
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
-from kvcdn.errors import DigestMismatch
+from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
@@ -211,3 +211,69 @@ def test_an_edge_process_serving_forged_blocks_is_refused_and_the_fetch_complete
         # ... and completed from the honest edge, byte-identical to the origin's, when there is one.
         fetched = asyncio.run(publish_and_fetch(cluster.edge_addresses, trust))
         assert fetched.cached_tokens == len(doc) and _same(fetched.layers, reference)  # type: ignore[attr-defined]
+
+
+def _set_expiry(public: Path, when: str) -> None:
+    pem = public.read_bytes()
+    public.write_bytes(f"Expires: {when}\n".encode() + pem[pem.find(b"-----BEGIN") :])
+
+
+def test_an_expired_key_signs_nothing_and_verifies_nothing(tmp_path: Path) -> None:
+    private = tmp_path / "keys" / "publisher.key"
+    public, key = generate_key(private, days=30)
+    assert b"Expires: " in public.read_bytes()
+    signer, trust = Signer.from_file(private), TrustStore.from_files([public])
+    fingerprint = bytes(range(32))
+    signed = signer.sign_block(fingerprint, pb.BlockInfo(key=bytes(32), n_tokens=1, frame_digests=[bytes(32)]))
+    trust.check_block(fingerprint, signed)  # valid for 30 more days
+    assert trust.accepts(key)
+    _set_expiry(public, "2026-01-01T00:00:00Z")
+    expired = TrustStore.from_files([public])
+    assert not expired.accepts(key)
+    with pytest.raises(Untrusted, match="expired at 2026-01-01T00:00:00Z: the publisher has to sign with a new key"):
+        expired.check_block(fingerprint, signed)
+    with pytest.raises(InvalidArgument, match="expired at 2026-01-01T00:00:00Z"):
+        Signer.from_file(private)  # the origin will not start with it
+    _set_expiry(public, "next tuesday")
+    with pytest.raises(InvalidArgument, match="`Expires:` takes a UTC time"):
+        TrustStore.from_files([public])
+
+
+async def test_after_a_key_rotation_edges_answer_with_fresh_signatures_from_what_they_hold(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    """The origin moves from key A to key B and every party drops A at once: an edge restarted with
+    only B on its disk tier answers lookups with the origin's new signatures and streams what it
+    holds (no block loaded again); an agent that trusts only B gets the exact cache."""
+    old_private, old_public = _keys(tmp_path, "old")
+    new_private, new_public = _keys(tmp_path, "new")
+    net = await start_network(llama, tmp_path / "store", signing_key=old_private, trust=(old_public,))
+    disk = tmp_path / "edge-disk"
+    doc = document_ids(llama.tokenizer, TEXT)
+    edge, edge_server = await start_edge(
+        EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", disk_dir=disk, trust=(old_public,))
+    )
+    try:
+        await net.origin.publish("doc", TEXT)
+        async with KVClient(ClientConfig((edge_server.address,), trust=(old_public,))) as client:
+            assert (await client.fetch(llama, doc)).cached_tokens == len(doc)
+        loaded = edge.origin_fetches
+        assert loaded > 0
+        await edge_server.stop(0)
+        await edge.close()
+        # The rotation: the origin signs with B from now on (as a restart with --signing-key new.key).
+        net.origin.signer = Signer.from_file(new_private)
+        edge, edge_server = await start_edge(
+            EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", disk_dir=disk, trust=(new_public,))
+        )
+        async with KVClient(ClientConfig((edge_server.address,), trust=(new_public,))) as client:
+            fetched = await client.fetch(llama, doc)
+        assert fetched.cached_tokens == len(doc) and _same(fetched.layers, adapter.prefill(llama.model, doc))
+        assert edge.origin_fetches == 0  # every block streamed from the disk tier it kept
+        async with KVClient(ClientConfig((edge_server.address,), trust=(old_public,))) as client:
+            with pytest.raises(Untrusted, match="not by a trusted publisher"):
+                await client.fetch(llama, doc)  # A is gone from the network too
+    finally:
+        await edge_server.stop(0)
+        await edge.close()
+        await stop_network(net)

@@ -8,17 +8,25 @@ whole token prefix, so a statement never goes stale: the bytes of a key never ch
 signed whole (a *manifest statement*, with the time they were issued); a client remembers the highest
 version it has seen of each document and refuses an older one offered as the latest (rollback).
 
-Clients and edges pin the publisher keys they trust (`--trust FILE`, `KVCDN_TRUST`, kvcdn.flags); rotation is a
-new key whose public half is added to the trust files before the origin signs with it (the old one
-stays trusted until its blocks are gone). Keys are PEM files (`kvcdn keys generate`); a key id is the
-first 8 bytes, hex, of SHA-256 of the raw public key. Statement layouts: proto/kvcdn/v1/SPEC.md.
+Clients and edges pin the publisher keys they trust (`--trust FILE`, `KVCDN_TRUST`, kvcdn.flags). Keys
+are PEM files (`kvcdn keys generate`); a key id is the first 8 bytes, hex, of SHA-256 of the raw
+public key. A public key file may carry an expiry (a line `Expires: 2027-01-31T00:00:00Z` before the
+PEM block, written by `kvcdn keys generate --days N`): after it, nothing it signed is accepted and an
+origin refuses to sign with it, so a key that leaked stops working by itself. Rotation is a new key
+whose public half is added to the trust files before the origin signs with it; edges answer lookups
+for blocks they hold under a key no longer trusted with the origin's fresh signatures (the bytes of a
+key never change), so the old key can be dropped at once. Statement layouts: proto/kvcdn/v1/SPEC.md.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import logging
 import os
+import re
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,9 +45,14 @@ __all__ = [
     "generate_key",
     "key_id",
     "manifest_statement",
+    "read_expiry",
+    "utc_text",
 ]
 
+log = logging.getLogger(__name__)
+
 _BLOCK = b"kvcdn-block-v1\x00"
+_EXPIRES = re.compile(rb"^Expires:(.*)$", re.MULTILINE)
 _MANIFEST = b"kvcdn-manifest-v1\x00"
 
 
@@ -93,9 +106,27 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).digest()[:8].hex()
 
 
-def generate_key(private_path: Path) -> tuple[Path, str]:
-    """Write a new Ed25519 key to `private_path` (mode 0600) and its public half beside it (`.pub`);
-    returns the public file and the key id. Refuses to overwrite a key."""
+def utc_text(t: float) -> str:
+    """`t` (seconds since the epoch) as `2027-01-31T00:00:00Z`."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_expiry(pem: bytes, path: Path) -> float | None:
+    """The `Expires:` time of a public key file (seconds since the epoch), or None for none."""
+    m = _EXPIRES.search(pem)
+    if m is None:
+        return None
+    try:
+        when = datetime.datetime.strptime(m.group(1).decode().strip(), "%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"{path}: `Expires:` takes a UTC time such as 2027-01-31T00:00:00Z") from None
+    return when.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def generate_key(private_path: Path, days: float = 0) -> tuple[Path, str]:
+    """Write a new Ed25519 key to `private_path` (mode 0600) and its public half beside it (`.pub`,
+    with an `Expires:` line `days` from now; 0: no expiry); returns the public file and the key id.
+    Refuses to overwrite a key."""
     public_path = private_path.with_suffix(".pub")
     for p in (private_path, public_path):
         if p.exists():
@@ -108,7 +139,8 @@ def generate_key(private_path: Path) -> tuple[Path, str]:
         f.write(pem)
     public = key.public_key()
     pem_public = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    public_path.write_bytes(pem_public)
+    expires = f"Expires: {utc_text(time.time() + days * 86400)}\n".encode() if days > 0 else b""
+    public_path.write_bytes(expires + pem_public)
     return public_path, key_id(public)
 
 
@@ -121,12 +153,22 @@ class Signer:
 
     @classmethod
     def from_file(cls, path: Path) -> Signer:
+        """The key in `path`; refused if its public half beside it (`.pub`) says it has expired."""
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise InvalidArgument(f"--signing-key {path}: not a readable PEM private key ({exc})") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise InvalidArgument(f"--signing-key {path} is not an Ed25519 key (make one: kvcdn keys generate)")
+        public = path.with_suffix(".pub")
+        expires = read_expiry(public.read_bytes(), public) if public.exists() else None
+        if expires is not None and expires <= time.time():
+            raise InvalidArgument(
+                f"--signing-key {path} expired at {utc_text(expires)} ({public}): make a new key "
+                "(kvcdn keys generate), add its .pub to every --trust list, and sign with it"
+            )
+        if expires is not None and expires - time.time() < 14 * 86400:
+            log.warning("signing key %s expires at %s: rotate it soon", path, utc_text(expires))
         return cls(key)
 
     def sign_block(self, fingerprint: bytes, info: pb.BlockInfo) -> pb.BlockInfo:
@@ -146,32 +188,46 @@ class Signer:
 class TrustStore:
     """The publisher keys a client or an edge trusts, and what it has already checked."""
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey]) -> None:
+    def __init__(self, keys: Iterable[Ed25519PublicKey], expires: dict[str, float] | None = None) -> None:
         self.keys = {key_id(k): k for k in keys}
         if not self.keys:
             raise InvalidArgument("a trust store needs at least one publisher key")
+        self.expires = dict(expires or {})
+        """Expiry (seconds since the epoch) of the keys that have one, by key id."""
         self._verified: set[bytes] = set()
         self._latest: dict[str, int] = {}
         """Highest manifest version seen per document (rollback protection)."""
 
     @classmethod
     def from_files(cls, paths: Sequence[Path]) -> TrustStore:
-        keys = []
+        keys, expires = [], {}
         for path in paths:
             try:
-                key = serialization.load_pem_public_key(path.read_bytes())
+                pem = path.read_bytes()
+                key = serialization.load_pem_public_key(pem[pem.find(b"-----BEGIN") :])
             except (OSError, ValueError) as exc:
                 raise InvalidArgument(f"--trust {path}: not a readable PEM public key ({exc})") from None
             if not isinstance(key, Ed25519PublicKey):
                 raise InvalidArgument(f"--trust {path} is not an Ed25519 public key (kvcdn keys generate makes one)")
             keys.append(key)
-        return cls(keys)
+            if (when := read_expiry(pem, path)) is not None:
+                expires[key_id(key)] = when
+        return cls(keys, expires)
+
+    def accepts(self, signer: str) -> bool:
+        """Whether `signer` is a trusted key that has not expired."""
+        return signer in self.keys and self.expires.get(signer, float("inf")) > time.time()
 
     def _check(self, what: str, signer: str, signature: bytes, statement: bytes, sender: str) -> None:
         key = self.keys.get(signer)
         if not signature or key is None:
             who = f"key {signer}" if signer else "no key"
             raise Untrusted(f"{sender} sent {what} signed by {who}, not by a trusted publisher")
+        if not self.accepts(signer):
+            raise Untrusted(
+                f"{sender} sent {what} signed by key {signer}, which expired at {utc_text(self.expires[signer])}: "
+                "the publisher has to sign with a new key"
+            )
         digest = hashlib.sha256(signature + statement).digest()
         if digest in self._verified:
             return
