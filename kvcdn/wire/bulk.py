@@ -23,6 +23,7 @@ import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -368,8 +369,10 @@ def receive_into(
     `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks); over TLS with `tls`
     (the server's certificate checked for `address`'s host), sending `token` for closed reads.
 
-    Blocking: run it in a worker thread. `progress` advances frame by frame, so after a retryable
-    failure another server can resume exactly where this one stopped.
+    Blocking: run it in a worker thread. Each frame's digest is computed in a helper thread (BLAKE3
+    releases the GIL) while the next frame is received, so hashing and receiving (and, under TLS,
+    decrypting) overlap. `progress` advances frame by frame, in order and only past verified frames,
+    so after a retryable failure another server can resume exactly where this one stopped.
     """
     request = pb.StreamBlocksRequest(
         fingerprint=fingerprint,
@@ -384,8 +387,8 @@ def receive_into(
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with tls.wrap_socket(raw, server_hostname=address[0]) if tls is not None else raw as sock:
                 sock.sendall(_U32.pack(len(request)) + request)
-                while progress.block < len(blocks):
-                    _receive_frame(sock, peer, blocks, geometry, assembler, progress, deadline)
+                with ThreadPoolExecutor(1, thread_name_prefix="kvcdn-verify") as hashing:
+                    _receive_frames(sock, peer, blocks, geometry, assembler, progress, deadline, hashing)
                 first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
                 _raise_if_error(sock, peer, first, second)
                 if first != _END:
@@ -410,7 +413,31 @@ def _raise_if_error(sock: socket.socket, peer: str, marker: int, length: int) ->
     raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
 
 
-def _receive_frame(
+@dataclass
+class _Received:
+    """A frame whose payload is written and whose digest is being computed."""
+
+    info: pb.BlockInfo
+    index: int
+    digest: Future[bytes]
+
+
+def _hash(views: list[memoryview]) -> bytes:
+    hasher = blake3.blake3()
+    for view in views:
+        hasher.update(view)
+    return hasher.digest()
+
+
+def _settle(frame: _Received, peer: str, geometry: Geometry, assembler: FrameTarget, progress: Progress) -> None:
+    """Check a received frame's digest, then advance `progress` past it (the block is handed on
+    when that completed it)."""
+    check_digest(frame.info, frame.index, frame.digest.result(), peer)
+    if progress.advance(len(frame.info.frame_digests)):
+        assembler.block_done(frame.info.index * geometry.block_tokens, frame.info.n_tokens)
+
+
+def _receive_frames(
     sock: socket.socket,
     peer: str,
     blocks: Sequence[pb.BlockInfo],
@@ -418,26 +445,56 @@ def _receive_frame(
     assembler: FrameTarget,
     progress: Progress,
     deadline: float,
+    hashing: ThreadPoolExecutor,
 ) -> None:
+    """Every frame from `progress` on: frame n + 1 is received while frame n is hashed; `progress`
+    only ever passes frames whose digests matched, in order. On a failure, a frame received whole
+    before it still counts if it verifies (the next server resumes after it)."""
+    cursor = Progress(progress.block, progress.frame)
+    pending: _Received | None = None
+    try:
+        while cursor.block < len(blocks):
+            info = blocks[cursor.block]
+            views = _receive_frame(sock, peer, info, cursor.frame, geometry, assembler, deadline)
+            received = _Received(info, cursor.frame, hashing.submit(_hash, views))
+            cursor.advance(len(info.frame_digests))
+            if pending is not None:
+                _settle(pending, peer, geometry, assembler, progress)
+            pending = received
+    except BaseException:
+        if pending is not None:
+            with contextlib.suppress(KVCDNError):
+                _settle(pending, peer, geometry, assembler, progress)
+        raise
+    if pending is not None:
+        _settle(pending, peer, geometry, assembler, progress)
+
+
+def _receive_frame(
+    sock: socket.socket,
+    peer: str,
+    info: pb.BlockInfo,
+    index: int,
+    geometry: Geometry,
+    assembler: FrameTarget,
+    deadline: float,
+) -> list[memoryview]:
+    """Frame `index` of `info`'s block, written in place; returns the views its payload landed in."""
     header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size, deadline))
     _raise_if_error(sock, peer, header_len, payload_len)
-    info = blocks[progress.block]
     if header_len == _END:
-        raise Unavailable(f"{peer} ended the stream at block {progress.block} frame {progress.frame}")
+        raise Unavailable(f"{peer} ended the stream at block {info.index} frame {index}")
     if header_len > _MAX_HEADER_BYTES:
         raise DigestMismatch(f"{peer} announced a frame header of {header_len} bytes (at most {_MAX_HEADER_BYTES})")
     try:
         header = pb.FrameHeader.FromString(_recv(sock, header_len, deadline))
     except DecodeError:
         raise DigestMismatch(f"{peer} sent a frame header that is not a FrameHeader") from None
-    index = progress.frame
     expect_frame(info, geometry.frame_bytes, index, header, payload_len, peer)
-    hasher = blake3.blake3()
+    views = []
     start = info.index * geometry.block_tokens
     for region in assembler.regions(start, info.n_tokens, header.offset, payload_len):
         view = memoryview(region.data)
         _recv_into(sock, view, deadline)
-        hasher.update(view)
-    check_digest(info, index, hasher.digest(), peer)
-    if progress.advance(len(info.frame_digests)):
-        assembler.block_done(start, info.n_tokens)
+        views.append(view)
+    return views
