@@ -155,11 +155,13 @@ def keys_show(args: argparse.Namespace) -> int:
     path = Path(args.key)
     try:
         trust = TrustStore.from_files([path])
-        (key_id,) = trust.keys
-        expires = trust.expires.get(key_id)
-    except InvalidArgument:
-        key_id, expires = Signer.from_file(path).key_id, None
-    print(key_id + (f" expires {utc_text(expires)}{'' if trust.accepts(key_id) else ' (EXPIRED)'}" if expires else ""))
+    except InvalidArgument:  # a private key (its expiry, if any, is in its .pub)
+        print(Signer.from_file(path).key_id)
+        return 0
+    (key_id,) = trust.keys
+    expires = trust.expires.get(key_id)
+    state = "" if expires is None else f" expires {utc_text(expires)}" + ("" if trust.accepts(key_id) else " (EXPIRED)")
+    print(key_id + state)
     return 0
 
 

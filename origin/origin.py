@@ -291,7 +291,6 @@ class Origin:
         await self._compute(ids, keys, reuse=False)
         if manifest.codecs:
             await self._encode(ids, keys, tuple(manifest.codecs))
-        self._read_cache.pop(key)
         self.blocks_repaired += 1
         log.warning("recomputed corrupt block %s… from %s v%d", key.hex()[:16], manifest.document, manifest.version)
         async with self._manifest_lock:
