@@ -4,6 +4,8 @@
 over as many connections at once as the fetch used, into a pre-touched buffer (stdlib only, so the
 spawned sender starts in a blink). The bytes are a known pattern, checked after each timed transfer,
 so a baseline that moved less (or other) data than it claims fails instead of flattering the comparison.
+With `tls` (the server's and the client's files), every connection is TLS with the contexts the bulk
+port uses, so a fetch over TLS is compared with TLS itself on the same cores.
 
 `blake3_gbps`: one core hashing the same bytes in frames, as a receiver verifies them. A verified
 fetch cannot beat `verified_bound(raw, hash) = 1 / (1/raw + 1/hash)` where the receiving core both
@@ -14,13 +16,18 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import ssl
 import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import blake3
+
+if TYPE_CHECKING:  # not imported for plaintext: the spawned sender then needs the stdlib only
+    from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["blake3_gbps", "raw_tcp_gbps", "verified_bound"]
 
@@ -28,11 +35,19 @@ _CHUNK = 1 << 20
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
 
 
-def _send_part(peer: socket.socket) -> None:
+def _send_part(peer: socket.socket, tls: ssl.SSLContext | None) -> None:
     """Serve one connection: it asks for (offset, length) of the stream, byte i of which is i % 256."""
     buf = memoryview(_PATTERN)
+    if tls is not None:
+        peer = tls.wrap_socket(peer, server_side=True)
     with peer:
-        offset, length = struct.unpack("!QQ", peer.recv(16, socket.MSG_WAITALL))
+        head = b""
+        while len(head) < 16:  # (no MSG_WAITALL: TLS sockets take no flags)
+            chunk = peer.recv(16 - len(head))
+            if not chunk:
+                return
+            head += chunk
+        offset, length = struct.unpack("!QQ", head)
         assert offset % 256 == 0
         while length:
             take = min(length, _CHUNK)
@@ -40,19 +55,23 @@ def _send_part(peer: socket.socket) -> None:
             length -= take
 
 
-def _tcp_sender(conn: Connection) -> None:
+def _tcp_sender(conn: Connection, tls: TLSFiles | None) -> None:
+    context = tls.server_context() if tls is not None else None
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(64)
         conn.send(srv.getsockname()[1])
         while True:  # a thread per connection (sendall releases the GIL); the parent ends this process
             peer, _ = srv.accept()
-            threading.Thread(target=_send_part, args=(peer,), daemon=True).start()
+            threading.Thread(target=_send_part, args=(peer, context), daemon=True).start()
 
 
-def _receive_part(port: int, view: memoryview, offset: int) -> None:
+def _receive_part(port: int, view: memoryview, offset: int, tls: ssl.SSLContext | None) -> None:
     n_bytes = len(view)
-    with socket.create_connection(("127.0.0.1", port)) as s:
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls is not None else raw as s,
+    ):
         s.sendall(struct.pack("!QQ", offset, n_bytes))
         got = 0
         while got < n_bytes:
@@ -62,16 +81,20 @@ def _receive_part(port: int, view: memoryview, offset: int) -> None:
             got += n
 
 
-def raw_tcp_gbps(n_bytes: int, repeats: int = 3, streams: int = 1) -> float:
+def raw_tcp_gbps(
+    n_bytes: int, repeats: int = 3, streams: int = 1, tls: tuple[TLSFiles, TLSFiles] | None = None
+) -> float:
     """Best GB/s of a plain TCP transfer of `n_bytes` from another process over loopback, split over
-    `streams` connections at once (parts of whole MiB, each received by a thread of its own); raises
+    `streams` connections at once (parts of whole MiB, each received by a thread of its own), in TLS
+    with `tls` = (server files, client files) (the handshake is timed too, as a fetch's is); raises
     ConnectionError if the sender stops early and ValueError if the bytes arrive changed."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_tcp_sender, args=(child,), daemon=True)
+    proc = ctx.Process(target=_tcp_sender, args=(child, tls[0] if tls else None), daemon=True)
     proc.start()
     try:
         port = parent.recv()
+        client = tls[1].client_context() if tls is not None else None
         sink = bytearray(n_bytes)
         view = memoryview(sink)
         part = -(-n_bytes // streams // _CHUNK) * _CHUNK or _CHUNK
@@ -81,7 +104,7 @@ def raw_tcp_gbps(n_bytes: int, repeats: int = 3, streams: int = 1) -> float:
         with ThreadPoolExecutor(len(parts)) as pool:
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                for done in [pool.submit(_receive_part, port, v, offset) for offset, v in parts]:
+                for done in [pool.submit(_receive_part, port, v, offset, client) for offset, v in parts]:
                     done.result()
                 best = min(best, time.perf_counter() - t0)
                 for offset in range(0, n_bytes, _CHUNK):  # not timed: the stream is byte i = i % 256

@@ -1,5 +1,6 @@
 """`kvcdn loadtest bench`: local prefill against fetching the cache from a warm edge, per document
-length, and the fetch's throughput against a plain TCP transfer of the same bytes in the same run.
+length, and the fetch's throughput against a plain TCP transfer of the same bytes in the same run
+(with `--tls`, a TLS transfer with the same certificates: what encryption alone allows on these cores).
 
 Per length, two ratios:
 - prefill / fetch: the prefill of the document alone (the work a cache replaces) against lookup +
@@ -34,6 +35,7 @@ from kvcdn.model.tensors import bit_identical
 from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.codecs import DEFAULT_ACCEPT
 from kvcdn.wire.stub import CacheReader
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["BenchRow", "grid", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
 
@@ -119,10 +121,18 @@ class BenchRow:
 
 
 async def measure(
-    model: LoadedModel, origin: str, client_config: ClientConfig, texts: list[str], repeats: int, console: Console
+    model: LoadedModel,
+    origin: str,
+    client_config: ClientConfig,
+    texts: list[str],
+    repeats: int,
+    console: Console,
+    server_tls: TLSFiles | None = None,
 ) -> list[BenchRow]:
     """Publish `texts` at `origin` (offered in the codecs the client accepts), warm the edges, and
-    measure each (see the module docstring)."""
+    measure each (see the module docstring). Under TLS (`server_tls`, and the client's in
+    `client_config`) the raw baseline is a TLS transfer too."""
+    baseline_tls = (server_tls, client_config.tls) if server_tls is not None and client_config.tls else None
     question = question_ids(model.tokenizer, "What is this text about?")
     offered = [c for c in client_config.codecs if c != "raw"]
     async with CacheReader(origin, tls=client_config.tls) as publisher:
@@ -165,7 +175,7 @@ async def measure(
                 # An agent done with a cache drops it; the next fetch then reuses that memory, as
                 # the TCP baseline reuses its buffer.
                 del fetched, gen
-            raw = raw_tcp_gbps(n_bytes, repeats, streams)
+            raw = raw_tcp_gbps(n_bytes, repeats, streams, baseline_tls)
             hashed = blake3_gbps(n_bytes, (await client.info()).geometry.frame_bytes, repeats)
             rows.append(
                 BenchRow(
@@ -188,7 +198,8 @@ async def measure(
     return rows
 
 
-def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
+def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "TCP") -> str | Table:
+    """The table; `transport` names what the raw baseline moved ("TCP", or "TLS" under --tls)."""
     head = [
         "tokens",
         "cache MB",
@@ -203,7 +214,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
         "fetch GB/s",
         "break-even GB/s",
         "streams",
-        "raw TCP GB/s",
+        f"raw {transport} GB/s",
         "fetch/raw",
         "BLAKE3 GB/s",
         "bound GB/s",
@@ -307,7 +318,9 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
             tls=cluster.client_tls,
         )
         try:
-            rows = asyncio.run(measure(model, cluster.origin_address, clients, texts, config.repeats, console))
+            rows = asyncio.run(
+                measure(model, cluster.origin_address, clients, texts, config.repeats, console, cluster.server_tls)
+            )
         finally:
             cluster.stop()
     edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
@@ -320,7 +333,7 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
         config.json_path.write_text(json.dumps(report, indent=2) + "\n")
-    out = render(rows, title, config.markdown)
+    out = render(rows, title, config.markdown, "TLS" if config.tls else "TCP")
     if isinstance(out, str):
         print(out)
     else:

@@ -64,6 +64,8 @@ class Cluster:
     use `client_tls`."""
     client_tls: TLSFiles | None = None
     """A client certificate and the CA (set by `start` when `tls`), for ClientConfig.tls / `--tls-*`."""
+    server_tls: TLSFiles | None = None
+    """The servers' certificate, key and CA (set by `start` when `tls`)."""
     closed_reads: bool = False
     """With `auth`: reads need a token too (`--closed-reads` on the origin, `--tokens` on the edges);
     agents use `reader_token_file`."""
@@ -140,6 +142,7 @@ class Cluster:
                     *("--tls-ca", str(pki["ca"])),
                 ]
                 self.client_tls = TLSFiles(pki["client"], pki["client_key"], pki["ca"])
+                self.server_tls = TLSFiles(pki["server"], pki["server_key"], pki["ca"])
                 signing += self._tls_args
             origin_args = ["origin", "--store", str(self.store_dir), *signing, *self.origin_args]
             origin_file = self._spawn("origin", origin_args)

@@ -4,6 +4,7 @@ assertions: figures are printed, never asserted)."""
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from kvcdn.client.api import ClientConfig
 from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
 from kvcdn.loadtest.bench import measure, render, text_of_length
 from kvcdn.model.prompt import document_ids
+from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, Network
 
 
@@ -24,6 +26,15 @@ def test_raw_tcp_baseline_moves_every_byte_it_times() -> None:
     for streams in (1, 3):  # three connections at once: parts of whole MiB, the last one short
         gbps = raw_tcp_gbps(n_bytes, repeats=2, streams=streams)
         assert 0.001 < gbps < 1000  # a real transfer of n_bytes, timed in seconds, not a placeholder
+
+
+def test_raw_baseline_over_tls_moves_every_byte_and_needs_the_client_certificate(tmp_path: Path) -> None:
+    pki = make_test_ca(tmp_path, ["127.0.0.1"])
+    server = TLSFiles(pki["server"], pki["server_key"], pki["ca"])
+    client = TLSFiles(pki["client"], pki["client_key"], pki["ca"])
+    assert 0.001 < raw_tcp_gbps((2 << 20) + 777, repeats=1, streams=2, tls=(server, client)) < 1000
+    with pytest.raises(ssl.SSLError):  # a real mutual-TLS transfer: no client certificate, no bytes
+        raw_tcp_gbps(1 << 20, repeats=1, tls=(server, TLSFiles(ca=pki["ca"])))
 
 
 def test_the_verified_bound_is_receive_then_hash_on_one_core() -> None:
