@@ -49,6 +49,13 @@ def register(sub: Any) -> None:
         "--signing-key",
         help="the publisher's Ed25519 key (PEM, `kvcdn keys generate`): sign every block info and manifest",
     )
+    s.add_argument(
+        "--manifest-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="a signed answer for a document's latest version is valid this long (default: 3600)",
+    )
     TLSFiles.add_flags(s)
     ModelOptions.add_flags(s)
     s.set_defaults(run=run)
@@ -66,6 +73,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         max_document_tokens=args.max_document_tokens,
         codecs=args.codecs,
         signing_key=Path(args.signing_key) if args.signing_key else None,
+        manifest_ttl_s=args.manifest_ttl,
         tokens=Path(args.tokens) if args.tokens else None,
         closed_reads=args.closed_reads,
         store_bytes=args.store_bytes,

@@ -140,7 +140,7 @@ class Origin:
             if versions:
                 latest = self.manifests.get(document, versions[-1])
                 if latest.content_digest == digest and tuple(latest.codecs) == offered:
-                    return PublishResult(self._answer(latest, False), computed, prefill_s)
+                    return PublishResult(self._answer(latest, False, True), computed, prefill_s)
             manifest = pb.Manifest(
                 document=document,
                 version=(versions[-1] + 1) if versions else 1,
@@ -162,7 +162,7 @@ class Origin:
             len(keys),
             computed,
         )
-        return PublishResult(self._answer(manifest, False), computed, prefill_s)
+        return PublishResult(self._answer(manifest, False, True), computed, prefill_s)
 
     async def purge(self, document: str, version: int) -> tuple[list[int], int, int]:
         """Remove `document` (one version, or all for 0) and the blocks no other manifest uses; append
@@ -340,16 +340,17 @@ class Origin:
 
     def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
         """The manifest of `document` (version 0: the latest), with its token ids if asked for, signed."""
-        return self._answer(self.manifests.get(document, version), token_ids)
+        return self._answer(self.manifests.get(document, version), token_ids, version == 0)
 
-    def _answer(self, manifest: pb.Manifest, token_ids: bool) -> pb.Manifest:
-        """A manifest as answers carry it: token ids only if asked for, signed with the current key."""
+    def _answer(self, manifest: pb.Manifest, token_ids: bool, latest: bool) -> pb.Manifest:
+        """A manifest as answers carry it: token ids only if asked for, signed with the current key
+        (as the `latest` version for --manifest-ttl from now)."""
         out = _with_ids(manifest, token_ids)
         if self.signer is not None:
             if out is manifest:
                 out = pb.Manifest()
                 out.CopyFrom(manifest)
-            self.signer.sign_manifest(out)
+            self.signer.sign_manifest(out, self.config.manifest_ttl_s if latest else 0)
         return out
 
     def lookup(self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = ()) -> list[pb.BlockInfo]:

@@ -6,6 +6,7 @@ origin's (in-process, and across real processes with an edge whose disk holds fo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,6 +155,46 @@ async def test_manifests_are_signed_and_a_rollback_to_an_older_version_is_refuse
         async with KVClient(ClientConfig((net.edge_address,), trust=(other,))) as client:
             with pytest.raises(Untrusted, match="not by a trusted publisher"):
                 await client.manifest("doc", 2)
+    finally:
+        await stop_network(net)
+
+
+async def test_a_replayed_latest_manifest_is_refused_once_its_validity_has_passed(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    # The freeze attack rollback protection cannot see: a client that never saw v2 is shown the v1
+    # an edge recorded while v1 was the latest. The origin vouches for a latest for --manifest-ttl.
+    private, public = _keys(tmp_path)
+    net = await start_network(llama, tmp_path / "store", signing_key=private, manifest_ttl_s=2)
+    try:
+        await net.origin.publish("doc", TEXT)
+        frozen = await net.edge.manifest("doc", 0)
+        assert frozen.version == 1 and time.time() < frozen.valid_until <= time.time() + 2
+        by_number = await net.edge.manifest("doc", 1)
+        assert by_number.valid_until == 0  # not an answer for "the latest"
+        await net.origin.publish("doc", TEXT + "\n\nA second version.")
+
+        async def freezes(document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+            return frozen if version == 0 else by_number
+
+        net.edge.manifest = freezes  # type: ignore[method-assign]
+        trust = TrustStore.from_files([public])
+        trust.check_manifest(frozen, latest=True)  # still within its validity: accepted (bounded staleness)
+        with pytest.raises(Untrusted, match="for no time"):  # an answer by number passed off as the latest
+            trust.check_manifest(by_number, latest=True)
+        altered = pb.Manifest()
+        altered.CopyFrom(frozen)
+        altered.valid_until += 3600
+        with pytest.raises(Untrusted, match="does not match"):  # the edge cannot extend it
+            trust.check_manifest(altered, latest=True)
+        await asyncio.sleep(frozen.valid_until - time.time() + 0.05)
+        async with KVClient(ClientConfig((net.edge_address,), trust=(public,))) as client:
+            with pytest.raises(Untrusted, match="stale answer"):
+                await client.manifest("doc")
+            assert (await client.manifest("doc", 1)).version == 1  # by number: no validity needed
+        net.edge.manifest = net.edge.upstream.manifest  # type: ignore[method-assign]
+        async with KVClient(ClientConfig((net.edge_address,), trust=(public,))) as client:
+            assert (await client.manifest("doc")).version == 2  # an honest edge: fresh, and the new one
     finally:
         await stop_network(net)
 

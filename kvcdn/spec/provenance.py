@@ -6,7 +6,10 @@ fingerprint, the block's key, position, sizes, codec and frame digests), so an e
 prefix of a document and the client checks every block it uses. A block's key is the hash of its
 whole token prefix, so a statement never goes stale: the bytes of a key never change. Manifests are
 signed whole (a *manifest statement*, with the time they were issued); a client remembers the highest
-version it has seen of each document and refuses an older one offered as the latest (rollback).
+version it has seen of each document and refuses an older one offered as the latest (rollback). A
+manifest answering "the latest" is signed afresh with a time it is valid until (the origin's
+`--manifest-ttl`, as TUF's timestamp role): after it, the answer is refused, so an edge that replays
+the latest it once saw cannot freeze a client that never saw the newer version for longer than that.
 
 Clients and edges pin the publisher keys they trust (`--trust FILE`, `KVCDN_TRUST`, kvcdn.flags). Keys
 are PEM files (`kvcdn keys generate`); a key id is the first 8 bytes, hex, of SHA-256 of the raw
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _BLOCK = b"kvcdn-block-v1\x00"
 _EXPIRES = re.compile(rb"^Expires:(.*)$", re.MULTILINE)
-_MANIFEST = b"kvcdn-manifest-v1\x00"
+_MANIFEST = b"kvcdn-manifest-v2\x00"
 
 
 class Untrusted(DigestMismatch):
@@ -83,9 +86,9 @@ def block_statement(fingerprint: bytes, info: pb.BlockInfo) -> bytes:
 
 
 def manifest_statement(manifest: pb.Manifest) -> bytes:
-    """What a manifest signature covers: `"kvcdn-manifest-v1\\0" | text document | u32 version | text
-    fingerprint (hex) | text content_digest | u32 token_count | u64 issued_at | u32 n | n block keys |
-    u32 m | m texts codecs`, texts as `u32 length | UTF-8`."""
+    """What a manifest signature covers: `"kvcdn-manifest-v2\\0" | text document | u32 version | text
+    fingerprint (hex) | text content_digest | u32 token_count | u64 issued_at | u64 valid_until | u32 n |
+    n block keys | u32 m | m texts codecs`, texts as `u32 length | UTF-8`."""
     return b"".join(
         (
             _MANIFEST,
@@ -93,7 +96,7 @@ def manifest_statement(manifest: pb.Manifest) -> bytes:
             struct.pack("<I", manifest.version),
             _text(manifest.fingerprint),
             _text(manifest.content_digest),
-            struct.pack("<IQI", manifest.token_count, manifest.issued_at, len(manifest.blocks)),
+            struct.pack("<IQQI", manifest.token_count, manifest.issued_at, manifest.valid_until, len(manifest.blocks)),
             *(b.key for b in manifest.blocks),
             struct.pack("<I", len(manifest.codecs)),
             *(_text(c) for c in manifest.codecs),
@@ -179,8 +182,10 @@ class Signer:
         out.signer = self.key_id
         return out
 
-    def sign_manifest(self, manifest: pb.Manifest) -> None:
-        """Sign `manifest` in place (its `issued_at` must be set)."""
+    def sign_manifest(self, manifest: pb.Manifest, valid_s: float = 0) -> None:
+        """Sign `manifest` in place (its `issued_at` must be set); with `valid_s`, as the latest version
+        for that many seconds from now (`valid_until`), else for no time (`valid_until` 0)."""
+        manifest.valid_until = int(time.time() + valid_s) if valid_s > 0 else 0
         manifest.signature = self._key.sign(manifest_statement(manifest))
         manifest.signer = self.key_id
 
@@ -246,10 +251,17 @@ class TrustStore:
 
     def check_manifest(self, manifest: pb.Manifest, latest: bool, sender: str = "the server") -> None:
         """Untrusted unless `manifest` is signed by a trusted publisher and, when it was asked for as
-        the latest version, is not older than a version of the document seen before."""
+        the latest version, is not older than a version of the document seen before and was signed
+        as the latest for a time that has not passed (a replayed answer)."""
         what = f"manifest {manifest.document!r} v{manifest.version}"
         self._check(what, manifest.signer, manifest.signature, manifest_statement(manifest), sender)
         seen = self._latest.get(manifest.document, 0)
         if latest and manifest.version < seen:
             raise Untrusted(f"{sender} offered {what} as the latest, but v{seen} was seen before (a rollback)")
+        if latest and manifest.valid_until <= time.time():
+            when = f"until {utc_text(manifest.valid_until)}" if manifest.valid_until else "for no time"
+            raise Untrusted(
+                f"{sender} offered {what} as the latest, but the publisher vouched for that {when}: a stale "
+                "answer (replayed, or this machine's clock is off)"
+            )
         self._latest[manifest.document] = max(seen, manifest.version)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc4\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\x12\x18\n\x10invalidation_seq\x18\x08 \x01(\x04\"\xa6\x01\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x0e\n\x06signer\x18\t \x01(\t\"\x93\x02\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\x12\x11\n\ttoken_ids\x18\t \x03(\r\x12\x11\n\tissued_at\x18\n \x01(\x04\x12\x11\n\tsignature\x18\x0b \x01(\x0c\x12\x0e\n\x06signer\x18\x0c \x01(\t\"J\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x01(\x08\"[\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"o\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\x12\r\n\x05token\x18\x05 \x01(\t\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"@\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"1\n\x0cPurgeRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rPurgeResponse\x12\x10\n\x08versions\x18\x01 \x03(\r\x12\x16\n\x0e\x62locks_removed\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"Q\n\x11InvalidationEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32\x85\x01\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponse\x12\x38\n\x05Purge\x12\x16.kvcdn.v1.PurgeRequest\x1a\x17.kvcdn.v1.PurgeResponse2O\n\rInvalidations\x12>\n\x05Watch\x12\x16.kvcdn.v1.WatchRequest\x1a\x1b.kvcdn.v1.InvalidationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvcdn/v1/kvcdn.proto\x12\x08kvcdn.v1\"x\n\x08Geometry\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66rame_bytes\x18\x06 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc4\x01\n\nServerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x1b\n\x13max_document_tokens\x18\x05 \x01(\r\x12\x11\n\tbulk_port\x18\x06 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\r\x12\x18\n\x10invalidation_seq\x18\x08 \x01(\x04\"\xa6\x01\n\tBlockInfo\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x15\n\rframe_digests\x18\x05 \x03(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x0e\n\x06signer\x18\t \x01(\t\"\xa8\x02\n\x08Manifest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12$\n\x08geometry\x18\x04 \x01(\x0b\x32\x12.kvcdn.v1.Geometry\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12#\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\x12\x16\n\x0e\x63ontent_digest\x18\x07 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\x12\x11\n\ttoken_ids\x18\t \x03(\r\x12\x11\n\tissued_at\x18\n \x01(\x04\x12\x11\n\tsignature\x18\x0b \x01(\x0c\x12\x0e\n\x06signer\x18\x0c \x01(\t\x12\x13\n\x0bvalid_until\x18\r \x01(\x04\"J\n\x12GetManifestRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x01(\x08\"[\n\x13LookupPrefixRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\";\n\x14LookupPrefixResponse\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.kvcdn.v1.BlockInfo\"o\n\x13StreamBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bstart_frame\x18\x03 \x01(\r\x12\x11\n\tfrom_peer\x18\x04 \x01(\x08\x12\r\n\x05token\x18\x05 \x01(\t\"[\n\x0b\x46rameHeader\x12\x11\n\tblock_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"?\n\x05\x46rame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvcdn.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"@\n\x0ePublishRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x03 \x03(\t\"c\n\x0fPublishResponse\x12$\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.kvcdn.v1.Manifest\x12\x17\n\x0f\x63omputed_blocks\x18\x02 \x01(\r\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"1\n\x0cPurgeRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rPurgeResponse\x12\x10\n\x08versions\x18\x01 \x03(\r\x12\x16\n\x0e\x62locks_removed\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"Q\n\x11InvalidationEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\x32\x96\x02\n\x07KVCache\x12\x39\n\x07GetInfo\x12\x18.kvcdn.v1.GetInfoRequest\x1a\x14.kvcdn.v1.ServerInfo\x12?\n\x0bGetManifest\x12\x1c.kvcdn.v1.GetManifestRequest\x1a\x12.kvcdn.v1.Manifest\x12M\n\x0cLookupPrefix\x12\x1d.kvcdn.v1.LookupPrefixRequest\x1a\x1e.kvcdn.v1.LookupPrefixResponse\x12@\n\x0cStreamBlocks\x12\x1d.kvcdn.v1.StreamBlocksRequest\x1a\x0f.kvcdn.v1.Frame0\x01\x32\x85\x01\n\tPublisher\x12>\n\x07Publish\x12\x18.kvcdn.v1.PublishRequest\x1a\x19.kvcdn.v1.PublishResponse\x12\x38\n\x05Purge\x12\x16.kvcdn.v1.PurgeRequest\x1a\x17.kvcdn.v1.PurgeResponse2O\n\rInvalidations\x12>\n\x05Watch\x12\x16.kvcdn.v1.WatchRequest\x1a\x1b.kvcdn.v1.InvalidationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKINFO']._serialized_start=374
   _globals['_BLOCKINFO']._serialized_end=540
   _globals['_MANIFEST']._serialized_start=543
-  _globals['_MANIFEST']._serialized_end=818
-  _globals['_GETMANIFESTREQUEST']._serialized_start=820
-  _globals['_GETMANIFESTREQUEST']._serialized_end=894
-  _globals['_LOOKUPPREFIXREQUEST']._serialized_start=896
-  _globals['_LOOKUPPREFIXREQUEST']._serialized_end=987
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=989
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=1048
-  _globals['_STREAMBLOCKSREQUEST']._serialized_start=1050
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=1161
-  _globals['_FRAMEHEADER']._serialized_start=1163
-  _globals['_FRAMEHEADER']._serialized_end=1254
-  _globals['_FRAME']._serialized_start=1256
-  _globals['_FRAME']._serialized_end=1319
-  _globals['_PUBLISHREQUEST']._serialized_start=1321
-  _globals['_PUBLISHREQUEST']._serialized_end=1385
-  _globals['_PUBLISHRESPONSE']._serialized_start=1387
-  _globals['_PUBLISHRESPONSE']._serialized_end=1486
-  _globals['_PURGEREQUEST']._serialized_start=1488
-  _globals['_PURGEREQUEST']._serialized_end=1537
-  _globals['_PURGERESPONSE']._serialized_start=1539
-  _globals['_PURGERESPONSE']._serialized_end=1609
-  _globals['_WATCHREQUEST']._serialized_start=1611
-  _globals['_WATCHREQUEST']._serialized_end=1644
-  _globals['_INVALIDATIONEVENT']._serialized_start=1646
-  _globals['_INVALIDATIONEVENT']._serialized_end=1727
-  _globals['_KVCACHE']._serialized_start=1730
-  _globals['_KVCACHE']._serialized_end=2008
-  _globals['_PUBLISHER']._serialized_start=2011
-  _globals['_PUBLISHER']._serialized_end=2144
-  _globals['_INVALIDATIONS']._serialized_start=2146
-  _globals['_INVALIDATIONS']._serialized_end=2225
+  _globals['_MANIFEST']._serialized_end=839
+  _globals['_GETMANIFESTREQUEST']._serialized_start=841
+  _globals['_GETMANIFESTREQUEST']._serialized_end=915
+  _globals['_LOOKUPPREFIXREQUEST']._serialized_start=917
+  _globals['_LOOKUPPREFIXREQUEST']._serialized_end=1008
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=1010
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=1069
+  _globals['_STREAMBLOCKSREQUEST']._serialized_start=1071
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=1182
+  _globals['_FRAMEHEADER']._serialized_start=1184
+  _globals['_FRAMEHEADER']._serialized_end=1275
+  _globals['_FRAME']._serialized_start=1277
+  _globals['_FRAME']._serialized_end=1340
+  _globals['_PUBLISHREQUEST']._serialized_start=1342
+  _globals['_PUBLISHREQUEST']._serialized_end=1406
+  _globals['_PUBLISHRESPONSE']._serialized_start=1408
+  _globals['_PUBLISHRESPONSE']._serialized_end=1507
+  _globals['_PURGEREQUEST']._serialized_start=1509
+  _globals['_PURGEREQUEST']._serialized_end=1558
+  _globals['_PURGERESPONSE']._serialized_start=1560
+  _globals['_PURGERESPONSE']._serialized_end=1630
+  _globals['_WATCHREQUEST']._serialized_start=1632
+  _globals['_WATCHREQUEST']._serialized_end=1665
+  _globals['_INVALIDATIONEVENT']._serialized_start=1667
+  _globals['_INVALIDATIONEVENT']._serialized_end=1748
+  _globals['_KVCACHE']._serialized_start=1751
+  _globals['_KVCACHE']._serialized_end=2029
+  _globals['_PUBLISHER']._serialized_start=2032
+  _globals['_PUBLISHER']._serialized_end=2165
+  _globals['_INVALIDATIONS']._serialized_start=2167
+  _globals['_INVALIDATIONS']._serialized_end=2246
 # @@protoc_insertion_point(module_scope)

@@ -242,6 +242,7 @@ class Manifest(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNER_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Publisher-chosen document name."""
     version: _builtins.int
@@ -257,6 +258,11 @@ class Manifest(_message.Message):
     signature: _builtins.bytes
     """Ed25519 signature of the publisher over the manifest statement (SPEC.md section 12), and its key id."""
     signer: _builtins.str
+    valid_until: _builtins.int
+    """Unix time (seconds) until which this answer may be relied on as the latest version: set, and
+    signed, when the manifest answers a request for the latest (version 0), else 0. A receiver refuses
+    a "latest" whose time has passed (a replayed or frozen answer; SPEC.md section 12).
+    """
     @_builtins.property
     def geometry(self) -> Global___Geometry:
         """KV geometry of the blocks."""
@@ -293,10 +299,11 @@ class Manifest(_message.Message):
         issued_at: _builtins.int = ...,
         signature: _builtins.bytes = ...,
         signer: _builtins.str = ...,
+        valid_until: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "issued_at", b"issued_at", "signature", b"signature", "signer", b"signer", "token_count", b"token_count", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "issued_at", b"issued_at", "signature", b"signature", "signer", b"signer", "token_count", b"token_count", "token_ids", b"token_ids", "valid_until", b"valid_until", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
