@@ -68,6 +68,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         tls=TLSFiles.from_args(args),
         token=read_token(args.token_file),
         tokens=args.tokens,
+        rate_limit=args.rate_limit,
     )
 
 

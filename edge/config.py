@@ -65,6 +65,9 @@ class EdgeConfig:
     trust: tuple[Path, ...] = ()
     """Publisher public keys (PEM) whose signature every block info must carry, from the origin and
     from peers alike (kvcdn.spec.provenance); empty: no signature checks."""
+    rate_limit: float = 0.0
+    """Calls (and bulk streams) a second per client, by token or else address; peers and the origin's
+    own callers with an `edge` or `publisher` token are not limited (kvcdn.wire.ratelimit). 0: none."""
 
     def __post_init__(self) -> None:
         if self.mem_bytes < 0 or self.disk_bytes < 0:
@@ -79,6 +82,8 @@ class EdgeConfig:
             raise InvalidArgument("peer_suspect_s and prefetch_blocks must be >= 0")
         if self.origin_lookups < 1 or self.miss_ttl_s < 0:
             raise InvalidArgument("origin_lookups must be at least 1 and miss_ttl_s >= 0")
+        if self.rate_limit < 0:
+            raise InvalidArgument("--rate-limit must be >= 0 (0: no limit)")
         if self.remembered_misses < 0 or self.remembered_infos < 0:
             raise InvalidArgument("remembered_misses and remembered_infos must be >= 0")
         if self.peers:

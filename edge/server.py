@@ -11,6 +11,7 @@ from kvcdn.edge.service import EdgeService
 from kvcdn.edge.tiers import MemoryTier, Tier
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 
@@ -37,7 +38,9 @@ async def serve_edge(edge: Edge) -> Server:
             await edge.catch_up(config.origin_timeout_s)
         server = await start_server(
             config.listen,
-            EdgeService(edge, ServerMetrics(edge.stats), auth),
+            EdgeService(
+                edge, ServerMetrics(edge.stats), auth, RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
+            ),
             bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
             bulk_port=config.bulk_port,
             metrics_port=config.metrics_port,

@@ -10,6 +10,7 @@ from kvcdn.edge.edge import Edge
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import rpc_errors, stream_errors
 
 __all__ = ["EdgeService"]
@@ -18,11 +19,15 @@ __all__ = ["EdgeService"]
 class EdgeService:
     """KVCache, registered by kvcdn.wire.rpc with pass-through frames."""
 
-    def __init__(self, edge: Edge, metrics: ServerMetrics, auth: Authorizer | None = None) -> None:
+    def __init__(
+        self, edge: Edge, metrics: ServerMetrics, auth: Authorizer | None = None, limiter: RateLimiter | None = None
+    ) -> None:
         self.edge = edge
         self.metrics = metrics
         self.auth = auth
         """Checks the callers' tokens where reads are closed (kvcdn.wire.rpc calls it); None: open."""
+        self.limiter = limiter
+        """Each caller's rate of calls (None: unlimited)."""
 
     @rpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:

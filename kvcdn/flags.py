@@ -95,8 +95,8 @@ def add_token_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_server_flags(p: argparse.ArgumentParser, listen: str) -> None:
-    """What every server command takes: where it listens, its bulk and metrics ports, and the port
-    file a parent process (`kvcdn up`) waits for."""
+    """What every server command takes: where it listens, its bulk and metrics ports, a per-client
+    rate limit, and the port file a parent process (`kvcdn up`) waits for."""
     p.add_argument("--listen", default=listen, help=f"HOST:PORT (port 0: any free port; default {listen})")
     p.add_argument(
         "--bulk-port",
@@ -109,6 +109,14 @@ def add_server_flags(p: argparse.ArgumentParser, listen: str) -> None:
         type=int,
         default=0,
         help="HTTP port of the Prometheus /metrics endpoint on the listen host (0: any free port, -1: off)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="CALLS_PER_S",
+        help="calls (and bulk streams) a second per client, by token or else address, in bursts of 2 s "
+        "worth; callers with an edge or publisher token are not limited (default 0: no limit)",
     )
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     p.set_defaults(server=True)

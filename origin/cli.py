@@ -74,6 +74,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         codecs=args.codecs,
         signing_key=Path(args.signing_key) if args.signing_key else None,
         manifest_ttl_s=args.manifest_ttl,
+        rate_limit=args.rate_limit,
         tokens=Path(args.tokens) if args.tokens else None,
         closed_reads=args.closed_reads,
         store_bytes=args.store_bytes,

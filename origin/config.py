@@ -58,6 +58,9 @@ class OriginConfig:
     signing_key: Path | None = None
     """The publisher's Ed25519 key (PEM, `kvcdn keys generate`): block infos and manifests are signed
     with it (kvcdn.spec.provenance); None signs nothing."""
+    rate_limit: float = 0.0
+    """Calls (and bulk streams) a second per client, by token or else address; callers with an `edge`
+    or `publisher` token are not limited (kvcdn.wire.ratelimit). 0: none."""
     manifest_ttl_s: float = 3600.0
     """How long a signed answer for a document's latest version may be relied on (its `valid_until`):
     the most an edge replaying an old answer can hold a client back; also the clock skew tolerated."""
@@ -72,5 +75,7 @@ class OriginConfig:
             raise InvalidArgument("closed reads need a tokens file (--tokens) naming who may read")
         if self.store_bytes < 0:
             raise InvalidArgument("store_bytes must be >= 0 (0: no budget)")
+        if self.rate_limit < 0:
+            raise InvalidArgument("--rate-limit must be >= 0 (0: no limit)")
         if self.manifest_ttl_s < 1:
             raise InvalidArgument("--manifest-ttl must be at least 1 second")

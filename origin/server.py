@@ -11,6 +11,7 @@ from kvcdn.origin.origin import Origin
 from kvcdn.origin.service import OriginService
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 
@@ -23,7 +24,8 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
     """Start an origin for an already loaded model; the caller stops the returned server."""
     origin = Origin(config, model)
     auth = Authorizer.from_file(config.tokens, config.closed_reads) if config.tokens is not None else None
-    service = OriginService(origin, ServerMetrics(origin.stats), auth)
+    limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
+    service = OriginService(origin, ServerMetrics(origin.stats), auth, limiter)
     server = await start_server(
         config.listen,
         service,

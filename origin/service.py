@@ -11,6 +11,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import feed_errors, rpc_errors, stream_errors
 
 __all__ = ["OriginService"]
@@ -19,11 +20,19 @@ __all__ = ["OriginService"]
 class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
     """KVCache (registered by kvcdn.wire.rpc with pass-through frames), Publisher and Invalidations."""
 
-    def __init__(self, origin: Origin, metrics: ServerMetrics, auth: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        metrics: ServerMetrics,
+        auth: Authorizer | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.origin = origin
         self.metrics = metrics
         self.auth = auth
         """Who may Publish, Purge and Watch (None: anyone who reaches the port)."""
+        self.limiter = limiter
+        """Each caller's rate of calls (None: unlimited)."""
 
     @rpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvcdn.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
-__all__ = ["ROLES", "Authorizer", "bearer", "read_token", "write_tokens"]
+__all__ = ["ROLES", "Authorizer", "bearer", "read_token", "token_of", "write_tokens"]
 
 READS = frozenset({"GetManifest", "LookupPrefix", "StreamBlocks"})
 """Methods that need a token only where reads are closed."""
@@ -75,13 +75,10 @@ class Authorizer:
             raise InvalidArgument(f"--tokens {path} holds no token")
         return cls(tokens, closed_reads)
 
-    def require(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str) -> None:
-        """`check` the token a gRPC call carries as `authorization: Bearer TOKEN` metadata."""
-        token = ""
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value.removeprefix("Bearer ").strip()
-        self.check(token, method)
+    def role(self, token: str) -> str | None:
+        """The role `token` grants, or None for a token this server does not know."""
+        digest = _digest(token)
+        return next((r for d, r in self._roles if hmac.compare_digest(d, digest)), None)
 
     def check(self, token: str, method: str) -> None:
         """Nothing for open methods; else Unauthenticated / PermissionDenied unless `token`'s role
@@ -90,12 +87,20 @@ class Authorizer:
             return
         if not token:
             raise Unauthenticated(f"{method} needs credentials: send `authorization: Bearer TOKEN` (--token-file)")
-        digest = _digest(token)
-        role = next((r for d, r in self._roles if hmac.compare_digest(d, digest)), None)
+        role = self.role(token)
         if role is None:
             raise Unauthenticated(f"{method}: the token is not one this server knows")
         if method not in ROLES[role]:
             raise PermissionDenied(f"a {role} token may not call {method}")
+
+
+def token_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The token a gRPC call carries as `authorization: Bearer TOKEN` metadata ("": none)."""
+    token = ""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            token = value.removeprefix("Bearer ").strip()
+    return token
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -45,6 +45,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.frames import check_digest, expect_frame, frame_parts
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
+from kvcdn.wire.ratelimit import RateLimiter
 
 __all__ = ["DEFAULT_LIMITS", "BulkLimits", "BulkServer", "FrameTarget", "Progress", "receive_into", "start_bulk_server"]
 
@@ -86,6 +87,7 @@ class _Options:
     limits: BulkLimits
     tls: ssl.SSLContext | None
     auth: Authorizer | None
+    limiter: RateLimiter | None
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -187,7 +189,7 @@ async def _read_request(conn: _Plain | _Secure) -> pb.StreamBlocksRequest:
         raise InvalidArgument("bulk request is not a StreamBlocksRequest") from None
 
 
-async def _serve(sock: socket.socket, stream: StreamFn, metrics: ServerMetrics, options: _Options) -> None:
+async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: ServerMetrics, options: _Options) -> None:
     code = grpc.StatusCode.OK
     started = time.perf_counter()
     limits = options.limits
@@ -208,6 +210,8 @@ async def _serve(sock: socket.socket, stream: StreamFn, metrics: ServerMetrics, 
                 raise DeadlineExceeded(f"no whole bulk request within {limits.request_s:g} s") from None
             if options.auth is not None:  # as StreamBlocks' metadata is checked over gRPC
                 options.auth.check(req.token, "StreamBlocks")
+            if options.limiter is not None:
+                options.limiter.admit(peer, req.token, options.auth, "StreamBlocks")
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)
@@ -250,11 +254,13 @@ async def start_bulk_server(
     limits: BulkLimits = DEFAULT_LIMITS,
     tls: ssl.SSLContext | None = None,
     auth: Authorizer | None = None,
+    limiter: RateLimiter | None = None,
 ) -> BulkServer:
     """Listen on host:port (0: any free port) and serve `stream`'s frames to each connection, within
     `limits`: connections over a cap are closed at once, and running out of file descriptors pauses
     the accept loop instead of ending it. With `tls` every connection is TLS (its handshake counts
-    against the request deadline); with `auth` a request's token is checked as StreamBlocks' is."""
+    against the request deadline); with `auth` a request's token is checked as StreamBlocks' is, and
+    with `limiter` each stream counts against its caller's rate as a gRPC call does."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -267,7 +273,7 @@ async def start_bulk_server(
     sock.listen(128)
     sock.setblocking(False)
     conns: set[asyncio.Task[None]] = set()
-    options = _Options(limits, tls, auth)
+    options = _Options(limits, tls, auth, limiter)
     per_peer: dict[str, int] = {}
 
     def done(peer: str, task: asyncio.Task[None]) -> None:
@@ -291,7 +297,7 @@ async def start_bulk_server(
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_serve(conn, stream, metrics, options))
+            task = asyncio.create_task(_serve(conn, peer, stream, metrics, options))
             conns.add(task)
             per_peer[peer] = per_peer.get(peer, 0) + 1
             task.add_done_callback(functools.partial(done, peer))

@@ -21,10 +21,11 @@ from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, Limit
 from kvcdn.spec.identity import KEY_BYTES
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
-from kvcdn.wire.auth import Authorizer
+from kvcdn.wire.auth import Authorizer, token_of
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.wire.frames import payload_size
 from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
+from kvcdn.wire.ratelimit import RateLimiter, peer_host
 from kvcdn.wire.tls import TLSFiles
 
 __all__ = [
@@ -81,19 +82,25 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
 
 @contextlib.asynccontextmanager
 async def _boundary(servicer: Any, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-    """Where a servicer method meets gRPC: its credentials are checked (`servicer.auth`, if any),
-    domain errors become their status (anything else INTERNAL), and every call is counted when it
-    starts and by final status, with its latency (feeds: none)."""
+    """Where a servicer method meets gRPC: its credentials are checked (`servicer.auth`, if any) and
+    its caller's rate (`servicer.limiter`, if any), domain errors become their status (anything else
+    INTERNAL), and every call is counted when it starts and by final status, with its latency (feeds:
+    none)."""
     metrics: ServerMetrics = servicer.metrics
     auth: Authorizer | None = getattr(servicer, "auth", None)
+    limiter: RateLimiter | None = getattr(servicer, "limiter", None)
     m = METHODS[method]
     labels = (m.type, m.service, m.name)
     metrics.started.labels(*labels).inc()
     code = grpc.StatusCode.OK
     started = time.perf_counter()
     try:
-        if auth is not None:
-            auth.require(context.invocation_metadata(), method)
+        if auth is not None or limiter is not None:
+            token = token_of(context.invocation_metadata())
+            if auth is not None:
+                auth.check(token, method)
+            if limiter is not None:
+                limiter.admit(peer_host(context.peer()), token, auth, method)
         yield
     except grpc.aio.AbortError:
         code = grpc.StatusCode.UNKNOWN
@@ -332,6 +339,7 @@ async def start_server(
                 kvcache.metrics,
                 tls=tls.server_context() if tls is not None else None,
                 auth=getattr(kvcache, "auth", None),
+                limiter=getattr(kvcache, "limiter", None),
             )
         if metrics_port >= 0:
             try:

@@ -1,0 +1,66 @@
+"""Per-client rate limits: a token bucket per client on every server that is given a rate.
+
+A client is its token where the server knows it (`--tokens`: a reader token is one party wherever it
+connects from), else its peer address. Callers holding an `edge` or `publisher` token are not limited:
+they are the deployment's own (an origin that throttled its edges would throttle every agent behind
+them). Each call (gRPC, or a bulk-port stream) takes one unit; a client over its rate gets
+RESOURCE_EXHAUSTED with the time to wait, before any work is done, and other clients are not affected.
+Buckets of clients not seen for a while are forgotten (at most `max_clients` are kept, least recently
+seen dropped first: a dropped client starts again with a full burst).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+
+from kvcdn.errors import InvalidArgument, LimitExceeded
+from kvcdn.wire.auth import Authorizer
+
+__all__ = ["RateLimiter", "peer_host"]
+
+UNLIMITED_ROLES = frozenset({"edge", "publisher"})
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string (`ipv4:127.0.0.1:5050`, `ipv6:[::1]:5050`), or the string."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]") or rest
+
+
+class RateLimiter:
+    """`rate` calls a second per client, in bursts of up to `burst` (default: 2 s worth)."""
+
+    def __init__(self, rate: float, burst: float = 0, max_clients: int = 65536) -> None:
+        if rate <= 0:
+            raise InvalidArgument("--rate-limit takes calls per second per client, above 0")
+        self.rate = rate
+        self.burst = burst or max(1.0, 2 * rate)
+        if self.burst < 1:
+            raise InvalidArgument("a rate limit's burst must allow at least one call")
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """client -> (units left, when last counted), least recently seen first."""
+
+    def admit(self, peer: str, token: str, auth: Authorizer | None, method: str) -> None:
+        """Take one unit for the caller (`peer` address, `token` as sent), or LimitExceeded."""
+        role = auth.role(token) if auth is not None and token else None
+        if role in UNLIMITED_ROLES:
+            return
+        client = f"{role} token {hashlib.sha256(token.encode()).hexdigest()[:8]}" if role else f"peer {peer}"
+        now = time.monotonic()
+        left, then = self._buckets.pop(client, (self.burst, now))
+        left = min(self.burst, left + (now - then) * self.rate)
+        if left < 1:
+            self._buckets[client] = (left, now)
+            raise LimitExceeded(
+                f"{method}: {client} is over its rate of {self.rate:g} calls/s (--rate-limit); "
+                f"retry in {(1 - left) / self.rate:.2f} s"
+            )
+        self._buckets[client] = (left - 1, now)
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
