@@ -7,14 +7,20 @@ attacker got. Every attack is bounded in count and time and stops by itself.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.errors import KVCDNError
@@ -51,6 +57,9 @@ async def _fetch_ms(client: KVClient, model: LoadedModel, ids: list[int], n: int
     return best * 1e3
 
 
+RANDOM_STREAMS = 1000
+EDGE_RATE_LIMIT = 100
+"""Calls a second per client the edge allows (`--rate-limit`): the honest agent needs a few per fetch."""
 ATTACKER = "127.0.0.2"
 """The attacker's source address: another peer than the honest agent (Linux routes all of 127/8 to
 loopback), as it would be on a network; per-peer caps tell them apart."""
@@ -69,6 +78,36 @@ def _open(host: str, port: int, n: int, first: bytes) -> list[socket.socket]:
     return out
 
 
+def _random_key_streams(host: str, port: int, fingerprint: str, n: int) -> Counter[str]:
+    """`n` bulk streams from ATTACKER, one after another, each asking for a random (unpublished) key;
+    the status each got, by name."""
+    codes: Counter[str] = Counter()
+    for _ in range(n):
+        request = pb.StreamBlocksRequest(fingerprint=fingerprint, keys=[os.urandom(32)]).SerializeToString()
+        with socket.create_connection((host, port), timeout=5, source_address=(ATTACKER, 0)) as s:
+            s.sendall(struct.pack("<I", len(request)) + request)
+            head = s.recv(8, socket.MSG_WAITALL)
+            marker, length = struct.unpack("<II", head) if len(head) == 8 else (0, 0)
+            if marker != 0xFFFFFFFE or length < 4:  # not an error record (kvcdn.wire.bulk)
+                codes["other"] += 1
+                continue
+            (code,) = struct.unpack("<I", s.recv(4, socket.MSG_WAITALL))
+            codes[next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")] += 1
+    return codes
+
+
+def _origin_lookups(metrics_url: str) -> float:
+    """LookupPrefix calls the origin has answered (its /metrics)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as page:
+        text = page.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "grpc_server_handled_total" and sample.labels.get("grpc_method") == "LookupPrefix"
+    )
+
+
 def _still_open(socks: list[socket.socket]) -> int:
     """How many of `socks` the server has not closed (a closed one reads EOF or an error record)."""
     n = 0
@@ -84,9 +123,16 @@ def _still_open(socks: list[socket.socket]) -> int:
 
 
 def run_attacks(model: LoadedModel, options: ModelOptions, markdown: bool) -> int:
-    """Start an origin and an edge (signed, tokens on), run each attack, print the table."""
+    """Start an origin and an edge (signed, tokens on, a per-client rate limit), run each attack, print
+    the table."""
     with tempfile.TemporaryDirectory(prefix="kvcdn-attacks-") as store:
-        cluster = Cluster(store_dir=Path(store), edges=1, origin_args=options.flags(), auth=True).start()
+        cluster = Cluster(
+            store_dir=Path(store),
+            edges=1,
+            origin_args=options.flags(),
+            edge_args=["--rate-limit", str(EDGE_RATE_LIMIT)],
+            auth=True,
+        ).start()
         try:
             rows = asyncio.run(_attacks(model, cluster))
         finally:
@@ -95,7 +141,7 @@ def run_attacks(model: LoadedModel, options: ModelOptions, markdown: bool) -> in
     out = grid(
         ["attack (bounded, loopback)", "honest fetch ms", "edge RSS MiB", "outcome"],
         body,
-        f"kvcdn attacks: {model.name}, one edge, signed blocks, tokens on",
+        f"kvcdn attacks: {model.name}, one edge (--rate-limit {EDGE_RATE_LIMIT}), signed blocks, tokens on",
         markdown,
     )
     if isinstance(out, str):
@@ -178,6 +224,19 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
                 return f"{type(exc).__name__}; the document is still served"
             return "PURGED"
 
+        async def random_keys() -> str:
+            before = _origin_lookups(cluster.metrics_urls["origin"])
+            t0 = time.perf_counter()
+            codes = await asyncio.to_thread(_random_key_streams, host, bulk_port, model.fingerprint_hex, RANDOM_STREAMS)
+            seconds = time.perf_counter() - t0
+            lookups = _origin_lookups(cluster.metrics_urls["origin"]) - before
+            refused, missing = codes.pop("RESOURCE_EXHAUSTED", 0), codes.pop("NOT_FOUND", 0)
+            other = f", other: {dict(codes)}" if codes else ""
+            return (
+                f"in {seconds:.1f} s: {refused} refused by --rate-limit {EDGE_RATE_LIMIT}, {missing} NOT_FOUND; "
+                f"the origin answered {lookups:.0f} lookups{other}"
+            )
+
         async def half_open_scrapes() -> str:
             socks = await asyncio.to_thread(_open, host, metrics_port, 100, b"GET /metr")
             await asyncio.sleep(0.5)
@@ -194,4 +253,5 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
         await during("an 8 MiB Publish", huge_publish)
         await during("anonymous Purge", anonymous_purge)
         await during("100 half-open /metrics requests", half_open_scrapes)
+        await during(f"{RANDOM_STREAMS:,} bulk streams of random keys from one address", random_keys)
     return rows
