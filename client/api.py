@@ -17,7 +17,7 @@ import torch
 from kvcdn.client.policy import Decision, Estimates, Policy, decide
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
-from kvcdn.model.codecs import DecodingAssembler
+from kvcdn.model.codecs import DecodingAssembler, decodes_on_device
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.tensors import KVAssembler, LayerKV, StagingPool, synchronize
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
@@ -324,9 +324,12 @@ class KVClient:
         n_tokens = sum(b.n_tokens for b in blocks)
         if not blocks:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
-        into = KVAssembler(geometry, n_tokens, model.device, self.staging)
         codec = blocks[0].codec or "raw"
-        assembler: Target = into if codec == "raw" else DecodingAssembler(into, blocks)
+        # fp8 and int4 blocks bound for a GPU are copied there encoded and decoded in place: no host
+        # staging for the decoded cache (kvcdn.model.codecs.DecodingAssembler).
+        on_device = decodes_on_device(codec, model.device)
+        into = KVAssembler(geometry, n_tokens, model.device, self.staging, host_staging=not on_device)
+        assembler: Target = into if codec == "raw" else DecodingAssembler(into, blocks, on_device)
         # Every run of blocks streams at once (the ring spreads a document over its edges), each into
         # its own part of the tensors; a failure in one run fails over on its own, as if it were alone.
         runs = self.runs(blocks)

@@ -13,13 +13,14 @@ import torch
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model import adapter
-from kvcdn.model.codecs import decode, encode
+from kvcdn.model.codecs import DecodingAssembler, decode, encode
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import TORCH_DTYPES, bit_identical
+from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV, bit_identical
 from kvcdn.spec.codecs import CODECS, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import encoded_key
+from kvcdn.v1 import kvcdn_pb2 as pb
 from tests.conftest import SAMPLES, memory_tier, start_network, stop_network
 
 TEXT = (SAMPLES / "apache-2.0.txt").read_text()[:2500]
@@ -92,6 +93,53 @@ def test_a_corrupted_or_truncated_encoding_is_data_loss_never_a_crash(codec: str
         with pytest.raises(DigestMismatch):
             decode(codec, g, 32, bad)
             raise AssertionError(f"{codec}: {what} decoded")
+
+
+def _assemble(g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_device: bool) -> list[LayerKV]:
+    """Feed encoded `blocks` (frames of 100 bytes, as a stream would) through a DecodingAssembler."""
+    infos = [
+        pb.BlockInfo(index=i, n_tokens=min(g.block_tokens, n_tokens - i * g.block_tokens), n_bytes=len(b), codec=codec)
+        for i, b in enumerate(blocks)
+    ]
+    target = DecodingAssembler(KVAssembler(g, n_tokens, torch.device("cpu")), infos, on_device=on_device)
+    for info, data in zip(infos, blocks, strict=True):
+        start = info.index * g.block_tokens
+        for offset in range(0, len(data), 100):
+            target.write(start, info.n_tokens, offset, memoryview(data[offset : offset + 100]))
+        target.block_done(start, info.n_tokens)
+    return target.layers()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("codec", ["fp8", "int4"])
+def test_decoding_with_torch_ops_where_the_cache_lands_is_bit_identical(dtype: str, codec: str) -> None:
+    # The path a GPU takes (encoded bytes copied over, decoded with torch ops, landed in place), run
+    # on the CPU: the same values, bit for bit, as decoding on the host. head_dim 6 and 7 tokens:
+    # the int4 step and scale arrays start at offsets torch cannot view in place.
+    g = Geometry(layers=3, kv_heads=3, head_dim=6, dtype=dtype, block_tokens=16)
+    n_tokens = 39
+    blocks = [
+        encode(codec, g, n, _kv(g, n, seed=i)[0])
+        for i, n in enumerate(min(16, n_tokens - s) for s in range(0, n_tokens, 16))
+    ]
+    host = _assemble(g, codec, blocks, n_tokens, on_device=False)
+    device = _assemble(g, codec, blocks, n_tokens, on_device=True)
+    assert bit_identical(device, host) and device[0][0].shape == (1, 3, n_tokens, 6)
+
+
+def test_device_decoding_refuses_what_it_cannot_decode() -> None:
+    g = Geometry(layers=2, kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=32)
+    payload, _ = _kv(g, 32)
+    with pytest.raises(InvalidArgument, match="decode on the device"):
+        _assemble(g, "lossless", [encode("lossless", g, 32, payload)], 32, on_device=True)
+    data = encode("fp8", g, 32, payload)
+    with pytest.raises(DigestMismatch, match="header"):  # checked on the host before any copy
+        _assemble(g, "fp8", [data[:8] + (33).to_bytes(4, "little") + data[12:]], 32, on_device=True)
+    scale_inf = data[:12] + np.float32(np.inf).tobytes() + data[16:]  # a scale of inf: found once landed
+    with pytest.raises(DigestMismatch, match="non-finite"):
+        _assemble(g, "fp8", [scale_inf], 32, on_device=True)
+    with pytest.raises(InvalidArgument, match="does not fit"):
+        KVAssembler(g, 32, torch.device("cpu")).land(16, 32, torch.zeros(4, 32, 2, 16, dtype=torch.bfloat16))
 
 
 def test_codec_lists_are_checked() -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcdn.client import KVClient, generate_from_cache
+from kvcdn.client import KVClient, api, generate_from_cache
 from kvcdn.client.agent import compare
 from kvcdn.model import adapter
 from kvcdn.model.loading import load_model
 from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.model.tensors import bit_identical
 from tests.conftest import SAMPLES, start_network, stop_network
 
 pytestmark = [
@@ -48,5 +49,27 @@ async def test_a_fetched_cache_on_the_gpu_is_bit_identical_to_a_local_prefill(
         assert 0 <= matched <= 16 and diff == diff  # reported, not required (bf16: other arithmetic)
         if dtype == "float32":
             assert matched == 16
+    finally:
+        await stop_network(net)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4"])
+async def test_lossy_blocks_decode_on_the_gpu_bit_identically_to_the_host(
+    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
+) -> None:
+    model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16", device="cuda", block_tokens=32, frame_bytes=4096)
+    text = (SAMPLES / "apache-2.0.txt").read_text()[:3000]
+    doc = document_ids(model.tokenizer, text)
+    net = await start_network(model, tmp_path / "store", codecs=(codec,), max_document_tokens=4000)
+    try:
+        await net.origin.publish("doc", text)
+        async with KVClient([net.edge_address]) as client:
+            on_gpu = await client.fetch(model, doc, codecs=(codec,))  # copied encoded, decoded by torch on the GPU
+            again = await client.fetch(model, doc, codecs=(codec,))
+            monkeypatch.setattr(api, "decodes_on_device", lambda _codec, _device: False)
+            on_host = await client.fetch(model, doc, codecs=(codec,))  # decoded on the CPU, copied decoded
+        assert on_gpu.codec == codec and on_gpu.cached_tokens == len(doc)
+        assert on_gpu.layers[0][0].device.type == "cuda"
+        assert bit_identical(on_gpu.layers, on_host.layers) and bit_identical(again.layers, on_host.layers)
     finally:
         await stop_network(net)

@@ -9,6 +9,7 @@ the buffers to transformers as `[1, kv_heads, tokens, head_dim]` views (a permut
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -120,10 +121,16 @@ class KVAssembler:
     On the CPU the buffers are the cache itself (no copy). For a GPU, frames land in host staging
     (from `staging`, a StagingPool, or freshly pinned), each block is copied to the GPU on a side
     stream as soon as it is complete and verified (`block_done`), overlapping the network, and
-    `layers()` returns once the last copy has landed."""
+    `layers()` returns once the last copy has landed. Blocks decoded on the device arrive instead as
+    tensors (`land`); a GPU cache whose blocks all arrive so takes no host staging (`host_staging`)."""
 
     def __init__(
-        self, geometry: Geometry, n_tokens: int, device: torch.device, staging: StagingPool | None = None
+        self,
+        geometry: Geometry,
+        n_tokens: int,
+        device: torch.device,
+        staging: StagingPool | None = None,
+        host_staging: bool = True,
     ) -> None:
         self.geometry = geometry
         self.n_tokens = n_tokens
@@ -133,16 +140,20 @@ class KVAssembler:
         self._row_bytes = geometry.segment_bytes(1)
         self._stream: Any = None
         """The side stream of the copies to a GPU (None on the CPU, where the buffers are the cache)."""
-        self._pool: StagingPool | None = None
+        self.staging: StagingPool | None = None
+        """Where host staging comes from and goes back to (None on the CPU)."""
         self._host_block: torch.Tensor | None = None
         if device.type == "cuda":
             size = n_tokens * self._row_bytes
-            self._pool = staging if staging is not None else StagingPool(keep_bytes=0)
-            self._host_block = self._pool.take(2 * geometry.layers * size)
-            self._buffers = [
-                self._host_block[i * size : (i + 1) * size].view(dtype).view(shape) for i in range(2 * geometry.layers)
-            ]
-            self._device_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in self._buffers]
+            self.staging = staging if staging is not None else StagingPool(keep_bytes=0)
+            self._buffers = []
+            if host_staging:
+                self._host_block = self.staging.take(2 * geometry.layers * size)
+                self._buffers = [
+                    self._host_block[i * size : (i + 1) * size].view(dtype).view(shape)
+                    for i in range(2 * geometry.layers)
+                ]
+            self._device_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2 * geometry.layers)]
             self._stream = _CudaStream(device)
         else:
             self._buffers = [torch.empty(shape, dtype=dtype) for _ in range(2 * geometry.layers)]
@@ -155,6 +166,8 @@ class KVAssembler:
         """Writable byte views of the buffers that bytes [offset, offset + length) of the block
         covering tokens [block_start, block_start + block_tokens) belong to, in payload order."""
         seg = self.geometry.segment_bytes(block_tokens)
+        if not self._views:
+            raise InvalidArgument("this cache has no host staging: its blocks are decoded on the device (land)")
         if block_start + block_tokens > self.n_tokens or offset < 0 or offset + length > seg * len(self._views):
             raise InvalidArgument("frame lies outside the cache being assembled")
         base = block_start * self._row_bytes
@@ -188,6 +201,24 @@ class KVAssembler:
                 )
         self._landed.add(block_start)
 
+    def side_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """The context that queues work on the side stream of the copies (nothing on the CPU), so work
+        on a block (a device decode) runs in order with its copy, off the model's stream."""
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def land(self, block_start: int, block_tokens: int, segments: torch.Tensor) -> None:
+        """Write a block decoded on the device, `[2 * layers, block_tokens, kv_heads, head_dim]` in the
+        cache's dtype, into place (on the side stream; call it inside `side_stream()` after the decode)."""
+        if block_start + block_tokens > self.n_tokens or segments.shape[:2] != (
+            len(self._device_buffers),
+            block_tokens,
+        ):
+            raise InvalidArgument("decoded block does not fit the cache being assembled")
+        with self.side_stream():
+            for segment, buffer in zip(segments, self._device_buffers, strict=True):
+                buffer[block_start : block_start + block_tokens].copy_(segment)
+        self._landed.add(block_start)
+
     def layers(self) -> list[LayerKV]:
         """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device.
         For a GPU: copies what `block_done` did not, waits until every copy has landed and gives the
@@ -195,10 +226,12 @@ class KVAssembler:
         if self._stream is not None:
             for start, end in block_spans(self.n_tokens, self.geometry.block_tokens):
                 if start not in self._landed:
+                    if not self._buffers:
+                        raise InvalidArgument(f"block at token {start} never landed on the device")
                     self.block_done(start, end - start)
             self._stream.synchronize()
-            if self._pool is not None and self._host_block is not None:
-                self._pool.give(self._host_block)
+            if self.staging is not None and self._host_block is not None:
+                self.staging.give(self._host_block)
                 self._host_block = None
         out: list[LayerKV] = []
         for i in range(0, len(self._device_buffers), 2):
