@@ -14,6 +14,7 @@ the receiver); a deployment that closes reads sends its token in the request (`t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -375,10 +376,11 @@ def receive_into(
     `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks); over TLS with `tls`
     (the server's certificate checked for `address`'s host), sending `token` for closed reads.
 
-    Blocking: run it in a worker thread. Each frame's digest is computed in a helper thread (BLAKE3
-    releases the GIL) while the next frame is received, so hashing and receiving (and, under TLS,
-    decrypting) overlap. `progress` advances frame by frame, in order and only past verified frames,
-    so after a retryable failure another server can resume exactly where this one stopped.
+    Blocking: run it in a worker thread. Each frame is verified in a helper thread (BLAKE3 releases
+    the GIL), which also hands each completed block on (decode, copy to a GPU), while the next
+    frames are received, so receiving (and, under TLS, decrypting), hashing and decoding overlap.
+    `progress` advances frame by frame, in order and only past verified frames, so after a retryable
+    failure another server can resume exactly where this one stopped.
     """
     request = pb.StreamBlocksRequest(
         fingerprint=fingerprint,
@@ -393,8 +395,8 @@ def receive_into(
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with tls.wrap_socket(raw, server_hostname=address[0]) if tls is not None else raw as sock:
                 sock.sendall(_U32.pack(len(request)) + request)
-                with ThreadPoolExecutor(1, thread_name_prefix="kvcdn-verify") as hashing:
-                    _receive_frames(sock, peer, blocks, geometry, assembler, progress, deadline, hashing)
+                with ThreadPoolExecutor(1, thread_name_prefix="kvcdn-verify") as helper:
+                    _receive_frames(sock, peer, blocks, geometry, assembler, progress, deadline, helper)
                 first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
                 _raise_if_error(sock, peer, first, second)
                 if first != _END:
@@ -419,15 +421,6 @@ def _raise_if_error(sock: socket.socket, peer: str, marker: int, length: int) ->
     raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
 
 
-@dataclass
-class _Received:
-    """A frame whose payload is written and whose digest is being computed."""
-
-    info: pb.BlockInfo
-    index: int
-    digest: Future[bytes]
-
-
 def _hash(views: list[memoryview]) -> bytes:
     hasher = blake3.blake3()
     for view in views:
@@ -435,12 +428,51 @@ def _hash(views: list[memoryview]) -> bytes:
     return hasher.digest()
 
 
-def _settle(frame: _Received, peer: str, geometry: Geometry, assembler: FrameTarget, progress: Progress) -> None:
-    """Check a received frame's digest, then advance `progress` past it (the block is handed on
-    when that completed it)."""
-    check_digest(frame.info, frame.index, frame.digest.result(), peer)
-    if progress.advance(len(frame.info.frame_digests)):
-        assembler.block_done(frame.info.index * geometry.block_tokens, frame.info.n_tokens)
+_AHEAD = 8
+"""Frames the receiver may be ahead of the helper that verifies and hands them on."""
+
+
+class _Settler:
+    """The helper side of a stream: verifies each received frame against its digest and advances
+    `progress` past it, handing a completed block on (decode, copy to a GPU), in a thread of its own
+    so the receiving thread only receives. Frames settle in the order they arrived; after a frame
+    fails, none after it counts."""
+
+    def __init__(
+        self, peer: str, geometry: Geometry, assembler: FrameTarget, progress: Progress, pool: ThreadPoolExecutor
+    ) -> None:
+        self._peer, self._geometry, self._assembler, self._progress = peer, geometry, assembler, progress
+        self._pool = pool
+        self._jobs: collections.deque[Future[None]] = collections.deque()
+        self._failed = False
+
+    def submit(self, info: pb.BlockInfo, index: int, views: list[memoryview]) -> None:
+        """Queue a frame whose payload is written; raise the failure of an earlier one, if any."""
+        self._jobs.append(self._pool.submit(self._settle, info, index, views))
+        while self._jobs and (self._jobs[0].done() or len(self._jobs) > _AHEAD):
+            self._jobs.popleft().result()
+
+    def _settle(self, info: pb.BlockInfo, index: int, views: list[memoryview]) -> None:
+        if self._failed:
+            return
+        try:
+            check_digest(info, index, _hash(views), self._peer)
+            if self._progress.advance(len(info.frame_digests)):
+                self._assembler.block_done(info.index * self._geometry.block_tokens, info.n_tokens)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def drain(self, quiet: bool = False) -> None:
+        """Wait until every queued frame has settled; raise the first failure unless `quiet` (the
+        stream failed already: what verified still counts, the rest does not matter)."""
+        while self._jobs:
+            job = self._jobs.popleft()
+            if quiet:
+                with contextlib.suppress(KVCDNError):
+                    job.result()
+            else:
+                job.result()
 
 
 def _receive_frames(
@@ -451,29 +483,24 @@ def _receive_frames(
     assembler: FrameTarget,
     progress: Progress,
     deadline: float,
-    hashing: ThreadPoolExecutor,
+    helper: ThreadPoolExecutor,
 ) -> None:
-    """Every frame from `progress` on: frame n + 1 is received while frame n is hashed; `progress`
-    only ever passes frames whose digests matched, in order. On a failure, a frame received whole
-    before it still counts if it verifies (the next server resumes after it)."""
+    """Every frame from `progress` on, received here while `helper` verifies and hands on the frames
+    before it (kvcdn.wire.bulk._Settler); `progress` only ever passes frames whose digests matched,
+    in order. On a failure, a frame received whole before it still counts if it verifies (the next
+    server resumes after it)."""
     cursor = Progress(progress.block, progress.frame)
-    pending: _Received | None = None
+    settler = _Settler(peer, geometry, assembler, progress, helper)
     try:
         while cursor.block < len(blocks):
             info = blocks[cursor.block]
             views = _receive_frame(sock, peer, info, cursor.frame, geometry, assembler, deadline)
-            received = _Received(info, cursor.frame, hashing.submit(_hash, views))
+            settler.submit(info, cursor.frame, views)
             cursor.advance(len(info.frame_digests))
-            if pending is not None:
-                _settle(pending, peer, geometry, assembler, progress)
-            pending = received
     except BaseException:
-        if pending is not None:
-            with contextlib.suppress(KVCDNError):
-                _settle(pending, peer, geometry, assembler, progress)
+        settler.drain(quiet=True)
         raise
-    if pending is not None:
-        _settle(pending, peer, geometry, assembler, progress)
+    settler.drain()
 
 
 def _receive_frame(
