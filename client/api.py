@@ -471,8 +471,8 @@ class KVClient:
             verify_frame(info, geometry.frame_bytes, progress.frame, header, payload, reader.address)
             start = info.index * geometry.block_tokens
             assembler.write(start, info.n_tokens, header.offset, payload)
-            if progress.advance(len(info.frame_digests)):
-                assembler.block_done(start, info.n_tokens)
+            if progress.advance(len(info.frame_digests)):  # decode / GPU copy: off the event loop, as bulk does
+                await asyncio.get_running_loop().run_in_executor(None, assembler.block_done, start, info.n_tokens)
         if progress.block < len(blocks):
             raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
 
