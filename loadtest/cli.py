@@ -71,6 +71,12 @@ def register(sub: Any) -> None:
     c.add_argument("--dtypes", default="bfloat16,float32", help="cache dtypes to measure (bfloat16,float32)")
     c.add_argument("--tokens", type=int, default=1024, help="first tokens of each bundled document (1024)")
     c.add_argument("--new-tokens", type=int, default=24, help="length of the greedy answers compared (24)")
+    c.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=300,
+        help="tokens of each document's continuation scored for top-1 and KL, with its question (300)",
+    )
     c.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     c.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --codecs-report`)")
     ModelOptions.add_flags(c)
@@ -281,7 +287,14 @@ def codecs(args: argparse.Namespace) -> int:
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if not dtypes or any(d not in ("bfloat16", "float16", "float32") for d in dtypes):
         raise InvalidArgument(f"--dtypes {args.dtypes!r} is not a comma list of bfloat16, float16, float32")
-    config = CodecsConfig(dtypes, args.tokens, args.new_tokens, args.markdown, Path(args.json) if args.json else None)
+    config = CodecsConfig(
+        dtypes,
+        args.tokens,
+        args.new_tokens,
+        args.probe_tokens,
+        args.markdown,
+        Path(args.json) if args.json else None,
+    )
     options = ModelOptions.from_args(args)
     return run_codecs(config, lambda dtype: replace(options, dtype=dtype).load())
 

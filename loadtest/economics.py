@@ -428,7 +428,7 @@ def codecs_from_report(path: Path, dtype: str) -> tuple[MeasuredCodec, ...]:
                 measured_dtype=str(r["dtype"]),
             )
             for r in rows
-            if r["dtype"] == wanted
+            if r["dtype"] == wanted and not r.get("reference", False)  # the 1-ulp noise row is no codec
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument(f"--codecs-report {path}: not a `kvcdn loadtest codecs --json` report ({exc})") from None

@@ -161,12 +161,15 @@ def test_sweeps_write_a_csv_and_a_png(tmp_path: Path) -> None:
 
 
 def _codecs_report(path: Path, ratios: dict[str, float], dtype: str = "bfloat16") -> None:
-    from kvcdn.loadtest.codecs import CodecRow  # the report's own row type: the format cannot drift
+    from kvcdn.loadtest.codecs import REFERENCE, CodecRow  # the report's own row type: the format cannot drift
 
     rows = [
-        CodecRow(name, dtype, name in ("raw", "lossless"), r, r, 1.0, 1.0, 1.0 if r < 2 else 0.6, 0.99, 0.0, 0.0, 3)
+        CodecRow(
+            name, dtype, name in ("raw", "lossless"), r, r, 1.0, 1.0, 1.0 if r < 2 else 0.6, 0.99, 0.0, 0.0, 3, 963
+        )
         for name, r in ratios.items()
     ]
+    rows.append(CodecRow(REFERENCE, dtype, False, 1.0, 1.0, 0.0, 0.0, 1.0, 0.99, 0.0, 0.0, 3, 963, reference=True))
     path.write_text(json.dumps({"model": "m", "rows": [asdict(r) for r in rows]}))
 
 
@@ -178,7 +181,7 @@ def test_a_codecs_report_prices_every_codec_and_names_the_one_that_pays(
     assert main(["loadtest", "economics", "--paper", "--codecs-report", str(report), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = {r["codec"]: r for r in out["codecs"]}
-    assert list(rows) == ["raw", "lossless", "fp8", "int4"]
+    assert list(rows) == ["raw", "lossless", "fp8", "int4"]  # the 1-ulp noise reference is not priced
     needed = verdict(replace(PAPER, compression=1.0)).compression_needed
     for r in rows.values():  # a codec pays exactly when its ratio reaches the compression needed
         assert r["shipping_pays"] == (r["ratio"] >= needed)

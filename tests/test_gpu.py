@@ -54,7 +54,7 @@ async def test_a_fetched_cache_on_the_gpu_is_bit_identical_to_a_local_prefill(
 
 
 @pytest.mark.parametrize("codec", ["fp8", "int4"])
-async def test_lossy_blocks_decode_on_the_gpu_bit_identically_to_the_host(
+async def test_lossy_blocks_decode_on_the_gpu_as_on_the_host(
     tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
 ) -> None:
     model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16", device="cuda", block_tokens=32, frame_bytes=4096)
@@ -70,6 +70,11 @@ async def test_lossy_blocks_decode_on_the_gpu_bit_identically_to_the_host(
             on_host = await client.fetch(model, doc, codecs=(codec,))  # decoded on the CPU, copied decoded
         assert on_gpu.codec == codec and on_gpu.cached_tokens == len(doc)
         assert on_gpu.layers[0][0].device.type == "cuda"
-        assert bit_identical(on_gpu.layers, on_host.layers) and bit_identical(again.layers, on_host.layers)
+        assert bit_identical(again.layers, on_gpu.layers)  # the same device decodes alike every time
+        if codec == "int4":  # elementwise steps only: rounded alike on every device
+            assert bit_identical(on_gpu.layers, on_host.layers)
+        for (k, v), (hk, hv) in zip(on_gpu.layers, on_host.layers, strict=True):  # fp8 rotates back by a
+            for got, want in ((k, hk), (v, hv)):  # matrix product, whose summation order may differ
+                torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-6)
     finally:
         await stop_network(net)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 HEADER_BYTES = 12
-"""`KVC1 | u8 codec id | u8 element bytes | u16 0 | u32 n_tokens`, before every encoded body."""
+"""`KVC1 | u8 codec id | u8 element bytes | u16 flags | u32 n_tokens`, before every encoded body."""
 PLANE_HEADER_BYTES = 5
 """`u8 method | u32 length` before each byte plane of a lossless body."""
 
@@ -49,7 +49,7 @@ CODECS: dict[str, Codec] = {
     for c in (
         Codec("raw", 0, True, "the payload as computed"),
         Codec("lossless", 1, True, "byte planes, zstd where it pays (bit-exact)"),
-        Codec("fp8", 2, False, "float8 e4m3, a float32 scale per head channel"),
+        Codec("fp8", 2, False, "float8 e4m3 after a Hadamard rotation, a float32 scale per head channel"),
         Codec("int4", 3, False, "4-bit, keys per channel, values per token (KIVI-style)"),
     )
 }
