@@ -471,8 +471,12 @@ class KVClient:
             verify_frame(info, geometry.frame_bytes, progress.frame, header, payload, reader.address)
             start = info.index * geometry.block_tokens
             assembler.write(start, info.n_tokens, header.offset, payload)
-            if progress.advance(len(info.frame_digests)):  # decode / GPU copy: off the event loop, as bulk does
-                await asyncio.get_running_loop().run_in_executor(None, assembler.block_done, start, info.n_tokens)
+            loop = asyncio.get_running_loop()  # decode / GPU copy: off the event loop, as bulk does
+            if isinstance(assembler, DecodingAssembler):  # raw blocks have nothing to do per frame
+                end = header.offset + len(payload)
+                await loop.run_in_executor(None, assembler.frame_done, start, info.n_tokens, end)
+            if progress.advance(len(info.frame_digests)):
+                await loop.run_in_executor(None, assembler.block_done, start, info.n_tokens)
         if progress.block < len(blocks):
             raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
 

@@ -4,6 +4,7 @@ publisher's offer and a client's accept list over a real origin and edge."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.errors import DigestMismatch, InvalidArgument
-from kvcdn.model import adapter
-from kvcdn.model.codecs import ROTATED, DecodingAssembler, decode, encode, rotation_block
+from kvcdn.model import adapter, codecs
+from kvcdn.model.codecs import CHUNKED, ROTATED, DecodingAssembler, decode, encode, rotation_block
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV, bit_identical
@@ -142,6 +143,7 @@ def _assemble(g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_de
         start = info.index * g.block_tokens
         for offset in range(0, len(data), 100):
             target.write(start, info.n_tokens, offset, memoryview(data[offset : offset + 100]))
+            target.frame_done(start, info.n_tokens, min(len(data), offset + 100))
         target.block_done(start, info.n_tokens)
     return target.layers()
 
@@ -161,6 +163,52 @@ def test_decoding_with_torch_ops_where_the_cache_lands_is_bit_identical(dtype: s
     host = _assemble(g, codec, blocks, n_tokens, on_device=False)
     device = _assemble(g, codec, blocks, n_tokens, on_device=True)
     assert bit_identical(device, host) and device[0][0].shape == (1, 3, n_tokens, 6)
+
+
+def test_lossless_decodes_chunk_by_chunk_as_frames_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = Geometry(layers=3, kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=32)
+    payload, _ = _kv(g, 32)  # 6,144 values
+    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1000)  # 7 chunks
+    data = encode("lossless", g, 32, payload)
+    assert int.from_bytes(data[6:8], "little") == CHUNKED and decode("lossless", g, 32, data).tobytes() == payload
+    info = pb.BlockInfo(index=0, n_tokens=32, n_bytes=len(data), codec="lossless")
+    cache = KVAssembler(g, 32, torch.device("cpu"))
+    target = DecodingAssembler(cache, [info])
+    decoded = []  # decoded bytes in the cache after each frame, before the block is done
+    for offset in range(0, len(data), 1000):
+        target.write(0, 32, offset, memoryview(data[offset : offset + 1000]))
+        target.frame_done(0, 32, min(len(data), offset + 1000))
+        landed = np.concatenate([r.reshape(-1) for r in cache.regions(0, 32, 0, len(payload))])
+        wrong = np.flatnonzero(landed != np.frombuffer(payload, dtype=np.uint8))
+        decoded.append(int(wrong[0]) if wrong.size else len(payload))
+    target.block_done(0, 32)
+    assert decoded == sorted(decoded) and 0 < decoded[len(decoded) // 2] < len(payload)  # streamed in
+    reference = KVAssembler(g, 32, torch.device("cpu"))
+    reference.write(0, 32, 0, memoryview(payload))
+    assert bit_identical(target.layers(), reference.layers())
+
+    # A block written before chunks existed (one chunk, flag 0) decodes with today's decoder.
+    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1 << 30)
+    old = bytearray(encode("lossless", g, 32, payload))
+    old[6:8] = b"\0\0"
+    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1000)
+    assert decode("lossless", g, 32, bytes(old)).tobytes() == payload
+    assert _assemble(g, "lossless", [bytes(old)], 32, on_device=False)[0][0].shape == (1, 2, 32, 16)
+    # A corrupted middle chunk is DATA_LOSS while streaming: a flipped byte in a zstd plane (its
+    # checksum), a plane header naming an unknown method.
+    records, pos = [], 12  # (header position, method, length) of every plane of every chunk
+    while pos < len(data):
+        method, length = struct.unpack_from("<BI", data, pos)
+        records.append((pos, method, length))
+        pos += 5 + length
+    assert len(records) == 2 * 7
+    at, method, length = next(r for r in records[6:] if r[1] == 1)  # a compressed plane of chunk 4 or later
+    flipped, unknown = bytearray(data), bytearray(data)
+    flipped[at + 5 + length // 2] ^= 0x40
+    unknown[records[7][0]] = 7
+    for bad in (flipped, unknown):
+        with pytest.raises(DigestMismatch):
+            _assemble(g, "lossless", [bytes(bad)], 32, on_device=False)
 
 
 def test_device_decoding_refuses_what_it_cannot_decode() -> None:

@@ -10,7 +10,11 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
 - `lossless` (bit-exact): byte planes. Element byte i of every value goes to plane i (for bf16 the
   high plane holds sign and exponent and compresses ~2.6x; the low plane is mantissa noise); each
   plane is zstd-compressed (level 1, with its checksum) when that saves at least 5 %, else stored. Per plane
-  `u8 method (0 stored, 1 zstd) | u32 length | bytes`.
+  `u8 method (0 stored, 1 zstd) | u32 length | bytes`. Flag bit 0 (`CHUNKED`, set by this encoder):
+  the planes are coded per chunk of `LOSSLESS_CHUNK_ELEMENTS` values, chunk after chunk, so a
+  receiver decodes each chunk as soon as its bytes are verified (`DecodingAssembler.frame_done`),
+  straight into the cache, while later frames are still on the wire; without the flag (blocks
+  written before it existed) the whole block is one chunk.
 - `fp8` (lossy): float8 e4m3 with one float32 scale per (segment, head, channel) over the block's
   tokens (amax / 448). Body: per segment `scales [H*D] f32 | codes [T*H*D] u8`. Flag bit 0
   (`ROTATED`, set by this encoder): each head's vector was first rotated by the orthonormal
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV
 from kvcdn.spec.codecs import (
     CODECS,
     HEADER_BYTES,
+    LOSSLESS_CHUNK_ELEMENTS,
     PLANE_HEADER_BYTES,
     fixed_body_bytes,
     int4_segment_bytes,
@@ -52,6 +57,7 @@ from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
+    "CHUNKED",
     "DEVICE_DECODED",
     "ROTATED",
     "DecodingAssembler",
@@ -69,7 +75,9 @@ assert _HEAD.size == HEADER_BYTES and _PLANE.size == PLANE_HEADER_BYTES
 _FP8_MAX = 448.0
 ROTATED = 1
 """fp8 header flag: values were Hadamard-rotated per head before quantizing (module docstring)."""
-_FLAGS = {"fp8": frozenset({0, ROTATED})}
+CHUNKED = 1
+"""lossless header flag: planes are coded per chunk of LOSSLESS_CHUNK_ELEMENTS values (module docstring)."""
+_FLAGS = {"fp8": frozenset({0, ROTATED}), "lossless": frozenset({0, CHUNKED})}
 """The header flags each codec may carry (others: none)."""
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 """The float32 value of each e4m3 code (a table lookup decodes faster than torch's conversion)."""
@@ -86,7 +94,7 @@ def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memor
         raise InvalidArgument(f"payload of {len(payload)} bytes is not an {n_tokens}-token block")
     if codec == "raw":
         return bytes(payload)
-    flags = ROTATED if codec == "fp8" else 0
+    flags = {"fp8": ROTATED, "lossless": CHUNKED}.get(codec, 0)
     head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, flags, n_tokens)
     if codec == "lossless":
         return head + _encode_planes(payload, geometry.element_bytes)
@@ -107,7 +115,9 @@ def decode(codec: str, geometry: Geometry, n_tokens: int, data: bytes | memoryvi
         return np.frombuffer(data, dtype=np.uint8)
     body, flags = _body(codec, geometry, n_tokens, memoryview(data))
     if codec == "lossless":
-        return _decode_planes(body, raw, geometry.element_bytes)
+        out = np.empty(raw, dtype=np.uint8)
+        _Planes(body, raw, geometry.element_bytes, flags, lambda at, length: [out[at : at + length]]).finish()
+        return out
     codes = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy())
     values = decode_lossy(codec, geometry, n_tokens, codes, flags)
     if not torch.isfinite(values).all():
@@ -163,38 +173,80 @@ def _encode_planes(payload: bytes | memoryview, element: int) -> bytes:
     rows = np.frombuffer(payload, dtype=np.uint8).reshape(-1, element)
     compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
     parts = []
-    for i in range(element):
-        plane = np.ascontiguousarray(rows[:, i]).tobytes()
-        packed = compressor.compress(plane)
-        method, body = (1, packed) if len(packed) < _PAYS * len(plane) else (0, plane)
-        parts += [_PLANE.pack(method, len(body)), body]
+    for start in range(0, len(rows), LOSSLESS_CHUNK_ELEMENTS):
+        chunk = rows[start : start + LOSSLESS_CHUNK_ELEMENTS]
+        for i in range(element):
+            plane = np.ascontiguousarray(chunk[:, i]).tobytes()
+            packed = compressor.compress(plane)
+            method, body = (1, packed) if len(packed) < _PAYS * len(plane) else (0, plane)
+            parts += [_PLANE.pack(method, len(body)), body]
     return b"".join(parts)
 
 
-def _decode_planes(body: memoryview, raw: int, element: int) -> np.ndarray:
-    n = raw // element
-    out = np.empty((n, element), dtype=np.uint8)
-    decompressor = zstandard.ZstdDecompressor()
-    pos = 0
-    for i in range(element):
-        if pos + _PLANE.size > len(body):
+class _Planes:
+    """The decoder of one lossless body, chunk by chunk as its bytes arrive (`feed`): each chunk's
+    planes are written straight into `regions(offset, length)`, the writable views of decoded bytes
+    [offset, offset + length) of the block (element-aligned, in order)."""
+
+    def __init__(
+        self,
+        body: memoryview,
+        raw: int,
+        element: int,
+        flags: int,
+        regions: Callable[[int, int], list[np.ndarray]],
+    ) -> None:
+        self._body, self._element, self._regions = body, element, regions
+        self._values = raw // element
+        self._chunk = LOSSLESS_CHUNK_ELEMENTS if flags & CHUNKED else max(1, self._values)
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._pos = 0
+        """Body bytes consumed by the chunks decoded so far."""
+        self._done = 0
+        """Values decoded so far."""
+
+    def feed(self, available: int) -> None:
+        """Decode every chunk whose bytes lie within the first `available` bytes of the body."""
+        body = self._body
+        while self._done < self._values:
+            count = min(self._chunk, self._values - self._done)
+            pos, planes = self._pos, []
+            for i in range(self._element):
+                if pos + _PLANE.size > available:
+                    return
+                method, length = _PLANE.unpack_from(body, pos)
+                if method not in (0, 1) or (method == 0 and length != count):
+                    raise DigestMismatch(f"lossless block plane {i} names method {method} for {length} bytes")
+                if pos + _PLANE.size + length > available:
+                    return
+                planes.append((method, body[pos + _PLANE.size : pos + _PLANE.size + length]))
+                pos += _PLANE.size + length
+            self._decode_chunk(planes, count)
+            self._pos, self._done = pos, self._done + count
+
+    def finish(self) -> None:
+        """Decode the rest; the body must hold every chunk and nothing after them."""
+        self.feed(len(self._body))
+        if self._done < self._values:
             raise DigestMismatch("lossless block is truncated")
-        method, length = _PLANE.unpack_from(body, pos)
-        pos += _PLANE.size
-        chunk = body[pos : pos + length]
-        pos += length
-        if len(chunk) != length or method not in (0, 1):
-            raise DigestMismatch("lossless block is truncated or names an unknown plane method")
-        try:
-            plane = decompressor.decompress(chunk, max_output_size=n) if method else chunk
-        except zstandard.ZstdError as exc:
-            raise DigestMismatch(f"lossless block plane {i} does not decompress: {exc}") from None
-        if len(plane) != n:
-            raise DigestMismatch(f"lossless block plane {i} holds {len(plane)} bytes, expected {n}")
-        out[:, i] = np.frombuffer(plane, dtype=np.uint8)
-    if pos != len(body):
-        raise DigestMismatch("lossless block has bytes after its last plane")
-    return out.reshape(-1)
+        if self._pos != len(self._body):
+            raise DigestMismatch("lossless block has bytes after its last plane")
+
+    def _decode_chunk(self, planes: list[tuple[int, memoryview]], count: int) -> None:
+        e = self._element
+        targets = [r.reshape(-1, e) for r in self._regions(self._done * e, count * e)]
+        for i, (method, data) in enumerate(planes):
+            try:
+                plane = self._decompressor.decompress(data, max_output_size=count) if method else data
+            except zstandard.ZstdError as exc:
+                raise DigestMismatch(f"lossless block plane {i} does not decompress: {exc}") from None
+            if len(plane) != count:
+                raise DigestMismatch(f"lossless block plane {i} holds {len(plane)} bytes, expected {count}")
+            values = np.frombuffer(plane, dtype=np.uint8)
+            at = 0
+            for target in targets:
+                target[:, i] = values[at : at + len(target)]
+                at += len(target)
 
 
 # --- lossy ------------------------------------------------------------------------------------------
@@ -301,7 +353,9 @@ def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch
 class DecodingAssembler:
     """A frame target (kvcdn.wire.bulk.FrameTarget) for encoded blocks: frames land in a buffer of
     their block's encoded size; when a block is complete and verified, it is decoded into `assembler`
-    and handed on. Streams of different blocks decode in their own threads, in parallel.
+    and handed on. Streams of different blocks decode in their own threads, in parallel. Lossless
+    blocks decode as they arrive: each verified frame (`frame_done`) decodes the chunks it completes
+    straight into the assembler's buffers, so only the last chunk waits for the block's end.
 
     Where blocks decode (`on_device`, default `decodes_on_device`): on the CPU, into the assembler's
     host buffers (the cache, or staging for a GPU); or with torch ops where the cache lives: the
@@ -323,6 +377,8 @@ class DecodingAssembler:
         """Staging whose copies to the device may still be in flight: given back by `layers`."""
         self._finite: list[torch.Tensor] = []
         """Per block decoded on the device, whether all its values are finite (checked by `layers`)."""
+        self._planes: dict[int, _Planes] = {}
+        """Lossless blocks being decoded as their frames are verified."""
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         info = self._infos.get(block_start)
@@ -343,8 +399,32 @@ class DecodingAssembler:
         [region] = self.regions(block_start, block_tokens, offset, len(payload))
         region[:] = np.frombuffer(payload, dtype=np.uint8)
 
+    def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
+        """Bytes [0, end) of that block are written and verified: a lossless block decodes the chunks
+        they hold (the others wait for `block_done`)."""
+        if self._infos[block_start].codec == "lossless":
+            self._lossless(block_start, block_tokens).feed(end - _HEAD.size)
+
+    def _lossless(self, block_start: int, block_tokens: int) -> _Planes:
+        planes = self._planes.get(block_start)
+        if planes is None:
+            geometry = self.assembler.geometry
+            body, flags = _body("lossless", geometry, block_tokens, self._encoded[block_start].data)
+
+            def regions(offset: int, length: int) -> list[np.ndarray]:
+                return self.assembler.regions(block_start, block_tokens, offset, length)
+
+            planes = _Planes(body, geometry.block_bytes(block_tokens), geometry.element_bytes, flags, regions)
+            self._planes[block_start] = planes
+        return planes
+
     def block_done(self, block_start: int, block_tokens: int) -> None:
         info = self._infos[block_start]
+        if info.codec == "lossless":
+            self._lossless(block_start, block_tokens).finish()
+            del self._planes[block_start], self._encoded[block_start]
+            self.assembler.block_done(block_start, block_tokens)
+            return
         data = self._encoded.pop(block_start)
         geometry = self.assembler.geometry
         if not self.on_device:

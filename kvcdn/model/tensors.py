@@ -190,6 +190,9 @@ class KVAssembler:
             region[:] = src[pos : pos + len(region)]
             pos += len(region)
 
+    def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
+        """Bytes [0, end) of that block are written and verified (raw blocks wait for `block_done`)."""
+
     def block_done(self, block_start: int, block_tokens: int) -> None:
         """The block's frames are all written and verified: start its copy to the GPU (no-op on the CPU)."""
         if self._stream is None:

@@ -317,6 +317,11 @@ class FrameTarget(Protocol):
         covering tokens [block_start, block_start + block_tokens) belong to, in payload order."""
         ...
 
+    def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
+        """Bytes [0, end) of that block are written and verified, in order (an encoded target decodes
+        what they complete)."""
+        ...
+
     def block_done(self, block_start: int, block_tokens: int) -> None:
         """Every frame of that block is written and verified (a GPU target starts its copy now)."""
         ...
@@ -457,8 +462,11 @@ class _Settler:
             return
         try:
             check_digest(info, index, _hash(views), self._peer)
+            start = info.index * self._geometry.block_tokens
+            end = index * self._geometry.frame_bytes + sum(v.nbytes for v in views)
+            self._assembler.frame_done(start, info.n_tokens, end)
             if self._progress.advance(len(info.frame_digests)):
-                self._assembler.block_done(info.index * self._geometry.block_tokens, info.n_tokens)
+                self._assembler.block_done(start, info.n_tokens)
         except BaseException:
             self._failed = True
             raise
