@@ -70,6 +70,11 @@ def test_staging_pool_reuses_its_buffers_and_keeps_at_most_its_budget() -> None:
     assert pool.free_bytes <= 3000
     pool.give(pool.take(2500))  # over the budget: the smallest free buffers go
     assert pool.free_bytes <= 3000 and pool.allocations == 3
+    big = pool.take(2500)
+    assert pool.allocations == 3
+    pool.give(big)
+    small = pool.take(100)  # an encoded block's buffer: not the big one a raw cache needs next
+    assert small.data_ptr() != big.data_ptr() and pool.allocations == 4
 
 
 def test_a_cpu_assembler_is_the_cache_itself() -> None:

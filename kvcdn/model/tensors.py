@@ -72,6 +72,10 @@ def block_payload(geometry: Geometry, layers: list[LayerKV], start: int, end: in
     return out.tobytes()
 
 
+_SLACK = 4
+"""StagingPool: the largest buffer a request takes, as a multiple of what it asked for."""
+
+
 class StagingPool:
     """Reusable host buffers for landing fetched caches on a GPU.
 
@@ -91,9 +95,11 @@ class StagingPool:
         """Buffers allocated so far (the rest were reused)."""
 
     def take(self, n_bytes: int) -> torch.Tensor:
-        """A uint8 host buffer of at least `n_bytes`: the smallest free one that fits, else a new one."""
+        """A uint8 host buffer of at least `n_bytes`: the smallest free one that fits and is at most
+        `_SLACK` times that, else a new one (an encoded block's few MB must not take, and hold, the
+        buffer a whole raw cache lands in)."""
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= n_bytes]
+            fits = [b for b in self._free if n_bytes <= b.numel() <= _SLACK * n_bytes]
             if fits:
                 buf = min(fits, key=lambda b: b.numel())
                 self._free.remove(buf)
