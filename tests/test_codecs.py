@@ -269,6 +269,31 @@ async def test_negotiation_between_what_a_document_is_offered_in_and_what_a_clie
         await stop_network(net)
 
 
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_lossless_blocks_decode_while_their_frames_stream_in(
+    llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bulk: bool
+) -> None:
+    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 500)  # several chunks and frames per block
+    before_end: list[int] = []  # per block, values decoded when its last frame was verified
+
+    def finish(self: codecs._Planes) -> None:
+        before_end.append(self._done)
+        real_finish(self)
+
+    real_finish = codecs._Planes.finish
+    monkeypatch.setattr(codecs._Planes, "finish", finish)
+    net = await start_network(llama, tmp_path / "store", codecs=("lossless",))
+    try:
+        manifest = (await net.origin.publish("doc", TEXT)).manifest
+        doc = document_ids(llama.tokenizer, TEXT)
+        async with KVClient(ClientConfig((net.edge_address,), bulk=bulk)) as client:
+            fetched = await client.fetch(llama, doc)
+        assert fetched.codec == "lossless" and bit_identical(fetched.layers, adapter.prefill(llama.model, doc))
+        assert len(before_end) == len(manifest.blocks) and all(n > 0 for n in before_end)  # streamed in
+    finally:
+        await stop_network(net)
+
+
 async def test_a_document_published_raw_only_is_served_raw_to_a_default_client(
     llama: LoadedModel, tmp_path: Path
 ) -> None:
