@@ -272,7 +272,7 @@ def _f32(t: torch.Tensor) -> bytes:
 
 def rotation_block(head_dim: int) -> int:
     """Channels fp8 rotates together: the largest power of two dividing head_dim, at most 64 (one
-    matrix product of 64 per value keeps the CPU decode within ~30 % of an unrotated one)."""
+    matrix product of 64 per value: ~35 % more CPU decode time than unrotated, 17 to 23 ms per SmolLM2 block)."""
     return min(64, head_dim & -head_dim)
 
 
