@@ -132,8 +132,10 @@ def test_fp8_rotation_spreads_outlier_channels_and_unrotated_blocks_still_decode
     assert [rotation_block(d) for d in (128, 96, 80, 6, 7)] == [64, 32, 16, 2, 1]
 
 
-def _assemble(g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_device: bool) -> list[LayerKV]:
-    """Feed encoded `blocks` (frames of 100 bytes, as a stream would) through a DecodingAssembler."""
+def _assemble(
+    g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_device: bool, frame: int = 100
+) -> list[LayerKV]:
+    """Feed encoded `blocks` (frames of `frame` bytes, as a stream would) through a DecodingAssembler."""
     infos = [
         pb.BlockInfo(index=i, n_tokens=min(g.block_tokens, n_tokens - i * g.block_tokens), n_bytes=len(b), codec=codec)
         for i, b in enumerate(blocks)
@@ -141,9 +143,9 @@ def _assemble(g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_de
     target = DecodingAssembler(KVAssembler(g, n_tokens, torch.device("cpu")), infos, on_device=on_device)
     for info, data in zip(infos, blocks, strict=True):
         start = info.index * g.block_tokens
-        for offset in range(0, len(data), 100):
-            target.write(start, info.n_tokens, offset, memoryview(data[offset : offset + 100]))
-            target.frame_done(start, info.n_tokens, min(len(data), offset + 100))
+        for offset in range(0, len(data), frame):
+            target.write(start, info.n_tokens, offset, memoryview(data[offset : offset + frame]))
+            target.frame_done(start, info.n_tokens, min(len(data), offset + frame))
         target.block_done(start, info.n_tokens)
     return target.layers()
 
@@ -194,6 +196,8 @@ def test_lossless_decodes_chunk_by_chunk_as_frames_arrive(monkeypatch: pytest.Mo
     monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1000)
     assert decode("lossless", g, 32, bytes(old)).tobytes() == payload
     assert _assemble(g, "lossless", [bytes(old)], 32, on_device=False)[0][0].shape == (1, 2, 32, 16)
+    # Frames smaller than the block header: decoding waits for the header, then streams on.
+    assert bit_identical(_assemble(g, "lossless", [data], 32, on_device=False, frame=5), reference.layers())
     # A corrupted middle chunk is DATA_LOSS while streaming: a flipped byte in a zstd plane (its
     # checksum), a plane header naming an unknown method.
     records, pos = [], 12  # (header position, method, length) of every plane of every chunk

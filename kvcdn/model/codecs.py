@@ -412,7 +412,7 @@ class DecodingAssembler:
     def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
         """Bytes [0, end) of that block are written and verified: a lossless block decodes the chunks
         they hold (the others wait for `block_done`)."""
-        if self._infos[block_start].codec == "lossless":
+        if self._infos[block_start].codec == "lossless" and end >= _HEAD.size:  # the header has arrived
             self._lossless(block_start, block_tokens).feed(end - _HEAD.size)
 
     def _lossless(self, block_start: int, block_tokens: int) -> _Planes:
