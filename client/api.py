@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kvcdn.client.policy import Decision, Estimates, Policy, decide
+from kvcdn.client.policy import Decision, Estimates, Policy, decide, fetch_key
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.codecs import DecodingAssembler, decodes_on_device
@@ -60,7 +60,8 @@ class ClientConfig:
     streams_per_fetch: int = 8
     """Streams one fetch runs at the same time: its runs of blocks (each from its owner) in parallel."""
     assumed_gbps: float = 1.0
-    """Bandwidth a fetch-or-prefill decision assumes until this client has measured a fetch (GB/s)."""
+    """Bandwidth a fetch-or-prefill decision assumes until this client has measured a fetch in that
+    codec to that device (GB/s)."""
     streams_per_run: int = 1
     """Connections a long run of blocks is split over, all to its owner (more where one stream cannot
     fill the link, e.g. when one receiving core is the limit)."""
@@ -297,7 +298,9 @@ class KVClient:
             tokens=len(ids),
             cached_tokens=sum(b.n_tokens for b in blocks),
             cached_bytes=sum(b.n_bytes for b in blocks),
-            fetch_bytes_per_s=self.estimates.fetch_bytes_per_s or self.config.assumed_gbps * 1e9,
+            fetch_bytes_per_s=self.estimates.fetch_bytes_per_s.get(
+                fetch_key(blocks[0].codec if blocks else "", str(model.device)), self.config.assumed_gbps * 1e9
+            ),
             prefill_tokens_per_s=self.estimates.prefill_tokens_per_s.get(key),
         )
         if decision.action == "prefill":
@@ -360,7 +363,7 @@ class KVClient:
             streams=min(len(runs), self.config.streams_per_fetch),
             codec=codec,
         )
-        self.estimates.observe_fetch(fetched.n_bytes, fetched.fetch_s)
+        self.estimates.observe_fetch(fetch_key(codec, str(model.device)), fetched.n_bytes, fetched.fetch_s)
         return fetched
 
     @staticmethod

@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
         "--codecs",
         type=parse_codecs,
         default=(),
-        help="encodings to offer besides raw, e.g. lossless,fp8,int4 (default: the origin's --codecs)",
+        help="encodings to offer besides raw, e.g. lossless,int8,int4 (default: the origin's --codecs)",
     )
     add_token_flag(s)
     TLSFiles.add_flags(s)
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
             type=parse_codecs,
             default=DEFAULT_ACCEPT,
             help=f"encodings accepted, preferred first ({','.join(DEFAULT_ACCEPT)}: exact only); "
-            "name fp8 or int4 to accept a lossy cache",
+            "name int8, fp8 or int4 to accept a lossy cache",
         )
         ModelOptions.add_flags(s)
         s.set_defaults(run=run)

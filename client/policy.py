@@ -1,16 +1,18 @@
 """Fetch or prefill: an agent should fetch a cache only when that is faster than computing it.
 
-The client keeps moving estimates (`Estimates`) of the bandwidth its fetches reach and of the prefill
-rate of each model on its device, and predicts for a sequence whose first `cached_tokens` tokens are
-on the edges:
+The client keeps moving estimates (`Estimates`) of the bandwidth its fetches reach, per codec and
+device (decoding bounds a fetch as much as the network: fp8 decodes at ~0.3 GB/s per CPU core where
+raw bytes land at 2-3 GB/s), and of the prefill rate of each model on its device, and predicts for a
+sequence whose first `cached_tokens` tokens are on the edges:
 
     fetch   = cached bytes / bandwidth  +  (tokens - cached_tokens) / prefill rate
     prefill = tokens / prefill rate
 
 (the tokens after the sequence, such as a question, cost the same either way). `decide` picks the
 smaller under `policy="auto"`, or does what `fetch` / `prefill` says; without both estimates it
-fetches. The client assumes a bandwidth until it has measured one (`ClientConfig.assumed_gbps`) and
-measures a model's prefill rate on a short prefill before its first auto decision.
+fetches. The client assumes a bandwidth for a codec and device until it has measured one there
+(`ClientConfig.assumed_gbps`) and measures a model's prefill rate on a short prefill before its first
+auto decision.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ from typing import Literal
 
 from kvcdn.errors import InvalidArgument
 
-__all__ = ["POLICIES", "Decision", "Estimates", "Policy", "decide"]
+__all__ = ["POLICIES", "Decision", "Estimates", "Policy", "decide", "fetch_key"]
 
 Policy = Literal["auto", "fetch", "prefill"]
 POLICIES: tuple[Policy, ...] = ("auto", "fetch", "prefill")
+
+
+def fetch_key(codec: str, device: str) -> str:
+    """What a fetch rate is kept by: the blocks' codec (empty: raw) and the device they land on."""
+    return f"{codec or 'raw'} to {device}"
 
 
 @dataclass
@@ -32,17 +39,17 @@ class Estimates:
 
     weight: float = 0.3
     """Weight of the newest measurement."""
-    fetch_bytes_per_s: float | None = None
-    """Bytes per second a fetch reaches, lookup and rebuild included (None: nothing measured yet)."""
+    fetch_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    """Bytes (as sent) per second a fetch reaches, lookup, decode and rebuild included, by `fetch_key`."""
     prefill_tokens_per_s: dict[str, float] = field(default_factory=dict)
     """Tokens per second of a local prefill, by model (fingerprint and device)."""
 
     def _blend(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new
 
-    def observe_fetch(self, n_bytes: int, seconds: float) -> None:
+    def observe_fetch(self, key: str, n_bytes: int, seconds: float) -> None:
         if n_bytes > 0 and seconds > 0:
-            self.fetch_bytes_per_s = self._blend(self.fetch_bytes_per_s, n_bytes / seconds)
+            self.fetch_bytes_per_s[key] = self._blend(self.fetch_bytes_per_s.get(key), n_bytes / seconds)
 
     def observe_prefill(self, model_key: str, n_tokens: int, seconds: float) -> None:
         if n_tokens > 0 and seconds > 0:

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
         type=lambda v: parse_codecs(v, allow_empty=True),
         default=("lossless",),
         help="encodings every document is offered in besides raw, unless its publisher names others "
-        "(lossless; '' for raw only; lossy: fp8, int4)",
+        "(lossless; '' for raw only; lossy: int8, fp8, int4)",
     )
     s.add_argument(
         "--tokens",

@@ -53,7 +53,7 @@ async def test_a_fetched_cache_on_the_gpu_is_bit_identical_to_a_local_prefill(
         await stop_network(net)
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4"])
+@pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])
 async def test_lossy_blocks_decode_on_the_gpu_as_on_the_host(
     tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
 ) -> None:
@@ -73,7 +73,7 @@ async def test_lossy_blocks_decode_on_the_gpu_as_on_the_host(
         assert bit_identical(again.layers, on_gpu.layers)  # the same device decodes alike every time
         if codec == "int4":  # elementwise steps only: rounded alike on every device
             assert bit_identical(on_gpu.layers, on_host.layers)
-        for (k, v), (hk, hv) in zip(on_gpu.layers, on_host.layers, strict=True):  # fp8 rotates back by a
+        for (k, v), (hk, hv) in zip(on_gpu.layers, on_host.layers, strict=True):  # fp8, int8 rotate back by a
             for got, want in ((k, hk), (v, hv)):  # matrix product, whose summation order may differ
                 torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-6)
     finally:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from kvcdn.client import KVClient
-from kvcdn.client.policy import Estimates, decide
+from kvcdn.client.policy import Estimates, decide, fetch_key
 from kvcdn.errors import InvalidArgument
 from kvcdn.model.prompt import document_ids
 from tests.conftest import Network
@@ -43,11 +43,14 @@ def test_forced_policies_and_missing_estimates() -> None:
         decide("sometimes", **kw, prefill_tokens_per_s=1.0)  # type: ignore[arg-type]
 
 
-def test_estimates_move_toward_new_measurements() -> None:
+def test_estimates_move_toward_new_measurements_per_codec_and_device() -> None:
     e = Estimates(weight=0.5)
-    e.observe_fetch(100, 1.0)
-    e.observe_fetch(300, 1.0)
-    assert e.fetch_bytes_per_s == 200
+    raw, fp8 = fetch_key("", "cpu"), fetch_key("fp8", "cpu")
+    assert raw == fetch_key("raw", "cpu") != fetch_key("raw", "cuda:0") and raw != fp8
+    e.observe_fetch(raw, 100, 1.0)
+    e.observe_fetch(raw, 300, 1.0)
+    e.observe_fetch(fp8, 10, 1.0)  # a codec that decodes slowly does not drag the others' estimate
+    assert e.fetch_bytes_per_s == {raw: 200, fp8: 10}
     e.observe_prefill("m", 10, 0.0)  # a zero-time measurement is no measurement
     assert "m" not in e.prefill_tokens_per_s
 

@@ -25,7 +25,7 @@ __all__ = [
     "Codec",
     "best_prefix",
     "fixed_body_bytes",
-    "int4_segment_bytes",
+    "lossy_segment_bytes",
     "max_encoded_bytes",
     "parse_codecs",
 ]
@@ -56,6 +56,7 @@ CODECS: dict[str, Codec] = {
         Codec("lossless", 1, True, "byte planes in chunks, zstd where it pays (bit-exact)"),
         Codec("fp8", 2, False, "float8 e4m3 after a Hadamard rotation, a float32 scale per head channel"),
         Codec("int4", 3, False, "4-bit, keys per channel, values per token (KIVI-style)"),
+        Codec("int8", 4, False, "int8 after a Hadamard rotation, keys per channel, values per token"),
     )
 }
 DEFAULT_ACCEPT = ("lossless", "raw")
@@ -74,22 +75,28 @@ def parse_codecs(names: str | Sequence[str], what: str = "--codecs", allow_empty
     return tuple(items)
 
 
-def int4_segment_bytes(geometry: Geometry, n_tokens: int) -> tuple[int, int, int]:
-    """int4 bytes of a keys segment, of a values segment, and of the codes in either."""
+def lossy_segment_bytes(codec: str, geometry: Geometry, n_tokens: int) -> tuple[int, int, int]:
+    """Bytes of a lossy encoding's keys segment, of its values segment, and of the codes in either
+    (each segment is its scales, then its codes)."""
     h, d = geometry.kv_heads, geometry.head_dim
-    codes = n_tokens * h * d // 2
-    return 2 * 4 * h * d + codes, 2 * 2 * n_tokens * h + codes, codes
+    per_channel = h * d  # one scale (and, for int4, one minimum) per (head, channel)
+    per_token = n_tokens * h  # one per (token, head)
+    if codec == "fp8":
+        codes = n_tokens * h * d
+        return 4 * per_channel + codes, 4 * per_channel + codes, codes
+    if codec == "int8":
+        codes = n_tokens * h * d
+        return 4 * per_channel + codes, 2 * per_token + codes, codes
+    if codec == "int4":
+        codes = n_tokens * h * d // 2
+        return 2 * 4 * per_channel + codes, 2 * 2 * per_token + codes, codes
+    raise InvalidArgument(f"codec {codec!r} has no fixed size")
 
 
 def fixed_body_bytes(codec: str, geometry: Geometry, n_tokens: int) -> int:
     """The exact body size of a fixed-size (lossy) encoding of an n-token block."""
-    h, d = geometry.kv_heads, geometry.head_dim
-    if codec == "fp8":
-        return 2 * geometry.layers * (4 * h * d + n_tokens * h * d)
-    if codec == "int4":
-        keys, values, _ = int4_segment_bytes(geometry, n_tokens)
-        return geometry.layers * (keys + values)
-    raise InvalidArgument(f"codec {codec!r} has no fixed size")
+    keys, values, _ = lossy_segment_bytes(codec, geometry, n_tokens)
+    return geometry.layers * (keys + values)
 
 
 def max_encoded_bytes(codec: str, geometry: Geometry, n_tokens: int) -> int:

@@ -189,7 +189,7 @@ class BlockInfo(_message.Message):
     element size; encoded: the encoding's size, frames and digests cover these bytes.
     """
     codec: _builtins.str
-    """Codec of the payload: "lossless", "fp8", "int4" (kvcdn.model.codecs); empty for raw."""
+    """Codec of the payload: "lossless", "fp8", "int4", "int8" (kvcdn.model.codecs); empty for raw."""
     raw_bytes: _builtins.int
     """Size of the raw payload the encoding decodes to; 0 for raw blocks."""
     signature: _builtins.bytes
@@ -359,7 +359,7 @@ class LookupPrefixRequest(_message.Message):
 
     @_builtins.property
     def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Encodings the caller accepts, preferred first ("raw", "lossless", "fp8", "int4"); empty: raw."""
+        """Encodings the caller accepts, preferred first ("raw", "lossless", "fp8", "int4", "int8"); empty: raw."""
 
     def __init__(
         self,
@@ -523,7 +523,7 @@ class PublishRequest(_message.Message):
     """
     @_builtins.property
     def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Encodings to offer besides raw: "lossless", "fp8", "int4". Empty: the origin's default."""
+        """Encodings to offer besides raw: "lossless", "fp8", "int4", "int8". Empty: the origin's default."""
 
     def __init__(
         self,
