@@ -169,6 +169,31 @@ def test_decoding_with_torch_ops_where_the_cache_lands_is_bit_identical(dtype: s
     assert bit_identical(device, host) and device[0][0].shape == (1, 3, n_tokens, 6)
 
 
+@pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])
+def test_lossy_blocks_decode_on_the_host_layer_by_layer_as_frames_arrive(codec: str) -> None:
+    g = Geometry(layers=16, kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=32)
+    payload, _ = _kv(g, 32)
+    data = encode(codec, g, 32, payload)
+    want = decode(codec, g, 32, data)
+    cache = KVAssembler(g, 32, torch.device("cpu"))
+    target = DecodingAssembler(cache, [pb.BlockInfo(index=0, n_tokens=32, n_bytes=len(data), codec=codec)])
+    frame = len(data) // 10 + 1
+    layer = 2 * g.segment_bytes(32)
+    decoded = []  # layers of the cache already equal to the decoded block's, after each frame
+    for offset in range(0, len(data), frame):
+        target.write(0, 32, offset, memoryview(data[offset : offset + frame]))
+        target.frame_done(0, 32, min(len(data), offset + frame))
+        landed = np.concatenate([r.reshape(-1) for r in cache.regions(0, 32, 0, len(payload))])
+        decoded.append([bool((landed[i : i + layer] == want[i : i + layer]).all()) for i in range(0, len(want), layer)])
+    target.block_done(0, 32)
+    counts = [sum(d) for d in decoded]
+    assert all(d == sorted(d, reverse=True) for d in decoded)  # leading layers, in order
+    assert counts == sorted(counts) and 0 < counts[4] < g.layers  # half the frames in: some layers, not all
+    reference = KVAssembler(g, 32, torch.device("cpu"))
+    reference.write(0, 32, 0, want.data)
+    assert bit_identical(target.layers(), reference.layers())
+
+
 def test_lossless_decodes_chunk_by_chunk_as_frames_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
     g = Geometry(layers=3, kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=32)
     payload, _ = _kv(g, 32)  # 6,144 values

@@ -39,6 +39,7 @@ encoding is a DigestMismatch (DATA_LOSS), never a crash or an oversized allocati
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import struct
@@ -127,8 +128,14 @@ def decode(codec: str, geometry: Geometry, n_tokens: int, data: bytes | memoryvi
         out = np.empty(raw, dtype=np.uint8)
         _Planes(body, raw, geometry.element_bytes, flags, lambda at, length: [out[at : at + length]]).finish()
         return out
-    codes = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy())
-    values = decode_lossy(codec, geometry, n_tokens, codes, flags)
+    return _decoded_bytes(
+        codec, geometry, n_tokens, torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy()), flags
+    )
+
+
+def _decoded_bytes(codec: str, geometry: Geometry, n_tokens: int, body: torch.Tensor, flags: int) -> np.ndarray:
+    """`decode_lossy` on the CPU, as payload bytes, once every value is known to be finite."""
+    values = decode_lossy(codec, geometry, n_tokens, body, flags)
     if not bool(_all_finite(values)):
         raise DigestMismatch(f"{codec} block decodes to non-finite values")
     return values.reshape(-1).view(torch.uint8).numpy()
@@ -280,6 +287,12 @@ class _Planes:
 # --- lossy ------------------------------------------------------------------------------------------
 
 
+def _copied(rows: torch.Tensor) -> torch.Tensor:
+    """A fresh, row-major copy of `rows` (uint8, `[n, bytes]`), which any dtype can view whatever
+    offset and stride the rows had (`clone` keeps a stride of one row)."""
+    return torch.empty(rows.shape, dtype=torch.uint8, device=rows.device).copy_(rows)
+
+
 def _fp8_values(codes: torch.Tensor) -> torch.Tensor:
     """The float32 value of each e4m3 code: a table lookup on the CPU (3x faster there than torch's
     conversion, and the same values), the conversion kernel elsewhere."""
@@ -335,7 +348,7 @@ def _decode_fp8(body: torch.Tensor, geometry: Geometry, n_tokens: int, rotated: 
     in the cache's dtype."""
     h, d, s = geometry.kv_heads, geometry.head_dim, _segments(geometry)
     rows = body.view(s, 4 * h * d + n_tokens * h * d)
-    scales = rows[:, : 4 * h * d].clone().view(torch.float32).view(s, 1, h, d)  # clone: aligned, contiguous
+    scales = _copied(rows[:, : 4 * h * d]).view(torch.float32).view(s, 1, h, d)
     values = _fp8_values(rows[:, 4 * h * d :]).reshape(s, n_tokens, h, d)
     out = torch.empty(s, n_tokens, h, d, dtype=TORCH_DTYPES[geometry.dtype], device=body.device)
     if not rotated:
@@ -377,8 +390,8 @@ def _segment_kinds(
         (out[0::2], rows[:, :keys_bytes], dtypes[0], (layers, 1, h, d)),
         (out[1::2], rows[:, keys_bytes:], dtypes[1], (layers, n_tokens, h, 1)),
     ):
-        size = math.prod(shape[1:]) * dtype.itemsize  # clone: aligned and contiguous, whatever the offset
-        leading = [part[:, i * size : (i + 1) * size].clone().view(dtype).float().view(shape) for i in range(arrays)]
+        size = math.prod(shape[1:]) * dtype.itemsize
+        leading = [_copied(part[:, i * size : (i + 1) * size]).view(dtype).float().view(shape) for i in range(arrays)]
         kinds.append((segments, leading, part[:, arrays * size :]))
     return out, kinds
 
@@ -422,9 +435,10 @@ def _decode_int8(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch
 class DecodingAssembler:
     """A frame target (kvcdn.wire.bulk.FrameTarget) for encoded blocks: frames land in a buffer of
     their block's encoded size; when a block is complete and verified, it is decoded into `assembler`
-    and handed on. Streams of different blocks decode in their own threads, in parallel. Lossless
-    blocks decode as they arrive: each verified frame (`frame_done`) decodes the chunks it completes
-    straight into the assembler's buffers, so only the last chunk waits for the block's end.
+    and handed on. Streams of different blocks decode in their own threads, in parallel. Blocks
+    decoded on the host decode as they arrive: each verified frame (`frame_done`) decodes the lossless
+    chunks it completes straight into the assembler's buffers, or the lossy block's layers it completes
+    (at least an eighth of them at a time), so only the block's last part waits for its end.
 
     Where blocks decode (`on_device`, default `decodes_on_device`): on the CPU, into the assembler's
     host buffers (the cache, or staging for a GPU); or with torch ops where the cache lives: the
@@ -448,6 +462,8 @@ class DecodingAssembler:
         """Per block decoded on the device, whether all its values are finite (checked by `layers`)."""
         self._planes: dict[int, _Planes] = {}
         """Lossless blocks being decoded as their frames are verified."""
+        self._lossy_done: dict[int, int] = {}
+        """Lossy blocks decoded on the host as their frames are verified: layers decoded so far."""
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         info = self._infos.get(block_start)
@@ -470,9 +486,33 @@ class DecodingAssembler:
 
     def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
         """Bytes [0, end) of that block are written and verified: a lossless block decodes the chunks
-        they hold (the others wait for `block_done`)."""
-        if self._infos[block_start].codec == "lossless" and end >= _HEAD.size:  # the header has arrived
+        they hold, a lossy one decoded on the host the layers they hold (blocks decoded on the device
+        wait for `block_done`)."""
+        if end < _HEAD.size:  # the header has not arrived
+            return
+        if self._infos[block_start].codec == "lossless":
             self._lossless(block_start, block_tokens).feed(end - _HEAD.size)
+        elif not self.on_device:
+            self._lossy_layers(block_start, block_tokens, end)
+
+    def _lossy_layers(self, block_start: int, block_tokens: int, end: int | None) -> None:
+        """Decode on the host, into the assembler, the layers of a lossy block whose bytes lie in
+        [0, end) (None: all the rest), once at least an eighth of the block's layers are new (a
+        decode runs vectorised over the layers it is given)."""
+        codec, geometry = self._infos[block_start].codec, self.assembler.geometry
+        data = self._encoded[block_start]
+        _, flags = _body(codec, geometry, block_tokens, data.data)
+        keys, values, _ = lossy_segment_bytes(codec, geometry, block_tokens)
+        per_layer = keys + values
+        done = self._lossy_done.get(block_start, 0)
+        ready = geometry.layers if end is None else min(geometry.layers, (end - _HEAD.size) // per_layer)
+        if ready <= done or (ready < geometry.layers and ready - done < max(1, geometry.layers // 8)):
+            return
+        body = torch.from_numpy(data[_HEAD.size + done * per_layer : _HEAD.size + ready * per_layer])
+        part = dataclasses.replace(geometry, layers=ready - done)
+        decoded = _decoded_bytes(codec, part, block_tokens, body, flags)
+        self.assembler.write(block_start, block_tokens, 2 * done * geometry.segment_bytes(block_tokens), decoded.data)
+        self._lossy_done[block_start] = ready
 
     def _lossless(self, block_start: int, block_tokens: int) -> _Planes:
         planes = self._planes.get(block_start)
@@ -494,13 +534,13 @@ class DecodingAssembler:
             del self._planes[block_start], self._encoded[block_start]
             self.assembler.block_done(block_start, block_tokens)
             return
-        data = self._encoded.pop(block_start)
         geometry = self.assembler.geometry
         if not self.on_device:
-            raw = decode(info.codec, geometry, block_tokens, data.data)
-            self.assembler.write(block_start, block_tokens, 0, raw.data)
+            self._lossy_layers(block_start, block_tokens, None)
+            del self._encoded[block_start], self._lossy_done[block_start]
             self.assembler.block_done(block_start, block_tokens)
             return
+        data = self._encoded.pop(block_start)
         _, flags = _body(info.codec, geometry, block_tokens, data.data)  # sizes and header, checked on the host
         staged = self._staged.pop(block_start, None)
         host = staged[: info.n_bytes] if staged is not None else torch.from_numpy(data)
