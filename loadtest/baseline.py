@@ -1,8 +1,9 @@
 """The baselines the benchmark compares fetches with, measured in the same run.
 
-`raw_tcp_gbps`: a plain TCP transfer of the same number of bytes from another process over loopback,
-over as many connections at once as the fetch used, into a pre-touched buffer (stdlib only, so the
-spawned sender starts in a blink). The bytes are a known pattern, checked after each timed transfer,
+`RawTCP` (`raw_tcp_gbps`): a plain TCP transfer of the same number of bytes from another process over
+loopback, over as many connections at once as the fetch used, into a pre-touched buffer (stdlib only,
+so the spawned sender starts in a blink); the benchmark times one after each fetch, so both see the
+same moment of a shared machine. The bytes are a known pattern, checked after each timed transfer,
 so a baseline that moved less (or other) data than it claims fails instead of flattering the comparison.
 With `tls` (the server's and the client's files), every connection is TLS with the contexts the bulk
 port uses, so a fetch over TLS is compared with TLS itself on the same cores.
@@ -29,7 +30,7 @@ import blake3
 if TYPE_CHECKING:  # not imported for plaintext: the spawned sender then needs the stdlib only
     from kvcdn.wire.tls import TLSFiles
 
-__all__ = ["blake3_gbps", "raw_tcp_gbps", "verified_bound"]
+__all__ = ["RawTCP", "blake3_gbps", "raw_tcp_gbps", "verified_bound"]
 
 _CHUNK = 1 << 20
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
@@ -81,40 +82,63 @@ def _receive_part(port: int, view: memoryview, offset: int, tls: ssl.SSLContext 
             got += n
 
 
+class RawTCP:
+    """A plain TCP sender in another process over loopback, kept for several timed transfers (so a
+    benchmark can time one after each fetch, side by side); in TLS with `tls` = (server files, client
+    files), whose handshake is timed too, as a fetch's is."""
+
+    def __init__(self, tls: tuple[TLSFiles, TLSFiles] | None = None) -> None:
+        self._tls = tls
+        self._client = tls[1].client_context() if tls is not None else None
+        self._sink = bytearray()
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_tcp_sender, args=(child, tls[0] if tls else None), daemon=True)
+        self._proc.start()
+        try:
+            self._port: int = parent.recv()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._proc.kill()
+        self._proc.join(10)
+
+    def __enter__(self) -> RawTCP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def seconds(self, n_bytes: int, streams: int = 1) -> float:
+        """The time of one transfer of `n_bytes` into a pre-touched buffer, split over `streams`
+        connections at once (parts of whole MiB, each received by a thread of its own); raises
+        ConnectionError if the sender stops early and ValueError if the bytes arrive changed."""
+        if len(self._sink) != n_bytes:
+            self._sink = bytearray(n_bytes)
+        view = memoryview(self._sink)
+        part = -(-n_bytes // streams // _CHUNK) * _CHUNK or _CHUNK
+        parts = [(offset, view[offset : offset + part]) for offset in range(0, n_bytes, part)]
+        with ThreadPoolExecutor(len(parts)) as pool:
+            t0 = time.perf_counter()
+            for done in [pool.submit(_receive_part, self._port, v, offset, self._client) for offset, v in parts]:
+                done.result()
+            took = time.perf_counter() - t0
+        pattern = memoryview(_PATTERN)
+        for offset in range(0, n_bytes, _CHUNK):  # not timed: the stream is byte i = i % 256
+            chunk = view[offset : offset + _CHUNK]
+            if chunk != pattern[: len(chunk)]:
+                raise ValueError(f"the raw TCP baseline received other bytes than were sent at byte {offset}")
+        return took
+
+
 def raw_tcp_gbps(
     n_bytes: int, repeats: int = 3, streams: int = 1, tls: tuple[TLSFiles, TLSFiles] | None = None
 ) -> float:
-    """Best GB/s of a plain TCP transfer of `n_bytes` from another process over loopback, split over
-    `streams` connections at once (parts of whole MiB, each received by a thread of its own), in TLS
-    with `tls` = (server files, client files) (the handshake is timed too, as a fetch's is); raises
-    ConnectionError if the sender stops early and ValueError if the bytes arrive changed."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_tcp_sender, args=(child, tls[0] if tls else None), daemon=True)
-    proc.start()
-    try:
-        port = parent.recv()
-        client = tls[1].client_context() if tls is not None else None
-        sink = bytearray(n_bytes)
-        view = memoryview(sink)
-        part = -(-n_bytes // streams // _CHUNK) * _CHUNK or _CHUNK
-        parts = [(offset, view[offset : offset + part]) for offset in range(0, n_bytes, part)]
-        pattern = memoryview(_PATTERN)
-        best = float("inf")
-        with ThreadPoolExecutor(len(parts)) as pool:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for done in [pool.submit(_receive_part, port, v, offset, client) for offset, v in parts]:
-                    done.result()
-                best = min(best, time.perf_counter() - t0)
-                for offset in range(0, n_bytes, _CHUNK):  # not timed: the stream is byte i = i % 256
-                    chunk = view[offset : offset + _CHUNK]
-                    if chunk != pattern[: len(chunk)]:
-                        raise ValueError(f"the raw TCP baseline received other bytes than were sent at byte {offset}")
-    finally:
-        proc.kill()
-        proc.join(10)
-    return n_bytes / best / 1e9
+    """Best GB/s of `repeats` RawTCP transfers of `n_bytes` over `streams` connections."""
+    with RawTCP(tls) as tcp:
+        return n_bytes / min(tcp.seconds(n_bytes, streams) for _ in range(repeats)) / 1e9
 
 
 def blake3_gbps(n_bytes: int, frame_bytes: int, repeats: int = 3) -> float:
