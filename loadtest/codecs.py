@@ -3,10 +3,11 @@ and what a lossy cache does to the model's answers.
 
 Per codec and dtype, over each bundled document (its first `tokens` tokens) and its question:
 ratio (raw bytes / encoded bytes, and against the same cache in bf16), encode and decode GB/s on one
-core (raw bytes per second, best of 3), greedy agreement (leading tokens of a 24-token answer that equal the
-answer from the exact cache), next-token top-1 agreement and mean KL divergence over the scored
-positions (the document's next `probe_tokens` tokens, then the question, read after the cache), and
-the largest logit difference there. The exact cache is this process's own prefill.
+core (raw bytes per second, best of 3), greedy agreement (leading tokens of a 24-token answer that
+equal the answer from the exact cache) and the documents whose whole answer does, next-token top-1
+agreement and mean KL divergence over the scored positions (the document's next `probe_tokens`
+tokens, then the question, read after the cache), and the largest logit difference there. The
+exact cache is this process's own prefill.
 
 Top-1 agreement counts a position when the token the codec's cache ranks first is ranked first by
 the exact cache too: in bf16 the logits are coarse enough that several tokens often tie for first
@@ -78,6 +79,8 @@ class CodecRow:
     """Raw bytes per second on one core."""
     greedy_agreement: float
     """Mean fraction of the answer's tokens, up to the first difference, equal to the exact cache's."""
+    whole_answers: int
+    """Documents whose whole greedy answer equals the exact cache's."""
     top1_agreement: float
     """Fraction of the scored positions where this cache's first-ranked token is a first-ranked one
     (ties included) of the exact cache."""
@@ -183,6 +186,7 @@ def measure_codecs(model: LoadedModel, config: CodecsConfig, console: Console) -
                 "encode_s": encode_s,
                 "decode_s": decode_s,
                 "greedy": matched / max(1, len(exact_answer.tokens)),
+                "whole": float(matched == len(exact_answer.tokens)),
                 "top1": _top1_agreeing(logits, exact_logits),
                 "kl": float(kl.sum()),
                 "positions": len(probe),
@@ -202,6 +206,7 @@ def measure_codecs(model: LoadedModel, config: CodecsConfig, console: Console) -
             encode_gbps=s["raw"] / s["encode_s"] / 1e9 if s["encode_s"] else 0.0,
             decode_gbps=s["raw"] / s["decode_s"] / 1e9 if s["decode_s"] else 0.0,
             greedy_agreement=s["greedy"] / n,
+            whole_answers=int(s["whole"]),
             top1_agreement=s["top1"] / s["positions"],
             kl=s["kl"] / s["positions"],
             max_logit_diff=s["diff"],
@@ -223,6 +228,7 @@ def render(rows: list[CodecRow], title: str, markdown: bool) -> str | Table:
         "encode GB/s/core",
         "decode GB/s/core",
         "greedy agreement",
+        "whole answers",
         "top-1 agreement",
         "KL",
         "max |logit diff|",
@@ -237,6 +243,7 @@ def render(rows: list[CodecRow], title: str, markdown: bool) -> str | Table:
             "-" if r.codec == "raw" or r.reference else f"{r.encode_gbps:.2f}",
             "-" if r.codec == "raw" or r.reference else f"{r.decode_gbps:.2f}",
             f"{r.greedy_agreement:.0%}",
+            f"{r.whole_answers}/{r.documents}",
             f"{r.top1_agreement:.1%}",
             f"{r.kl:.2e}",
             f"{r.max_logit_diff:.3f}",

@@ -165,11 +165,23 @@ def _codecs_report(path: Path, ratios: dict[str, float], dtype: str = "bfloat16"
 
     rows = [
         CodecRow(
-            name, dtype, name in ("raw", "lossless"), r, r, 1.0, 1.0, 1.0 if r < 2 else 0.6, 0.99, 0.0, 0.0, 3, 963
+            name,
+            dtype,
+            name in ("raw", "lossless"),
+            r,
+            r,
+            1.0,
+            1.0,
+            *((1.0, 3) if r < 2 else (0.6, 1)),
+            0.99,
+            0.0,
+            0.0,
+            3,
+            963,
         )
         for name, r in ratios.items()
     ]
-    rows.append(CodecRow(REFERENCE, dtype, False, 1.0, 1.0, 0.0, 0.0, 1.0, 0.99, 0.0, 0.0, 3, 963, reference=True))
+    rows.append(CodecRow(REFERENCE, dtype, False, 1.0, 1.0, 0.0, 0.0, 1.0, 3, 0.99, 0.0, 0.0, 3, 963, reference=True))
     path.write_text(json.dumps({"model": "m", "rows": [asdict(r) for r in rows]}))
 
 

@@ -21,11 +21,13 @@ def test_exact_codecs_agree_fully_and_lossy_ones_are_measured(llama: LoadedModel
     for name in ("raw", "lossless"):  # bit-exact: the same answers, the same distributions
         r = by[name]
         assert r.exact and r.greedy_agreement == r.top1_agreement == 1.0 and r.kl == 0.0 and r.max_logit_diff == 0
+        assert r.whole_answers == r.documents
     assert by["raw"].ratio == 1.0 and by["lossless"].ratio > 1.0
     assert by["fp8"].ratio > 3 and by["int8"].ratio > 3 and by["int4"].ratio > 5  # float32, short blocks
     for name in ("fp8", "int4", "int8"):
         r = by[name]
         assert not r.exact and 0 <= r.greedy_agreement <= 1 and 0 < r.top1_agreement <= 1 and r.kl >= 0
+        assert 0 <= r.whole_answers <= r.documents and (r.whole_answers == r.documents) == (r.greedy_agreement == 1)
         assert r.encode_gbps > 0 and r.decode_gbps > 0
     noise = by[REFERENCE]  # the exact cache, a few values one ulp off: measured like a codec, priced as none
     assert noise.reference and not noise.exact and noise.ratio == 1.0 and noise.kl >= 0

@@ -434,8 +434,8 @@ def _decode_int8(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch
 
 class DecodingAssembler:
     """A frame target (kvcdn.wire.bulk.FrameTarget) for encoded blocks: frames land in a buffer of
-    their block's encoded size; when a block is complete and verified, it is decoded into `assembler`
-    and handed on. Streams of different blocks decode in their own threads, in parallel. Blocks
+    their block's encoded size, are decoded into `assembler`, and each block is handed on once it is
+    complete, verified and decoded. Streams of different blocks decode in their own threads, in parallel. Blocks
     decoded on the host decode as they arrive: each verified frame (`frame_done`) decodes the lossless
     chunks it completes straight into the assembler's buffers, or the lossy block's layers it completes
     (at least an eighth of them at a time), so only the block's last part waits for its end.
@@ -537,7 +537,8 @@ class DecodingAssembler:
         geometry = self.assembler.geometry
         if not self.on_device:
             self._lossy_layers(block_start, block_tokens, None)
-            del self._encoded[block_start], self._lossy_done[block_start]
+            del self._encoded[block_start]
+            self._lossy_done.pop(block_start, None)
             self.assembler.block_done(block_start, block_tokens)
             return
         data = self._encoded.pop(block_start)
