@@ -1,7 +1,7 @@
 """Fetch or prefill: an agent should fetch a cache only when that is faster than computing it.
 
 The client keeps moving estimates (`Estimates`) of the bandwidth its fetches reach, per codec and
-device (decoding bounds a fetch as much as the network: fp8 decodes at ~0.3 GB/s per CPU core where
+device (decoding bounds a fetch as much as the network: fp8 decodes at ~0.4 GB/s per CPU core where
 raw bytes land at 2-3 GB/s), and of the prefill rate of each model on its device, and predicts for a
 sequence whose first `cached_tokens` tokens are on the edges:
 
