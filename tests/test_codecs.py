@@ -270,10 +270,10 @@ def test_codec_lists_are_checked() -> None:
 async def test_negotiation_between_what_a_document_is_offered_in_and_what_a_client_accepts(
     llama: LoadedModel, tmp_path: Path
 ) -> None:
-    net = await start_network(llama, tmp_path / "store", codecs=("lossless", "fp8"))
+    net = await start_network(llama, tmp_path / "store", codecs=("lossless", "fp8", "int8"))
     try:
         manifest = (await net.origin.publish("doc", TEXT)).manifest
-        assert list(manifest.codecs) == ["lossless", "fp8"]
+        assert list(manifest.codecs) == ["lossless", "fp8", "int8"]
         doc = document_ids(llama.tokenizer, TEXT)
         own = adapter.prefill(llama.model, doc)
         raw_bytes = len(doc) * llama.geometry.token_bytes
@@ -281,19 +281,26 @@ async def test_negotiation_between_what_a_document_is_offered_in_and_what_a_clie
             exact = await client.fetch(llama, doc)  # default: lossless, then raw
             raw = await client.fetch(llama, doc, ["raw"])
             lossy = await client.fetch(llama, doc, ["fp8", "raw"])
+            uniform = await client.fetch(llama, doc, ["int8"])
             absent = await client.fetch(llama, doc, ["int4"])  # not offered: nothing cached
         assert (exact.codec, raw.codec, lossy.codec) == ("lossless", "raw", "fp8")
         assert bit_identical(exact.layers, own) and bit_identical(raw.layers, own)
         assert exact.n_bytes < raw.n_bytes == raw_bytes and 3 * lossy.n_bytes < raw_bytes  # fp8 of float32
-        assert not bit_identical(lossy.layers, own)
-        for (k, v), (rk, rv) in zip(lossy.layers, own, strict=True):
-            for got, want in ((k, rk), (v, rv)):
-                assert float((got - want).norm() / want.norm()) < 0.05
+        assert uniform.codec == "int8" and 3 * uniform.n_bytes < raw_bytes
+        error = {}  # worst relative error of a layer's keys or values, on a model's real KV
+        for name, fetched in (("fp8", lossy), ("int8", uniform)):
+            assert not bit_identical(fetched.layers, own)
+            error[name] = max(
+                float((got - want).norm() / want.norm())
+                for (k, v), (rk, rv) in zip(fetched.layers, own, strict=True)
+                for got, want in ((k, rk), (v, rv))
+            )
+        assert error["fp8"] < 0.05 and error["int8"] < error["fp8"] / 2
         assert absent.cached_tokens == 0 and absent.layers == []
         # The edge holds and relays the encodings as blocks of their own, at their encoded sizes.
         tier = memory_tier(net.edge)
         for info in manifest.blocks:
-            for codec in ("lossless", "fp8"):
+            for codec in ("lossless", "fp8", "int8"):
                 held = tier.info(encoded_key(info.key, codec))
                 assert held is not None and held.codec == codec and held.raw_bytes == info.n_bytes > held.n_bytes
     finally:
