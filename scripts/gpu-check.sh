@@ -2,7 +2,7 @@
 # The GPU check, on a machine with a CUDA device and no network (under 5 minutes): installs the wheels
 # in .whl/ (scripts/gpu-wheels.sh) beside the image's torch, runs the CUDA tests, and benchmarks
 # random-weight models of real geometries, fetched from 4 warm edges into GPU memory. Results go to
-# $OUT (default gpu-check-out/): gpu-tests.txt and bench.md (one table per geometry and streams per run).
+# $OUT (default gpu-check-out/): gpu-tests.txt and bench.md (one table per geometry and codec).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-check-out}")
@@ -15,11 +15,11 @@ cd "$run" && rm -f kvcdn/samples/__init__.py
 export PYTHONPATH=/tmp/site:$run PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
-bench() {  # GEOMETRY STREAMS_PER_RUN
-  timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --streams-per-run "$2" --lengths 3774 \
-    --codecs raw --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+bench() {  # GEOMETRY CODEC
+  timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --lengths 3774 \
+    --codecs "$2" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
 }
-bench qwen3-4b 1
-bench qwen3-4b 2
-bench llama3.1-8b 1
-bench qwen3-0.6b 1
+bench qwen3-4b raw
+bench qwen3-4b int8  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
+bench llama3.1-8b raw
+bench qwen3-0.6b raw
