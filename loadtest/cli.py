@@ -23,6 +23,7 @@ from kvcdn.loadtest.economics import (
 )
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
+from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
 from kvcdn.spec.shapes import SHAPES
 
 if TYPE_CHECKING:  # the benchmarks import torch: only when they run
@@ -58,6 +59,12 @@ def register(sub: Any) -> None:
         type=parse_codecs,
         default=DEFAULT_ACCEPT,
         help=f"encodings offered and accepted, preferred first ({','.join(DEFAULT_ACCEPT)})",
+    )
+    b.add_argument(
+        "--frame-bytes",
+        type=parse_size,
+        default=DEFAULT_FRAME_BYTES,
+        help="the origin's payload bytes per frame, at most 3 MiB (default 1 MiB)",
     )
     b.add_argument(
         "--geometry",
@@ -177,6 +184,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         args.codecs,
         signed=not args.unsigned,
         tls=args.tls,
+        frame_bytes=args.frame_bytes,
     )
 
 

@@ -70,6 +70,8 @@ class OriginConfig:
             raise InvalidArgument("max_document_tokens must be positive")
         if self.read_cache_bytes < 0:
             raise InvalidArgument("read_cache_bytes must be >= 0")
+        if not 0 < self.frame_bytes <= 3 << 20:
+            raise InvalidArgument("--frame-bytes must be positive and at most 3MiB (gRPC's 4 MiB message limit)")
         parse_codecs(self.codecs, "codecs", allow_empty=True)
         if self.closed_reads and self.tokens is None:
             raise InvalidArgument("closed reads need a tokens file (--tokens) naming who may read")
