@@ -34,7 +34,7 @@ from kvcdn.model.prompt import document_ids, question_ids
 from kvcdn.model.tensors import bit_identical
 from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.codecs import DEFAULT_ACCEPT
-from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
+from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
@@ -301,8 +301,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
             raise InvalidArgument("--lengths takes positive token counts, e.g. 256,1024,3774")
-        if not 0 < self.frame_bytes <= 3 << 20:
-            raise InvalidArgument("--frame-bytes must be positive and at most 3MiB")
+        check_frame_bytes(self.frame_bytes, "--frame-bytes")
         if self.repeats < 1 or self.edges < 1 or self.streams_per_run < 1:
             raise InvalidArgument("--repeats, --edges and --streams-per-run must be at least 1")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from kvcdn.errors import InvalidArgument
 from kvcdn.model.options import DEFAULT_MODEL
 from kvcdn.spec.codecs import parse_codecs
-from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
+from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS
 from kvcdn.wire.tls import TLSFiles
 
@@ -70,8 +70,7 @@ class OriginConfig:
             raise InvalidArgument("max_document_tokens must be positive")
         if self.read_cache_bytes < 0:
             raise InvalidArgument("read_cache_bytes must be >= 0")
-        if not 0 < self.frame_bytes <= 3 << 20:
-            raise InvalidArgument("--frame-bytes must be positive and at most 3MiB (gRPC's 4 MiB message limit)")
+        check_frame_bytes(self.frame_bytes, "--frame-bytes")
         parse_codecs(self.codecs, "codecs", allow_empty=True)
         if self.closed_reads and self.tokens is None:
             raise InvalidArgument("closed reads need a tokens file (--tokens) naming who may read")

@@ -12,12 +12,21 @@ from dataclasses import dataclass
 from kvcdn.errors import InvalidArgument
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["DEFAULT_FRAME_BYTES", "DTYPES", "Geometry"]
+__all__ = ["DEFAULT_FRAME_BYTES", "DTYPES", "Geometry", "check_frame_bytes"]
 
 DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 """Compute (and wire) dtypes by name, with their element size in bytes."""
 
 DEFAULT_FRAME_BYTES = 1 << 20
+MAX_FRAME_BYTES = 3 << 20
+"""The largest frame payload: a frame and its header must fit one 4 MiB gRPC message."""
+
+
+def check_frame_bytes(frame_bytes: int, what: str = "frame_bytes") -> int:
+    """`frame_bytes`, once it is a frame payload size servers accept (else InvalidArgument naming `what`)."""
+    if not 0 < frame_bytes <= MAX_FRAME_BYTES:
+        raise InvalidArgument(f"{what} must be positive and at most 3 MiB (gRPC's 4 MiB message limit)")
+    return frame_bytes
 
 
 @dataclass(frozen=True)
@@ -40,11 +49,10 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        for name in ("layers", "kv_heads", "head_dim", "block_tokens", "frame_bytes"):
+        for name in ("layers", "kv_heads", "head_dim", "block_tokens"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"geometry {name} must be positive")
-        if self.frame_bytes > 3 << 20:
-            raise InvalidArgument("frame_bytes must stay under 3 MiB (gRPC's 4 MiB message limit)")
+        check_frame_bytes(self.frame_bytes)
 
     @property
     def element_bytes(self) -> int:
