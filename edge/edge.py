@@ -129,6 +129,8 @@ class Edge:
         self._chosen: ByteLRU[bytes, str] = ByteLRU(config.remembered_infos, lambda _: 1)
         """The encoding the origin chose for a sequence (first key) and an accept list (kvcdn.spec.codecs)."""
         self._loads: SingleFlight[bytes, Pull] = SingleFlight()
+        self._stream_lookups: SingleFlight[tuple[bytes, ...], asyncio.Future[None]] = SingleFlight()
+        """Origin lookups for the blocks of streams (`_look_up_unknown`), shared by identical streams."""
         self._seen: ByteLRU[bytes, bool] = ByteLRU(config.remembered_misses, lambda _: 1)
         self.ring: Placement | None = None
         self.address = ""
@@ -209,6 +211,7 @@ class Edge:
         """Stop following the feed, let loads in progress finish (at most `settle_s`, then cancel
         them), and close the connections to peers and origin."""
         await self._loads.close(settle_s)
+        await self._stream_lookups.close(settle_s)
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
@@ -531,5 +534,26 @@ class Edge:
         """The frames of `keys` in order, from frame `start_frame` of the first (`from_peer`: another
         edge asks, so this one loads only from its tiers or the origin)."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
+        await self._look_up_unknown(fingerprint, keys)
         async for frame in stream_blocks(self._ahead(fingerprint, keys, not from_peer), start_frame):
             yield frame
+
+    async def _look_up_unknown(self, fingerprint: str, keys: Sequence[bytes]) -> None:
+        """One origin lookup for the infos of those of `keys` that no tier holds, no load is fetching
+        and no earlier lookup answered (a stream may come without a lookup here: from a peer, or from
+        a client that looked up at another edge), so their pulls need no lookup each. Best effort: a
+        block whose info is still unknown is looked up by its own pull, which reports what fails."""
+        unknown = [k for k in keys if k not in self._infos and self._loads.get(k) is None and self._held(k) is None]
+        if not unknown:
+            return
+
+        async def look_up() -> None:
+            async with self._origin_lookups:
+                answer = await self.upstream.lookup(fingerprint, unknown)
+            for info in self._trusted(fingerprint, answer, ""):
+                self._infos.put(info.key, info)
+
+        try:  # a herd of agents streaming the same cold document asks once
+            await self._stream_lookups.do(tuple(unknown), look_up)
+        except KVCDNError as exc:
+            log.debug("origin lookup of %d blocks to stream failed (%s); each pull looks up its own", len(unknown), exc)

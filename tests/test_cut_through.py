@@ -99,3 +99,29 @@ async def test_cold_fetch_through_a_cut_through_edge_is_exact(network: Network, 
     assert a.cached_tokens == b.cached_tokens == len(doc)
     for (ka, va), (kb, vb) in zip(a.layers, b.layers, strict=True):
         assert ka.equal(kb) and va.equal(vb)
+
+
+async def test_streams_the_edge_saw_no_lookup_for_ask_the_origin_once_for_all_their_blocks(
+    network: Network, sample_text: str
+) -> None:
+    # Streams from peers, or from clients that looked up at another edge: the edge knows none of the
+    # blocks. It used to ask the origin for each block's info as it pulled it, once per block.
+    manifest = (await network.origin.publish("apache", sample_text)).manifest
+    keys = [b.key for b in manifest.blocks]
+    assert len(keys) >= 3
+    real = network.edge.upstream.lookup
+    asked: list[int] = []
+
+    async def counted(fingerprint: str, looked_up: Sequence[bytes], *args: object) -> list[pb.BlockInfo]:
+        asked.append(len(looked_up))
+        return await real(fingerprint, looked_up, *args)  # type: ignore[arg-type]
+
+    network.edge.upstream.lookup = counted  # type: ignore[method-assign]
+
+    async def frames(stream: AsyncIterator[bytes]) -> int:
+        return len([raw async for raw in stream])
+
+    herd = [network.edge.stream(network.model.fingerprint_hex, keys, 0) for _ in range(3)]
+    got = await asyncio.wait_for(asyncio.gather(*(frames(s) for s in herd)), 30)
+    assert got == [sum(len(b.frame_digests) for b in manifest.blocks)] * 3
+    assert asked == [len(keys)]  # one origin lookup for every block of the three streams
