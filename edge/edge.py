@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 _ORIGIN_INFO_FILE = "origin-info.pb"
 
 
+def _choice(first_key: bytes, accepted: Sequence[str]) -> bytes:
+    """What the edge remembers about a sequence by: its first key and the encodings asked for."""
+    return first_key + ",".join(accepted).encode()
+
+
 def reader_for(config: EdgeConfig, address: str) -> CacheReader:
     """The stub an edge loads blocks with from `address` (its origin or a peer), with the config's
     deadlines (`origin_timeout_s` a call, ten times that a stream), its token and its TLS files."""
@@ -299,7 +304,7 @@ class Edge:
         accepted = parse_codecs(codecs, "codecs", allow_empty=True) or ("raw",)
         if from_peer:
             return self._held_among(keys, accepted)
-        choice = keys[0] + ",".join(accepted).encode()
+        choice = _choice(keys[0], accepted)
 
         def complete(found: list[pb.BlockInfo]) -> bool:
             return len(found) == len(keys) and (found[0].codec or "raw") in (accepted[0], self._chosen.get(choice))
@@ -311,8 +316,7 @@ class Edge:
                 found = best_prefix(keys, accepted, lambda k: self._held(k) or at_peers.get(k))
         if complete(found):
             return found
-        missed_at = self._origin_misses.get(choice)
-        if not found and missed_at is not None and time.monotonic() - missed_at < self.config.miss_ttl_s:
+        if not found and self._recently_missed(choice):
             return []
         try:
             async with self._origin_lookups:
@@ -331,6 +335,11 @@ class Edge:
         elif not found:
             self._origin_misses.put(choice, time.monotonic())
         return from_origin if len(from_origin) >= len(found) else found
+
+    def _recently_missed(self, choice: bytes) -> bool:
+        """Whether the origin held nothing of that sequence (`_choice`) less than `miss_ttl_s` ago."""
+        missed_at = self._origin_misses.get(choice)
+        return missed_at is not None and time.monotonic() - missed_at < self.config.miss_ttl_s
 
     def _trusted(self, fingerprint: str, infos: list[pb.BlockInfo], source: str) -> list[pb.BlockInfo]:
         """`infos` from `source` ("": the origin), each checked against the trusted publisher keys (if
@@ -469,6 +478,8 @@ class Edge:
         origin, verifying every frame against the origin's digests before anyone sees it."""
         info = self._infos.pop(key)
         if info is None:
+            if self._recently_missed(_choice(key, ("raw",))):
+                raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
             infos = self._trusted(fingerprint, await self.upstream.lookup(fingerprint, [key]), "")
             if not infos:
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
@@ -552,6 +563,8 @@ class Edge:
                 answer = await self.upstream.lookup(fingerprint, unknown)
             for info in self._trusted(fingerprint, answer, ""):
                 self._infos.put(info.key, info)
+            if len(answer) < len(unknown):  # the origin's answer ends at the first block it lacks
+                self._origin_misses.put(_choice(unknown[len(answer)], ("raw",)), time.monotonic())
 
         try:  # a herd of agents streaming the same cold document asks once
             await self._stream_lookups.do(tuple(unknown), look_up)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from kvcdn.client import KVClient
+from kvcdn.errors import NotFound
 from kvcdn.model.prompt import document_ids
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import decode_frame
@@ -125,3 +126,8 @@ async def test_streams_the_edge_saw_no_lookup_for_ask_the_origin_once_for_all_th
     got = await asyncio.wait_for(asyncio.gather(*(frames(s) for s in herd)), 30)
     assert got == [sum(len(b.frame_digests) for b in manifest.blocks)] * 3
     assert asked == [len(keys)]  # one origin lookup for every block of the three streams
+    # A key the origin does not hold: the stream's lookup says so, and the block's pull does not ask again.
+    asked.clear()
+    with pytest.raises(NotFound):
+        await frames(network.edge.stream(network.model.fingerprint_hex, [bytes(32)], 0))
+    assert asked == [1]
