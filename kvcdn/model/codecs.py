@@ -337,6 +337,7 @@ def _rotate(x: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_fp8(x: torch.Tensor, keys: bool) -> list[bytes]:
+    """Scales and codes of one segment; keys and values alike (`keys` is the encoders' common signature)."""
     x = _rotate(x)
     scale = (x.abs().amax(dim=0) / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # [H, D]
     codes = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
