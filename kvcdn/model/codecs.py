@@ -15,13 +15,21 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
   receiver decodes each chunk as soon as its bytes are verified (`DecodingAssembler.frame_done`),
   straight into the cache, while later frames are still on the wire; without the flag (blocks
   written before it existed) the whole block is one chunk.
-- `fp8` (lossy): float8 e4m3 with one float32 scale per (segment, head, channel) over the block's
-  tokens (amax / 448). Body: per segment `scales [H*D] f32 | codes [T*H*D] u8`. Flag bit 0
-  (`ROTATED`, set by this encoder): each head's vector was first rotated by the orthonormal
-  Walsh-Hadamard matrix of `rotation_block(head_dim)` channels (block-diagonal where head_dim is
-  larger), which spreads a few large channels' values over all of them, so e4m3's relative rounding
-  costs the model less (KL to the exact cache 42 % lower on SmolLM2 bf16); decoding rotates back.
-  Blocks without the flag (written before it existed) decode unrotated.
+- `fp8` (lossy): float8 e4m3 codes of each head's vector after an orthonormal Walsh-Hadamard
+  rotation of `rotation_block(head_dim)` channels (block-diagonal where head_dim is larger), which
+  spreads a few large channels' values over all of them, so e4m3's relative rounding costs the model
+  less; decoding rotates back. Flags `ROTATED | TOKEN_SCALED` (this encoder): keys are first centred
+  on a line over the block's tokens per (head, channel) (least squares; bfloat16 intercept and
+  slope): keys share a large, slowly turning part per channel, and e4m3 rounds relative to the
+  magnitude. Per head a float32 base scale (amax over the block / 448), per (token, head) a 4-bit
+  step below it (scale = base * 2^(-step/4)): of the smallest that fits the token's values and the
+  next three, the one whose codes err least (where values fall within an octave sets e4m3's
+  rounding). Flag `SINK` (a document's first block): each segment also carries the block's first
+  token exactly, in the cache's dtype (the attention sink, which every later token attends to; the
+  line is fitted without it). Per segment: `base [H] f32 | steps [T*H/2] u8 | keys only: intercept
+  [H*D] bf16, slope [H*D] bf16 | SINK: first token [H*D] | codes [T*H*D] u8`; 1.97x against bf16.
+  Blocks written before TOKEN_SCALED (flag `ROTATED` or none: one float32 scale per (head, channel)
+  over the block's tokens) still decode.
 - `int4` (lossy, KIVI-style): asymmetric 4-bit codes, two per byte; keys per channel (one float32
   minimum and step per (head, channel) over the block's tokens), values per token (one float16
   minimum and step per (token, head) over the head's channels). Body: per segment
@@ -52,10 +60,15 @@ import zstandard
 from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV
 from kvcdn.spec.codecs import (
+    CHUNKED,
     CODECS,
+    FLAGS,
     HEADER_BYTES,
     LOSSLESS_CHUNK_ELEMENTS,
     PLANE_HEADER_BYTES,
+    ROTATED,
+    SINK,
+    TOKEN_SCALED,
     fixed_body_bytes,
     lossy_segment_bytes,
     max_encoded_bytes,
@@ -68,6 +81,8 @@ __all__ = [
     "CHUNKED",
     "DEVICE_DECODED",
     "ROTATED",
+    "SINK",
+    "TOKEN_SCALED",
     "DecodingAssembler",
     "decode",
     "decode_lossy",
@@ -83,12 +98,12 @@ _U16 = np.dtype("<u2")
 """A 16-bit value as lossless planes make it: plane 0 is its low byte."""
 assert _HEAD.size == HEADER_BYTES and _PLANE.size == PLANE_HEADER_BYTES
 _FP8_MAX = 448.0
-ROTATED = 1
-"""fp8 header flag: values were Hadamard-rotated per head before quantizing (module docstring)."""
-CHUNKED = 1
-"""lossless header flag: planes are coded per chunk of LOSSLESS_CHUNK_ELEMENTS values (module docstring)."""
-_FLAGS = {"fp8": frozenset({0, ROTATED}), "lossless": frozenset({0, CHUNKED})}
-"""The header flags each codec may carry (others: none)."""
+_FP8_STEPS_PER_OCTAVE = 4
+_FP8_STEPS = 16
+"""fp8's 4-bit scale steps: a (token, head)'s scale is its head's base times 2^(-step/4), step 0 .. 15."""
+_FP8_CANDIDATES = 4
+"""Scale steps the fp8 encoder tries per (token, head): the smallest that fits, and the next ones up
+to one octave larger (e4m3's relative rounding depends on where values fall within an octave)."""
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 """The float32 value of each e4m3 code (a table lookup decodes faster than torch's conversion)."""
 
@@ -97,22 +112,27 @@ def _segments(geometry: Geometry) -> int:
     return 2 * geometry.layers
 
 
-def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memoryview) -> bytes:
-    """The `codec` encoding of an n-token block payload."""
+def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memoryview, first: bool = False) -> bytes:
+    """The `codec` encoding of an n-token block payload; `first`: the block is its document's first
+    (fp8 keeps that block's first token, the attention sink, exact)."""
     parse_codecs([codec], "codec")
     if len(payload) != geometry.block_bytes(n_tokens):
         raise InvalidArgument(f"payload of {len(payload)} bytes is not an {n_tokens}-token block")
     if codec == "raw":
         return bytes(payload)
-    flags = {"fp8": ROTATED, "lossless": CHUNKED}.get(codec, 0)
+    flags = {"fp8": ROTATED | TOKEN_SCALED | (SINK if first else 0), "lossless": CHUNKED}.get(codec, 0)
     head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, flags, n_tokens)
     if codec == "lossless":
         return head + _encode_planes(payload, geometry.element_bytes)
     values = _as_float(geometry, n_tokens, payload)
-    encoder = {"fp8": _encode_fp8, "int8": _encode_int8, "int4": _encode_int4}[codec]
+    sink = TORCH_DTYPES[geometry.dtype] if flags & SINK else None
     parts = [head]
     for i in range(_segments(geometry)):
-        parts += encoder(values[i], i % 2 == 0)
+        keys = i % 2 == 0
+        if codec == "fp8":
+            parts += _encode_fp8(values[i], keys, sink)
+        else:
+            parts += (_encode_int8 if codec == "int8" else _encode_int4)(values[i], keys)
     return b"".join(parts)
 
 
@@ -157,10 +177,10 @@ def _body(codec: str, geometry: Geometry, n_tokens: int, view: memoryview) -> tu
     magic, codec_id, element, flags, tokens = _HEAD.unpack_from(view)
     if (magic, codec_id, element, tokens) != (_MAGIC, CODECS[codec].id, geometry.element_bytes, n_tokens):
         raise DigestMismatch(f"{codec} block header does not match its info ({n_tokens} tokens, {geometry.dtype})")
-    if flags not in _FLAGS.get(codec, {0}):
+    if flags not in FLAGS.get(codec, {0}):
         raise DigestMismatch(f"{codec} block header carries unknown flags {flags:#x}")
     body = view[_HEAD.size :]
-    if codec != "lossless" and len(body) != (expected := fixed_body_bytes(codec, geometry, n_tokens)):
+    if codec != "lossless" and len(body) != (expected := fixed_body_bytes(codec, geometry, n_tokens, flags)):
         raise DigestMismatch(f"{codec} block body of {len(body)} bytes, expected {expected}")
     return body, flags
 
@@ -183,8 +203,10 @@ def decode_lossy(codec: str, geometry: Geometry, n_tokens: int, body: torch.Tens
     library may choose differently, so a GPU's values can differ from a CPU's in the last bit of the
     float32 product before it is rounded into the cache's dtype (rarely visible after that); int8
     rotates back the same way."""
+    if codec == "fp8" and flags & TOKEN_SCALED:
+        return _decode_fp8(body, geometry, n_tokens, flags)
     if codec == "fp8":
-        return _decode_fp8(body, geometry, n_tokens, rotated=bool(flags & ROTATED))
+        return _decode_fp8_per_channel(body, geometry, n_tokens, rotated=bool(flags & ROTATED))
     if codec == "int8":
         return _decode_int8(body, geometry, n_tokens)
     return _decode_int4(body, geometry, n_tokens)
@@ -336,17 +358,90 @@ def _rotate(x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(*x.shape[:-1], d // b, b), _hadamard(b, x.device)).reshape(x.shape)
 
 
-def _encode_fp8(x: torch.Tensor, keys: bool) -> list[bytes]:
-    """Scales and codes of one segment; keys and values alike (`keys` is the encoders' common signature)."""
-    x = _rotate(x)
-    scale = (x.abs().amax(dim=0) / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # [H, D]
-    codes = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
-    return [_f32(scale), codes.contiguous().numpy().tobytes()]
+@functools.cache
+def _fp8_steps(device: torch.device) -> torch.Tensor:
+    """2^(-c/4) for each 4-bit scale step c, float32 (computed in float64 and rounded once: the
+    same table on every device)."""
+    steps = [2.0 ** (-c / _FP8_STEPS_PER_OCTAVE) for c in range(_FP8_STEPS)]
+    table: torch.Tensor = torch.tensor(steps, dtype=torch.float64).float().to(device)
+    return table
 
 
-def _decode_fp8(body: torch.Tensor, geometry: Geometry, n_tokens: int, rotated: bool) -> torch.Tensor:
-    """All segments at once: one code lookup, one multiply and (rotated) one matrix product, written
-    in the cache's dtype."""
+def _key_trend(intercept: torch.Tensor, slope: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The line fp8 centres keys on, at token i of a block: slope * i + intercept per (head,
+    channel), in float32, one multiply then one add (the same on every device). `intercept` and
+    `slope` are bfloat16 `[..., H, D]`; the result broadcasts to `[..., n_tokens, H, D]`."""
+    tokens = torch.arange(n_tokens, dtype=torch.float32, device=slope.device).view(n_tokens, 1, 1)
+    return slope.float() * tokens + intercept.float()
+
+
+def _encode_fp8(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[bytes]:
+    """The arrays and codes of one segment `x` (`[T, H, D]` float32). Keys are first centred on a
+    line over the block's tokens per (head, channel): the least-squares fit (slope, then intercept,
+    each rounded to bfloat16) over every token but a sink. Then rotated; per head a base scale (amax
+    over the block / 448); per (token, head) a 4-bit step below it (scale = base * 2^(-step/4)):
+    among the smallest that fits the token's values and the next ones up to an octave larger, the one
+    whose codes err least. With `sink` (the cache's dtype): the first token, exact in that dtype."""
+    tiny = torch.finfo(torch.float32).tiny
+    first = x[0].to(sink) if sink is not None else None
+    trend: list[torch.Tensor] = []
+    if keys:
+        fit = x[1:] if sink is not None else x
+        at = torch.arange(len(x) - len(fit), len(x), dtype=torch.float32).view(-1, 1, 1)
+        slope = torch.zeros_like(x[0])
+        if len(fit) > 1:
+            centred = at - at.mean()
+            slope = (fit - fit.mean(dim=0)).mul_(centred).sum(dim=0) / centred.square().sum()
+        slope = slope.to(torch.bfloat16)
+        intercept = (fit - slope.float() * at).mean(dim=0) if len(fit) else torch.zeros_like(x[0])
+        trend = [intercept.to(torch.bfloat16), slope]
+        x = x - _key_trend(trend[0], slope, len(x))
+    rotated = _rotate(x)
+    amax = rotated.abs().amax(dim=2)  # [T, H]
+    base = (amax.amax(dim=0) / _FP8_MAX).clamp_min(tiny)  # [H]
+    fits = torch.floor(torch.log2(base * _FP8_MAX / amax.clamp_min(tiny)) * _FP8_STEPS_PER_OCTAVE).nan_to_num()
+    table = _fp8_steps(x.device)
+    candidates, errors = [], []
+    for k in range(_FP8_CANDIDATES):
+        step = (fits - k).clamp(0, _FP8_STEPS - 1)
+        scale = (base * table[step.long()]).unsqueeze(-1)  # [T, H, 1], as the decoder computes it
+        codes = (rotated / scale.clamp_min(tiny)).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        errors.append(_fp8_values(codes.view(torch.uint8)).mul_(scale).sub_(rotated).square_().sum(dim=2))
+        candidates.append(step)
+    pick = torch.stack(errors).argmin(dim=0, keepdim=True)  # the first of equal errors: the smallest scale
+    step = torch.stack(candidates).gather(0, pick)[0].to(torch.uint8)
+    scale = (base * table[step.long()]).unsqueeze(-1)
+    codes = (rotated / scale.clamp_min(tiny)).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    steps = torch.cat((step.reshape(-1), step.new_zeros(step.numel() % 2)))  # two per byte, the first low
+    arrays = [base, steps[0::2] | (steps[1::2] << 4), *trend, *([first] if first is not None else []), codes]
+    return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in arrays]
+
+
+def _decode_fp8(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: int) -> torch.Tensor:
+    """Every layer's keys at once, then every layer's values: codes times their (token, head)'s
+    scale, rotated back, plus the keys' line, written in the cache's dtype; then the sink token."""
+    h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
+    sink = [(TORCH_DTYPES[geometry.dtype], (1, h, d))] if flags & SINK else []
+    scales = [(torch.float32, (1, h, 1)), (torch.uint8, ((n * h + 1) // 2,))]
+    line = [(torch.bfloat16, (1, h, d))] * 2
+    out, kinds = _segment_kinds(body, "fp8", geometry, n_tokens, flags, ([*scales, *line, *sink], [*scales, *sink]))
+    table = _fp8_steps(body.device)
+    for keys, (segments, arrays, codes) in zip((True, False), kinds, strict=True):
+        base, packed = arrays[0], arrays[1]
+        step = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(len(packed), -1)[:, : n * h]
+        scale = base * table[step.long()].view(-1, n, h, 1)
+        values = _rotate(_fp8_values(codes).reshape(segments.shape).mul_(scale))
+        if keys:
+            values.add_(_key_trend(arrays[2], arrays[3], n))
+        segments.copy_(values)  # float32, rounded once into the cache's dtype
+        if sink:
+            segments[:, :1].copy_(arrays[-1])
+    return out
+
+
+def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: int, rotated: bool) -> torch.Tensor:
+    """fp8 blocks written before TOKEN_SCALED: one float32 scale per (segment, head, channel); all
+    segments at once, one code lookup, one multiply and (rotated) one matrix product."""
     h, d, s = geometry.kv_heads, geometry.head_dim, _segments(geometry)
     rows = body.view(s, 4 * h * d + n_tokens * h * d)
     scales = _copied(rows[:, : 4 * h * d]).view(torch.float32).view(s, 1, h, d)
@@ -369,40 +464,48 @@ def _encode_int4(x: torch.Tensor, keys: bool) -> list[bytes]:
     return [t.contiguous().numpy().tobytes() for t in stored] + [packed.numpy().tobytes()]
 
 
+_Layout = Sequence[tuple[torch.dtype, tuple[int, ...]]]
+
+
 def _segment_kinds(
     body: torch.Tensor,
     codec: str,
     geometry: Geometry,
     n_tokens: int,
-    dtypes: tuple[torch.dtype, torch.dtype],
-    arrays: int,
+    flags: int,
+    layouts: tuple[_Layout, _Layout],
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]]:
-    """A keys-per-channel, values-per-token body (int8, int4) taken apart: the cache to fill,
+    """A lossy body (fp8 with TOKEN_SCALED, int8, int4) taken apart: the cache to fill,
     `[2 * layers, n_tokens, kv_heads, head_dim]` in its dtype, and per kind (keys, then values) that
-    cache's segments of the kind, the `arrays` arrays that start each of their body segments (keys:
-    per (head, channel) in dtypes[0]; values: per (token, head) in dtypes[1]; as float32, shaped to
+    cache's segments of the kind, the arrays that start each of their body segments (`layouts[kind]`:
+    each array's dtype and per-layer shape, in order; viewed as `[layers, *shape]` in that dtype, to
     broadcast over the segments) and the codes after them (`[layers, bytes]` uint8)."""
     h, d, layers = geometry.kv_heads, geometry.head_dim, geometry.layers
-    keys_bytes, values_bytes, _ = lossy_segment_bytes(codec, geometry, n_tokens)
+    keys_bytes, values_bytes, _ = lossy_segment_bytes(codec, geometry, n_tokens, flags)
     rows = body.view(layers, keys_bytes + values_bytes)
     out = torch.empty(2 * layers, n_tokens, h, d, dtype=TORCH_DTYPES[geometry.dtype], device=body.device)
     kinds = []
-    for segments, part, dtype, shape in (
-        (out[0::2], rows[:, :keys_bytes], dtypes[0], (layers, 1, h, d)),
-        (out[1::2], rows[:, keys_bytes:], dtypes[1], (layers, n_tokens, h, 1)),
+    for segments, part, layout in (
+        (out[0::2], rows[:, :keys_bytes], layouts[0]),
+        (out[1::2], rows[:, keys_bytes:], layouts[1]),
     ):
-        size = math.prod(shape[1:]) * dtype.itemsize
-        leading = [_copied(part[:, i * size : (i + 1) * size]).view(dtype).float().view(shape) for i in range(arrays)]
-        kinds.append((segments, leading, part[:, arrays * size :]))
+        arrays, at = [], 0
+        for dtype, shape in layout:
+            size = math.prod(shape) * dtype.itemsize
+            arrays.append(_copied(part[:, at : at + size]).view(dtype).view(layers, *shape))
+            at += size
+        kinds.append((segments, arrays, part[:, at:]))
     return out, kinds
 
 
 def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch.Tensor:
     """Every layer's keys at once, then every layer's values, written in the cache's dtype."""
-    out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, (torch.float32, torch.float16), arrays=2)
+    h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
+    keys, values = [(torch.float32, (1, h, d))] * 2, [(torch.float16, (n, h, 1))] * 2
+    out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, 0, (keys, values))
     for segments, (low, step), packed in kinds:
         codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(segments.shape)
-        torch.add(low, codes.float() * step, out=segments)  # float32, rounded once into the cache's dtype
+        torch.add(low.float(), codes.float() * step.float(), out=segments)  # float32, rounded once into the dtype
     return out
 
 
@@ -423,9 +526,11 @@ def _encode_int8(x: torch.Tensor, keys: bool) -> list[bytes]:
 def _decode_int8(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch.Tensor:
     """Every layer's keys at once, then every layer's values: codes times scales, rotated back,
     written in the cache's dtype."""
-    out, kinds = _segment_kinds(body, "int8", geometry, n_tokens, (torch.float32, torch.bfloat16), arrays=1)
+    h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
+    layouts = ([(torch.float32, (1, h, d))], [(torch.bfloat16, (n, h, 1))])
+    out, kinds = _segment_kinds(body, "int8", geometry, n_tokens, 0, layouts)
     for segments, (scale,), codes in kinds:
-        values = codes.view(torch.int8).reshape(segments.shape).float().mul_(scale)
+        values = codes.view(torch.int8).reshape(segments.shape).float().mul_(scale.float())
         segments.copy_(_rotate(values))  # float32, rounded once into the cache's dtype
     return out
 
@@ -503,7 +608,7 @@ class DecodingAssembler:
         codec, geometry = self._infos[block_start].codec, self.assembler.geometry
         data = self._encoded[block_start]
         _, flags = _body(codec, geometry, block_tokens, data.data)
-        keys, values, _ = lossy_segment_bytes(codec, geometry, block_tokens)
+        keys, values, _ = lossy_segment_bytes(codec, geometry, block_tokens, flags)
         per_layer = keys + values
         done = self._lossy_done.get(block_start, 0)
         ready = geometry.layers if end is None else min(geometry.layers, (end - _HEAD.size) // per_layer)

@@ -17,11 +17,16 @@ from kvcdn.spec.identity import encoded_key
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
+    "CHUNKED",
     "CODECS",
     "DEFAULT_ACCEPT",
+    "FLAGS",
     "HEADER_BYTES",
     "LOSSLESS_CHUNK_ELEMENTS",
     "PLANE_HEADER_BYTES",
+    "ROTATED",
+    "SINK",
+    "TOKEN_SCALED",
     "Codec",
     "best_prefix",
     "fixed_body_bytes",
@@ -39,6 +44,22 @@ LOSSLESS_CHUNK_ELEMENTS = 1 << 19
 receiver decodes a chunk as soon as its bytes have arrived (1 MiB of bf16 values; smaller chunks
 cost zstd more per byte: 2^18 decoded ~15 % slower here)."""
 
+CHUNKED = 1
+"""lossless header flag: planes are coded per chunk of LOSSLESS_CHUNK_ELEMENTS values."""
+ROTATED = 1
+"""fp8 header flag: each head's vector was Hadamard-rotated before quantizing (kvcdn.model.codecs)."""
+TOKEN_SCALED = 2
+"""fp8 header flag (with ROTATED): one scale per (token, head), keys centred per channel; without it
+(blocks written before it existed), one float32 scale per (head, channel)."""
+SINK = 4
+"""fp8 header flag (with TOKEN_SCALED): each segment also carries the block's first token exactly
+(set on a document's first block, whose first token is the attention sink)."""
+FLAGS: dict[str, frozenset[int]] = {
+    "lossless": frozenset({0, CHUNKED}),
+    "fp8": frozenset({0, ROTATED, ROTATED | TOKEN_SCALED, ROTATED | TOKEN_SCALED | SINK}),
+}
+"""The header flags each codec's blocks may carry (others: 0 only)."""
+
 
 @dataclass(frozen=True)
 class Codec:
@@ -54,7 +75,7 @@ CODECS: dict[str, Codec] = {
     for c in (
         Codec("raw", 0, True, "the payload as computed"),
         Codec("lossless", 1, True, "byte planes in chunks, zstd where it pays (bit-exact)"),
-        Codec("fp8", 2, False, "float8 e4m3 after a Hadamard rotation, a float32 scale per head channel"),
+        Codec("fp8", 2, False, "float8 e4m3 after a Hadamard rotation, a scale per token, keys centred"),
         Codec("int4", 3, False, "4-bit, keys per channel, values per token (KIVI-style)"),
         Codec("int8", 4, False, "int8 after a Hadamard rotation, keys per channel, values per token"),
     )
@@ -75,12 +96,18 @@ def parse_codecs(names: str | Sequence[str], what: str = "--codecs", allow_empty
     return tuple(items)
 
 
-def lossy_segment_bytes(codec: str, geometry: Geometry, n_tokens: int) -> tuple[int, int, int]:
+def lossy_segment_bytes(codec: str, geometry: Geometry, n_tokens: int, flags: int = 0) -> tuple[int, int, int]:
     """Bytes of a lossy encoding's keys segment, of its values segment, and of the codes in either
-    (each segment is its scales, then its codes)."""
+    (each segment is the arrays its codec's SPEC row names, then its codes), under header `flags`."""
     h, d = geometry.kv_heads, geometry.head_dim
     per_channel = h * d  # one scale (and, for int4, one minimum) per (head, channel)
     per_token = n_tokens * h  # one per (token, head)
+    if codec == "fp8" and flags & TOKEN_SCALED:
+        codes = n_tokens * h * d
+        # a float32 base per head, a 4-bit scale step per (token, head), [the first token exact];
+        # keys also a bfloat16 intercept and slope per (head, channel)
+        both = 4 * h + (per_token + 1) // 2 + (geometry.element_bytes * per_channel if flags & SINK else 0) + codes
+        return both + 2 * 2 * per_channel, both, codes
     if codec == "fp8":
         codes = n_tokens * h * d
         return 4 * per_channel + codes, 4 * per_channel + codes, codes
@@ -93,9 +120,9 @@ def lossy_segment_bytes(codec: str, geometry: Geometry, n_tokens: int) -> tuple[
     raise InvalidArgument(f"codec {codec!r} has no fixed size")
 
 
-def fixed_body_bytes(codec: str, geometry: Geometry, n_tokens: int) -> int:
-    """The exact body size of a fixed-size (lossy) encoding of an n-token block."""
-    keys, values, _ = lossy_segment_bytes(codec, geometry, n_tokens)
+def fixed_body_bytes(codec: str, geometry: Geometry, n_tokens: int, flags: int = 0) -> int:
+    """The exact body size of a fixed-size (lossy) encoding of an n-token block with header `flags`."""
+    keys, values, _ = lossy_segment_bytes(codec, geometry, n_tokens, flags)
     return geometry.layers * (keys + values)
 
 
@@ -107,7 +134,7 @@ def max_encoded_bytes(codec: str, geometry: Geometry, n_tokens: int) -> int:
     if codec == "lossless":  # planes that did not pay are stored; zstd never adds more than this
         chunks = -(-raw // geometry.element_bytes // LOSSLESS_CHUNK_ELEMENTS)
         return HEADER_BYTES + raw + geometry.element_bytes * (chunks * (PLANE_HEADER_BYTES + 64) + raw // 100)
-    return HEADER_BYTES + fixed_body_bytes(codec, geometry, n_tokens)
+    return HEADER_BYTES + max(fixed_body_bytes(codec, geometry, n_tokens, f) for f in FLAGS.get(codec, {0}))
 
 
 def best_prefix(
