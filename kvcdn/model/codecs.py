@@ -39,7 +39,7 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
   per (token, head) over the head's channels); scale = amax / 127, value = code * scale, rotated
   back. Body: per segment `scales | codes [T*H*D] i8`. The same bytes as fp8 within 1 %, and a
   uniform grid fits rotated (near-Gaussian) values better than e4m3's 3-bit mantissa: KL to the
-  exact cache ~7x lower than fp8's on SmolLM2 float32 (`kvcdn loadtest codecs`).
+  exact cache ~3x lower than fp8's on SmolLM2 float32 (`kvcdn loadtest codecs`).
 
 Decoders check every length against the geometry before touching data: a truncated or corrupted
 encoding is a DigestMismatch (DATA_LOSS), never a crash or an oversized allocation.
