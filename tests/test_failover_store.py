@@ -18,6 +18,7 @@ from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.spec.identity import encoded_key
 from kvcdn.store.blockstore import BlockStore
+from kvcdn.wire import bulk as wire_bulk
 from kvcdn.wire.frames import encode_block
 from tests.conftest import SAMPLES, Network, start_network, stop_network
 
@@ -35,10 +36,22 @@ async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, s
     assert "127.0.0.1:1" not in fetched.edges_used
 
 
-@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
+TRANSPORTS = ["bulk", "bulk, verified beside", "grpc"]
+"""The bulk stream verifying each frame in its receiving thread, or in a helper thread beside it
+(kvcdn.wire.bulk.VERIFY_BESIDE, chosen by the cores a machine has), and gRPC's StreamBlocks."""
+
+
+def _transport(transport: str, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Set up `transport`; whether it is the bulk stream."""
+    monkeypatch.setattr(wire_bulk, "VERIFY_BESIDE", transport == "bulk, verified beside")
+    return transport != "grpc"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_parallel_runs_and_one_broken_mid_block_resumes_on_the_next_edge_at_that_frame(
-    network: Network, sample_text: str, bulk: bool
+    network: Network, sample_text: str, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    bulk = _transport(transport, monkeypatch)
     model = network.model
     manifest = (await network.origin.publish("doc", sample_text)).manifest
     assert len(manifest.blocks[0].frame_digests) > 1, "the test needs multi-frame blocks"
@@ -92,12 +105,13 @@ async def test_parallel_runs_and_one_broken_mid_block_resumes_on_the_next_edge_a
         await edge2.close()
 
 
-@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("fault", ["tampered", "garbage"])
 @pytest.mark.parametrize("codec", ["raw", "lossless"])  # an encoded block is verified and resumed alike
 async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
-    network: Network, sample_text: str, bulk: bool, fault: str, codec: str
+    network: Network, sample_text: str, transport: str, fault: str, codec: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    bulk = _transport(transport, monkeypatch)
     model = network.model
     manifest = (await network.origin.publish("doc", sample_text, [codec])).manifest
     first_key = encoded_key(manifest.blocks[0].key, codec)
