@@ -21,5 +21,6 @@ bench() {  # GEOMETRY CODEC [more bench flags]
 }
 bench qwen3-4b raw
 bench qwen3-4b raw --frame-bytes 3MiB  # a third of the frames: the receivers' per-frame Python work
+KVCDN_VERIFY_BESIDE=0 bench qwen3-4b raw  # frames verified in the receiving threads, no helper handover
 bench qwen3-4b int8  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
 bench llama3.1-8b raw

@@ -477,10 +477,11 @@ def _free_cores() -> int:
         return os.cpu_count() or 1
 
 
-VERIFY_BESIDE = _free_cores() > 2
+VERIFY_BESIDE = {"0": False, "1": True}.get(os.environ.get("KVCDN_VERIFY_BESIDE", ""), _free_cores() > 2)
 """Whether each stream verifies (and hands on: decode, copy to a GPU) its frames in a helper thread
 beside the thread receiving them, or in that thread right after each frame, while its bytes are
-still in that core's cache. Beside, where the process has more than two cores. On two (with the
+still in that core's cache. Beside, where the process has more than two cores, unless the
+environment says otherwise (`KVCDN_VERIFY_BESIDE=0` or `1`, read at import). On two (with the
 sender on loopback on one of them) the two threads only take turns on the other core, and handing
 each frame over costs more than the overlap gains. 8,192-token SmolLM2 float32 fetches from one
 warm edge, eight each way in turn: raw (377 MB) median 167 ms in the receiving thread, 217 ms
