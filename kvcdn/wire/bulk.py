@@ -439,7 +439,7 @@ def receive_into(
                     _raise_if_error(sock, peer, first, second)
                 if first != _END:
                     raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
-    except (TimeoutError, ConnectionError, OSError) as exc:
+    except OSError as exc:  # TimeoutError (connect, handshake), ConnectionError, ssl.SSLError among them
         if isinstance(exc, TimeoutError) or (cut_off is not None and cut_off.expired):
             raise DeadlineExceeded(f"{peer}: the stream did not complete within {timeout_s:g} s") from None
         if isinstance(exc, ssl.SSLCertVerificationError):  # as gRPC reports a failed handshake: the next edge is tried
