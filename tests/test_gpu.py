@@ -71,9 +71,7 @@ async def test_lossy_blocks_decode_on_the_gpu_as_on_the_host(
         assert on_gpu.codec == codec and on_gpu.cached_tokens == len(doc)
         assert on_gpu.layers[0][0].device.type == "cuda"
         assert bit_identical(again.layers, on_gpu.layers)  # the same device decodes alike every time
-        if codec == "int4":  # elementwise steps only: rounded alike on every device
-            assert bit_identical(on_gpu.layers, on_host.layers)
-        for (k, v), (hk, hv) in zip(on_gpu.layers, on_host.layers, strict=True):  # fp8, int8 rotate back by a
+        for (k, v), (hk, hv) in zip(on_gpu.layers, on_host.layers, strict=True):  # each rotates back by a
             for got, want in ((k, hk), (v, hv)):  # matrix product, whose summation order may differ
                 torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-6)
     finally:

@@ -30,10 +30,13 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
   [H*D] bf16, slope [H*D] bf16 | SINK: first token [H*D] | codes [T*H*D] u8`; 1.97x against bf16.
   Blocks written before TOKEN_SCALED (flag `ROTATED` or none: one float32 scale per (head, channel)
   over the block's tokens) still decode.
-- `int4` (lossy, KIVI-style): asymmetric 4-bit codes, two per byte; keys per channel (one float32
-  minimum and step per (head, channel) over the block's tokens), values per token (one float16
-  minimum and step per (token, head) over the head's channels). Body: per segment
-  `minimum | step | codes [T*H*D/2] u8`.
+- `int4` (lossy, KIVI-style): asymmetric 4-bit codes, two per byte, after fp8's rotation (flag
+  `ROTATED`, set by this encoder; blocks without it, written before it existed, decode unrotated);
+  keys per channel (one float32 minimum and step per (head, channel) over the block's tokens), values
+  per token (one float16 minimum and step per (token, head) over the head's channels); flag `SINK` as
+  fp8's (a document's first token exact). Body: per segment `minimum | step | SINK: first token
+  [H*D] | codes [T*H*D/2] u8`. The rotation and the sink token cut KL to the exact cache 3x on SmolLM2
+  float32 (`kvcdn loadtest codecs`).
 - `int8` (lossy): symmetric 8-bit codes after fp8's rotation (always; no flag); keys per channel (one
   float32 scale per (head, channel) over the block's tokens), values per token (one bfloat16 scale
   per (token, head) over the head's channels); scale = amax / 127, value = code * scale, rotated
@@ -114,13 +117,14 @@ def _segments(geometry: Geometry) -> int:
 
 def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memoryview, first: bool = False) -> bytes:
     """The `codec` encoding of an n-token block payload; `first`: the block is its document's first
-    (fp8 keeps that block's first token, the attention sink, exact)."""
+    (fp8 and int4 keep that block's first token, the attention sink, exact)."""
     parse_codecs([codec], "codec")
     if len(payload) != geometry.block_bytes(n_tokens):
         raise InvalidArgument(f"payload of {len(payload)} bytes is not an {n_tokens}-token block")
     if codec == "raw":
         return bytes(payload)
-    flags = {"fp8": ROTATED | TOKEN_SCALED | (SINK if first else 0), "lossless": CHUNKED}.get(codec, 0)
+    sunk = SINK if first else 0
+    flags = {"fp8": ROTATED | TOKEN_SCALED | sunk, "int4": ROTATED | sunk, "lossless": CHUNKED}.get(codec, 0)
     head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, flags, n_tokens)
     if codec == "lossless":
         return head + _encode_planes(payload, geometry.element_bytes)
@@ -129,10 +133,10 @@ def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memor
     parts = [head]
     for i in range(_segments(geometry)):
         keys = i % 2 == 0
-        if codec == "fp8":
-            parts += _encode_fp8(values[i], keys, sink)
+        if codec == "int8":
+            parts += _encode_int8(values[i], keys)
         else:
-            parts += (_encode_int8 if codec == "int8" else _encode_int4)(values[i], keys)
+            parts += (_encode_fp8 if codec == "fp8" else _encode_int4)(values[i], keys, sink)
     return b"".join(parts)
 
 
@@ -209,7 +213,7 @@ def decode_lossy(codec: str, geometry: Geometry, n_tokens: int, body: torch.Tens
         return _decode_fp8_per_channel(body, geometry, n_tokens, rotated=bool(flags & ROTATED))
     if codec == "int8":
         return _decode_int8(body, geometry, n_tokens)
-    return _decode_int4(body, geometry, n_tokens)
+    return _decode_int4(body, geometry, n_tokens, flags)
 
 
 # --- lossless ---------------------------------------------------------------------------------------
@@ -452,7 +456,11 @@ def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: in
     return out.copy_(_rotate(values.mul_(scales)))  # rounded once into the cache's dtype
 
 
-def _encode_int4(x: torch.Tensor, keys: bool) -> list[bytes]:
+def _encode_int4(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[bytes]:
+    """The arrays and codes of one segment `x` (`[T, H, D]` float32), rotated first; with `sink`
+    (the cache's dtype), the first token exact in that dtype (before the codes)."""
+    first = [x[0].to(sink)] if sink is not None else []
+    x = _rotate(x)
     dim = 0 if keys else 2  # keys: over tokens per channel; values: over channels per token
     low = x.amin(dim=dim, keepdim=True)
     step = ((x.amax(dim=dim, keepdim=True) - low) / 15).clamp_min(1e-8)
@@ -461,7 +469,7 @@ def _encode_int4(x: torch.Tensor, keys: bool) -> list[bytes]:
     codes = ((x - low) / step).round().clamp(0, 15).to(torch.uint8).reshape(-1)
     packed = codes[0::2] | (codes[1::2] << 4)
     stored = (low, step) if keys else (low.half(), step.half())
-    return [t.contiguous().numpy().tobytes() for t in stored] + [packed.numpy().tobytes()]
+    return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in (*stored, *first, packed)]
 
 
 _Layout = Sequence[tuple[torch.dtype, tuple[int, ...]]]
@@ -498,14 +506,22 @@ def _segment_kinds(
     return out, kinds
 
 
-def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch.Tensor:
-    """Every layer's keys at once, then every layer's values, written in the cache's dtype."""
+def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: int) -> torch.Tensor:
+    """Every layer's keys at once, then every layer's values: minimum plus code times step, rotated
+    back (ROTATED), written in the cache's dtype; then the sink token (SINK)."""
     h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
-    keys, values = [(torch.float32, (1, h, d))] * 2, [(torch.float16, (n, h, 1))] * 2
-    out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, 0, (keys, values))
-    for segments, (low, step), packed in kinds:
+    sink = [(TORCH_DTYPES[geometry.dtype], (1, h, d))] if flags & SINK else []
+    keys, values = [(torch.float32, (1, h, d))] * 2 + sink, [(torch.float16, (n, h, 1))] * 2 + sink
+    out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, flags, (keys, values))
+    for segments, arrays, packed in kinds:
+        low, step = arrays[0].float(), arrays[1].float()
         codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(segments.shape)
-        torch.add(low.float(), codes.float() * step.float(), out=segments)  # float32, rounded once into the dtype
+        if flags & ROTATED:
+            segments.copy_(_rotate(codes.float().mul_(step).add_(low)))  # float32, rounded once into the dtype
+        else:
+            torch.add(low, codes.float() * step, out=segments)  # blocks written before the rotation
+        if sink:
+            segments[:, :1].copy_(arrays[-1])
     return out
 
 

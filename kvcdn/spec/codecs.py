@@ -47,16 +47,17 @@ cost zstd more per byte: 2^18 decoded ~15 % slower here)."""
 CHUNKED = 1
 """lossless header flag: planes are coded per chunk of LOSSLESS_CHUNK_ELEMENTS values."""
 ROTATED = 1
-"""fp8 header flag: each head's vector was Hadamard-rotated before quantizing (kvcdn.model.codecs)."""
+"""fp8 and int4 header flag: each head's vector was Hadamard-rotated before quantizing (kvcdn.model.codecs)."""
 TOKEN_SCALED = 2
 """fp8 header flag (with ROTATED): one scale per (token, head), keys centred per channel; without it
 (blocks written before it existed), one float32 scale per (head, channel)."""
 SINK = 4
-"""fp8 header flag (with TOKEN_SCALED): each segment also carries the block's first token exactly
-(set on a document's first block, whose first token is the attention sink)."""
+"""fp8 (with TOKEN_SCALED) and int4 (with ROTATED) header flag: each segment also carries the block's
+first token exactly (set on a document's first block, whose first token is the attention sink)."""
 FLAGS: dict[str, frozenset[int]] = {
     "lossless": frozenset({0, CHUNKED}),
     "fp8": frozenset({0, ROTATED, ROTATED | TOKEN_SCALED, ROTATED | TOKEN_SCALED | SINK}),
+    "int4": frozenset({0, ROTATED, ROTATED | SINK}),
 }
 """The header flags each codec's blocks may carry (others: 0 only)."""
 
@@ -76,7 +77,7 @@ CODECS: dict[str, Codec] = {
         Codec("raw", 0, True, "the payload as computed"),
         Codec("lossless", 1, True, "byte planes in chunks, zstd where it pays (bit-exact)"),
         Codec("fp8", 2, False, "float8 e4m3 after a Hadamard rotation, a scale per token, keys centred"),
-        Codec("int4", 3, False, "4-bit, keys per channel, values per token (KIVI-style)"),
+        Codec("int4", 3, False, "4-bit after a Hadamard rotation, keys per channel, values per token (KIVI-style)"),
         Codec("int8", 4, False, "int8 after a Hadamard rotation, keys per channel, values per token"),
     )
 }
@@ -116,7 +117,8 @@ def lossy_segment_bytes(codec: str, geometry: Geometry, n_tokens: int, flags: in
         return 4 * per_channel + codes, 2 * per_token + codes, codes
     if codec == "int4":
         codes = n_tokens * h * d // 2
-        return 2 * 4 * per_channel + codes, 2 * 2 * per_token + codes, codes
+        first = geometry.element_bytes * per_channel if flags & SINK else 0
+        return 2 * 4 * per_channel + first + codes, 2 * 2 * per_token + first + codes, codes
     raise InvalidArgument(f"codec {codec!r} has no fixed size")
 
 
