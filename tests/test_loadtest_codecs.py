@@ -23,7 +23,9 @@ def test_exact_codecs_agree_fully_and_lossy_ones_are_measured(llama: LoadedModel
         assert r.exact and r.greedy_agreement == r.top1_agreement == 1.0 and r.kl == 0.0 and r.max_logit_diff == 0
         assert r.whole_answers == r.documents
     assert by["raw"].ratio == 1.0 and by["lossless"].ratio > 1.0
-    assert by["fp8"].ratio > 3 and by["int8"].ratio > 3 and by["int4"].ratio > 5  # float32, short blocks
+    # float32, short blocks, and 80-token documents whose first block carries its first token exact
+    # (in int4 that token costs what 8 tokens of codes do)
+    assert by["fp8"].ratio > 3 and by["int8"].ratio > 3 and by["int4"].ratio > 4.5
     for name in ("fp8", "int4", "int8"):
         r = by[name]
         assert not r.exact and 0 <= r.greedy_agreement <= 1 and 0 < r.top1_agreement <= 1 and r.kl >= 0
