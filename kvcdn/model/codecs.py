@@ -206,7 +206,7 @@ def decode_lossy(codec: str, geometry: Geometry, n_tokens: int, body: torch.Tens
     alike everywhere; fp8's rotation back is a float32 matrix product, whose summation order a GPU
     library may choose differently, so a GPU's values can differ from a CPU's in the last bit of the
     float32 product before it is rounded into the cache's dtype (rarely visible after that); int8
-    rotates back the same way."""
+    and (ROTATED) int4 rotate back the same way."""
     if codec == "fp8" and flags & TOKEN_SCALED:
         return _decode_fp8(body, geometry, n_tokens, flags)
     if codec == "fp8":
