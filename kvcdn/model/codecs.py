@@ -425,7 +425,7 @@ def _decode_fp8(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: in
     """Every layer's keys at once, then every layer's values: codes times their (token, head)'s
     scale, rotated back, plus the keys' line, written in the cache's dtype; then the sink token."""
     h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
-    sink = [(TORCH_DTYPES[geometry.dtype], (1, h, d))] if flags & SINK else []
+    sink = _sink_layout(geometry, flags)
     scales = [(torch.float32, (1, h, 1)), (torch.uint8, ((n * h + 1) // 2,))]
     line = [(torch.bfloat16, (1, h, d))] * 2
     out, kinds = _segment_kinds(body, "fp8", geometry, n_tokens, flags, ([*scales, *line, *sink], [*scales, *sink]))
@@ -475,6 +475,12 @@ def _encode_int4(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[
 _Layout = Sequence[tuple[torch.dtype, tuple[int, ...]]]
 
 
+def _sink_layout(geometry: Geometry, flags: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """The array a SINK block's segments carry before their codes (fp8, int4): the block's first
+    token, exact in the cache's dtype; none without the flag. Decoders write it over token 0."""
+    return [(TORCH_DTYPES[geometry.dtype], (1, geometry.kv_heads, geometry.head_dim))] if flags & SINK else []
+
+
 def _segment_kinds(
     body: torch.Tensor,
     codec: str,
@@ -510,7 +516,7 @@ def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: i
     """Every layer's keys at once, then every layer's values: minimum plus code times step, rotated
     back (ROTATED), written in the cache's dtype; then the sink token (SINK)."""
     h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
-    sink = [(TORCH_DTYPES[geometry.dtype], (1, h, d))] if flags & SINK else []
+    sink = _sink_layout(geometry, flags)
     keys, values = [(torch.float32, (1, h, d))] * 2 + sink, [(torch.float16, (n, h, 1))] * 2 + sink
     out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, flags, (keys, values))
     for segments, arrays, packed in kinds:
