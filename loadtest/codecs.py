@@ -151,6 +151,7 @@ def measure_codecs(model: LoadedModel, config: CodecsConfig, console: Console) -
             exact = adapter.prefill(model.model, doc)
             exact_logits = _next_token_logits(model, exact, probe)
             exact_answer = adapter.greedy(model.model, doc + q, config.new_tokens, cache=exact)
+            shaping = model.key_shaping
         spans = block_spans(len(doc), g.block_tokens)
         payloads = [block_payload(g, exact, s, e) for s, e in spans]
         raw_bytes = sum(len(p) for p in payloads)
@@ -165,7 +166,7 @@ def measure_codecs(model: LoadedModel, config: CodecsConfig, console: Console) -
                         for _ in range(_REPEATS):  # best of: the first pass also warms allocators and caches
                             t0 = time.perf_counter()
                             encoded = [
-                                encode(codec, g, e - s, p, first=s == 0)
+                                encode(codec, g, e - s, p, first=s == 0, shaping=shaping)
                                 for (s, e), p in zip(spans, payloads, strict=True)
                             ]
                             t1 = time.perf_counter()

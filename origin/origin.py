@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from kvcdn.errors import DigestMismatch, InvalidArgument, LimitExceeded, NotFound
 from kvcdn.model import adapter
 from kvcdn.model.codecs import encode
@@ -18,7 +20,7 @@ from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import KVAssembler, LayerKV, block_payload
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
-from kvcdn.spec.codecs import best_prefix, max_encoded_bytes, parse_codecs
+from kvcdn.spec.codecs import CODECS, best_prefix, max_encoded_bytes, parse_codecs
 from kvcdn.spec.identity import block_keys, block_spans, content_digest, encoded_key
 from kvcdn.spec.provenance import Signer
 from kvcdn.store.blockstore import BlockStore
@@ -268,11 +270,15 @@ class Origin:
         """Store `keys`' blocks in `codecs` where missing; a raw block found corrupt on the way
         (quarantined) is recomputed first."""
         loop = asyncio.get_running_loop()
+        shaping = None
+        if not all(CODECS[codec].exact for codec in codecs):  # lossy codecs round keys by the model's queries
+            async with self._model_lock:  # computed once, by a prefill
+                shaping = await loop.run_in_executor(None, getattr, self.model, "key_shaping")
         try:
-            await loop.run_in_executor(None, self._store_encodings, keys, codecs)
+            await loop.run_in_executor(None, self._store_encodings, keys, codecs, shaping)
         except DigestMismatch:
             await self._compute(ids, keys, reuse=False)
-            await loop.run_in_executor(None, self._store_encodings, keys, codecs)
+            await loop.run_in_executor(None, self._store_encodings, keys, codecs, shaping)
 
     async def _repair(self, key: bytes) -> None:
         """Recompute the block `key`, whose stored file failed its digests (moved to quarantine), from
@@ -311,15 +317,16 @@ class Origin:
             assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, payload)
         return assembler.layers()
 
-    def _store_encodings(self, keys: Sequence[bytes], codecs: Sequence[str]) -> None:
-        """Store each block of `keys` encoded with each of `codecs`, where not stored yet."""
+    def _store_encodings(self, keys: Sequence[bytes], codecs: Sequence[str], shaping: torch.Tensor | None) -> None:
+        """Store each block of `keys` encoded with each of `codecs` (lossy ones with the model's key
+        `shaping`), where not stored yet."""
         for key in keys:
             missing = [c for c in codecs if encoded_key(key, c) not in self.blocks]
             if not missing:
                 continue
             info, payload, _ = self.blocks.get(key)
             for codec in missing:
-                data = encode(codec, self.geometry, info.n_tokens, payload, first=info.index == 0)
+                data = encode(codec, self.geometry, info.n_tokens, payload, first=info.index == 0, shaping=shaping)
                 frame_bytes = self.geometry.frame_bytes
                 block = encode_block(
                     encoded_key(key, codec), info.index, info.n_tokens, data, frame_bytes, codec, info.n_bytes

@@ -4,6 +4,7 @@ publisher's offer and a client's accept list over a real origin and edge."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import struct
 from pathlib import Path
@@ -202,6 +203,73 @@ def test_int4_rotation_cuts_the_error_and_unrotated_blocks_still_decode(monkeypa
     assert error["new"] < 0.7 * error["old"], error
 
 
+def _query_moments(g: Geometry, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries that look along a few directions (as real ones do: a few channel pairs carry most of a
+    head's query norm), and their second moment for every layer and head, `[layers, H, D, D]`."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = torch.logspace(1, -1.5, g.head_dim)  # 10 down to 0.03 along a random orthonormal basis
+    basis = torch.linalg.qr(torch.randn(g.head_dim, g.head_dim, generator=gen))[0]
+    q = (torch.randn(2048, g.head_dim, generator=gen) * spread) @ basis.T
+    moments = (q.T @ q / len(q)).expand(g.layers, g.kv_heads, g.head_dim, g.head_dim)
+    return q, moments.contiguous()
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4", "int8"])
+def test_keys_are_rounded_where_queries_look_least(codec: str) -> None:
+    g = Geometry(layers=2, kv_heads=2, head_dim=64, dtype="float32", block_tokens=64)
+    payload, reference = _kv(g, 64)
+    q, moments = _query_moments(g)
+    shaping = codecs.key_shaping(moments)
+    plain, shaped = encode(codec, g, 64, payload, first=True), encode(codec, g, 64, payload, True, shaping)
+    assert len(shaped) == len(plain) and shaped[:HEADER_BYTES] == plain[:HEADER_BYTES]  # the same format
+    encoded = {"plain": plain, "shaped": shaped}
+    got = {n: _values(g, decode(codec, g, 64, d)).reshape(reference.shape) for n, d in encoded.items()}
+    assert torch.equal(got["plain"][1::2], got["shaped"][1::2])  # values are rounded to their nearest code
+    keys = reference[0::2]
+    score_error = {n: float(((x[0::2] - keys) @ q.T).norm() / (keys @ q.T).norm()) for n, x in got.items()}
+    plain_error = {n: float((x[0::2] - keys).norm() / keys.norm()) for n, x in got.items()}
+    # The error of scores q.k falls though the keys' own error grows: it moved where queries hardly look.
+    assert score_error["shaped"] < 0.75 * score_error["plain"], score_error
+    assert plain_error["shaped"] > plain_error["plain"], plain_error
+    # Queries that look every way alike leave nothing to shape: each value takes its nearest code.
+    flat = codecs.key_shaping(torch.eye(g.head_dim).expand(g.layers, g.kv_heads, g.head_dim, g.head_dim))
+    assert encode(codec, g, 64, payload, True, flat) == plain
+
+
+def test_key_shaping_refuses_what_does_not_fit() -> None:
+    g = Geometry(layers=2, kv_heads=2, head_dim=64, dtype="float32", block_tokens=64)
+    payload, _ = _kv(g, 64)
+    _, moments = _query_moments(g)
+    with pytest.raises(InvalidArgument, match="does not fit"):
+        encode("fp8", g, 64, payload, shaping=codecs.key_shaping(moments[:1]))
+    with pytest.raises(InvalidArgument, match="finite"):
+        codecs.key_shaping(moments * float("nan"))
+
+
+def test_query_moments_are_the_queries_second_moments_and_leave_the_model_as_it_was(
+    tiny_models: dict[str, LoadedModel],
+) -> None:
+    ids = document_ids(tiny_models["llama"].tokenizer, TEXT)[:96]
+    for arch, model in tiny_models.items():  # every architecture routes its attention through the hook
+        g, implementation = model.geometry, model.model.config._attn_implementation
+        before = adapter.prefill(model.model, ids)
+        moments = adapter.query_moments(model.model, ids)
+        assert moments.shape == (g.layers, g.kv_heads, g.head_dim, g.head_dim), arch
+        assert torch.allclose(moments, moments.transpose(-1, -2))
+        assert bool((torch.linalg.eigvalsh(moments) > -1e-4).all()), arch  # positive semi-definite
+        assert model.model.config._attn_implementation == implementation, arch
+        assert bit_identical(adapter.prefill(model.model, ids), before), arch
+    # The first layer's queries come straight from the embeddings: doubling its query projection
+    # quadruples their second moment (llama has no query norm), and nothing else does.
+    model = copy.deepcopy(tiny_models["llama"].model)
+    moments = adapter.query_moments(model, ids)
+    model.model.layers[0].self_attn.q_proj.weight.data *= 2
+    assert torch.allclose(adapter.query_moments(model, ids)[0], 4 * moments[0], rtol=1e-4, atol=1e-6)
+    llama = tiny_models["llama"]
+    assert llama.key_shaping is llama.key_shaping  # computed once per model
+    assert llama.key_shaping.shape == moments.shape
+
+
 def _assemble(
     g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_device: bool, frame: int = 100
 ) -> list[LayerKV]:
@@ -365,6 +433,14 @@ async def test_negotiation_between_what_a_document_is_offered_in_and_what_a_clie
             )
         assert error["fp8"] < 0.05 and error["int8"] < error["fp8"] / 2
         assert absent.cached_tokens == 0 and absent.layers == []
+        # The origin rounds keys by its model's queries: what it stores is what encode makes with them.
+        g = llama.geometry
+        for info in manifest.blocks:
+            _, payload, _ = net.origin.blocks.get(info.key)
+            stored = net.origin.blocks.get(encoded_key(info.key, "fp8"))[1]
+            first = info.index == 0
+            assert bytes(stored) == encode("fp8", g, info.n_tokens, payload, first, llama.key_shaping)
+            assert bytes(stored) != encode("fp8", g, info.n_tokens, payload, first)
         # The edge holds and relays the encodings as blocks of their own, at their encoded sizes.
         tier = memory_tier(net.edge)
         for info in manifest.blocks:

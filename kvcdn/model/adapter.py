@@ -8,6 +8,7 @@ values)`, each `[batch=1, kv_heads, tokens, head_dim]`.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,16 @@ import transformers
 from kvcdn.errors import InvalidArgument
 from kvcdn.model.tensors import LayerKV, synchronize
 
-__all__ = ["Generation", "build_cache", "check_layers", "greedy", "kv_shape", "prefill", "timed_prefill"]
+__all__ = [
+    "Generation",
+    "build_cache",
+    "check_layers",
+    "greedy",
+    "kv_shape",
+    "prefill",
+    "query_moments",
+    "timed_prefill",
+]
 
 
 # transformers' own annotations are partial; kvcdn treats its objects as Any at this boundary.
@@ -104,6 +114,52 @@ def timed_prefill(model: Any, ids: list[int], past: list[LayerKV] | None = None)
     layers = prefill(model, ids, past)
     synchronize(model.device)
     return layers, time.perf_counter() - t0
+
+
+_MOMENTS = "kvcdn_query_moments"
+"""The attention implementation `query_moments` switches a model to for one prefill: the model's
+own (in `_inner`), with its own masks, summing each layer's queries into `_moments` on the way."""
+_inner: list[str] = []
+_moments: dict[int, tuple[torch.Tensor, int]] = {}
+
+
+def _attend_summing_queries(module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    q = query[0].float().reshape(key.shape[1], -1, query.shape[-1])  # [kv_heads, group heads * tokens, head_dim]
+    total, count = _moments.get(module.layer_idx, (0, 0))
+    _moments[module.layer_idx] = (q.transpose(1, 2) @ q + total, q.shape[1] + count)
+    eager = sys.modules[type(module).__module__].eager_attention_forward  # every modeling file has one
+    attend = transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface(_inner[0], eager)
+    return attend(module, query, key, *args, **kwargs)
+
+
+transformers.AttentionInterface.register(_MOMENTS, _attend_summing_queries)
+
+
+@torch.inference_mode()
+def query_moments(model: Any, ids: list[int]) -> torch.Tensor:
+    """The second moment of the queries that read each layer's KV heads, `[layers, kv_heads, head_dim,
+    head_dim]` float32 on the CPU: E[q q^T] over a prefill of `ids` and each head's query heads.
+    How much an error in each direction of a cached key moves attention scores (q . k); lossy
+    codecs round keys so that their error falls where queries hardly look. Not thread-safe with
+    itself: callers hold the model (as the origin does)."""
+    implementation = model.config._attn_implementation
+    masks = transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    transformers.masking_utils.AttentionMaskInterface.register(_MOMENTS, masks[implementation])
+    _inner[:] = [implementation]
+    _moments.clear()
+    model.set_attn_implementation(_MOMENTS)
+    try:
+        model(input_ids=_ids_tensor(ids, model.device), use_cache=False, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(implementation)
+    layers = sorted(_moments)
+    if layers != list(range(len(layers))) or not layers:
+        raise InvalidArgument(
+            f"{model.config.model_type} models do not route every layer's attention through AttentionInterface"
+        )
+    out = torch.stack([(_moments[i][0] / _moments[i][1]).cpu() for i in layers])
+    _moments.clear()
+    return out
 
 
 def kv_shape(model: Any) -> tuple[int, int, int]:

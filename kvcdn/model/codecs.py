@@ -115,12 +115,24 @@ def _segments(geometry: Geometry) -> int:
     return 2 * geometry.layers
 
 
-def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memoryview, first: bool = False) -> bytes:
+def encode(
+    codec: str,
+    geometry: Geometry,
+    n_tokens: int,
+    payload: bytes | memoryview,
+    first: bool = False,
+    shaping: torch.Tensor | None = None,
+) -> bytes:
     """The `codec` encoding of an n-token block payload; `first`: the block is its document's first
-    (fp8 and int4 keep that block's first token, the attention sink, exact)."""
+    (fp8 and int4 keep that block's first token, the attention sink, exact); `shaping`: the model's
+    `key_shaping` (lossy codecs then round keys where the model's queries hardly look; without it,
+    each value to its nearest code). The format is the same either way."""
     parse_codecs([codec], "codec")
     if len(payload) != geometry.block_bytes(n_tokens):
         raise InvalidArgument(f"payload of {len(payload)} bytes is not an {n_tokens}-token block")
+    expected = (geometry.layers, geometry.kv_heads, geometry.head_dim, geometry.head_dim)
+    if shaping is not None and tuple(shaping.shape) != expected:
+        raise InvalidArgument(f"key shaping of shape {tuple(shaping.shape)} does not fit this geometry: {expected}")
     if codec == "raw":
         return bytes(payload)
     sunk = SINK if first else 0
@@ -133,10 +145,11 @@ def encode(codec: str, geometry: Geometry, n_tokens: int, payload: bytes | memor
     parts = [head]
     for i in range(_segments(geometry)):
         keys = i % 2 == 0
+        factor = shaping[i // 2].to(values.device) if keys and shaping is not None else None
         if codec == "int8":
-            parts += _encode_int8(values[i], keys)
+            parts += _encode_int8(values[i], keys, factor)
         else:
-            parts += (_encode_fp8 if codec == "fp8" else _encode_int4)(values[i], keys, sink)
+            parts += (_encode_fp8 if codec == "fp8" else _encode_int4)(values[i], keys, sink, factor)
     return b"".join(parts)
 
 
@@ -319,6 +332,11 @@ def _copied(rows: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows.shape, dtype=torch.uint8, device=rows.device).copy_(rows)
 
 
+def _fp8_codes(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded to its nearest e4m3 value (saturating at +-448), as float32."""
+    return _fp8_values(x.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 def _fp8_values(codes: torch.Tensor) -> torch.Tensor:
     """The float32 value of each e4m3 code: a table lookup on the CPU (3x faster there than torch's
     conversion, and the same values), the conversion kernel elsewhere."""
@@ -362,6 +380,39 @@ def _rotate(x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(*x.shape[:-1], d // b, b), _hadamard(b, x.device)).reshape(x.shape)
 
 
+def key_shaping(moments: torch.Tensor) -> torch.Tensor:
+    """From query second moments (`adapter.query_moments`, `[layers, kv_heads, D, D]`): the factors
+    `encode` rounds keys with, float32 of the same shape. A key's error e moves the score q . k by
+    q . e, so it costs e^T M e with M the queries' second moment; in the rotated space (where codes
+    live) M' = R M R. Per head, U is the upper Cholesky factor of (M' + 1% of its mean diagonal)^-1:
+    the inverse Hessian factor GPTQ carries rounding errors with (over a key's channels here)."""
+    rotation = _rotate(torch.eye(moments.shape[-1], dtype=torch.float32)).double()
+    weighted = rotation @ moments.double() @ rotation
+    diagonal = weighted.diagonal(dim1=-2, dim2=-1)
+    if not bool(torch.isfinite(weighted).all()) or bool((diagonal < 0).any()):
+        raise InvalidArgument("query moments must be finite second moments (non-negative diagonal)")
+    damp = (0.01 * diagonal.mean(dim=-1) + 1e-12)[..., None, None] * torch.eye(weighted.shape[-1], dtype=torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(weighted + damp))
+    factor: torch.Tensor = torch.linalg.cholesky(inverse, upper=True).float()
+    return factor
+
+
+def _shaped(x: torch.Tensor, factor: torch.Tensor, snap: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Rotated keys `x` (`[T, H, D]` float32) moved onto a codec's grid channel by channel:
+    `snap(column, i)` puts channel i (`[T, H]`) on its grid, and the error it leaves is carried into
+    the channels after it through `factor` (`key_shaping`'s, `[H, D, D]`), so the error that remains
+    falls where queries hardly look (GPTQ's rounding, with the queries' second moment as Hessian).
+    Encoding the result takes the codes it was snapped to."""
+    work = x.clone()
+    for i in range(x.shape[-1]):
+        column = work[..., i]
+        snapped = snap(column, i)
+        error = (column - snapped) / factor[:, i, i]
+        work[..., i + 1 :] -= error.unsqueeze(-1) * factor[:, i, i + 1 :]
+        work[..., i] = snapped
+    return work
+
+
 @functools.cache
 def _fp8_steps(device: torch.device) -> torch.Tensor:
     """2^(-c/4) for each 4-bit scale step c, float32 (computed in float64 and rounded once: the
@@ -379,13 +430,14 @@ def _key_trend(intercept: torch.Tensor, slope: torch.Tensor, n_tokens: int) -> t
     return slope.float() * tokens + intercept.float()
 
 
-def _encode_fp8(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[bytes]:
+def _encode_fp8(x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None) -> list[bytes]:
     """The arrays and codes of one segment `x` (`[T, H, D]` float32). Keys are first centred on a
     line over the block's tokens per (head, channel): the least-squares fit (slope, then intercept,
     each rounded to bfloat16) over every token but a sink. Then rotated; per head a base scale (amax
     over the block / 448); per (token, head) a 4-bit step below it (scale = base * 2^(-step/4)):
     among the smallest that fits the token's values and the next ones up to an octave larger, the one
-    whose codes err least. With `sink` (the cache's dtype): the first token, exact in that dtype."""
+    whose codes err least; keys rounded by `_shaped` with a `factor`. With `sink` (the cache's dtype):
+    the first token, exact in that dtype."""
     tiny = torch.finfo(torch.float32).tiny
     first = x[0].to(sink) if sink is not None else None
     trend: list[torch.Tensor] = []
@@ -414,8 +466,10 @@ def _encode_fp8(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[b
         candidates.append(step)
     pick = torch.stack(errors).argmin(dim=0, keepdim=True)  # the first of equal errors: the smallest scale
     step = torch.stack(candidates).gather(0, pick)[0].to(torch.uint8)
-    scale = (base * table[step.long()]).unsqueeze(-1)
-    codes = (rotated / scale.clamp_min(tiny)).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    scale = (base * table[step.long()]).unsqueeze(-1).clamp_min(tiny)
+    if factor is not None:
+        rotated = _shaped(rotated, factor, lambda column, _: _fp8_codes(column / scale[..., 0]) * scale[..., 0])
+    codes = (rotated / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
     steps = torch.cat((step.reshape(-1), step.new_zeros(step.numel() % 2)))  # two per byte, the first low
     arrays = [base, steps[0::2] | (steps[1::2] << 4), *trend, *([first] if first is not None else []), codes]
     return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in arrays]
@@ -456,9 +510,10 @@ def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: in
     return out.copy_(_rotate(values.mul_(scales)))  # rounded once into the cache's dtype
 
 
-def _encode_int4(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[bytes]:
-    """The arrays and codes of one segment `x` (`[T, H, D]` float32), rotated first; with `sink`
-    (the cache's dtype), the first token exact in that dtype (before the codes)."""
+def _encode_int4(x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None) -> list[bytes]:
+    """The arrays and codes of one segment `x` (`[T, H, D]` float32), rotated first (keys then rounded
+    by `_shaped` with a `factor`); with `sink` (the cache's dtype), the first token exact in that
+    dtype (before the codes)."""
     first = [x[0].to(sink)] if sink is not None else []
     x = _rotate(x)
     dim = 0 if keys else 2  # keys: over tokens per channel; values: over channels per token
@@ -466,6 +521,9 @@ def _encode_int4(x: torch.Tensor, keys: bool, sink: torch.dtype | None) -> list[
     step = ((x.amax(dim=dim, keepdim=True) - low) / 15).clamp_min(1e-8)
     if not keys:
         low, step = low.half().float(), step.half().float().clamp_min(6e-5)
+    if factor is not None:
+        lo, st = low[0], step[0]  # [H, D]
+        x = _shaped(x, factor, lambda c, i: ((c - lo[:, i]) / st[:, i]).round().clamp(0, 15) * st[:, i] + lo[:, i])
     codes = ((x - low) / step).round().clamp(0, 15).to(torch.uint8).reshape(-1)
     packed = codes[0::2] | (codes[1::2] << 4)
     stored = (low, step) if keys else (low.half(), step.half())
@@ -531,7 +589,9 @@ def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: i
     return out
 
 
-def _encode_int8(x: torch.Tensor, keys: bool) -> list[bytes]:
+def _encode_int8(x: torch.Tensor, keys: bool, factor: torch.Tensor | None) -> list[bytes]:
+    """The arrays and codes of one segment `x` (`[T, H, D]` float32), rotated first (keys then rounded
+    by `_shaped` with a `factor`)."""
     x = _rotate(x)
     if keys:
         stored = (x.abs().amax(dim=0) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [H, D]
@@ -541,6 +601,8 @@ def _encode_int8(x: torch.Tensor, keys: bool) -> list[bytes]:
             (x.abs().amax(dim=2, keepdim=True) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
         )
         scale = stored.float()
+    if factor is not None:
+        x = _shaped(x, factor, lambda column, i: (column / scale[:, i]).round().clamp(-127, 127) * scale[:, i])
     codes = (x / scale).round().clamp(-127, 127).to(torch.int8)
     return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in (stored, codes)]
 

@@ -9,6 +9,7 @@ second instead of ~15 s.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,9 @@ import torch
 import transformers
 
 from kvcdn.errors import InvalidArgument, Unavailable
-from kvcdn.model import adapter
+from kvcdn.model import adapter, codecs
 from kvcdn.model.options import DEFAULT_MODEL
+from kvcdn.model.prompt import document_ids
 from kvcdn.model.random import RANDOM_PREFIX, random_model
 from kvcdn.model.tensors import TORCH_DTYPES
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, DTYPES, Geometry
@@ -90,6 +93,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return dtype
 
 
+CALIBRATION_TEXT = "gpl-3.0.txt"
+"""The bundled sample whose queries lossy codecs weigh key errors by (not one of the documents
+`kvcdn loadtest codecs` scores them on)."""
+CALIBRATION_TOKENS = 1024
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A model ready for prefill and generation, with its cache identity."""
@@ -112,6 +121,15 @@ class LoadedModel:
     def device_key(self) -> str:
         """This model on this device: what a measured prefill rate belongs to."""
         return f"{self.fingerprint_hex}@{self.device}"
+
+    @functools.cached_property
+    def key_shaping(self) -> torch.Tensor:
+        """How lossy codecs round this model's keys (`codecs.key_shaping`): from the second moments of
+        its queries over the first `CALIBRATION_TOKENS` of the bundled `CALIBRATION_TEXT`. Computed on
+        first use by a prefill, so callers hold the model (as for any prefill)."""
+        text = resources.files("kvcdn.samples").joinpath(CALIBRATION_TEXT).read_text(encoding="utf-8")
+        ids = document_ids(self.tokenizer, text)[:CALIBRATION_TOKENS]
+        return codecs.key_shaping(adapter.query_moments(self.model, ids))
 
 
 def provision_default_model(models_dir: Path) -> Path:
