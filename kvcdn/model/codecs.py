@@ -107,6 +107,8 @@ _FP8_STEPS = 16
 _FP8_CANDIDATES = 4
 """Scale steps the fp8 encoder tries per (token, head): the smallest that fits, and the next ones up
 to one octave larger (e4m3's relative rounding depends on where values fall within an octave)."""
+_ENCODE_ELEMENTS = 1 << 19
+"""About how many values of one kind (keys or values) the lossy encoders take at once."""
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 """The float32 value of each e4m3 code (a table lookup decodes faster than torch's conversion)."""
 
@@ -142,15 +144,22 @@ def encode(
         return head + _encode_planes(payload, geometry.element_bytes)
     values = _as_float(geometry, n_tokens, payload)
     sink = TORCH_DTYPES[geometry.dtype] if flags & SINK else None
-    parts = [head]
-    for i in range(_segments(geometry)):
-        keys = i % 2 == 0
-        factor = shaping[i // 2].to(values.device) if keys and shaping is not None else None
+    factor = shaping.to(values.device) if shaping is not None else None
+    # A few layers at a time, their arrays at once (a layer alone is too small for torch's ops to pay,
+    # every layer at once too large to stay in the core's cache); per layer its keys' segment, then
+    # its values' (the body's order).
+    step = max(1, _ENCODE_ELEMENTS // values[0].numel())
+    rows = []
+    for at in range(0, geometry.layers, step):
+        keys, kept = values[2 * at : 2 * (at + step) : 2], values[2 * at + 1 : 2 * (at + step) : 2]
+        shaped = factor[at : at + step] if factor is not None else None
         if codec == "int8":
-            parts += _encode_int8(values[i], keys, factor)
+            kinds = (_encode_int8(keys, True, shaped), _encode_int8(kept, False, None))
         else:
-            parts += (_encode_fp8 if codec == "fp8" else _encode_int4)(values[i], keys, sink, factor)
-    return b"".join(parts)
+            encoder = _encode_fp8 if codec == "fp8" else _encode_int4
+            kinds = (encoder(keys, True, sink, shaped), encoder(kept, False, sink, None))
+        rows.append(torch.cat([a.contiguous().view(torch.uint8).reshape(len(keys), -1) for k in kinds for a in k], 1))
+    return head + torch.cat(rows).numpy().tobytes()
 
 
 def decode(codec: str, geometry: Geometry, n_tokens: int, data: bytes | memoryview) -> np.ndarray:
@@ -351,10 +360,6 @@ def _as_float(geometry: Geometry, n_tokens: int, payload: bytes | memoryview) ->
     return flat.reshape(_segments(geometry), n_tokens, geometry.kv_heads, geometry.head_dim).float()
 
 
-def _f32(t: torch.Tensor) -> bytes:
-    return t.contiguous().numpy().tobytes()
-
-
 def rotation_block(head_dim: int) -> int:
     """Channels fp8 rotates together: the largest power of two dividing head_dim, at most 64 (one
     matrix product of 64 per value: ~35 % more CPU decode time than unrotated, 17 to 23 ms per SmolLM2 block)."""
@@ -398,17 +403,18 @@ def key_shaping(moments: torch.Tensor) -> torch.Tensor:
 
 
 def _shaped(x: torch.Tensor, factor: torch.Tensor, snap: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-    """Rotated keys `x` (`[T, H, D]` float32) moved onto a codec's grid channel by channel:
-    `snap(column, i)` puts channel i (`[T, H]`) on its grid, and the error it leaves is carried into
-    the channels after it through `factor` (`key_shaping`'s, `[H, D, D]`), so the error that remains
-    falls where queries hardly look (GPTQ's rounding, with the queries' second moment as Hessian).
-    Encoding the result takes the codes it was snapped to."""
+    """Rotated keys `x` (`[layers, T, H, D]` float32) moved onto a codec's grid channel by channel:
+    `snap(column, i)` puts channel i (`[layers, T, H]`) on its grid, and the error it leaves is
+    carried into the channels after it through `factor` (`key_shaping`'s, `[layers, H, D, D]`), so
+    the error that remains falls where queries hardly look (GPTQ's rounding, with the queries' second
+    moment as Hessian). Encoding the result takes the codes it was snapped to."""
     work = x.clone()
+    factor = factor.unsqueeze(1)  # [layers, 1, H, D, D]: the same for every token
     for i in range(x.shape[-1]):
         column = work[..., i]
         snapped = snap(column, i)
-        error = (column - snapped) / factor[:, i, i]
-        work[..., i + 1 :] -= error.unsqueeze(-1) * factor[:, i, i + 1 :]
+        error = (column - snapped) / factor[..., i, i]
+        work[..., i + 1 :] -= error.unsqueeze(-1) * factor[..., i, i + 1 :]
         work[..., i] = snapped
     return work
 
@@ -430,39 +436,45 @@ def _key_trend(intercept: torch.Tensor, slope: torch.Tensor, n_tokens: int) -> t
     return slope.float() * tokens + intercept.float()
 
 
-def _encode_fp8(x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None) -> list[bytes]:
-    """The arrays and codes of one segment `x` (`[T, H, D]` float32). Keys are first centred on a
-    line over the block's tokens per (head, channel): the least-squares fit (slope, then intercept,
-    each rounded to bfloat16) over every token but a sink. Then rotated; per head a base scale (amax
-    over the block / 448); per (token, head) a 4-bit step below it (scale = base * 2^(-step/4)):
-    among the smallest that fits the token's values and the next ones up to an octave larger, the one
-    whose codes err least; keys rounded by `_shaped` with a `factor`. With `sink` (the cache's dtype):
-    the first token, exact in that dtype."""
+def _encode_fp8(
+    x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The arrays and codes of every layer's segment of one kind, `x` (`[layers, T, H, D]` float32),
+    each array with the layers first. Keys are first centred on a line over the block's tokens per
+    (head, channel): the least-squares fit (slope, then intercept, each rounded to bfloat16) over
+    every token but a sink. Then rotated; per head a base scale (amax over the block / 448); per
+    (token, head) a 4-bit step below it (scale = base * 2^(-step/4)): among the smallest that fits
+    the token's values and the next ones up to an octave larger, the one whose codes err least; keys
+    rounded by `_shaped` with a `factor`. With `sink` (the cache's dtype): the first token, exact in
+    that dtype."""
     tiny = torch.finfo(torch.float32).tiny
-    first = x[0].to(sink) if sink is not None else None
+    n = x.shape[1]
+    first = x[:, :1].to(sink) if sink is not None else None
     trend: list[torch.Tensor] = []
     if keys:
-        fit = x[1:] if sink is not None else x
-        at = torch.arange(len(x) - len(fit), len(x), dtype=torch.float32).view(-1, 1, 1)
-        slope = torch.zeros_like(x[0])
-        if len(fit) > 1:
+        fit = x[:, 1:] if sink is not None else x
+        at = torch.arange(n - fit.shape[1], n, dtype=torch.float32).view(-1, 1, 1)
+        slope = torch.zeros_like(x[:, :1])  # [layers, 1, H, D], as the decoder reads it
+        if fit.shape[1] > 1:
             centred = at - at.mean()
-            slope = (fit - fit.mean(dim=0)).mul_(centred).sum(dim=0) / centred.square().sum()
+            slope = (fit - fit.mean(dim=1, keepdim=True)).mul_(centred).sum(
+                dim=1, keepdim=True
+            ) / centred.square().sum()
         slope = slope.to(torch.bfloat16)
-        intercept = (fit - slope.float() * at).mean(dim=0) if len(fit) else torch.zeros_like(x[0])
+        intercept = (fit - slope.float() * at).mean(dim=1, keepdim=True) if fit.shape[1] else torch.zeros_like(slope)
         trend = [intercept.to(torch.bfloat16), slope]
-        x = x - _key_trend(trend[0], slope, len(x))
+        x = x - _key_trend(trend[0], slope, n)
     rotated = _rotate(x)
-    amax = rotated.abs().amax(dim=2)  # [T, H]
-    base = (amax.amax(dim=0) / _FP8_MAX).clamp_min(tiny)  # [H]
+    amax = rotated.abs().amax(dim=-1)  # [layers, T, H]
+    base = (amax.amax(dim=1, keepdim=True) / _FP8_MAX).clamp_min(tiny)  # [layers, 1, H]
     fits = torch.floor(torch.log2(base * _FP8_MAX / amax.clamp_min(tiny)) * _FP8_STEPS_PER_OCTAVE).nan_to_num()
     table = _fp8_steps(x.device)
     candidates, errors = [], []
     for k in range(_FP8_CANDIDATES):
         step = (fits - k).clamp(0, _FP8_STEPS - 1)
-        scale = (base * table[step.long()]).unsqueeze(-1)  # [T, H, 1], as the decoder computes it
+        scale = (base * table[step.long()]).unsqueeze(-1)  # [layers, T, H, 1], as the decoder computes it
         codes = (rotated / scale.clamp_min(tiny)).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
-        errors.append(_fp8_values(codes.view(torch.uint8)).mul_(scale).sub_(rotated).square_().sum(dim=2))
+        errors.append(_fp8_values(codes.view(torch.uint8)).mul_(scale).sub_(rotated).square_().sum(dim=-1))
         candidates.append(step)
     pick = torch.stack(errors).argmin(dim=0, keepdim=True)  # the first of equal errors: the smallest scale
     step = torch.stack(candidates).gather(0, pick)[0].to(torch.uint8)
@@ -470,9 +482,9 @@ def _encode_fp8(x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: t
     if factor is not None:
         rotated = _shaped(rotated, factor, lambda column, _: _fp8_codes(column / scale[..., 0]) * scale[..., 0])
     codes = (rotated / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
-    steps = torch.cat((step.reshape(-1), step.new_zeros(step.numel() % 2)))  # two per byte, the first low
-    arrays = [base, steps[0::2] | (steps[1::2] << 4), *trend, *([first] if first is not None else []), codes]
-    return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in arrays]
+    steps = step.reshape(len(step), -1)
+    steps = torch.cat((steps, steps.new_zeros(len(steps), steps.shape[1] % 2)), dim=1)  # two per byte, first low
+    return [base, steps[:, 0::2] | (steps[:, 1::2] << 4), *trend, *([first] if first is not None else []), codes]
 
 
 def _decode_fp8(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: int) -> torch.Tensor:
@@ -510,24 +522,26 @@ def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: in
     return out.copy_(_rotate(values.mul_(scales)))  # rounded once into the cache's dtype
 
 
-def _encode_int4(x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None) -> list[bytes]:
-    """The arrays and codes of one segment `x` (`[T, H, D]` float32), rotated first (keys then rounded
-    by `_shaped` with a `factor`); with `sink` (the cache's dtype), the first token exact in that
-    dtype (before the codes)."""
-    first = [x[0].to(sink)] if sink is not None else []
+def _encode_int4(
+    x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The arrays and codes of every layer's segment of one kind, `x` (`[layers, T, H, D]` float32),
+    rotated first (keys then rounded by `_shaped` with a `factor`); with `sink` (the cache's dtype),
+    the first token exact in that dtype (before the codes)."""
+    first = [x[:, :1].to(sink)] if sink is not None else []
     x = _rotate(x)
-    dim = 0 if keys else 2  # keys: over tokens per channel; values: over channels per token
+    dim = 1 if keys else 3  # keys: over tokens per channel; values: over channels per token
     low = x.amin(dim=dim, keepdim=True)
     step = ((x.amax(dim=dim, keepdim=True) - low) / 15).clamp_min(1e-8)
     if not keys:
         low, step = low.half().float(), step.half().float().clamp_min(6e-5)
     if factor is not None:
-        lo, st = low[0], step[0]  # [H, D]
-        x = _shaped(x, factor, lambda c, i: ((c - lo[:, i]) / st[:, i]).round().clamp(0, 15) * st[:, i] + lo[:, i])
-    codes = ((x - low) / step).round().clamp(0, 15).to(torch.uint8).reshape(-1)
-    packed = codes[0::2] | (codes[1::2] << 4)
+        x = _shaped(
+            x, factor, lambda c, i: ((c - low[..., i]) / step[..., i]).round().clamp(0, 15) * step[..., i] + low[..., i]
+        )
+    codes = ((x - low) / step).round().clamp(0, 15).to(torch.uint8).reshape(len(x), -1)
     stored = (low, step) if keys else (low.half(), step.half())
-    return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in (*stored, *first, packed)]
+    return [*stored, *first, codes[:, 0::2] | (codes[:, 1::2] << 4)]
 
 
 _Layout = Sequence[tuple[torch.dtype, tuple[int, ...]]]
@@ -589,22 +603,21 @@ def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: i
     return out
 
 
-def _encode_int8(x: torch.Tensor, keys: bool, factor: torch.Tensor | None) -> list[bytes]:
-    """The arrays and codes of one segment `x` (`[T, H, D]` float32), rotated first (keys then rounded
-    by `_shaped` with a `factor`)."""
+def _encode_int8(x: torch.Tensor, keys: bool, factor: torch.Tensor | None) -> list[torch.Tensor]:
+    """The arrays and codes of every layer's segment of one kind, `x` (`[layers, T, H, D]` float32),
+    rotated first (keys then rounded by `_shaped` with a `factor`)."""
     x = _rotate(x)
     if keys:
-        stored = (x.abs().amax(dim=0) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [H, D]
+        stored = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [., 1, H, D]
         scale = stored
-    else:  # [T, H, 1]; bfloat16 covers float32's range, so no value's scale overflows
+    else:  # [layers, T, H, 1]; bfloat16 covers float32's range, so no value's scale overflows
         stored = (
-            (x.abs().amax(dim=2, keepdim=True) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
+            (x.abs().amax(dim=-1, keepdim=True) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
         )
         scale = stored.float()
     if factor is not None:
-        x = _shaped(x, factor, lambda column, i: (column / scale[:, i]).round().clamp(-127, 127) * scale[:, i])
-    codes = (x / scale).round().clamp(-127, 127).to(torch.int8)
-    return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in (stored, codes)]
+        x = _shaped(x, factor, lambda column, i: (column / scale[..., i]).round().clamp(-127, 127) * scale[..., i])
+    return [stored, (x / scale).round().clamp(-127, 127).to(torch.int8)]
 
 
 def _decode_int8(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch.Tensor:
