@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
 import struct
 from pathlib import Path
@@ -267,7 +268,22 @@ def test_query_moments_are_the_queries_second_moments_and_leave_the_model_as_it_
     assert torch.allclose(adapter.query_moments(model, ids)[0], 4 * moments[0], rtol=1e-4, atol=1e-6)
     llama = tiny_models["llama"]
     assert llama.key_shaping is llama.key_shaping  # computed once per model
-    assert llama.key_shaping.shape == moments.shape
+    assert llama.key_shaping is not None and llama.key_shaping.shape == moments.shape
+
+
+def test_keys_round_to_their_nearest_codes_where_queries_cannot_be_observed(
+    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unobservable(model: object, ids: list[int]) -> torch.Tensor:
+        raise InvalidArgument("this model does not route every layer's attention through AttentionInterface")
+
+    monkeypatch.setattr(adapter, "query_moments", unobservable)
+    fresh = dataclasses.replace(llama)  # no shaping computed yet
+    assert fresh.key_shaping is None
+    payload, _ = _kv(llama.geometry, 16)
+    assert encode("fp8", llama.geometry, 16, payload, shaping=fresh.key_shaping) == encode(
+        "fp8", llama.geometry, 16, payload
+    )
 
 
 def _assemble(

@@ -123,13 +123,22 @@ class LoadedModel:
         return f"{self.fingerprint_hex}@{self.device}"
 
     @functools.cached_property
-    def key_shaping(self) -> torch.Tensor:
+    def key_shaping(self) -> torch.Tensor | None:
         """How lossy codecs round this model's keys (`codecs.key_shaping`): from the second moments of
-        its queries over the first `CALIBRATION_TOKENS` of the bundled `CALIBRATION_TEXT`. Computed on
-        first use by a prefill, so callers hold the model (as for any prefill)."""
+        its queries over the first `CALIBRATION_TOKENS` of the bundled `CALIBRATION_TEXT`; None for a
+        model whose queries cannot be observed (its keys then round to their nearest codes). Computed
+        on first use by a prefill, so callers hold the model (as for any prefill)."""
         text = resources.files("kvcdn.samples").joinpath(CALIBRATION_TEXT).read_text(encoding="utf-8")
         ids = document_ids(self.tokenizer, text)[:CALIBRATION_TOKENS]
-        return codecs.key_shaping(adapter.query_moments(self.model, ids))
+        g = self.geometry
+        try:
+            moments = adapter.query_moments(self.model, ids)
+            if moments.shape != (g.layers, g.kv_heads, g.head_dim, g.head_dim):
+                raise InvalidArgument(f"query moments of shape {tuple(moments.shape)} do not fit the cache's geometry")
+            return codecs.key_shaping(moments)
+        except InvalidArgument as e:
+            log.warning("lossy codecs round %s's keys to their nearest codes: %s", self.name, e)
+            return None
 
 
 def provision_default_model(models_dir: Path) -> Path:
