@@ -155,16 +155,16 @@ def encode(
     # A few layers at a time, their arrays at once (a layer alone is too small for torch's ops to pay,
     # every layer at once too large to stay in the core's cache); per layer its keys' segment, then
     # its values' (the body's order).
-    step = max(1, _ENCODE_ELEMENTS // values[0].numel())
+    group = max(1, _ENCODE_ELEMENTS // values[0].numel())
     rows = []
-    for at in range(0, geometry.layers, step):
-        keys, kept = values[2 * at : 2 * (at + step) : 2], values[2 * at + 1 : 2 * (at + step) : 2]
-        shaped = factor[at : at + step] if factor is not None else None
+    for at in range(0, geometry.layers, group):
+        keys, vals = values[2 * at : 2 * (at + group) : 2], values[2 * at + 1 : 2 * (at + group) : 2]
+        shaped = factor[at : at + group] if factor is not None else None
         if codec == "int8":
-            kinds = (_encode_int8(keys, True, shaped), _encode_int8(kept, False, None))
+            kinds = (_encode_int8(keys, True, shaped), _encode_int8(vals, False, None))
         else:
             encoder = _encode_fp8 if codec == "fp8" else _encode_int4
-            kinds = (encoder(keys, True, sink, shaped), encoder(kept, False, sink, None))
+            kinds = (encoder(keys, True, sink, shaped), encoder(vals, False, sink, None))
         rows.append(torch.cat([a.contiguous().view(torch.uint8).reshape(len(keys), -1) for k in kinds for a in k], 1))
     return head + torch.cat(rows).numpy().tobytes()
 
