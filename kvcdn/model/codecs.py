@@ -420,8 +420,8 @@ def _shaped(x: torch.Tensor, factor: torch.Tensor, snap: Callable[[torch.Tensor,
     for i in range(x.shape[-1]):
         column = work[..., i]
         snapped = snap(column, i)
-        error = (column - snapped) / factor[..., i, i]
-        work[..., i + 1 :] -= error.unsqueeze(-1) * factor[..., i, i + 1 :]
+        error = (column - snapped).div_(factor[..., i, i])
+        work[..., i + 1 :].addcmul_(error.unsqueeze(-1), factor[..., i, i + 1 :], value=-1)
         work[..., i] = snapped
     return work
 
