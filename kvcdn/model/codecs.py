@@ -348,7 +348,7 @@ def _copied(rows: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows.shape, dtype=torch.uint8, device=rows.device).copy_(rows)
 
 
-def _fp8_codes(x: torch.Tensor) -> torch.Tensor:
+def _fp8_rounded(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to its nearest e4m3 value (saturating at +-448), as float32."""
     return _fp8_values(x.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8))
 
@@ -464,9 +464,8 @@ def _encode_fp8(
         slope = torch.zeros_like(x[:, :1])  # [layers, 1, H, D], as the decoder reads it
         if fit.shape[1] > 1:
             centred = at - at.mean()
-            slope = (fit - fit.mean(dim=1, keepdim=True)).mul_(centred).sum(
-                dim=1, keepdim=True
-            ) / centred.square().sum()
+            covariance = (fit - fit.mean(dim=1, keepdim=True)).mul_(centred).sum(dim=1, keepdim=True)
+            slope = covariance / centred.square().sum()
         slope = slope.to(torch.bfloat16)
         intercept = (fit - slope.float() * at).mean(dim=1, keepdim=True) if fit.shape[1] else torch.zeros_like(slope)
         trend = [intercept.to(torch.bfloat16), slope]
@@ -487,7 +486,7 @@ def _encode_fp8(
     step = torch.stack(candidates).gather(0, pick)[0].to(torch.uint8)
     scale = (base * table[step.long()]).unsqueeze(-1).clamp_min(tiny)
     if factor is not None:
-        rotated = _shaped(rotated, factor, lambda column, _: _fp8_codes(column / scale[..., 0]) * scale[..., 0])
+        rotated = _shaped(rotated, factor, lambda column, _: _fp8_rounded(column / scale[..., 0]) * scale[..., 0])
     codes = (rotated / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
     steps = step.reshape(len(step), -1)
     steps = torch.cat((steps, steps.new_zeros(len(steps), steps.shape[1] % 2)), dim=1)  # two per byte, first low
