@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.errors import DigestMismatch, InvalidArgument
@@ -274,14 +275,16 @@ def test_query_moments_are_the_queries_second_moments_and_leave_the_model_as_it_
 def test_keys_round_to_their_nearest_codes_where_queries_cannot_be_observed(
     llama: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def unobservable(model: object, ids: list[int]) -> torch.Tensor:
-        raise InvalidArgument("this model does not route every layer's attention through AttentionInterface")
-
-    monkeypatch.setattr(adapter, "query_moments", unobservable)
+    # An attention implementation kvcdn cannot wrap (here: no mask function known for it).
+    monkeypatch.setattr(transformers.masking_utils, "ALL_MASK_ATTENTION_FUNCTIONS", {})
+    ids = document_ids(llama.tokenizer, TEXT)[:32]
+    with pytest.raises(InvalidArgument, match="no mask function"):
+        adapter.query_moments(llama.model, ids)
     fresh = dataclasses.replace(llama)  # no shaping computed yet
     with caplog.at_level("WARNING"):
         assert fresh.key_shaping is None  # publishing goes on, with nearest codes, and says so
-    assert "round" in caplog.text and "AttentionInterface" in caplog.text
+    assert "nearest codes" in caplog.text and "no mask function" in caplog.text
+    assert llama.model.config._attn_implementation == "sdpa"  # the model was left as it was
 
 
 def _assemble(

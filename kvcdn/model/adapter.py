@@ -143,11 +143,16 @@ def query_moments(model: Any, ids: list[int]) -> torch.Tensor:
     codecs round keys so that their error falls where queries hardly look. Not thread-safe with
     itself: callers hold the model (as the origin does)."""
     implementation = model.config._attn_implementation
-    masks = transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
-    transformers.masking_utils.AttentionMaskInterface.register(_MOMENTS, masks[implementation])
+    mask = transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS.get(implementation)
+    if mask is None:
+        raise InvalidArgument(f"attention implementation {implementation!r} has no mask function to observe it with")
+    transformers.masking_utils.AttentionMaskInterface.register(_MOMENTS, mask)
     _inner[:] = [implementation]
     _moments.clear()
-    model.set_attn_implementation(_MOMENTS)
+    try:
+        model.set_attn_implementation(_MOMENTS)
+    except ValueError as e:
+        raise InvalidArgument(f"{model.config.model_type} models cannot switch attention implementation: {e}") from None
     try:
         model(input_ids=_ids_tensor(ids, model.device), use_cache=False, logits_to_keep=1)
     finally:
