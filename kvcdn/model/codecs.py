@@ -460,7 +460,7 @@ def _encode_fp8(
     trend: list[torch.Tensor] = []
     if keys:
         fit = x[:, 1:] if sink is not None else x
-        at = torch.arange(n - fit.shape[1], n, dtype=torch.float32).view(-1, 1, 1)
+        at = torch.arange(n - fit.shape[1], n, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         slope = torch.zeros_like(x[:, :1])  # [layers, 1, H, D], as the decoder reads it
         if fit.shape[1] > 1:
             centred = at - at.mean()
