@@ -20,6 +20,7 @@ from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model import adapter, codecs
 from kvcdn.model.codecs import (
     CHUNKED,
+    GROUPED,
     ROTATED,
     SINK,
     TOKEN_SCALED,
@@ -72,7 +73,8 @@ def test_every_codec_round_trips_each_dtype(dtype: str, n_tokens: int) -> None:
         assert relative < {"fp8": 0.03, "int8": 0.008, "int4": 0.12}[name], (name, relative)
         flags = int.from_bytes(data[6:8], "little")
         sunk = SINK if first else 0
-        assert flags == {"fp8": ROTATED | TOKEN_SCALED | sunk, "int4": ROTATED | sunk}.get(name, 0), (name, flags)
+        expected = {"fp8": ROTATED | TOKEN_SCALED | sunk, "int4": ROTATED | GROUPED | sunk}.get(name, 0)
+        assert flags == expected, (name, flags)
         assert len(data) == HEADER_BYTES + fixed_body_bytes(name, g, n_tokens, flags)  # fixed-size encodings
 
 
@@ -186,6 +188,7 @@ def test_int4_rotation_cuts_the_error_and_unrotated_blocks_still_decode(monkeypa
     payload, reference = _kv(g, 64)  # keys with three outlier channels
     rotated = encode("int4", g, 64, payload)
     monkeypatch.setattr(codecs, "_rotate", lambda x: x)
+    monkeypatch.setattr(codecs, "_fits_float16", lambda keys, head_dim: False)  # one float32 pair per block
     unrotated = encode("int4", g, 64, payload)
     monkeypatch.undo()
     old = unrotated[:6] + struct.pack("<H", 0) + unrotated[8:]  # as written before the rotation: flags 0
@@ -285,6 +288,31 @@ def test_keys_round_to_their_nearest_codes_where_queries_cannot_be_observed(
         assert fresh.key_shaping is None  # publishing goes on, with nearest codes, and says so
     assert "nearest codes" in caplog.text and "no mask function" in caplog.text
     assert llama.model.config._attn_implementation == "sdpa"  # the model was left as it was
+
+
+def test_int4_keys_grouped_over_fewer_tokens_err_less_for_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = Geometry(layers=2, kv_heads=2, head_dim=64, dtype="float32", block_tokens=256)
+    payload, reference = _kv(g, 256)
+    drift = torch.linspace(-30, 30, 256).view(1, 256, 1, 1)  # keys that move over the block's tokens
+    keys = reference.clone()
+    keys[0::2] += drift * torch.randn(1, 1, g.kv_heads, g.head_dim, generator=torch.Generator().manual_seed(3))
+    payload = keys.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    grouped = encode("int4", g, 256, payload, first=True)
+    monkeypatch.setattr(codecs, "_fits_float16", lambda keys, head_dim: False)
+    whole = encode("int4", g, 256, payload, first=True)  # as written before GROUPED: flags ROTATED | SINK
+    monkeypatch.undo()
+    assert int.from_bytes(grouped[6:8], "little") == ROTATED | GROUPED | SINK
+    assert int.from_bytes(whole[6:8], "little") == ROTATED | SINK
+    assert len(grouped) == len(whole)  # two float16 pairs per channel cost what one float32 pair did
+    got = {n: _values(g, decode("int4", g, 256, d)).reshape(keys.shape) for n, d in (("g", grouped), ("w", whole))}
+    error = {n: float((x[0::2] - keys[0::2]).norm() / keys[0::2].norm()) for n, x in got.items()}
+    assert error["g"] < 0.8 * error["w"], error
+    # Keys beyond what float16 statistics hold are written ungrouped, and still decode.
+    keys[0::2] *= 1e4
+    data = encode("int4", g, 256, keys.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert int.from_bytes(data[6:8], "little") == ROTATED
+    back = _values(g, decode("int4", g, 256, data)).reshape(keys.shape)
+    assert float((back[0::2] - keys[0::2]).norm() / keys[0::2].norm()) < 0.12
 
 
 def _assemble(

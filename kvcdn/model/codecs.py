@@ -32,11 +32,13 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
   over the block's tokens) still decode.
 - `int4` (lossy, KIVI-style): asymmetric 4-bit codes, two per byte, after fp8's rotation (flag
   `ROTATED`, set by this encoder; blocks without it, written before it existed, decode unrotated);
-  keys per channel (one float32 minimum and step per (head, channel) over the block's tokens), values
-  per token (one float16 minimum and step per (token, head) over the head's channels); flag `SINK` as
+  keys per channel (flag `GROUPED`, set where every rotated key fits float16 well: one float16
+  minimum and step per (head, channel) for each `INT4_KEY_GROUP` = 128 tokens, the same bytes as one
+  float32 pair per 256-token block; without it one float32 pair over the block's tokens), values per
+  token (one float16 minimum and step per (token, head) over the head's channels); flag `SINK` as
   fp8's (a document's first token exact). Body: per segment `minimum | step | SINK: first token
   [H*D] | codes [T*H*D/2] u8`. The rotation and the sink token cut KL to the exact cache 3x on SmolLM2
-  float32 (`kvcdn loadtest codecs`).
+  float32, the key groups another 1.3x (`kvcdn loadtest codecs`).
 - `int8` (lossy): symmetric 8-bit codes after fp8's rotation (always; no flag); keys per channel (one
   float32 scale per (head, channel) over the block's tokens), values per token (one bfloat16 scale
   per (token, head) over the head's channels); scale = amax / 127, value = code * scale, rotated
@@ -73,13 +75,16 @@ from kvcdn.spec.codecs import (
     CHUNKED,
     CODECS,
     FLAGS,
+    GROUPED,
     HEADER_BYTES,
+    INT4_KEY_GROUP,
     LOSSLESS_CHUNK_ELEMENTS,
     PLANE_HEADER_BYTES,
     ROTATED,
     SINK,
     TOKEN_SCALED,
     fixed_body_bytes,
+    int4_key_groups,
     lossy_segment_bytes,
     max_encoded_bytes,
     parse_codecs,
@@ -90,6 +95,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 __all__ = [
     "CHUNKED",
     "DEVICE_DECODED",
+    "GROUPED",
     "ROTATED",
     "SINK",
     "TOKEN_SCALED",
@@ -144,12 +150,15 @@ def encode(
         raise InvalidArgument(f"key shaping of shape {tuple(shaping.shape)} does not fit this geometry: {expected}")
     if codec == "raw":
         return bytes(payload)
-    sunk = SINK if first else 0
-    flags = {"fp8": ROTATED | TOKEN_SCALED | sunk, "int4": ROTATED | sunk, "lossless": CHUNKED}.get(codec, 0)
-    head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, flags, n_tokens)
     if codec == "lossless":
+        head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, CHUNKED, n_tokens)
         return head + _encode_planes(payload, geometry.element_bytes)
     values = _as_float(geometry, n_tokens, payload)
+    sunk = SINK if first else 0
+    flags = {"fp8": ROTATED | TOKEN_SCALED | sunk, "int4": ROTATED | sunk, "int8": 0}[codec]
+    if codec == "int4" and _fits_float16(values[0::2], geometry.head_dim):  # the keys' statistics per group
+        flags |= GROUPED
+    head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, flags, n_tokens)
     sink = TORCH_DTYPES[geometry.dtype] if flags & SINK else None
     factor = shaping.to(values.device) if shaping is not None else None
     # A few layers at a time, their arrays at once (a layer alone is too small for torch's ops to pay,
@@ -162,9 +171,11 @@ def encode(
         shaped = factor[at : at + group] if factor is not None else None
         if codec == "int8":
             kinds = (_encode_int8(keys, True, shaped), _encode_int8(vals, False, None))
+        elif codec == "int4":
+            grouped = bool(flags & GROUPED)
+            kinds = (_encode_int4(keys, True, sink, shaped, grouped), _encode_int4(vals, False, sink, None, False))
         else:
-            encoder = _encode_fp8 if codec == "fp8" else _encode_int4
-            kinds = (encoder(keys, True, sink, shaped), encoder(vals, False, sink, None))
+            kinds = (_encode_fp8(keys, True, sink, shaped), _encode_fp8(vals, False, sink, None))
         rows.append(torch.cat([a.contiguous().view(torch.uint8).reshape(len(keys), -1) for k in kinds for a in k], 1))
     return head + torch.cat(rows).numpy().tobytes()
 
@@ -528,26 +539,48 @@ def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: in
     return out.copy_(_rotate(values.mul_(scales)))  # rounded once into the cache's dtype
 
 
+def _fits_float16(keys: torch.Tensor, head_dim: int) -> bool:
+    """Whether every rotated key, and so every group's minimum and range, is well inside float16's
+    range (a rotation of b channels grows a value at most sqrt(b)-fold): int4 then stores its key
+    statistics per group in float16 (GROUPED), else one float32 pair per block."""
+    return bool(keys.abs().amax() * math.sqrt(rotation_block(head_dim)) < 30000)
+
+
 def _encode_int4(
-    x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None
+    x: torch.Tensor, keys: bool, sink: torch.dtype | None, factor: torch.Tensor | None, grouped: bool
 ) -> list[torch.Tensor]:
     """The arrays and codes of every layer's segment of one kind, `x` (`[layers, T, H, D]` float32),
     rotated first (keys then rounded by `_shaped` with a `factor`); with `sink` (the cache's dtype),
-    the first token exact in that dtype (before the codes)."""
+    the first token exact in that dtype (before the codes). Keys' minimum and step are per (head,
+    channel) over the block's tokens, or `grouped` over each INT4_KEY_GROUP tokens in float16; values'
+    per (token, head) over the head's channels in float16."""
     first = [x[:, :1].to(sink)] if sink is not None else []
     x = _rotate(x)
-    dim = 1 if keys else 3  # keys: over tokens per channel; values: over channels per token
-    low = x.amin(dim=dim, keepdim=True)
-    step = ((x.amax(dim=dim, keepdim=True) - low) / 15).clamp_min(1e-8)
-    if not keys:
+    if keys and grouped:
+        parts = [x[:, at : at + INT4_KEY_GROUP] for at in range(0, x.shape[1], INT4_KEY_GROUP)]
+        low = torch.cat([part.amin(dim=1, keepdim=True) for part in parts], dim=1)  # [layers, groups, H, D]
+        high = torch.cat([part.amax(dim=1, keepdim=True) for part in parts], dim=1)
+    else:
+        dim = 1 if keys else 3  # keys: over tokens per channel; values: over channels per token
+        low, high = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    step = ((high - low) / 15).clamp_min(1e-8)
+    half = grouped or not keys
+    if half:
         low, step = low.half().float(), step.half().float().clamp_min(6e-5)
+    stored = (low.half(), step.half()) if half else (low, step)
+    if keys and grouped:
+        low, step = _per_token(low, x.shape[1]), _per_token(step, x.shape[1])
     if factor is not None:
         x = _shaped(
             x, factor, lambda c, i: ((c - low[..., i]) / step[..., i]).round().clamp(0, 15) * step[..., i] + low[..., i]
         )
     codes = ((x - low) / step).round().clamp(0, 15).to(torch.uint8).reshape(len(x), -1)
-    stored = (low, step) if keys else (low.half(), step.half())
     return [*stored, *first, codes[:, 0::2] | (codes[:, 1::2] << 4)]
+
+
+def _per_token(groups: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Per-group key statistics (`[layers, groups, H, D]`) repeated for each of the n tokens."""
+    return groups.repeat_interleave(INT4_KEY_GROUP, dim=1)[:, :n_tokens]
 
 
 _Layout = Sequence[tuple[torch.dtype, tuple[int, ...]]]
@@ -595,10 +628,14 @@ def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: i
     back (ROTATED), written in the cache's dtype; then the sink token (SINK)."""
     h, d, n = geometry.kv_heads, geometry.head_dim, n_tokens
     sink = _sink_layout(geometry, flags)
-    keys, values = [(torch.float32, (1, h, d))] * 2 + sink, [(torch.float16, (n, h, 1))] * 2 + sink
+    grouped = bool(flags & GROUPED)
+    statistics = (torch.float16, (int4_key_groups(n), h, d)) if grouped else (torch.float32, (1, h, d))
+    keys, values = [statistics] * 2 + sink, [(torch.float16, (n, h, 1))] * 2 + sink
     out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, flags, (keys, values))
-    for segments, arrays, packed in kinds:
+    for kind, (segments, arrays, packed) in enumerate(kinds):
         low, step = arrays[0].float(), arrays[1].float()
+        if grouped and kind == 0:
+            low, step = _per_token(low, n), _per_token(step, n)
         codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(segments.shape)
         if flags & ROTATED:
             segments.copy_(_rotate(codes.float().mul_(step).add_(low)))  # float32, rounded once into the dtype

@@ -21,7 +21,9 @@ __all__ = [
     "CODECS",
     "DEFAULT_ACCEPT",
     "FLAGS",
+    "GROUPED",
     "HEADER_BYTES",
+    "INT4_KEY_GROUP",
     "LOSSLESS_CHUNK_ELEMENTS",
     "PLANE_HEADER_BYTES",
     "ROTATED",
@@ -30,6 +32,7 @@ __all__ = [
     "Codec",
     "best_prefix",
     "fixed_body_bytes",
+    "int4_key_groups",
     "lossy_segment_bytes",
     "max_encoded_bytes",
     "parse_codecs",
@@ -54,10 +57,16 @@ TOKEN_SCALED = 2
 SINK = 4
 """fp8 (with TOKEN_SCALED) and int4 (with ROTATED) header flag: each segment also carries the block's
 first token exactly (set on a document's first block, whose first token is the attention sink)."""
+GROUPED = 8
+"""int4 header flag (with ROTATED): keys' minimum and step per (head, channel) are float16, one pair
+per group of INT4_KEY_GROUP tokens, instead of one float32 pair over the whole block."""
+INT4_KEY_GROUP = 128
+"""Tokens per group of int4's key statistics (GROUPED): two float16 groups cost what one float32
+pair did in a 256-token block."""
 FLAGS: dict[str, frozenset[int]] = {
     "lossless": frozenset({0, CHUNKED}),
     "fp8": frozenset({0, ROTATED, ROTATED | TOKEN_SCALED, ROTATED | TOKEN_SCALED | SINK}),
-    "int4": frozenset({0, ROTATED, ROTATED | SINK}),
+    "int4": frozenset({0, ROTATED, ROTATED | SINK, ROTATED | GROUPED, ROTATED | GROUPED | SINK}),
 }
 """The header flags each codec's blocks may carry (others: 0 only)."""
 
@@ -118,8 +127,15 @@ def lossy_segment_bytes(codec: str, geometry: Geometry, n_tokens: int, flags: in
     if codec == "int4":
         codes = n_tokens * h * d // 2
         first = geometry.element_bytes * per_channel if flags & SINK else 0
-        return 2 * 4 * per_channel + first + codes, 2 * 2 * per_token + first + codes, codes
+        statistics = 2 * 2 * int4_key_groups(n_tokens) * per_channel if flags & GROUPED else 2 * 4 * per_channel
+        return statistics + first + codes, 2 * 2 * per_token + first + codes, codes
     raise InvalidArgument(f"codec {codec!r} has no fixed size")
+
+
+def int4_key_groups(n_tokens: int) -> int:
+    """Groups of int4's key statistics in an n-token block (GROUPED): INT4_KEY_GROUP tokens each, the
+    last one shorter."""
+    return -(-n_tokens // INT4_KEY_GROUP)
 
 
 def fixed_body_bytes(codec: str, geometry: Geometry, n_tokens: int, flags: int = 0) -> int:
