@@ -188,7 +188,7 @@ def test_int4_rotation_cuts_the_error_and_unrotated_blocks_still_decode(monkeypa
     payload, reference = _kv(g, 64)  # keys with three outlier channels
     rotated = encode("int4", g, 64, payload)
     monkeypatch.setattr(codecs, "_rotate", lambda x: x)
-    monkeypatch.setattr(codecs, "_fits_float16", lambda keys, head_dim: False)  # one float32 pair per block
+    monkeypatch.setattr(codecs, "GROUPED", 0)  # one float32 pair of key statistics per block
     unrotated = encode("int4", g, 64, payload)
     monkeypatch.undo()
     old = unrotated[:6] + struct.pack("<H", 0) + unrotated[8:]  # as written before the rotation: flags 0
@@ -298,7 +298,7 @@ def test_int4_keys_grouped_over_fewer_tokens_err_less_for_the_same_bytes(monkeyp
     keys[0::2] += drift * torch.randn(1, 1, g.kv_heads, g.head_dim, generator=torch.Generator().manual_seed(3))
     payload = keys.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     grouped = encode("int4", g, 256, payload, first=True)
-    monkeypatch.setattr(codecs, "_fits_float16", lambda keys, head_dim: False)
+    monkeypatch.setattr(codecs, "GROUPED", 0)
     whole = encode("int4", g, 256, payload, first=True)  # as written before GROUPED: flags ROTATED | SINK
     monkeypatch.undo()
     assert int.from_bytes(grouped[6:8], "little") == ROTATED | GROUPED | SINK
@@ -313,6 +313,10 @@ def test_int4_keys_grouped_over_fewer_tokens_err_less_for_the_same_bytes(monkeyp
     assert int.from_bytes(data[6:8], "little") == ROTATED
     back = _values(g, decode("int4", g, 256, data)).reshape(keys.shape)
     assert float((back[0::2] - keys[0::2]).norm() / keys[0::2].norm()) < 0.12
+    # Values' statistics are float16 in every int4 block: values beyond it are refused, not garbled.
+    keys[1::2] *= 1e4
+    with pytest.raises(InvalidArgument, match="float16"):
+        encode("int4", g, 256, keys.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _assemble(

@@ -156,7 +156,9 @@ def encode(
     values = _as_float(geometry, n_tokens, payload)
     sunk = SINK if first else 0
     flags = {"fp8": ROTATED | TOKEN_SCALED | sunk, "int4": ROTATED | sunk, "int8": 0}[codec]
-    if codec == "int4" and _fits_float16(values[0::2], geometry.head_dim):  # the keys' statistics per group
+    if codec == "int4" and not _fits_float16(values[1::2], geometry.head_dim):
+        raise InvalidArgument("int4 stores values' statistics in float16, and these values outgrow it: use int8")
+    if codec == "int4" and _fits_float16(values[0::2], geometry.head_dim):  # key statistics per group
         flags |= GROUPED
     head = _HEAD.pack(_MAGIC, CODECS[codec].id, geometry.element_bytes, flags, n_tokens)
     sink = TORCH_DTYPES[geometry.dtype] if flags & SINK else None
@@ -540,9 +542,10 @@ def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: in
 
 
 def _fits_float16(keys: torch.Tensor, head_dim: int) -> bool:
-    """Whether every rotated key, and so every group's minimum and range, is well inside float16's
-    range (a rotation of b channels grows a value at most sqrt(b)-fold): int4 then stores its key
-    statistics per group in float16 (GROUPED), else one float32 pair per block."""
+    """Whether every rotated value of `keys` (or values), and so every minimum and range over them, is
+    well inside float16's range (a rotation of b channels grows a value at most sqrt(b)-fold): int4
+    then stores its key statistics per group in float16 (GROUPED), else one float32 pair per block;
+    its values' statistics are always float16."""
     return bool(keys.abs().amax() * math.sqrt(rotation_block(head_dim)) < 30000)
 
 
