@@ -633,17 +633,18 @@ def _decode_int4(body: torch.Tensor, geometry: Geometry, n_tokens: int, flags: i
     sink = _sink_layout(geometry, flags)
     grouped = bool(flags & GROUPED)
     statistics = (torch.float16, (int4_key_groups(n), h, d)) if grouped else (torch.float32, (1, h, d))
-    keys, values = [statistics] * 2 + sink, [(torch.float16, (n, h, 1))] * 2 + sink
-    out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, flags, (keys, values))
+    layouts = ([statistics] * 2 + sink, [(torch.float16, (n, h, 1))] * 2 + sink)
+    out, kinds = _segment_kinds(body, "int4", geometry, n_tokens, flags, layouts)
     for kind, (segments, arrays, packed) in enumerate(kinds):
         low, step = arrays[0].float(), arrays[1].float()
-        if grouped and kind == 0:
-            low, step = _per_token(low, n), _per_token(step, n)
-        codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(segments.shape)
-        if flags & ROTATED:
-            segments.copy_(_rotate(codes.float().mul_(step).add_(low)))  # float32, rounded once into the dtype
+        values = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(segments.shape).float()
+        if grouped and kind == 0:  # each group of tokens with its own statistics
+            for group, at in enumerate(range(0, n, INT4_KEY_GROUP)):
+                values[:, at : at + INT4_KEY_GROUP].mul_(step[:, group : group + 1]).add_(low[:, group : group + 1])
         else:
-            torch.add(low, codes.float() * step, out=segments)  # blocks written before the rotation
+            values.mul_(step).add_(low)
+        # float32, rounded once into the cache's dtype (blocks written before the rotation: not rotated)
+        segments.copy_(_rotate(values) if flags & ROTATED else values)
         if sink:
             segments[:, :1].copy_(arrays[-1])
     return out
