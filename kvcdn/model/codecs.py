@@ -38,7 +38,7 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
   token (one float16 minimum and step per (token, head) over the head's channels); flag `SINK` as
   fp8's (a document's first token exact). Body: per segment `minimum | step | SINK: first token
   [H*D] | codes [T*H*D/2] u8`. The rotation and the sink token cut KL to the exact cache 3x on SmolLM2
-  float32, the key groups another 1.3x (`kvcdn loadtest codecs`).
+  float32, the key groups another 1.4x (`kvcdn loadtest codecs`).
 - `int8` (lossy): symmetric 8-bit codes after fp8's rotation (always; no flag); keys per channel (one
   float32 scale per (head, channel) over the block's tokens), values per token (one bfloat16 scale
   per (token, head) over the head's channels); scale = amax / 127, value = code * scale, rotated
