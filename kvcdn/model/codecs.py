@@ -541,12 +541,12 @@ def _decode_fp8_per_channel(body: torch.Tensor, geometry: Geometry, n_tokens: in
     return out.copy_(_rotate(values.mul_(scales)))  # rounded once into the cache's dtype
 
 
-def _fits_float16(keys: torch.Tensor, head_dim: int) -> bool:
-    """Whether every rotated value of `keys` (or values), and so every minimum and range over them, is
+def _fits_float16(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether every rotated value of `x` (keys or values), and so every minimum and range over them, is
     well inside float16's range (a rotation of b channels grows a value at most sqrt(b)-fold): int4
     then stores its key statistics per group in float16 (GROUPED), else one float32 pair per block;
     its values' statistics are always float16."""
-    return bool(keys.abs().amax() * math.sqrt(rotation_block(head_dim)) < 30000)
+    return bool(x.abs().amax() * math.sqrt(rotation_block(head_dim)) < 30000)
 
 
 def _encode_int4(
