@@ -27,7 +27,7 @@ Every encoded block starts with `KVC1 | u8 codec id | u8 element bytes | u16 fla
   rounding). Flag `SINK` (a document's first block): each segment also carries the block's first
   token exactly, in the cache's dtype (the attention sink, which every later token attends to; the
   line is fitted without it). Per segment: `base [H] f32 | steps [T*H/2] u8 | keys only: intercept
-  [H*D] bf16, slope [H*D] bf16 | SINK: first token [H*D] | codes [T*H*D] u8`; 1.97x against bf16.
+  [H*D] bf16, slope [H*D] bf16 | SINK: first token [H*D] | codes [T*H*D] u8`; 1.96x against bf16.
   Blocks written before TOKEN_SCALED (flag `ROTATED` or none: one float32 scale per (head, channel)
   over the block's tokens) still decode.
 - `int4` (lossy, KIVI-style): asymmetric 4-bit codes, two per byte, after fp8's rotation (flag
