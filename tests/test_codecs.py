@@ -31,7 +31,7 @@ from kvcdn.model.codecs import (
 )
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV, bit_identical
+from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV, StagingPool, bit_identical
 from kvcdn.spec.codecs import CODECS, HEADER_BYTES, fixed_body_bytes, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import encoded_key
@@ -320,14 +320,22 @@ def test_int4_keys_grouped_over_fewer_tokens_err_less_for_the_same_bytes(monkeyp
 
 
 def _assemble(
-    g: Geometry, codec: str, blocks: list[bytes], n_tokens: int, on_device: bool, frame: int = 100
+    g: Geometry,
+    codec: str,
+    blocks: list[bytes],
+    n_tokens: int,
+    on_device: bool,
+    frame: int = 100,
+    staging: StagingPool | None = None,
 ) -> list[LayerKV]:
-    """Feed encoded `blocks` (frames of `frame` bytes, as a stream would) through a DecodingAssembler."""
+    """Feed encoded `blocks` (frames of `frame` bytes, as a stream would) through a DecodingAssembler
+    (with `staging`, encoded blocks decoded with torch ops land in its buffers, as on a GPU)."""
     infos = [
         pb.BlockInfo(index=i, n_tokens=min(g.block_tokens, n_tokens - i * g.block_tokens), n_bytes=len(b), codec=codec)
         for i, b in enumerate(blocks)
     ]
-    target = DecodingAssembler(KVAssembler(g, n_tokens, torch.device("cpu")), infos, on_device=on_device)
+    into = KVAssembler(g, n_tokens, torch.device("cpu"), staging)
+    target = DecodingAssembler(into, infos, on_device=on_device)
     for info, data in zip(infos, blocks, strict=True):
         start = info.index * g.block_tokens
         for offset in range(0, len(data), frame):
@@ -352,6 +360,26 @@ def test_decoding_with_torch_ops_where_the_cache_lands_is_bit_identical(dtype: s
     host = _assemble(g, codec, blocks, n_tokens, on_device=False)
     device = _assemble(g, codec, blocks, n_tokens, on_device=True)
     assert bit_identical(device, host) and device[0][0].shape == (1, 3, n_tokens, 6)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])
+def test_fetches_decoded_where_the_cache_lands_reuse_staging_of_every_size(codec: str) -> None:
+    # A GPU client's bookkeeping with an unpinned pool: each encoded block lands in a staging buffer
+    # taken from the pool and given back once its copy has run; a later fetch of a shorter document
+    # takes the short block's buffer while longer ones are free (this crashed on a GPU).
+    g = Geometry(layers=3, kv_heads=3, head_dim=6, dtype="bfloat16", block_tokens=16)
+    blocks = [encode(codec, g, n, _kv(g, n, seed=i)[0], first=i == 0) for i, n in enumerate((16, 16, 7))]
+    pool = StagingPool(pin=False)
+    first = _assemble(g, codec, blocks, 39, on_device=True, staging=pool)
+    assert pool.allocations == 3 and pool.free_bytes == sum(len(b) for b in blocks)
+    assert bit_identical(_assemble(g, codec, blocks, 39, on_device=True, staging=pool), first)
+    short = [encode(codec, g, 7, _kv(g, 7, seed=5)[0], first=True)]
+    assert len(short[0]) < len(blocks[0]) <= 4 * len(short[0])  # the longer buffers fit it too
+    assert bit_identical(
+        _assemble(g, codec, short, 7, on_device=True, staging=pool),
+        _assemble(g, codec, short, 7, on_device=False),
+    )
+    assert pool.allocations == 3  # every fetch reused the buffers of the first
 
 
 @pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])

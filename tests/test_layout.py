@@ -77,6 +77,18 @@ def test_staging_pool_reuses_its_buffers_and_keeps_at_most_its_budget() -> None:
     assert small.data_ptr() != big.data_ptr() and pool.allocations == 4
 
 
+def test_staging_pool_hands_out_the_buffer_it_picked_among_buffers_of_other_sizes() -> None:
+    # Took the first lossy fetch on a GPU down: the pool removed its pick from the free list by
+    # tensor equality, which compares buffers of different sizes elementwise and raises.
+    pool = StagingPool(pin=False)
+    big, small = pool.take(4000), pool.take(1500)
+    pool.give(small)
+    pool.give(big)  # free, largest first: [big, small]
+    again = pool.take(1200)
+    assert again is small and pool.free_bytes == big.numel()
+    assert pool.take(4000) is big and pool.free_bytes == 0 and pool.allocations == 2
+
+
 def test_a_cpu_assembler_is_the_cache_itself() -> None:
     g = Geometry(layers=1, kv_heads=1, head_dim=4, dtype="float32", block_tokens=2)
     asm = KVAssembler(g, 2, torch.device("cpu"))

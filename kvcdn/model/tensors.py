@@ -102,7 +102,9 @@ class StagingPool:
             fits = [b for b in self._free if n_bytes <= b.numel() <= _SLACK * n_bytes]
             if fits:
                 buf = min(fits, key=lambda b: b.numel())
-                self._free.remove(buf)
+                # By identity: list.remove would compare tensors with ==, elementwise (and raise
+                # for two buffers of different sizes).
+                del self._free[next(i for i, b in enumerate(self._free) if b is buf)]
                 return buf
             self.allocations += 1
         return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=self.pin)
@@ -146,8 +148,9 @@ class KVAssembler:
         self._row_bytes = geometry.segment_bytes(1)
         self._stream: Any = None
         """The side stream of the copies to a GPU (None on the CPU, where the buffers are the cache)."""
-        self.staging: StagingPool | None = None
-        """Where host staging comes from and goes back to (None on the CPU)."""
+        self.staging = staging
+        """Where host staging comes from and goes back to (for a GPU: always one; on the CPU, where the
+        buffers are the cache, only encoded blocks decoded with torch ops take from it, if given)."""
         self._host_block: torch.Tensor | None = None
         if device.type == "cuda":
             size = n_tokens * self._row_bytes
