@@ -31,7 +31,7 @@ from kvcdn.wire.frames import decode_frame, verify_frame
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
-__all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "generate_from_cache"]
+__all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "ReceiveTimes", "generate_from_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,22 @@ class ClientConfig:
 
 
 @dataclass
+class ReceiveTimes:
+    """Where a fetch's bulk streams spent their time, all streams together."""
+
+    cpu_s: float = 0.0
+    """CPU seconds of the threads receiving the streams (reading, verifying, landing blocks)."""
+    wall_s: float = 0.0
+    """Seconds those threads were at it (each stream's time, added up)."""
+
+    @property
+    def busy(self) -> float:
+        """The share of their time the receiving threads ran on a core (the rest: waiting for bytes,
+        or for the GIL)."""
+        return self.cpu_s / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
 class FetchedCache:
     """The KV of the first `cached_tokens` tokens of a sequence, verified and on the model's device."""
 
@@ -108,6 +124,10 @@ class FetchedCache:
     """Streams that ran at the same time (runs of blocks, bounded by `streams_per_fetch`)."""
     decision: Decision | None = None
     """With `KVClient.prepare`: whether the cached prefix was fetched or left to a local prefill, and why."""
+    receiving: ReceiveTimes = field(default_factory=lambda: ReceiveTimes())
+    """Where the receiving threads of its bulk streams spent their time."""
+    copy_s: float = 0.0
+    """Seconds a GPU spent copying the cache's bytes from host staging (CUDA events; 0 on the CPU)."""
 
     def cache(self, model: LoadedModel) -> Any:
         """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
@@ -338,10 +358,11 @@ class KVClient:
         runs = self.runs(blocks)
         progress = [Progress() for _ in runs]
         gate = asyncio.Semaphore(self.config.streams_per_fetch)
+        receiving = ReceiveTimes()
 
         async def stream(run: list[pb.BlockInfo], at: Progress) -> list[str]:
             async with gate:
-                return await self._stream_into(model.fingerprint_hex, geometry, run, assembler, at)
+                return await self._stream_into(model.fingerprint_hex, geometry, run, assembler, at, receiving)
 
         results = await asyncio.gather(
             *(stream(r, p) for r, p in zip(runs, progress, strict=True)), return_exceptions=True
@@ -362,6 +383,8 @@ class KVClient:
             first_frame_s=first_frame_at - t0,
             streams=min(len(runs), self.config.streams_per_fetch),
             codec=codec,
+            receiving=receiving,
+            copy_s=into.copy_s,
         )
         self.estimates.observe_fetch(fetch_key(codec, str(model.device)), fetched.n_bytes, fetched.fetch_s)
         return fetched
@@ -399,9 +422,11 @@ class KVClient:
         blocks: list[pb.BlockInfo],
         assembler: Target,
         progress: Progress,
+        receiving: ReceiveTimes,
     ) -> list[str]:
         """Write every frame of `blocks` into `assembler`, asking the first block's route on the ring
-        in order and resuming on the next edge after a failure at exactly the frame where it broke."""
+        in order and resuming on the next edge after a failure at exactly the frame where it broke
+        (the bulk streams' receiving threads add their times to `receiving`)."""
         used: list[str] = []
         errors: list[Exception] = []
         loop = asyncio.get_running_loop()
@@ -414,8 +439,9 @@ class KVClient:
                 bulk = await reader.bulk_address() if self.config.bulk else None
                 if bulk is not None:
                     before = (progress.block, progress.frame)
+                    started = time.perf_counter()
                     try:
-                        await loop.run_in_executor(
+                        cpu_s = await loop.run_in_executor(
                             self._receivers,
                             receive_into,
                             bulk,
@@ -428,6 +454,8 @@ class KVClient:
                             self._bulk_tls,
                             self.config.token,
                         )
+                        receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
+                        receiving.wall_s += time.perf_counter() - started
                     except Unavailable as exc:
                         if (progress.block, progress.frame) != before:
                             raise

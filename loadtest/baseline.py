@@ -21,16 +21,18 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 import blake3
+import psutil
 
 if TYPE_CHECKING:  # not imported for plaintext: the spawned sender then needs the stdlib only
     from kvcdn.wire.tls import TLSFiles
 
-__all__ = ["RawTCP", "blake3_gbps", "raw_tcp_gbps", "verified_bound"]
+__all__ = ["RawTCP", "blake3_gbps", "cpu_seconds", "raw_tcp_gbps", "verified_bound"]
 
 _CHUNK = 1 << 20
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
@@ -101,6 +103,13 @@ class RawTCP:
             self.close()
             raise
 
+    @property
+    def sender_pid(self) -> int:
+        """The sending process (to read its CPU time)."""
+        pid = self._proc.pid
+        assert pid is not None
+        return pid
+
     def close(self) -> None:
         self._proc.kill()
         self._proc.join(10)
@@ -151,6 +160,12 @@ def blake3_gbps(n_bytes: int, frame_bytes: int, repeats: int = 3) -> float:
             blake3.blake3(view[offset : offset + frame_bytes]).digest()
         best = min(best, time.perf_counter() - t0)
     return n_bytes / best / 1e9
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds (user and system, every thread) the processes `pids` have run so far: a benchmark
+    reads it before and after a transfer to learn what the transfer cost each side."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
 
 
 def verified_bound(raw_gbps: float, hash_gbps: float) -> float:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,9 +25,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvcdn.client.api import ClientConfig, KVClient
+from kvcdn.client.api import ClientConfig, KVClient, ReceiveTimes
 from kvcdn.errors import InvalidArgument
-from kvcdn.loadtest.baseline import RawTCP, blake3_gbps, verified_bound
+from kvcdn.loadtest.baseline import RawTCP, blake3_gbps, cpu_seconds, verified_bound
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
@@ -38,7 +39,7 @@ from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
-__all__ = ["BenchRow", "grid", "measure", "render", "run_bench", "sample_corpus", "text_of_length"]
+__all__ = ["BenchRow", "grid", "measure", "render", "render_costs", "run_bench", "sample_corpus", "text_of_length"]
 
 
 def sample_corpus() -> str:
@@ -91,6 +92,19 @@ class BenchRow:
     matched: bool
     """(c) The first new token equals a one-pass run over document and question (a statistic in 16-bit
     on a GPU, where two passes and one pass are different arithmetic)."""
+    client_cpu_s: float = 0.0
+    """CPU seconds of this (the client's) process per fetch, every thread (the mean of the repeats:
+    other processes' CPU time is read in clock ticks, too coarse for one fetch)."""
+    edges_cpu_s: float = 0.0
+    """CPU seconds of the edge processes per fetch, added up (the mean of the repeats)."""
+    receive_busy: float = 0.0
+    """The share of the fetches' time their receiving threads ran on a core (kvcdn.client.ReceiveTimes)."""
+    copy_s: float = 0.0
+    """Seconds the GPU spent copying a fetch's bytes from host staging (the mean; 0 on the CPU)."""
+    raw_receiver_cpu_s: float = 0.0
+    """CPU seconds of this process receiving the raw TCP baseline of the same bytes (the mean)."""
+    raw_sender_cpu_s: float = 0.0
+    """CPU seconds of the raw TCP sender process for that transfer (the mean)."""
 
     @property
     def fetch_speedup(self) -> float:
@@ -115,6 +129,10 @@ class BenchRow:
         """The bandwidth below which this device recomputes the cache faster than it fetches it."""
         return self.cache_bytes / self.prefill_s / 1e9
 
+    def per_gb(self, cpu_s: float) -> float:
+        """CPU seconds per GB streamed."""
+        return cpu_s / (self.wire_bytes / 1e9)
+
     @property
     def bound_gbps(self) -> float:
         """The verified-transfer bound: every stream's core receives and hashes its bytes."""
@@ -129,10 +147,12 @@ async def measure(
     repeats: int,
     console: Console,
     server_tls: TLSFiles | None = None,
+    edge_pids: Sequence[int] = (),
 ) -> list[BenchRow]:
     """Publish `texts` at `origin` (offered in the codecs the client accepts), warm the edges, and
-    measure each (see the module docstring). Under TLS (`server_tls`, and the client's in
-    `client_config`) the raw baseline is a TLS transfer too."""
+    measure each (see the module docstring), with the CPU time each side spent (`edge_pids`: the edge
+    processes). Under TLS (`server_tls`, and the client's in `client_config`) the raw baseline is a
+    TLS transfer too."""
     baseline_tls = (server_tls, client_config.tls) if server_tls is not None and client_config.tls else None
     question = question_ids(model.tokenizer, "What is this text about?")
     offered = [c for c in client_config.codecs if c != "raw"]
@@ -164,10 +184,16 @@ async def measure(
             n_bytes = streams = 0
             codec = "raw"
             frame_bytes = (await client.info()).geometry.frame_bytes
+            costs = dict.fromkeys(
+                ("client_cpu_s", "edges_cpu_s", "copy_s", "raw_receiver_cpu_s", "raw_sender_cpu_s"), 0.0
+            )
+            receiving = ReceiveTimes()
             with RawTCP(baseline_tls) as tcp:  # its sender waits idle while the client fetches
                 for _ in range(repeats):
                     t0 = time.perf_counter()
+                    cpu = time.process_time(), cpu_seconds(edge_pids)
                     fetched = await client.fetch(model, doc)
+                    cpu = time.process_time() - cpu[0], cpu_seconds(edge_pids) - cpu[1]
                     gen = adapter.greedy(model.model, ids, 1, cache=fetched.layers)
                     cached_s = min(cached_s, time.perf_counter() - t0)
                     fetch_s = min(fetch_s, fetched.fetch_s)
@@ -176,12 +202,21 @@ async def measure(
                     if identical is None:  # (a), checked once, outside the timings
                         identical = bit_identical(fetched.layers, own)
                     n_bytes, streams, codec = fetched.n_bytes, fetched.streams, fetched.codec
+                    costs["client_cpu_s"] += cpu[0] / repeats
+                    costs["edges_cpu_s"] += cpu[1] / repeats
+                    costs["copy_s"] += fetched.copy_s / repeats
+                    receiving.cpu_s += fetched.receiving.cpu_s
+                    receiving.wall_s += fetched.receiving.wall_s
                     # An agent done with a cache drops it; the next fetch then reuses that memory, as
                     # the TCP baseline reuses its buffer.
                     del fetched, gen
                     # The baselines right after each fetch, side by side: a shared machine's load drifts
                     # within a run, and a ratio of figures taken a minute apart would drift with it.
-                    raw_s = min(raw_s, tcp.seconds(n_bytes, streams))
+                    cpu = time.process_time(), cpu_seconds([tcp.sender_pid])
+                    took = tcp.seconds(n_bytes, streams)
+                    costs["raw_receiver_cpu_s"] += (time.process_time() - cpu[0]) / repeats
+                    costs["raw_sender_cpu_s"] += (cpu_seconds([tcp.sender_pid]) - cpu[1]) / repeats
+                    raw_s = min(raw_s, took)
                     hashed = max(hashed, blake3_gbps(n_bytes, frame_bytes, repeats=1))
             raw = n_bytes / raw_s / 1e9
             rows.append(
@@ -200,6 +235,8 @@ async def measure(
                     kv_identical=bool(identical),
                     two_pass_matched=two_pass_matched,
                     matched=matched,
+                    receive_busy=receiving.busy,
+                    **costs,
                 )
             )
     return rows
@@ -219,6 +256,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "T
         "fetch+1st s",
         "TTFT speed-up",
         "fetch GB/s",
+        "wire GB/s",
         "break-even GB/s",
         "streams",
         f"raw {transport} GB/s",
@@ -243,6 +281,7 @@ def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "T
             f"{r.cached_s:.3f}",
             f"{r.ttft_speedup:.1f}x",
             f"{r.fetch_gbps:.2f}",
+            f"{r.wire_gbps:.2f}",
             f"{r.breakeven_gbps:.2f}",
             str(r.streams),
             f"{r.raw_gbps:.2f}",
@@ -256,6 +295,47 @@ def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "T
         ]
         for r in rows
     ]
+    return grid(head, body, title, markdown)
+
+
+def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
+    """Where the fetches' time went: CPU seconds per GB streamed of the client and the edges
+    against the raw TCP baseline's receiver (plus one core's BLAKE3 of the same bytes, the least a
+    verifying receiver can spend) and sender, the receiving threads' busy share, the GPU's copies."""
+    head = [
+        "tokens",
+        "codec",
+        "streams",
+        "client CPU s/GB",
+        "raw receiver + BLAKE3 s/GB",
+        "client / that",
+        "edges CPU s/GB",
+        "raw sender s/GB",
+        "edges / raw sender",
+        "receiving threads busy",
+        "H2D copy s",
+        "H2D GB/s",
+    ]
+    body = []
+    for r in rows:
+        floor = r.per_gb(r.raw_receiver_cpu_s) + 1 / r.hash_gbps
+        sender = r.per_gb(r.raw_sender_cpu_s)
+        body.append(
+            [
+                str(r.tokens),
+                r.codec,
+                str(r.streams),
+                f"{r.per_gb(r.client_cpu_s):.3f}",
+                f"{floor:.3f}",
+                f"{r.per_gb(r.client_cpu_s) / floor:.2f}x",
+                f"{r.per_gb(r.edges_cpu_s):.3f}",
+                f"{sender:.3f}",
+                f"{r.per_gb(r.edges_cpu_s) / sender:.2f}x" if sender else "-",
+                f"{r.receive_busy:.0%}",
+                f"{r.copy_s:.3f}" if r.copy_s else "-",
+                f"{r.wire_bytes / r.copy_s / 1e9:.1f}" if r.copy_s else "-",
+            ]
+        )
     return grid(head, body, title, markdown)
 
 
@@ -329,8 +409,18 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
             tls=cluster.client_tls,
         )
         try:
+            edge_pids = [cluster.process(f"edge{i}").pid for i in range(config.edges)]
             rows = asyncio.run(
-                measure(model, cluster.origin_address, clients, texts, config.repeats, console, cluster.server_tls)
+                measure(
+                    model,
+                    cluster.origin_address,
+                    clients,
+                    texts,
+                    config.repeats,
+                    console,
+                    cluster.server_tls,
+                    edge_pids,
+                )
             )
         finally:
             cluster.stop()
@@ -346,10 +436,13 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
         config.json_path.write_text(json.dumps(report, indent=2) + "\n")
-    out = render(rows, title, config.markdown, "TLS" if config.tls else "TCP")
-    if isinstance(out, str):
-        print(out)
-    else:
-        console.print(out)
+    for out in (
+        render(rows, title, config.markdown, "TLS" if config.tls else "TCP"),
+        render_costs(rows, "Where the time went (CPU seconds per GB streamed, mean of the repeats)", config.markdown),
+    ):
+        if isinstance(out, str):
+            print(out + "\n")
+        else:
+            console.print(out)
     # (b) must hold wherever (a) does; (a) and (c) are reported, not required (see BenchRow)
     return 0 if all(r.two_pass_matched or not r.kv_identical for r in rows) else 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,8 @@ from rich.console import Console
 
 from kvcdn.cli import main
 from kvcdn.client.api import ClientConfig
-from kvcdn.loadtest.baseline import blake3_gbps, raw_tcp_gbps, verified_bound
-from kvcdn.loadtest.bench import measure, render, text_of_length
+from kvcdn.loadtest.baseline import blake3_gbps, cpu_seconds, raw_tcp_gbps, verified_bound
+from kvcdn.loadtest.bench import measure, render, render_costs, text_of_length
 from kvcdn.model.prompt import document_ids
 from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, Network
@@ -35,6 +38,16 @@ def test_raw_baseline_over_tls_moves_every_byte_and_needs_the_client_certificate
     assert 0.001 < raw_tcp_gbps((2 << 20) + 777, repeats=1, streams=2, tls=(server, client)) < 1000
     with pytest.raises(ssl.SSLError):  # a real mutual-TLS transfer: no client certificate, no bytes
         raw_tcp_gbps(1 << 20, repeats=1, tls=(server, TLSFiles(ca=pki["ca"])))
+
+
+def test_cpu_seconds_counts_what_another_process_ran() -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    with subprocess.Popen([sys.executable, "-c", spin + "input()"], stdin=subprocess.PIPE) as proc:
+        before = cpu_seconds([proc.pid])
+        time.sleep(1.0)  # it spins 0.3 s of CPU, then waits for input
+        spent = cpu_seconds([proc.pid]) - before
+        proc.communicate(b"\n", timeout=10)
+    assert 0.2 <= spent < 1.0
 
 
 def test_the_verified_bound_is_receive_then_hash_on_one_core() -> None:
@@ -60,6 +73,12 @@ async def test_measure_fetches_every_length_exactly_and_renders_a_table(network:
     table = render(rows, "bench", markdown=True)
     assert isinstance(table, str) and table.count("\n| ") == 3 and "fetch/bound" in table
     assert all(r.streams == 1 and r.bound_gbps < min(r.raw_gbps, r.hash_gbps) for r in rows)  # one edge
+    # Where the time went: this process's CPU during each fetch and during the raw transfer after it,
+    # the sender's in its own process; the edge runs in this process here (no edge processes given).
+    assert all(r.client_cpu_s > 0 and r.raw_receiver_cpu_s > 0 and r.raw_sender_cpu_s >= 0 for r in rows)
+    assert all(0 < r.receive_busy <= 1.5 and r.edges_cpu_s == 0 and r.copy_s == 0 for r in rows)
+    costs = render_costs(rows, "costs", markdown=True)
+    assert isinstance(costs, str) and costs.count("\n| ") == 3 and "client / that" in costs
 
 
 def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
@@ -71,7 +90,9 @@ def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
     assert main([*argv, "--repeats", "1", "--dtype", "float32", "--device", "cpu", "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "random:smollm2-135m" in out and "2 warm edges" in out and "break-even GB/s" in out
+    assert "Where the time went" in out and "edges CPU s/GB" in out
     [row] = json.loads(report.read_text())["rows"]
+    assert row["edges_cpu_s"] >= 0 and row["client_cpu_s"] > 0  # the edge processes' CPU (in ticks), and ours
     assert row["tokens"] == 300 and row["matched"] and row["cache_bytes"] == 300 * 46080  # SmolLM2's fp32 KV
     assert 1 <= row["streams"] <= 2  # its blocks, from their owners at once
     # the default: offered and fetched lossless, so fewer bytes travelled than the cache holds

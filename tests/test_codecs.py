@@ -334,7 +334,7 @@ def _assemble(
         pb.BlockInfo(index=i, n_tokens=min(g.block_tokens, n_tokens - i * g.block_tokens), n_bytes=len(b), codec=codec)
         for i, b in enumerate(blocks)
     ]
-    into = KVAssembler(g, n_tokens, torch.device("cpu"), staging)
+    into = KVAssembler(g, n_tokens, torch.device("cpu"), staging, host_staging=not on_device)
     target = DecodingAssembler(into, infos, on_device=on_device)
     for info, data in zip(infos, blocks, strict=True):
         start = info.index * g.block_tokens

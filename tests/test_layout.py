@@ -13,7 +13,10 @@ from kvcdn.spec.identity import block_spans
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("frame_bytes", [100, 1536, 1 << 20])
-def test_blocks_cut_and_reassembled_are_bit_identical(dtype: str, frame_bytes: int) -> None:
+@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])
+def test_blocks_cut_and_reassembled_are_bit_identical(dtype: str, frame_bytes: int, staged: bool) -> None:
+    # staged: the GPU's path with an unpinned pool (frames land in wire order, each block is copied
+    # whole and scattered into the layers), run on the CPU.
     g = Geometry(layers=3, kv_heads=2, head_dim=8, dtype=dtype, block_tokens=16, frame_bytes=frame_bytes)
     torch.manual_seed(0)
     n = 45
@@ -21,15 +24,20 @@ def test_blocks_cut_and_reassembled_are_bit_identical(dtype: str, frame_bytes: i
         (torch.randn(1, 2, n, 8).to(TORCH_DTYPES[g.dtype]), torch.randn(1, 2, n, 8).to(TORCH_DTYPES[g.dtype]))
         for _ in range(3)
     ]
-    asm = KVAssembler(g, n, torch.device("cpu"))
+    pool = StagingPool(pin=False) if staged else None
+    asm = KVAssembler(g, n, torch.device("cpu"), pool)
     for start, end in block_spans(n, g.block_tokens):
         payload = block_payload(g, layers, start, end)
         assert len(payload) == g.block_bytes(end - start)
         for off in range(0, len(payload), frame_bytes):
             asm.write(start, end - start, off, memoryview(payload)[off : off + frame_bytes])
+        if start == 0:
+            asm.block_done(start, end - start)  # the others land when layers() finds them missing
     for (k, v), (rk, rv) in zip(asm.layers(), layers, strict=True):
         assert k.shape == rk.shape == (1, 2, n, 8)
         assert torch.equal(k, rk) and torch.equal(v, rv)
+    if pool is not None:  # the staging went back once every block had landed
+        assert pool.free_bytes == n * g.token_bytes and pool.allocations == 1
 
 
 def test_geometry_rejects_bad_values() -> None:
@@ -41,9 +49,10 @@ def test_geometry_rejects_bad_values() -> None:
         Geometry(layers=1, kv_heads=1, head_dim=1, dtype="float32", frame_bytes=8 << 20)
 
 
-def test_assembler_rejects_frames_outside_the_cache() -> None:
+@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])
+def test_assembler_rejects_frames_outside_the_cache(staged: bool) -> None:
     g = Geometry(layers=1, kv_heads=1, head_dim=4, dtype="float32", block_tokens=4)
-    asm = KVAssembler(g, 4, torch.device("cpu"))
+    asm = KVAssembler(g, 4, torch.device("cpu"), StagingPool(pin=False) if staged else None)
     with pytest.raises(InvalidArgument):
         asm.write(4, 4, 0, memoryview(bytes(16)))
     with pytest.raises(InvalidArgument):

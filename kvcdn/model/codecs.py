@@ -795,8 +795,9 @@ class DecodingAssembler:
         _, flags = _body(info.codec, geometry, block_tokens, data.data)  # sizes and header, checked on the host
         staged = self._staged.pop(block_start, None)
         host = staged[: info.n_bytes] if staged is not None else torch.from_numpy(data)
-        with self.assembler.side_stream():
+        with self.assembler.copying():
             body = host[_HEAD.size :].to(self.device, non_blocking=True)
+        with self.assembler.side_stream():
             values = decode_lossy(info.codec, geometry, block_tokens, body, flags)
             self._finite.append(_all_finite(values))
             self.assembler.land(block_start, block_tokens, values)

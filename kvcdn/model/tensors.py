@@ -124,13 +124,16 @@ class StagingPool:
 
 
 class KVAssembler:
-    """Per-layer buffers that frames of consecutive blocks are written into in place.
+    """Buffers that frames of consecutive blocks are written into in place.
 
-    On the CPU the buffers are the cache itself (no copy). For a GPU, frames land in host staging
-    (from `staging`, a StagingPool, or freshly pinned), each block is copied to the GPU on a side
-    stream as soon as it is complete and verified (`block_done`), overlapping the network, and
-    `layers()` returns once the last copy has landed. Blocks decoded on the device arrive instead as
-    tensors (`land`); a GPU cache whose blocks all arrive so takes no host staging (`host_staging`)."""
+    On the CPU the buffers are the cache itself: one token-major buffer per layer and tensor, so a
+    frame is written with one memcpy per (layer, tensor) segment it touches and no other copy. With
+    `staging` (always on a GPU), frames land instead in one host buffer laid out as the wire sends
+    it, block after block (a frame is one contiguous region, received with one read), and each
+    complete, verified block is copied to the device whole and scattered there into the layers'
+    buffers by one copy kernel (`block_done`), on a side stream, overlapping the network; `layers()`
+    returns once the last copy has landed. Blocks decoded on the device arrive instead as tensors
+    (`land`); a cache whose blocks all arrive so takes no host staging (`host_staging`)."""
 
     def __init__(
         self,
@@ -143,42 +146,52 @@ class KVAssembler:
         self.geometry = geometry
         self.n_tokens = n_tokens
         self.device = device
-        dtype = TORCH_DTYPES[geometry.dtype]
-        shape = (n_tokens, geometry.kv_heads, geometry.head_dim)
+        self._dtype = TORCH_DTYPES[geometry.dtype]
         self._row_bytes = geometry.segment_bytes(1)
-        self._stream: Any = None
-        """The side stream of the copies to a GPU (None on the CPU, where the buffers are the cache)."""
+        self._stream: Any = _CudaStream(device) if device.type == "cuda" else None
+        """The side stream of the copies to a GPU (None on the CPU: copies run in the caller's thread)."""
+        if device.type == "cuda" and staging is None:
+            staging = StagingPool(keep_bytes=0)
         self.staging = staging
-        """Where host staging comes from and goes back to (for a GPU: always one; on the CPU, where the
-        buffers are the cache, only encoded blocks decoded with torch ops take from it, if given)."""
+        """Where host staging comes from and goes back to (None: the CPU buffers are the cache)."""
         self._host_block: torch.Tensor | None = None
-        if device.type == "cuda":
-            size = n_tokens * self._row_bytes
-            self.staging = staging if staging is not None else StagingPool(keep_bytes=0)
-            self._buffers = []
+        """Staged: the blocks' payloads back to back, in wire order (None: not staged, or given back)."""
+        self._views: list[np.ndarray] = []
+        """Unstaged: the cache's buffers, one per (layer, tensor), as bytes."""
+        shape = (n_tokens, geometry.kv_heads, geometry.head_dim)
+        self._whole: torch.Tensor | None = None
+        """Staged: the layers' buffers as one tensor `[2 * layers, n_tokens, kv_heads, head_dim]`, so a
+        block lands with one copy kernel."""
+        if staging is not None:
             if host_staging:
-                self._host_block = self.staging.take(2 * geometry.layers * size)
-                self._buffers = [
-                    self._host_block[i * size : (i + 1) * size].view(dtype).view(shape)
-                    for i in range(2 * geometry.layers)
-                ]
-            self._device_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2 * geometry.layers)]
-            self._stream = _CudaStream(device)
+                self._host_block = staging.take(n_tokens * geometry.token_bytes)
+            self._whole = torch.empty((2 * geometry.layers, *shape), dtype=self._dtype, device=device)
+            self._buffers = list(self._whole)
         else:
-            self._buffers = [torch.empty(shape, dtype=dtype) for _ in range(2 * geometry.layers)]
-            self._device_buffers = self._buffers
-        self._views = [_u8(b) for b in self._buffers]
+            # One allocation per (layer, tensor): the allocator recycles buffers of this size from
+            # one fetch to the next, where one cache-sized allocation would be fresh pages each
+            # time, faulted in by the receiving thread (3x slower fetches on two cores).
+            self._buffers = [torch.empty(shape, dtype=self._dtype) for _ in range(2 * geometry.layers)]
+            self._views = [_u8(b) for b in self._buffers]
         self._landed: set[int] = set()
         """Block starts (token index) already copied to the device."""
+        self._copies: list[tuple[Any, Any]] = []
+        """CUDA events around each copy to the device (what `copy_s` sums)."""
+        self.copy_s = 0.0
+        """Seconds the device spent copying this cache's bytes from the host (set by `layers()`)."""
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         """Writable byte views of the buffers that bytes [offset, offset + length) of the block
         covering tokens [block_start, block_start + block_tokens) belong to, in payload order."""
-        seg = self.geometry.segment_bytes(block_tokens)
+        block_bytes = self.geometry.block_bytes(block_tokens)
+        if block_start + block_tokens > self.n_tokens or offset < 0 or length < 0 or offset + length > block_bytes:
+            raise InvalidArgument("frame lies outside the cache being assembled")
+        if self._host_block is not None:
+            base = block_start * self.geometry.token_bytes + offset
+            return [self._host_block.numpy()[base : base + length]]
         if not self._views:
             raise InvalidArgument("this cache has no host staging: its blocks are decoded on the device (land)")
-        if block_start + block_tokens > self.n_tokens or offset < 0 or offset + length > seg * len(self._views):
-            raise InvalidArgument("frame lies outside the cache being assembled")
+        seg = self.geometry.segment_bytes(block_tokens)
         base = block_start * self._row_bytes
         out = []
         pos = offset
@@ -202,16 +215,21 @@ class KVAssembler:
     def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
         """Bytes [0, end) of that block are written and verified (raw blocks wait for `block_done`)."""
 
+    def copying(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a copy from the host to the device: on the side stream, timed (`copy_s`)."""
+        return _Timed(self._copies, self._stream) if self._stream is not None else contextlib.nullcontext()
+
     def block_done(self, block_start: int, block_tokens: int) -> None:
-        """The block's frames are all written and verified: start its copy to the GPU (no-op on the CPU)."""
-        if self._stream is None:
+        """The block's frames are all written and verified: staged, copy it to the device whole and
+        scatter it into the layers there (unstaged: nothing to do, the buffers are the cache)."""
+        if self._host_block is None:
             return
-        with torch.cuda.stream(self._stream):
-            for host, dev in zip(self._buffers, self._device_buffers, strict=True):
-                dev[block_start : block_start + block_tokens].copy_(
-                    host[block_start : block_start + block_tokens], non_blocking=True
-                )
-        self._landed.add(block_start)
+        base = block_start * self.geometry.token_bytes
+        payload = self._host_block[base : base + self.geometry.block_bytes(block_tokens)]
+        with self.copying():
+            moved = payload.to(self.device, non_blocking=True)
+        shape = (2 * self.geometry.layers, block_tokens, self.geometry.kv_heads, self.geometry.head_dim)
+        self.land(block_start, block_tokens, moved.view(self._dtype).view(shape))
 
     def side_stream(self) -> contextlib.AbstractContextManager[Any]:
         """The context that queues work on the side stream of the copies (nothing on the CPU), so work
@@ -219,34 +237,61 @@ class KVAssembler:
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def land(self, block_start: int, block_tokens: int, segments: torch.Tensor) -> None:
-        """Write a block decoded on the device, `[2 * layers, block_tokens, kv_heads, head_dim]` in the
-        cache's dtype, into place (on the side stream; call it inside `side_stream()` after the decode)."""
-        if block_start + block_tokens > self.n_tokens or segments.shape[:2] != (
-            len(self._device_buffers),
+        """Write a block on the device, `[2 * layers, block_tokens, kv_heads, head_dim]` in the cache's
+        dtype, into place (on the side stream, in order with the copy or decode that produced it)."""
+        if block_start + block_tokens > self.n_tokens or segments.shape != (
+            len(self._buffers),
             block_tokens,
+            *self._buffers[0].shape[1:],
         ):
             raise InvalidArgument("decoded block does not fit the cache being assembled")
+        end = block_start + block_tokens
         with self.side_stream():
-            for segment, buffer in zip(segments, self._device_buffers, strict=True):
-                buffer[block_start : block_start + block_tokens].copy_(segment)
+            if self._whole is not None:
+                self._whole[:, block_start:end].copy_(segments)
+            else:
+                for segment, buffer in zip(segments, self._buffers, strict=True):
+                    buffer[block_start:end].copy_(segment)
         self._landed.add(block_start)
 
     def layers(self) -> list[LayerKV]:
         """Per-layer (keys, values) as `[1, kv_heads, n_tokens, head_dim]` views on the target device.
-        For a GPU: copies what `block_done` did not, waits until every copy has landed and gives the
+        Staged: copies what `block_done` did not, waits until every copy has landed and gives the
         staging buffer back; call it once, after the last frame."""
-        if self._stream is not None:
+        if self.staging is not None:
             for start, end in block_spans(self.n_tokens, self.geometry.block_tokens):
                 if start not in self._landed:
-                    if not self._buffers:
+                    if self._host_block is None:
                         raise InvalidArgument(f"block at token {start} never landed on the device")
                     self.block_done(start, end - start)
-            self._stream.synchronize()
-            if self.staging is not None and self._host_block is not None:
+            if self._stream is not None:
+                self._stream.synchronize()
+                self.copy_s = sum(begin.elapsed_time(end) for begin, end in self._copies) / 1e3
+            if self._host_block is not None:
                 self.staging.give(self._host_block)
                 self._host_block = None
         out: list[LayerKV] = []
-        for i in range(0, len(self._device_buffers), 2):
-            k, v = (b.permute(1, 0, 2).unsqueeze(0) for b in self._device_buffers[i : i + 2])
+        for i in range(0, len(self._buffers), 2):
+            k, v = (b.permute(1, 0, 2).unsqueeze(0) for b in self._buffers[i : i + 2])
             out.append((k, v))
         return out
+
+
+class _Timed:
+    """Queue work on a CUDA stream between two timing events (appended to `events` on exit)."""
+
+    def __init__(self, events: list[tuple[Any, Any]], stream: Any) -> None:
+        self._events, self._stream = events, stream
+        self._within = torch.cuda.stream(stream)
+        self._begin: Any = None
+
+    def __enter__(self) -> None:
+        self._within.__enter__()
+        self._begin = torch.cuda.Event(enable_timing=True)
+        self._begin.record(self._stream)
+
+    def __exit__(self, *exc: object) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self._stream)
+        self._events.append((self._begin, end))
+        self._within.__exit__(*exc)

@@ -4,29 +4,30 @@ when the server has certificates (kvcdn.wire.tls).
 gRPC stays the API for everything, and StreamBlocks over gRPC stays available; this path exists
 because gRPC's per-message work caps a 1 MiB-frame stream at about half of what the loopback socket
 carries on this machine (~2 vs ~4 GB/s). Here the server sends its cached encoded frames with no copy
-(`sock_sendall` on slices), and the receiver reads each payload straight into the tensors it belongs
-to (`recv_into` on the KVAssembler's regions) and checks the frame's BLAKE3 digest in place. A frame
-that fails its digest aborts the fetch; the half-written tensors are never handed out. Under TLS the
-same records travel encrypted (asyncio's SSL transport on the server, an `ssl` socket's `recv_into` on
-the receiver); a deployment that closes reads sends its token in the request (`token`).
+(one `sendmsg` of a frame's record head and payload slice), and the receiver reads the frames due
+next with one scatter read (`recvmsg_into`): record heads into small buffers, payloads straight into
+the tensors they belong to (the FrameTarget's regions), then checks each head against the one it
+expects and each payload against its BLAKE3 digest in place, so its Python work is per batch of
+frames, not per read. A frame that fails its digest aborts the fetch; the half-written tensors are
+never handed out. Under TLS the same records travel encrypted (asyncio's SSL transport on the server,
+an `ssl` socket's `recv_into` on the receiver); a deployment that closes reads sends its token in
+the request (`token`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
+import itertools
 import logging
-import os
 import resource
 import socket
 import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -127,8 +128,19 @@ class _Plain:
     async def recv(self, n: int) -> bytes:
         return await self._loop.sock_recv(self._sock, n)
 
-    async def send(self, data: bytes | memoryview) -> None:
-        await self._loop.sock_sendall(self._sock, data)
+    async def send(self, *parts: bytes | memoryview) -> None:
+        """Send `parts` in order: one `sendmsg` for all of them while the socket's buffer has room
+        (a frame's record head and payload in one system call), the rest through the loop."""
+        try:
+            sent = self._sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            await self._loop.sock_sendall(self._sock, memoryview(part)[sent:])
+            sent = 0
 
 
 class _Secure:
@@ -150,8 +162,8 @@ class _Secure:
     async def recv(self, n: int) -> bytes:
         return await self._reader.read(n)
 
-    async def send(self, data: bytes | memoryview) -> None:
-        self._writer.write(data)
+    async def send(self, *parts: bytes | memoryview) -> None:
+        self._writer.writelines(parts)
         await self._writer.drain()
 
     async def close(self, timeout_s: float) -> None:
@@ -220,8 +232,7 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)
                 try:
                     async with asyncio.timeout(limits.send_stall_s):
-                        await conn.send(record)
-                        await conn.send(payload)
+                        await conn.send(record, payload)
                 except TimeoutError:
                     raise ConnectionError(f"the reader took no frame for {limits.send_stall_s:g} s") from None
                 payload_served.inc(len(payload))
@@ -349,21 +360,62 @@ class Progress:
         return True
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from a blocking socket (one system call per read: a socket with a timeout would
-    poll before each; the stream's deadline is `_CutOff`'s)."""
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("the server closed the connection mid-stream")
-        got += n
+_IOV = 64
+"""Buffers one scatter read fills at most (the system's limit is 1,024)."""
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
-    return bytes(buf)
+class _Stream:
+    """The receiving end of a bulk connection, on a blocking socket: fills many buffers at once, with
+    one system call for all of them as far as bytes have arrived (`recvmsg_into`; under TLS, whose
+    sockets have no scatter read, one read per buffer), and reads first what was handed back (`unread`).
+    A socket with a timeout would poll before each read: the stream's deadline is `_CutOff`'s."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._scatter = not isinstance(sock, ssl.SSLSocket)
+        self._back = memoryview(b"")
+        self.filled = 0
+        """Bytes the last `fill` wrote, in order from its first buffer (also when it raised)."""
+
+    def unread(self, data: bytes) -> None:
+        """Hand `data` back: the next reads return it before anything else from the socket."""
+        self._back = memoryview(data + bytes(self._back))
+
+    def filling(self, buffers: list[memoryview]) -> Iterator[int]:
+        """Fill `buffers` in order, yielding after each read how many bytes are in so far (`filled`);
+        ConnectionError if the peer closes first (OSError for other failures)."""
+        self.filled = 0
+        todo = [b for b in buffers if len(b)]
+        i = 0
+        while i < len(todo):
+            if self._back:
+                n = min(len(self._back), len(todo[i]))
+                todo[i][:n] = self._back[:n]
+                self._back = self._back[n:]
+            elif self._scatter:
+                n = self._sock.recvmsg_into(todo[i : i + _IOV])[0]
+            else:
+                n = self._sock.recv_into(todo[i])
+            if n == 0:
+                raise ConnectionError("the server closed the connection mid-stream")
+            self.filled += n
+            while n:  # past the buffers this read filled, into the one it filled in part
+                if n < len(todo[i]):
+                    todo[i] = todo[i][n:]
+                    break
+                n -= len(todo[i])
+                i += 1
+            yield self.filled
+
+    def fill(self, buffers: list[memoryview]) -> None:
+        """Fill `buffers` in order (see `filling`)."""
+        for _ in self.filling(buffers):
+            pass
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.fill([memoryview(buf)])
+        return bytes(buf)
 
 
 class _CutOff:
@@ -402,19 +454,20 @@ def receive_into(
     timeout_s: float,
     tls: ssl.SSLContext | None = None,
     token: str = "",
-) -> None:
+) -> float:
     """Stream `blocks` from `progress` on, writing each payload in place and verifying it, within
     `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks); over TLS with `tls`
     (the server's certificate checked for `address`'s host), sending `token` for closed reads.
+    Returns the CPU seconds this thread spent on it.
 
-    Blocking: run it in a worker thread. Where more than two cores are free (`VERIFY_BESIDE`), each
-    frame is verified in a helper thread (BLAKE3 releases the GIL), which also hands each completed
-    block on (decode, copy to a GPU), while the next frames are received, so receiving (and, under
-    TLS, decrypting), hashing and decoding overlap; on two cores this thread verifies each frame
-    right after receiving it, while it is still in this core's cache.
+    Blocking: run it in a worker thread. Frames arrive a batch at a time (`_receive_frames`) and are
+    verified in this thread right after they arrive, while their bytes are still in its core's cache
+    (BLAKE3 releases the GIL meanwhile); a helper thread that verified beside the receiving one was
+    slower on two cores and on sixteen (the handover per frame cost more than the overlap gained).
     `progress` advances frame by frame, in order and only past verified frames, so after a retryable
     failure another server can resume exactly where this one stopped.
     """
+    cpu_s = time.thread_time()
     request = pb.StreamBlocksRequest(
         fingerprint=fingerprint,
         keys=[b.key for b in blocks[progress.block :]],
@@ -430,13 +483,11 @@ def receive_into(
             with tls.wrap_socket(raw, server_hostname=address[0]) if tls is not None else raw as sock:
                 sock.sendall(_U32.pack(len(request)) + request)
                 sock.settimeout(None)  # blocking reads from here on, cut off at the deadline
-                with (
-                    _CutOff(raw, deadline) as cut_off,
-                    ThreadPoolExecutor(1, "kvcdn-verify") if VERIFY_BESIDE else contextlib.nullcontext() as helper,
-                ):
-                    _receive_frames(sock, peer, blocks, geometry, assembler, progress, helper)
-                    first, second = _PAIR.unpack(_recv(sock, _PAIR.size))
-                    _raise_if_error(sock, peer, first, second)
+                stream = _Stream(sock)
+                with _CutOff(raw, deadline) as cut_off:
+                    _receive_frames(stream, peer, blocks, geometry, assembler, progress)
+                    first, second = _PAIR.unpack(stream.read(_PAIR.size))
+                    _raise_if_error(stream, peer, first, second)
                 if first != _END:
                     raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
     except OSError as exc:  # TimeoutError (connect, handshake), ConnectionError, ssl.SSLError among them
@@ -445,152 +496,188 @@ def receive_into(
         if isinstance(exc, ssl.SSLCertVerificationError):  # as gRPC reports a failed handshake: the next edge is tried
             raise Unavailable(f"{peer}: the server's certificate does not verify: {exc.verify_message}") from None
         raise Unavailable(f"{peer}: {exc}") from None
+    return time.thread_time() - cpu_s
 
 
-def _raise_if_error(sock: socket.socket, peer: str, marker: int, length: int) -> None:
+def _raise_if_error(stream: _Stream, peer: str, marker: int, length: int) -> None:
     """Raise the typed error an error record carries (`marker` and `length` already read); a record
     too short to hold a status is a malformed stream (DigestMismatch: the caller fails over)."""
     if marker != _ERROR:
         return
     if length < _U32.size:
         raise DigestMismatch(f"{peer} sent an error record of {length} bytes, too short for a status")
-    record = _recv(sock, min(length, _MAX_REQUEST_BYTES))
+    record = stream.read(min(length, _MAX_REQUEST_BYTES))
     (code,) = _U32.unpack_from(record)
     raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
 
 
 def _hash(views: list[memoryview]) -> bytes:
+    if len(views) == 1:
+        return blake3.blake3(views[0]).digest()
     hasher = blake3.blake3()
     for view in views:
         hasher.update(view)
     return hasher.digest()
 
 
-_AHEAD = 8
-"""Frames the receiver may be ahead of the helper that verifies and hands them on."""
+_BATCH_BYTES = 8 << 20
+"""Payload bytes a receiver asks for in one go: the frames due next, as far as they add up to this."""
+_BATCH_FRAMES = 12
+"""Frames one read asks for at most (each takes a record head and one to a few payload regions)."""
 
 
-def _free_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+@dataclass
+class _Due:
+    """A frame due on the stream, its record as kvcdn's servers write it, and where it lands."""
+
+    info: pb.BlockInfo
+    index: int
+    expected: bytes
+    """The record's head: the two lengths and the canonical encoding of the frame's header (the
+    fields in order: a header that says anything else, or says it otherwise, is parsed instead)."""
+    head: memoryview
+    """Where the record's head is read to."""
+    views: list[memoryview]
+    """Where its payload is read to: the target's regions."""
 
 
-VERIFY_BESIDE = {"0": False, "1": True}.get(os.environ.get("KVCDN_VERIFY_BESIDE", ""), _free_cores() > 2)
-"""Whether each stream verifies (and hands on: decode, copy to a GPU) its frames in a helper thread
-beside the thread receiving them, or in that thread right after each frame, while its bytes are
-still in that core's cache. Beside, where the process has more than two cores, unless the
-environment says otherwise (`KVCDN_VERIFY_BESIDE=0` or `1`, read at import). On two (with the
-sender on loopback on one of them) the two threads only take turns on the other core, and handing
-each frame over costs more than the overlap gains. 8,192-token SmolLM2 float32 fetches from one
-warm edge, eight each way in turn: raw (377 MB) median 167 ms in the receiving thread, 217 ms
-beside it, 197 ms with only the hashing moved into the receiving thread; lossless (1.18x) 362,
-395 and 350 ms."""
+def _due(blocks: Sequence[pb.BlockInfo], at: Progress, geometry: Geometry, assembler: FrameTarget) -> list[_Due]:
+    """The frames due from `at` on, at most a batch's worth (`_BATCH_BYTES`, `_BATCH_FRAMES`)."""
+    out: list[_Due] = []
+    block, frame, total = at.block, at.frame, 0
+    while block < len(blocks) and len(out) < _BATCH_FRAMES and total < _BATCH_BYTES:
+        info = blocks[block]
+        offset = frame * geometry.frame_bytes
+        size = min(geometry.frame_bytes, info.n_bytes - offset)
+        digest = info.frame_digests[frame]
+        header = pb.FrameHeader(block_key=info.key, frame_index=frame, offset=offset, digest=digest)
+        encoded = header.SerializeToString()
+        expected = _PAIR.pack(len(encoded), size) + encoded
+        regions = assembler.regions(info.index * geometry.block_tokens, info.n_tokens, offset, size)
+        out.append(_Due(info, frame, expected, memoryview(bytearray(len(expected))), [r.data for r in regions]))
+        total += size
+        frame += 1
+        if frame == len(info.frame_digests):
+            block, frame = block + 1, 0
+    return out
 
 
-class _Settler:
-    """The settling side of a stream: verifies each received frame against its digest and advances
-    `progress` past it, handing what it completes on (decode, copy to a GPU); in a thread of its own
-    (`pool`) so the receiving thread only receives, or without one in the receiving thread after
-    each frame (VERIFY_BESIDE). Frames settle in the order they arrived; after a frame fails, none
-    after it counts."""
+def _settle(
+    peer: str,
+    geometry: Geometry,
+    assembler: FrameTarget,
+    progress: Progress,
+    info: pb.BlockInfo,
+    index: int,
+    views: list[memoryview],
+) -> None:
+    """Frame `index` of `info`'s block is written: verify it, advance `progress` past it, and hand on
+    what it completes (decode, copy to a GPU)."""
+    check_digest(info, index, _hash(views), peer)
+    start = info.index * geometry.block_tokens
+    assembler.frame_done(start, info.n_tokens, index * geometry.frame_bytes + sum(len(v) for v in views))
+    if progress.advance(len(info.frame_digests)):
+        assembler.block_done(start, info.n_tokens)
 
-    def __init__(
-        self, peer: str, geometry: Geometry, assembler: FrameTarget, progress: Progress, pool: ThreadPoolExecutor | None
-    ) -> None:
-        self._peer, self._geometry, self._assembler, self._progress = peer, geometry, assembler, progress
-        self._pool = pool
-        self._jobs: collections.deque[Future[None]] = collections.deque()
-        self._failed = False
 
-    def submit(self, info: pb.BlockInfo, index: int, views: list[memoryview]) -> None:
-        """Queue a frame whose payload is written (without a pool: settle it now); raise the failure
-        of an earlier one, if any."""
-        if self._pool is None:
-            self._settle(info, index, views)
-            return
-        self._jobs.append(self._pool.submit(self._settle, info, index, views))
-        while self._jobs and (self._jobs[0].done() or len(self._jobs) > _AHEAD):
-            self._jobs.popleft().result()
+class _Batch:
+    """The frames due next on a stream (`_due`), the buffers their records are read into, and how
+    many of them have settled."""
 
-    def _settle(self, info: pb.BlockInfo, index: int, views: list[memoryview]) -> None:
-        if self._failed:
-            return
-        try:
-            check_digest(info, index, _hash(views), self._peer)
-            start = info.index * self._geometry.block_tokens
-            end = index * self._geometry.frame_bytes + sum(v.nbytes for v in views)
-            self._assembler.frame_done(start, info.n_tokens, end)
-            if self._progress.advance(len(info.frame_digests)):
-                self._assembler.block_done(start, info.n_tokens)
-        except BaseException:
-            self._failed = True
-            raise
+    def __init__(self, due: list[_Due]) -> None:
+        self.due = due
+        self.buffers = [b for d in due for b in (d.head, *d.views)]
+        self.ends = list(itertools.accumulate(len(d.head) + sum(len(v) for v in d.views) for d in due))
+        """Where each frame's record ends, counted from the batch's first byte."""
+        self.settled = 0
 
-    def drain(self, quiet: bool = False) -> None:
-        """Wait until every queued frame has settled; raise the first failure unless `quiet` (the
-        stream failed already: what verified still counts, the rest does not matter)."""
-        while self._jobs:
-            job = self._jobs.popleft()
-            if quiet:
-                with contextlib.suppress(KVCDNError):
-                    job.result()
-            else:
-                job.result()
+    def settle(self, filled: int, settle: Callable[[_Due, list[memoryview]], None]) -> bool:
+        """`settle` every frame that the batch's first `filled` bytes complete and that has not
+        settled yet; False when the bytes in show a record other than the one due."""
+        while self.settled < len(self.due):
+            d, start = self.due[self.settled], self.start
+            seen = min(filled - start, len(d.head))
+            if seen <= 0:
+                return True
+            if d.head[:seen] != d.expected[:seen]:
+                return False
+            if filled < self.ends[self.settled]:
+                return True
+            settle(d, d.views)
+            self.settled += 1
+        return True
+
+    @property
+    def start(self) -> int:
+        """Where the first unsettled frame's record starts."""
+        return self.ends[self.settled - 1] if self.settled else 0
+
+    def rest(self, filled: int) -> bytes:
+        """The bytes in from the first unsettled frame's record on (of the first `filled`)."""
+        first = sum(1 + len(d.views) for d in self.due[: self.settled])
+        out, left = [], filled - self.start
+        for b in self.buffers[first:]:
+            out.append(bytes(b[: min(left, len(b))]))
+            left -= len(out[-1])
+        return b"".join(out)
 
 
 def _receive_frames(
-    sock: socket.socket,
+    stream: _Stream,
     peer: str,
     blocks: Sequence[pb.BlockInfo],
     geometry: Geometry,
     assembler: FrameTarget,
     progress: Progress,
-    helper: ThreadPoolExecutor | None,
 ) -> None:
-    """Every frame from `progress` on, received here while `helper` (if any; else this thread, after
-    each frame) verifies and hands on the frames before it (kvcdn.wire.bulk._Settler); `progress`
-    only ever passes frames whose digests matched, in order. On a failure, a frame received whole
-    before it still counts if it verifies (the next server resumes after it)."""
-    cursor = Progress(progress.block, progress.frame)
-    settler = _Settler(peer, geometry, assembler, progress, helper)
-    try:
-        while cursor.block < len(blocks):
-            info = blocks[cursor.block]
-            views = _receive_frame(sock, peer, info, cursor.frame, geometry, assembler)
-            settler.submit(info, cursor.frame, views)
-            cursor.advance(len(info.frame_digests))
-    except BaseException:
-        settler.drain(quiet=True)
-        raise
-    settler.drain()
+    """Every frame from `progress` on, a batch at a time: the records of the frames due next are
+    read with scatter reads, heads into small buffers and payloads straight into the target's
+    regions, and after each read every frame it completed is checked against the record expected
+    (the exact bytes kvcdn's servers write), verified and settled, in order, while the sender goes
+    on sending. A record other than the one expected (an error, the stream's end, a header encoded
+    otherwise) is handed back to the stream and parsed on its own (`_receive_frame`). `progress`
+    only ever passes verified frames, so when the stream fails, the frames that arrived whole before
+    the failure still count and the next server resumes after them."""
+
+    def settle(d: _Due, views: list[memoryview]) -> None:
+        _settle(peer, geometry, assembler, progress, d.info, d.index, views)
+
+    while progress.block < len(blocks):
+        batch = _Batch(_due(blocks, progress, geometry, assembler))
+        try:
+            expected = all(batch.settle(filled, settle) for filled in stream.filling(batch.buffers))
+        except OSError:
+            if batch.settle(stream.filled, settle):
+                raise
+            expected = False  # a record other than the one due came before the failure: read what it says
+        if not expected:
+            stream.unread(batch.rest(stream.filled))
+            d = batch.due[batch.settled]
+            settle(d, _receive_frame(stream, peer, d.info, d.index, geometry, assembler))
 
 
 def _receive_frame(
-    sock: socket.socket,
+    stream: _Stream,
     peer: str,
     info: pb.BlockInfo,
     index: int,
     geometry: Geometry,
     assembler: FrameTarget,
 ) -> list[memoryview]:
-    """Frame `index` of `info`'s block, written in place; returns the views its payload landed in."""
-    header_len, payload_len = _PAIR.unpack(_recv(sock, _PAIR.size))
-    _raise_if_error(sock, peer, header_len, payload_len)
+    """Frame `index` of `info`'s block, its record parsed and checked, written in place; returns the
+    views its payload landed in (typed errors for an error record or the stream's end)."""
+    header_len, payload_len = _PAIR.unpack(stream.read(_PAIR.size))
+    _raise_if_error(stream, peer, header_len, payload_len)
     if header_len == _END:
         raise Unavailable(f"{peer} ended the stream at block {info.index} frame {index}")
     if header_len > _MAX_HEADER_BYTES:
         raise DigestMismatch(f"{peer} announced a frame header of {header_len} bytes (at most {_MAX_HEADER_BYTES})")
     try:
-        header = pb.FrameHeader.FromString(_recv(sock, header_len))
+        header = pb.FrameHeader.FromString(stream.read(header_len))
     except DecodeError:
         raise DigestMismatch(f"{peer} sent a frame header that is not a FrameHeader") from None
     expect_frame(info, geometry.frame_bytes, index, header, payload_len, peer)
-    views = []
     start = info.index * geometry.block_tokens
-    for region in assembler.regions(start, info.n_tokens, header.offset, payload_len):
-        view = memoryview(region.data)
-        _recv_into(sock, view)
-        views.append(view)
+    views = [region.data for region in assembler.regions(start, info.n_tokens, header.offset, payload_len)]
+    stream.fill(views)
     return views
