@@ -39,7 +39,17 @@ from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
-__all__ = ["BenchRow", "grid", "measure", "render", "render_costs", "run_bench", "sample_corpus", "text_of_length"]
+__all__ = [
+    "BenchRow",
+    "crossover",
+    "grid",
+    "measure",
+    "render",
+    "render_costs",
+    "run_bench",
+    "sample_corpus",
+    "text_of_length",
+]
 
 
 def sample_corpus() -> str:
@@ -298,6 +308,26 @@ def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "T
     return grid(head, body, title, markdown)
 
 
+def crossover(rows: list[BenchRow]) -> str:
+    """From which of the measured lengths on fetching beat prefilling, per codec (a sentence)."""
+    said = []
+    for codec in dict.fromkeys(r.codec for r in rows):
+        mine = sorted((r for r in rows if r.codec == codec), key=lambda r: r.tokens)
+        wins = [r.fetch_s < r.prefill_s for r in mine]
+        lengths = ", ".join(f"{r.tokens:,}" for r in mine)
+        if all(wins):
+            said.append(f"{codec}: fetch beats prefill at every measured length ({lengths} tokens)")
+        elif not any(wins):
+            said.append(f"{codec}: prefill beats fetch at every measured length ({lengths} tokens)")
+        elif not wins[-1]:
+            won = ", ".join(f"{r.tokens:,}" for r, w in zip(mine, wins, strict=True) if w)
+            said.append(f"{codec}: fetch beats prefill at {won} tokens but not at the longest (of {lengths})")
+        else:
+            first = next(i for i in range(len(mine)) if all(wins[i:]))
+            said.append(f"{codec}: fetch beats prefill from {mine[first].tokens:,} tokens on (of {lengths})")
+    return "; ".join(said) + "."
+
+
 def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
     """Where the fetches' time went: CPU seconds per GB streamed of the client and the edges
     against the raw TCP baseline's receiver (plus one core's BLAKE3 of the same bytes, the least a
@@ -444,5 +474,6 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
             print(out + "\n")
         else:
             console.print(out)
+    print(f"Crossover: {crossover(rows)}")
     # (b) must hold wherever (a) does; (a) and (c) are reported, not required (see BenchRow)
     return 0 if all(r.two_pass_matched or not r.kv_identical for r in rows) else 1

@@ -15,12 +15,11 @@ cd "$run" && rm -f kvcdn/samples/__init__.py
 export PYTHONPATH=/tmp/site:$run PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
-bench() {  # GEOMETRY CODEC [more bench flags]
-  timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --lengths 3774 \
-    --codecs "$2" "${@:3}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+bench() {  # GEOMETRY CODEC LENGTHS [more bench flags]
+  timeout 170 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --codecs "$2" --lengths "$3" \
+    "${@:4}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
 }
-bench qwen3-4b raw
-bench qwen3-4b raw --frame-bytes 3MiB  # a third of the frames: the receivers' per-frame Python work
-KVCDN_VERIFY_BESIDE=0 bench qwen3-4b raw  # frames verified in the receiving threads, no helper handover
-bench qwen3-4b int8  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
-bench llama3.1-8b raw
+bench qwen3-4b raw 1024,3774,16384  # the crossover: from which length fetching beats the GPU's prefill
+bench qwen3-4b int8 3774  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
+bench qwen3-4b fp8 3774
+bench llama3.1-8b raw 3774,16384

@@ -3,6 +3,7 @@ assertions: figures are printed, never asserted)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 import subprocess
@@ -16,7 +17,7 @@ from rich.console import Console
 from kvcdn.cli import main
 from kvcdn.client.api import ClientConfig
 from kvcdn.loadtest.baseline import blake3_gbps, cpu_seconds, raw_tcp_gbps, verified_bound
-from kvcdn.loadtest.bench import measure, render, render_costs, text_of_length
+from kvcdn.loadtest.bench import crossover, measure, render, render_costs, text_of_length
 from kvcdn.model.prompt import document_ids
 from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, Network
@@ -77,6 +78,12 @@ async def test_measure_fetches_every_length_exactly_and_renders_a_table(network:
     # the sender's in its own process; the edge runs in this process here (no edge processes given).
     assert all(r.client_cpu_s > 0 and r.raw_receiver_cpu_s > 0 and r.raw_sender_cpu_s >= 0 for r in rows)
     assert all(0 < r.receive_busy <= 1.5 and r.edges_cpu_s == 0 and r.copy_s == 0 for r in rows)
+    fast, slow = ([dataclasses.replace(r, fetch_s=r.prefill_s * f, codec="raw") for r in rows] for f in (0.5, 2.0))
+    assert crossover(fast) == "raw: fetch beats prefill at every measured length (64, 200 tokens)."
+    assert crossover(slow) == "raw: prefill beats fetch at every measured length (64, 200 tokens)."
+    assert crossover([slow[0], fast[1]]) == "raw: fetch beats prefill from 200 tokens on (of 64, 200)."
+    assert crossover(fast[:1] + slow[1:]).startswith("raw: fetch beats prefill at 64 tokens but not at the longest")
+    assert crossover([*fast, dataclasses.replace(slow[0], codec="int8")]).count(";") == 1  # one clause per codec
     costs = render_costs(rows, "costs", markdown=True)
     assert isinstance(costs, str) and costs.count("\n| ") == 3 and "client / that" in costs
 
