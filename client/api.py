@@ -397,21 +397,23 @@ class KVClient:
         return layers
 
     def runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
-        """Consecutive blocks grouped by their primary owner, each group cut into at most
-        `streams_per_run` parts of about equal size: each run travels in one stream."""
-        groups: list[list[pb.BlockInfo]] = []
-        owner = None
+        """The blocks grouped by their primary owner (in order within a group), each group cut into
+        parts of about equal size that stream at once, one stream each: at least `streams_per_run`
+        parts a group, and more, up to `streams_per_fetch` streams in all, for the groups with the
+        most blocks a stream. So every stream carries about as much as the others and a fetch ends
+        with its streams together, not with a second wave of runs queued behind the first."""
+        groups: dict[str, list[pb.BlockInfo]] = {}
         for info in blocks:
-            first = self.placement.owners(info.key)[0]
-            if groups and first == owner:
-                groups[-1].append(info)
-            else:
-                groups.append([info])
-                owner = first
+            groups.setdefault(self.placement.owners(info.key)[0], []).append(info)
+        parts = {owner: min(self.config.streams_per_run, len(group)) for owner, group in groups.items()}
+        while sum(parts.values()) < self.config.streams_per_fetch:
+            owner = max(groups, key=lambda o: len(groups[o]) / parts[o])
+            if parts[owner] == len(groups[owner]):
+                break  # one block a stream already
+            parts[owner] += 1
         runs: list[list[pb.BlockInfo]] = []
-        for group in groups:
-            parts = min(self.config.streams_per_run, len(group))
-            size = -(-len(group) // parts)
+        for owner, group in groups.items():
+            size = -(-len(group) // parts[owner])
             runs += [group[i : i + size] for i in range(0, len(group), size)]
         return runs
 

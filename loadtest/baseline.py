@@ -93,6 +93,8 @@ class RawTCP:
         self._tls = tls
         self._client = tls[1].client_context() if tls is not None else None
         self._sink = bytearray()
+        self.receiver_cpu_s = 0.0
+        """CPU seconds this process spent receiving the last transfer (the check after it not counted)."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(target=_tcp_sender, args=(child, tls[0] if tls else None), daemon=True)
@@ -130,10 +132,11 @@ class RawTCP:
         part = -(-n_bytes // streams // _CHUNK) * _CHUNK or _CHUNK
         parts = [(offset, view[offset : offset + part]) for offset in range(0, n_bytes, part)]
         with ThreadPoolExecutor(len(parts)) as pool:
-            t0 = time.perf_counter()
+            t0, cpu_s = time.perf_counter(), time.process_time()
             for done in [pool.submit(_receive_part, self._port, v, offset, self._client) for offset, v in parts]:
                 done.result()
             took = time.perf_counter() - t0
+            self.receiver_cpu_s = time.process_time() - cpu_s
         pattern = memoryview(_PATTERN)
         for offset in range(0, n_bytes, _CHUNK):  # not timed: the stream is byte i = i % 256
             chunk = view[offset : offset + _CHUNK]
