@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:$run PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_
 nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
 bench() {  # GEOMETRY CODEC LENGTHS [more bench flags]
-  timeout 170 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --codecs "$2" --lengths "$3" \
+  timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --codecs "$2" --lengths "$3" \
     "${@:4}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
 }
 bench qwen3-4b raw 1024,3774,16384  # the crossover: from which length fetching beats the GPU's prefill
