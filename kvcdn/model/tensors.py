@@ -30,6 +30,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 """The torch dtype of each kvcdn.spec.geometry.DTYPES name."""
 
 _CudaStream: Any = torch.cuda.Stream  # partly annotated in torch
+_CudaEvent: Any = torch.cuda.Event
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (keys, values), each `[batch=1, kv_heads, tokens, head_dim]`."""
@@ -282,16 +283,16 @@ class _Timed:
 
     def __init__(self, events: list[tuple[Any, Any]], stream: Any) -> None:
         self._events, self._stream = events, stream
-        self._within = torch.cuda.stream(stream)
+        self._within: Any = torch.cuda.stream(stream)
         self._begin: Any = None
 
     def __enter__(self) -> None:
         self._within.__enter__()
-        self._begin = torch.cuda.Event(enable_timing=True)
+        self._begin = _CudaEvent(enable_timing=True)
         self._begin.record(self._stream)
 
     def __exit__(self, *exc: object) -> None:
-        end = torch.cuda.Event(enable_timing=True)
+        end = _CudaEvent(enable_timing=True)
         end.record(self._stream)
         self._events.append((self._begin, end))
         self._within.__exit__(*exc)
