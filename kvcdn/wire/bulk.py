@@ -5,10 +5,10 @@ gRPC stays the API for everything, and StreamBlocks over gRPC stays available; t
 because gRPC's per-message work caps a 1 MiB-frame stream at about half of what the loopback socket
 carries on this machine (~2 vs ~4 GB/s). Here the server sends its cached encoded frames with no copy
 (one `sendmsg` of a frame's record head and payload slice), and the receiver reads the frames due
-next with one scatter read (`recvmsg_into`): record heads into small buffers, payloads straight into
-the tensors they belong to (the FrameTarget's regions), then checks each head against the one it
-expects and each payload against its BLAKE3 digest in place, so its Python work is per batch of
-frames, not per read. A frame that fails its digest aborts the fetch; the half-written tensors are
+next with scatter reads (`recvmsg_into`): record heads into small buffers, payloads straight into
+the tensors they belong to (the FrameTarget's regions), and after each read checks every frame the
+read completed, its head against the one it expects and its payload against its BLAKE3 digest in
+place, so its Python work is per read, not per frame, and hashing keeps pace with the socket. A frame that fails its digest aborts the fetch; the half-written tensors are
 never handed out. Under TLS the same records travel encrypted (asyncio's SSL transport on the server,
 an `ssl` socket's `recv_into` on the receiver); a deployment that closes reads sends its token in
 the request (`token`).
@@ -375,7 +375,7 @@ class _Stream:
         self._scatter = not isinstance(sock, ssl.SSLSocket)
         self._back = memoryview(b"")
         self.filled = 0
-        """Bytes the last `fill` wrote, in order from its first buffer (also when it raised)."""
+        """Bytes the last `filling` wrote, in order from its first buffer (also when it raised)."""
 
     def unread(self, data: bytes) -> None:
         """Hand `data` back: the next reads return it before anything else from the socket."""
@@ -460,9 +460,9 @@ def receive_into(
     (the server's certificate checked for `address`'s host), sending `token` for closed reads.
     Returns the CPU seconds this thread spent on it.
 
-    Blocking: run it in a worker thread. Frames arrive a batch at a time (`_receive_frames`) and are
-    verified in this thread right after they arrive, while their bytes are still in its core's cache
-    (BLAKE3 releases the GIL meanwhile); a helper thread that verified beside the receiving one was
+    Blocking: run it in a worker thread. Frames arrive a batch at a time (`_receive_frames`) and each
+    is verified in this thread right after the read that completed it, while its bytes are still in
+    this core's cache (BLAKE3 releases the GIL meanwhile); a helper thread that verified beside the receiving one was
     slower on two cores and on sixteen (the handover per frame cost more than the overlap gained).
     `progress` advances frame by frame, in order and only past verified frames, so after a retryable
     failure another server can resume exactly where this one stopped.
