@@ -8,10 +8,10 @@ carries on this machine (~2 vs ~4 GB/s). Here the server sends its cached encode
 next with scatter reads (`recvmsg_into`): record heads into small buffers, payloads straight into
 the tensors they belong to (the FrameTarget's regions), and after each read checks every frame the
 read completed, its head against the one it expects and its payload against its BLAKE3 digest in
-place, so its Python work is per read, not per frame, and hashing keeps pace with the socket. A frame that fails its digest aborts the fetch; the half-written tensors are
-never handed out. Under TLS the same records travel encrypted (asyncio's SSL transport on the server,
-an `ssl` socket's `recv_into` on the receiver); a deployment that closes reads sends its token in
-the request (`token`).
+place, so its Python work is per read, not per frame, and hashing keeps pace with the socket. A
+frame that fails its digest aborts the fetch; the half-written tensors are never handed out. Under
+TLS the same records travel encrypted (asyncio's SSL transport on the server, an `ssl` socket's
+`recv_into` on the receiver); a deployment that closes reads sends its token in the request (`token`).
 """
 
 from __future__ import annotations
