@@ -398,22 +398,15 @@ class KVClient:
 
     def runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
         """The blocks grouped by their primary owner (in order within a group), each group cut into
-        parts of about equal size that stream at once, one stream each: at least `streams_per_run`
-        parts a group, and more, up to `streams_per_fetch` streams in all, for the groups with the
-        most blocks a stream. So every stream carries about as much as the others and a fetch ends
-        with its streams together, not with a second wave of runs queued behind the first."""
+        at most `streams_per_run` parts of about equal size: each run travels in one stream, and all
+        of a fetch's runs stream at once (up to `streams_per_fetch`), so a fetch from N edges ends with
+        its N streams together rather than with runs queued behind the first ones."""
         groups: dict[str, list[pb.BlockInfo]] = {}
         for info in blocks:
             groups.setdefault(self.placement.owners(info.key)[0], []).append(info)
-        parts = {owner: min(self.config.streams_per_run, len(group)) for owner, group in groups.items()}
-        while sum(parts.values()) < self.config.streams_per_fetch:
-            owner = max(groups, key=lambda o: len(groups[o]) / parts[o])
-            if parts[owner] == len(groups[owner]):
-                break  # one block a stream already
-            parts[owner] += 1
         runs: list[list[pb.BlockInfo]] = []
-        for owner, group in groups.items():
-            size = -(-len(group) // parts[owner])
+        for group in groups.values():
+            size = -(-len(group) // min(self.config.streams_per_run, len(group)))
             runs += [group[i : i + size] for i in range(0, len(group), size)]
         return runs
 

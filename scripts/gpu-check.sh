@@ -17,7 +17,7 @@ nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
 bench() {  # GEOMETRY CODEC LENGTHS [more bench flags]
   timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --codecs "$2" --lengths "$3" \
-    "${@:4}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+    --streams-per-run 2 "${@:4}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
 }
 bench qwen3-4b raw 1024,3774,16384  # the crossover: from which length fetching beats the GPU's prefill
 bench qwen3-4b int8 3774  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
