@@ -124,7 +124,7 @@ class FetchedCache:
     """Streams that ran at the same time (runs of blocks, bounded by `streams_per_fetch`)."""
     decision: Decision | None = None
     """With `KVClient.prepare`: whether the cached prefix was fetched or left to a local prefill, and why."""
-    receiving: ReceiveTimes = field(default_factory=lambda: ReceiveTimes())
+    receiving: ReceiveTimes = field(default_factory=ReceiveTimes)
     """Where the receiving threads of its bulk streams spent their time."""
     copy_s: float = 0.0
     """Seconds a GPU spent copying the cache's bytes from host staging (CUDA events; 0 on the CPU)."""

@@ -201,9 +201,9 @@ async def measure(
             with RawTCP(baseline_tls) as tcp:  # its sender waits idle while the client fetches
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    cpu = time.process_time(), cpu_seconds(edge_pids)
+                    client_cpu_s, edges_cpu_s = time.process_time(), cpu_seconds(edge_pids)
                     fetched = await client.fetch(model, doc)
-                    cpu = time.process_time() - cpu[0], cpu_seconds(edge_pids) - cpu[1]
+                    client_cpu_s, edges_cpu_s = time.process_time() - client_cpu_s, cpu_seconds(edge_pids) - edges_cpu_s
                     gen = adapter.greedy(model.model, ids, 1, cache=fetched.layers)
                     cached_s = min(cached_s, time.perf_counter() - t0)
                     fetch_s = min(fetch_s, fetched.fetch_s)
@@ -212,8 +212,8 @@ async def measure(
                     if identical is None:  # (a), checked once, outside the timings
                         identical = bit_identical(fetched.layers, own)
                     n_bytes, streams, codec = fetched.n_bytes, fetched.streams, fetched.codec
-                    costs["client_cpu_s"] += cpu[0] / repeats
-                    costs["edges_cpu_s"] += cpu[1] / repeats
+                    costs["client_cpu_s"] += client_cpu_s / repeats
+                    costs["edges_cpu_s"] += edges_cpu_s / repeats
                     costs["copy_s"] += fetched.copy_s / repeats
                     receiving.cpu_s += fetched.receiving.cpu_s
                     receiving.wall_s += fetched.receiving.wall_s

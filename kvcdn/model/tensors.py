@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -218,7 +219,7 @@ class KVAssembler:
 
     def copying(self) -> contextlib.AbstractContextManager[Any]:
         """The context of a copy from the host to the device: on the side stream, timed (`copy_s`)."""
-        return _Timed(self._copies, self._stream) if self._stream is not None else contextlib.nullcontext()
+        return _timed(self._copies, self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def block_done(self, block_start: int, block_tokens: int) -> None:
         """The block's frames are all written and verified: staged, copy it to the device whole and
@@ -278,21 +279,12 @@ class KVAssembler:
         return out
 
 
-class _Timed:
-    """Queue work on a CUDA stream between two timing events (appended to `events` on exit)."""
-
-    def __init__(self, events: list[tuple[Any, Any]], stream: Any) -> None:
-        self._events, self._stream = events, stream
-        self._within: Any = torch.cuda.stream(stream)
-        self._begin: Any = None
-
-    def __enter__(self) -> None:
-        self._within.__enter__()
-        self._begin = _CudaEvent(enable_timing=True)
-        self._begin.record(self._stream)
-
-    def __exit__(self, *exc: object) -> None:
-        end = _CudaEvent(enable_timing=True)
-        end.record(self._stream)
-        self._events.append((self._begin, end))
-        self._within.__exit__(*exc)
+@contextlib.contextmanager
+def _timed(events: list[tuple[Any, Any]], stream: Any) -> Iterator[None]:
+    """Queue work on a CUDA stream between two timing events (appended to `events`)."""
+    with torch.cuda.stream(stream):
+        begin, end = _CudaEvent(enable_timing=True), _CudaEvent(enable_timing=True)
+        begin.record(stream)
+        yield
+        end.record(stream)
+    events.append((begin, end))
