@@ -11,7 +11,7 @@ from typing import Any
 
 from kvcdn.client.policy import POLICIES
 from kvcdn.errors import InvalidArgument
-from kvcdn.flags import add_edges_flag, add_token_flag, add_trust_flag
+from kvcdn.flags import add_connection_flags, add_edges_flag, add_origin_flag
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 from kvcdn.wire.auth import read_token
@@ -23,7 +23,7 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     """Add the client's commands to the `kvcdn` subcommands (`sub`: argparse's subparsers)."""
     s = sub.add_parser("publish", help="compute and store the caches of documents; prints their keys")
-    s.add_argument("--origin", required=True, help="origin HOST:PORT")
+    add_origin_flag(s)
     s.add_argument("--name", help="document name (default: the file name without extension)")
     s.add_argument(
         "--codecs",
@@ -31,15 +31,13 @@ def register(sub: Any) -> None:
         default=(),
         help="encodings to offer besides raw, e.g. lossless,int8,int4 (default: the origin's --codecs)",
     )
-    add_token_flag(s)
-    TLSFiles.add_flags(s)
+    add_connection_flags(s)
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(run=publish)
 
     s = sub.add_parser("purge", help="remove a document at the origin and, through its feed, at every edge")
-    s.add_argument("--origin", required=True, help="origin HOST:PORT")
-    add_token_flag(s)
-    TLSFiles.add_flags(s)
+    add_origin_flag(s)
+    add_connection_flags(s, trust=False)
     s.add_argument("document", metavar="DOCUMENT[@VERSION]")
     s.set_defaults(run=purge)
 
@@ -49,9 +47,7 @@ def register(sub: Any) -> None:
     ):
         s = sub.add_parser(name, help=help_text)
         add_edges_flag(s)
-        add_trust_flag(s)
-        add_token_flag(s)
-        TLSFiles.add_flags(s)
+        add_connection_flags(s)
         s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
         s.add_argument(
@@ -103,6 +99,12 @@ def publish(args: argparse.Namespace) -> int:
             ]
 
     results = asyncio.run(run())
+    if args.trust:  # the origin signs what it publishes: check it is the publisher these agents trust
+        from kvcdn.spec.provenance import TrustStore
+
+        trust = TrustStore.from_files(args.trust)
+        for r in results:
+            trust.check_manifest(r.manifest, latest=True, sender=args.origin)
     table = Table("document", "version", "tokens", "blocks", "computed", "prefill s", "codecs", "first key")
     for r in results:
         m = r.manifest

@@ -8,7 +8,15 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["add_edges_flag", "add_server_flags", "edge_list", "parse_count", "parse_size"]
+__all__ = [
+    "add_connection_flags",
+    "add_edges_flag",
+    "add_origin_flag",
+    "add_server_flags",
+    "edge_list",
+    "parse_count",
+    "parse_size",
+]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -61,6 +69,16 @@ def add_edges_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_origin_flag(p: argparse.ArgumentParser, help_text: str = "origin HOST:PORT") -> None:
+    """`--origin`, defaulting to $KVCDN_ORIGIN (which `kvcdn up` prints)."""
+    p.add_argument(
+        "--origin",
+        default=os.environ.get("KVCDN_ORIGIN"),
+        required="KVCDN_ORIGIN" not in os.environ,
+        help=f"{help_text} (env KVCDN_ORIGIN)",
+    )
+
+
 TRUST_ENV = "KVCDN_TRUST"
 
 
@@ -92,6 +110,18 @@ def add_token_flag(p: argparse.ArgumentParser) -> None:
         help="file holding this caller's token (env KVCDN_TOKEN_FILE): a publisher token to publish and purge "
         "where the origin has --tokens, any token to read where reads are closed",
     )
+
+
+def add_connection_flags(p: argparse.ArgumentParser, trust: bool = True) -> None:
+    """What every command that calls an existing network takes, each flag with the environment
+    default `kvcdn up` prints: `--token-file`, the TLS files, and (with `trust`, for the commands
+    that receive caches or manifests) `--trust`."""
+    from kvcdn.wire.tls import TLSFiles  # grpc and ssl: only where the flags are added
+
+    add_token_flag(p)
+    if trust:
+        add_trust_flag(p)
+    TLSFiles.add_flags(p, env=True)
 
 
 def add_server_flags(p: argparse.ArgumentParser, listen: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.flags import add_edges_flag, parse_count, parse_size
+from kvcdn.flags import add_connection_flags, add_edges_flag, add_origin_flag, parse_count, parse_size
 from kvcdn.loadtest.economics import (
     PAPER,
     PAPER_REUSE,
@@ -25,6 +25,8 @@ from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
 from kvcdn.spec.shapes import SHAPES
+from kvcdn.wire.auth import read_token
+from kvcdn.wire.tls import TLSFiles
 
 if TYPE_CHECKING:  # the benchmarks import torch: only when they run
     from kvcdn.loadtest.bench import BenchConfig
@@ -91,7 +93,8 @@ def register(sub: Any) -> None:
 
     r = lt.add_parser("run", help="live load test: agents fetch Zipf-popular documents through the edges")
     add_edges_flag(r)
-    r.add_argument("--origin", required=True, help="origin HOST:PORT (the test documents are published there first)")
+    add_origin_flag(r, "origin HOST:PORT (the test documents are published there first, with --token-file)")
+    add_connection_flags(r)
     r.add_argument("--agents", type=int, default=64, help="concurrent agents, or the in-flight cap with --rate (64)")
     r.add_argument("--documents", type=int, default=16, help="documents in the corpus (16)")
     r.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of document popularity (1.1; 0: uniform)")
@@ -208,6 +211,9 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         max_fetches=args.max_fetches,
         rate=args.rate,
         seed=args.seed,
+        token=read_token(args.token_file),
+        trust=args.trust,
+        tls=TLSFiles.from_args(args),
     )
 
 

@@ -33,6 +33,7 @@ from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.stats import EdgeStats, edge_stats
 from kvcdn.wire.stub import CacheReader
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["LoadConfig", "Zipf", "corpus_documents", "publish_corpus", "run_load", "summarize", "write_report"]
 
@@ -78,6 +79,13 @@ class LoadConfig:
     rate: float = 0.0
     """Target arrivals per second, Poisson (0: closed loop, each agent fetches again at once)."""
     seed: int = 1
+    token: str = ""
+    """The caller's token (`--token-file`): a publisher token publishes the corpus where the origin
+    has tokens, and any token reads where the edges close reads."""
+    trust: tuple[Path, ...] = ()
+    """Publisher keys the agents require on every block (`--trust`; empty: no signature checks)."""
+    tls: TLSFiles | None = None
+    """TLS files to call the origin and edges with (None: plaintext)."""
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.documents < 1:
@@ -135,7 +143,7 @@ class LoadResult:
 async def publish_corpus(model: LoadedModel, config: LoadConfig) -> list[list[int]]:
     """Publish the run's documents at the origin; their token ids, by document."""
     docs = corpus_documents(model, config.documents, config.min_tokens, config.max_tokens, config.seed)
-    async with CacheReader(config.origin) as reader:
+    async with CacheReader(config.origin, token=config.token, tls=config.tls) as reader:
         for i, text in enumerate(docs):
             await reader.publish(f"loadtest-{i}", text)
     return [document_ids(model.tokenizer, text) for text in docs]
@@ -154,14 +162,17 @@ async def run_load(
     started = 0
     dropped = 0
     in_flight = 0
-    before = await edge_stats(config.edges)
+    before = await edge_stats(config.edges, token=config.token, tls=config.tls)
     t0 = time.perf_counter()
     deadline = t0 + config.duration_s
 
     def budget_left() -> bool:
         return time.perf_counter() < deadline and (not config.max_fetches or started < config.max_fetches)
 
-    async with KVClient(ClientConfig(config.edges, max_streams=max(config.agents, 1))) as client:
+    clients = ClientConfig(
+        config.edges, max_streams=max(config.agents, 1), token=config.token, trust=config.trust, tls=config.tls
+    )
+    async with KVClient(clients) as client:
 
         async def one(doc: int) -> None:
             nonlocal in_flight
@@ -225,7 +236,7 @@ async def run_load(
         wall_s = time.perf_counter() - t0
         if on_tick is not None:
             on_tick(samples, wall_s, 0)
-    after = await edge_stats(config.edges)
+    after = await edge_stats(config.edges, token=config.token, tls=config.tls)
     g = model.geometry
     return LoadResult(
         config=config,
@@ -282,7 +293,8 @@ def summarize(result: LoadResult) -> dict[str, Any]:
     return {
         "model": result.model,
         "geometry": result.geometry,
-        "config": asdict(result.config),
+        # The run's shape; no secrets (the token) and nothing JSON lacks (paths, TLS files).
+        "config": {k: v for k, v in asdict(result.config).items() if k not in ("token", "trust", "tls")},
         "document_tokens": result.document_tokens,
         "wall_s": result.wall_s,
         "fetches_ok": len(ok),

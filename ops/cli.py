@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.flags import add_edges_flag, parse_size
+from kvcdn.flags import add_connection_flags, add_edges_flag, parse_size
 from kvcdn.model.options import ModelOptions
 
 __all__ = ["register"]
@@ -35,11 +35,17 @@ def register(sub: Any) -> None:
         action="store_true",
         help="reads need a token too (the printed KVCDN_TOKEN_FILE reads and publishes; agents get reader.token)",
     )
+    s.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every port, from a test CA made in the store (prints the client's files to export)",
+    )
     ModelOptions.add_flags(s)
     s.set_defaults(run=up)
 
     s = sub.add_parser("stats", help="a table of the edges' state (tiers, hit ratios, origin traffic)")
     add_edges_flag(s)
+    add_connection_flags(s, trust=False)
     s.set_defaults(run=stats)
 
     s = sub.add_parser("demo", help="the main job on the embedded default model, with a table")
@@ -91,6 +97,7 @@ def up(args: argparse.Namespace) -> int:
             edge_disk_root=store / "edge-disk" if args.disk_bytes else None,
             auth=True,
             closed_reads=args.closed_reads,
+            tls=args.tls,
         )
         print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
         with cluster:
@@ -99,12 +106,17 @@ def up(args: argparse.Namespace) -> int:
                 disk = f", disk {args.disk_bytes / 2**20:.0f} MiB" if args.disk_bytes else ""
                 tiers = f"(memory {args.mem_bytes / 2**20:.0f} MiB{disk})"
                 print(f"edge{i}   {addr}  metrics {cluster.metrics_urls[f'edge{i}']}  {tiers}")
+            print(f"export KVCDN_ORIGIN={cluster.origin_address}")
             print(f"export KVCDN_EDGES={','.join(cluster.edge_addresses)}")
             print(f"export KVCDN_TRUST={cluster.trust_file}  # the publisher key clients require")
             print(f"export KVCDN_TOKEN_FILE={cluster.publisher_token_file}  # for publish and purge", flush=True)
+            if cluster.client_tls is not None:  # mutual TLS: a client certificate of the test CA
+                for name, path in (("CERT", cluster.client_tls.cert), ("KEY", cluster.client_tls.key)):
+                    print(f"export KVCDN_TLS_{name}={path}")
+                print(f"export KVCDN_TLS_CA={cluster.client_tls.ca}  # the CA the servers' certificates verify with")
             if args.closed_reads:
-                print(f"# reads are closed: agents use --token-file {cluster.reader_token_file}", flush=True)
-            print("Ctrl-C stops them all.", file=sys.stderr, flush=True)
+                print(f"# reads are closed: agents use --token-file {cluster.reader_token_file}")
+            print("# ready: Ctrl-C (or kill %1) stops them all", flush=True)
             stop = threading.Event()
             # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,8 +131,10 @@ def stats(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kvcdn.ops.stats import edge_stats, stats_table
+    from kvcdn.wire.auth import read_token
+    from kvcdn.wire.tls import TLSFiles
 
-    rows = asyncio.run(edge_stats(args.edges))
+    rows = asyncio.run(edge_stats(args.edges, token=read_token(args.token_file), tls=TLSFiles.from_args(args)))
     Console(width=None if sys.stdout.isatty() else 240).print(stats_table(rows))
     return 0 if all(r.up for r in rows) else 1
 

@@ -15,6 +15,7 @@ from kvcdn.errors import KVCDNError, Unavailable
 from kvcdn.wire.metrics import PAYLOAD_BYTES_SERVED, STREAMS_IN_FLIGHT, TRANSPORTS, Metric
 from kvcdn.wire.metrics import EdgeMetrics as E
 from kvcdn.wire.stub import CacheReader
+from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["EdgeStats", "edge_stats", "metrics_url", "rpcs_started", "scrape", "stats_table"]
 
@@ -65,9 +66,9 @@ def _by_transport(m: Scrape, metric: Metric) -> float:
     return sum(m[(metric.sample, (("transport", t),))] for t in TRANSPORTS)
 
 
-async def metrics_url(address: str, timeout_s: float = 5.0) -> str:
-    """The `/metrics` URL a server advertises in its ServerInfo."""
-    async with CacheReader(address, timeout_s) as reader:
+async def metrics_url(address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None) -> str:
+    """The `/metrics` URL a server advertises in its ServerInfo (asked with `token` over `tls`)."""
+    async with CacheReader(address, timeout_s, token=token, tls=tls) as reader:
         info = await reader.info()
     if not info.metrics_port:
         raise Unavailable(f"{address} exports no metrics (started with --metrics-port -1)")
@@ -92,9 +93,9 @@ async def rpcs_started(url: str, timeout_s: float = 5.0) -> float:
     )
 
 
-async def _one(address: str, timeout_s: float) -> EdgeStats:
+async def _one(address: str, timeout_s: float, token: str, tls: TLSFiles | None) -> EdgeStats:
     try:
-        scraped = await scrape(await metrics_url(address, timeout_s), timeout_s)
+        scraped = await scrape(await metrics_url(address, timeout_s, token, tls), timeout_s)
     except KVCDNError as exc:
         return EdgeStats(address, up=False, error=str(exc))
 
@@ -128,9 +129,12 @@ async def _one(address: str, timeout_s: float) -> EdgeStats:
         return EdgeStats(address, up=False, error=f"{address} exports no metric {name}: is it a kvcdn edge?")
 
 
-async def edge_stats(edges: Sequence[str], timeout_s: float = 5.0) -> list[EdgeStats]:
-    """The state of every edge, in the order given; unreachable edges are reported, not raised."""
-    return list(await asyncio.gather(*(_one(a, timeout_s) for a in edges)))
+async def edge_stats(
+    edges: Sequence[str], timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None
+) -> list[EdgeStats]:
+    """The state of every edge, in the order given (asked with `token` over `tls`, as a
+    CacheReader); unreachable edges are reported, not raised."""
+    return list(await asyncio.gather(*(_one(a, timeout_s, token, tls) for a in edges)))
 
 
 _COLUMNS: list[tuple[str, Callable[[EdgeStats], str]]] = [

@@ -52,15 +52,19 @@ class TLSFiles:
             raise InvalidArgument("--tls-cert and --tls-key go together")
 
     @staticmethod
-    def add_flags(p: argparse.ArgumentParser) -> None:
-        """`--tls-cert`, `--tls-key`, `--tls-ca` (`kvcdn certs` makes a test set)."""
-        p.add_argument("--tls-cert", type=Path, help="this party's certificate chain (PEM): serve, or call with mTLS")
-        p.add_argument("--tls-key", type=Path, help="the key of --tls-cert (PEM)")
-        p.add_argument(
-            "--tls-ca",
-            type=Path,
-            help="CA (PEM) to verify the other side with; on a server it also requires callers' certificates",
-        )
+    def add_flags(p: argparse.ArgumentParser, env: bool = False) -> None:
+        """`--tls-cert`, `--tls-key`, `--tls-ca` (`kvcdn certs` makes a test set); with `env` (a
+        caller's commands, never a server's) each defaults to $KVCDN_TLS_CERT, _KEY, _CA."""
+
+        def flag(name: str, help_text: str) -> None:
+            variable = f"KVCDN_TLS_{name.upper()}"
+            value = os.environ.get(variable) if env else None
+            hint = f" (env {variable})" if env else ""
+            p.add_argument(f"--tls-{name}", type=Path, default=Path(value) if value else None, help=help_text + hint)
+
+        flag("cert", "this party's certificate chain (PEM): serve, or call with mTLS")
+        flag("key", "the key of --tls-cert (PEM)")
+        flag("ca", "CA (PEM) to verify the other side with; on a server it also requires callers' certificates")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TLSFiles | None:
