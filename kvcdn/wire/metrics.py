@@ -5,7 +5,7 @@ and whatever the component's domain exposes through a collector read at scrape t
 
 Conventions, for Prometheus users: every series a server will ever export exists from its first
 scrape (labels pre-initialised); what varies by tier, source or transport is a label, not part of a
-name; no `*_created` series. The full list is in the README's metrics table."""
+name; no `*_created` series. The full list is in docs/architecture.md (the metrics table)."""
 
 from __future__ import annotations
 
