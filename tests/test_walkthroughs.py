@@ -6,6 +6,7 @@ start with `$ ` are commands, run by bash in order from a scratch folder that ho
 after it, up to the next command, must each appear in what it printed. `$ kvcdn up ... &` is the one
 command that keeps running: it is started in the background, the `export` lines it prints are applied
 to the commands after it (as the user is told to do), and it is stopped at the end of the block.
+Every other block of commands on those pages says why it is not one (`<!-- not a walkthrough: WHY -->`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _BLOCK = re.compile(r"<!-- walkthrough: ([\w-]+) -->\s*\n```console\n(.*?)\n```", re.DOTALL)
 _EXPORT = re.compile(r"^export (\w+)=(\S+)")
+_FENCE = re.compile(r"(<!-- (?:not a )?walkthrough: [^>]+ -->\s*\n)?```\w*\n(.*?)\n```", re.DOTALL)
+_COMMAND = re.compile(r"^(\$ )?(kvcdn|make|export|python3?|pip) ")
 
 
 @dataclass
@@ -61,6 +64,13 @@ def test_the_pages_hold_the_walkthroughs_users_are_told_to_run() -> None:
     assert {"session-by-hand", "load-tester", "trust-and-tls"} <= set(WALKTHROUGHS)
     for name, (page, steps) in WALKTHROUGHS.items():
         assert steps and all(s.command for s in steps), f"{page.name}: walkthrough {name} has no command"
+
+
+def test_every_block_of_commands_is_a_walkthrough_or_says_why_not() -> None:
+    for page in PAGES:
+        for marker, body in _FENCE.findall(page.read_text()):
+            if _COMMAND.match(body):
+                assert marker, f"{page.name}: a block of commands with no walkthrough marker: {body[:80]!r}"
 
 
 def _start_up(command: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
