@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.edge.config import EdgeConfig
-from kvcdn.flags import add_server_flags, add_trust_flag, edge_list, parse_size
+from kvcdn.flags import add_server_flags, add_tls_flags, add_trust_flag, edge_list, parse_size
 from kvcdn.wire.auth import read_token
 from kvcdn.wire.tls import TLSFiles
 
@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
     add_trust_flag(s)
-    TLSFiles.add_flags(s)
+    add_tls_flags(s)
     s.add_argument(
         "--token-file",
         type=Path,

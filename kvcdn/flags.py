@@ -13,6 +13,7 @@ __all__ = [
     "add_edges_flag",
     "add_origin_flag",
     "add_server_flags",
+    "add_tls_flags",
     "edge_list",
     "parse_count",
     "parse_size",
@@ -116,12 +117,26 @@ def add_connection_flags(p: argparse.ArgumentParser, trust: bool = True) -> None
     """What every command that calls an existing network takes, each flag with the environment
     default `kvcdn up` prints: `--token-file`, the TLS files, and (with `trust`, for the commands
     that receive caches or manifests) `--trust`."""
-    from kvcdn.wire.tls import TLSFiles  # grpc and ssl: only where the flags are added
-
     add_token_flag(p)
     if trust:
         add_trust_flag(p)
-    TLSFiles.add_flags(p, env=True)
+    add_tls_flags(p, env=True)
+
+
+def add_tls_flags(p: argparse.ArgumentParser, env: bool = False) -> None:
+    """`--tls-cert`, `--tls-key`, `--tls-ca` (`kvcdn certs` makes a test set; read by
+    kvcdn.wire.tls.TLSFiles.from_args); with `env` (a caller's commands, never a server's) each
+    defaults to $KVCDN_TLS_CERT, _KEY, _CA."""
+
+    def flag(name: str, help_text: str) -> None:
+        variable = f"KVCDN_TLS_{name.upper()}"
+        value = os.environ.get(variable) if env else None
+        hint = f" (env {variable})" if env else ""
+        p.add_argument(f"--tls-{name}", type=Path, default=Path(value) if value else None, help=help_text + hint)
+
+    flag("cert", "this party's certificate chain (PEM): serve, or call with mTLS")
+    flag("key", "the key of --tls-cert (PEM)")
+    flag("ca", "CA (PEM) to verify the other side with; on a server it also requires callers' certificates")
 
 
 def add_server_flags(p: argparse.ArgumentParser, listen: str) -> None:

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from kvcdn.flags import add_server_flags, parse_size
+from kvcdn.flags import add_server_flags, add_tls_flags, parse_size
 from kvcdn.model.options import ModelOptions
 from kvcdn.origin.config import OriginConfig
 from kvcdn.spec.codecs import parse_codecs
@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="a signed answer for a document's latest version is valid this long (default: 3600)",
     )
-    TLSFiles.add_flags(s)
+    add_tls_flags(s)
     ModelOptions.add_flags(s)
     s.set_defaults(run=run)
 

@@ -51,24 +51,9 @@ class TLSFiles:
         if (self.cert is None) != (self.key is None):
             raise InvalidArgument("--tls-cert and --tls-key go together")
 
-    @staticmethod
-    def add_flags(p: argparse.ArgumentParser, env: bool = False) -> None:
-        """`--tls-cert`, `--tls-key`, `--tls-ca` (`kvcdn certs` makes a test set); with `env` (a
-        caller's commands, never a server's) each defaults to $KVCDN_TLS_CERT, _KEY, _CA."""
-
-        def flag(name: str, help_text: str) -> None:
-            variable = f"KVCDN_TLS_{name.upper()}"
-            value = os.environ.get(variable) if env else None
-            hint = f" (env {variable})" if env else ""
-            p.add_argument(f"--tls-{name}", type=Path, default=Path(value) if value else None, help=help_text + hint)
-
-        flag("cert", "this party's certificate chain (PEM): serve, or call with mTLS")
-        flag("key", "the key of --tls-cert (PEM)")
-        flag("ca", "CA (PEM) to verify the other side with; on a server it also requires callers' certificates")
-
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TLSFiles | None:
-        """The files the flags name, or None (plaintext) when none is given."""
+        """The files the flags name (kvcdn.flags.add_tls_flags), or None (plaintext) when none is given."""
         files = cls(args.tls_cert, args.tls_key, args.tls_ca)
         return files if any((files.cert, files.key, files.ca)) else None
 
