@@ -304,12 +304,12 @@ class KVClient:
     ) -> FetchedCache:
         """The cache an agent should start from for `ids`: the longest cached prefix when fetching it
         (and prefilling the rest) is predicted faster than prefilling everything, else nothing
-        (`policy="auto"`, see kvcdn.client.policy); `fetch` / `prefill` force either. The prefill rate
-        of `model` is measured once, on a short prefill, before its first auto decision."""
+        (`policy="auto"`, see kvcdn.client.policy); `fetch` / `prefill` force either. The prefill
+        times of `model` are measured once (`calibrate`) before its first auto decision."""
         t0 = time.perf_counter()
         blocks = await self.lookup(model, ids, codecs)
         key = model.device_key
-        if policy == "auto" and blocks and key not in self.estimates.prefill_tokens_per_s:
+        if policy == "auto" and blocks and key not in self.estimates.prefill_s:
             c0 = time.perf_counter()
             await self.calibrate(model, ids)
             t0 += time.perf_counter() - c0  # a one-off measurement, not part of this fetch's time
@@ -321,7 +321,7 @@ class KVClient:
             fetch_bytes_per_s=self.estimates.fetch_bytes_per_s.get(
                 fetch_key(blocks[0].codec if blocks else "", str(model.device)), self.config.assumed_gbps * 1e9
             ),
-            prefill_tokens_per_s=self.estimates.prefill_tokens_per_s.get(key),
+            prefill_seconds=lambda n: self.estimates.prefill_seconds(key, n),
         )
         if decision.action == "prefill":
             return FetchedCache([], 0, 0, time.perf_counter() - t0, decision=decision)
@@ -329,12 +329,19 @@ class KVClient:
         fetched.decision = decision
         return fetched
 
-    async def calibrate(self, model: LoadedModel, ids: Sequence[int], n_tokens: int = 256) -> float:
-        """Measure `model`'s prefill rate on up to `n_tokens` of `ids` (tokens per second, remembered)."""
-        sample = list(ids[:n_tokens])
-        _, seconds = await asyncio.get_running_loop().run_in_executor(None, adapter.timed_prefill, model.model, sample)
-        self.estimates.observe_prefill(model.device_key, len(sample), seconds)
-        return len(sample) / seconds
+    async def calibrate(
+        self, model: LoadedModel, ids: Sequence[int], lengths: Sequence[int] = (256, 1024)
+    ) -> dict[int, float]:
+        """Time `model`'s prefill of the first `lengths` tokens of `ids` (as many as it has), after one
+        untimed prefill of a few (a first call pays for kernel selection and allocations); the
+        seconds by length, remembered in `estimates`."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, adapter.timed_prefill, model.model, list(ids[:16]))
+        timed = {}
+        for n in sorted({min(n, len(ids)) for n in lengths}):
+            _, timed[n] = await loop.run_in_executor(None, adapter.timed_prefill, model.model, list(ids[:n]))
+            self.estimates.observe_prefill(model.device_key, n, timed[n])
+        return timed
 
     async def fetch(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> FetchedCache:
         """Stream and verify the longest cached prefix of `ids` into tensors on the model's device, in

@@ -2,21 +2,27 @@
 
 The client keeps moving estimates (`Estimates`) of the bandwidth its fetches reach, per codec and
 device (decoding bounds a fetch as much as the network: fp8 decodes at ~0.4 GB/s per CPU core where
-raw bytes land at 2-3 GB/s), and of the prefill rate of each model on its device, and predicts for a
-sequence whose first `cached_tokens` tokens are on the edges:
+raw bytes land at 2-3 GB/s), and of the seconds a prefill of each model on its device takes, by
+length: a prefill's time is not proportional to its length (on a GPU a short one is bound by kernel
+launches: Qwen3-4B on an H200 took 0.026 s for 1,024 tokens and 0.082 s for 3,774, 3.7x the tokens in
+3.2x the time), so it is read off the measured lengths, piecewise linear and extended along the
+nearest segment. For a sequence whose first `cached_tokens` tokens are on the edges it predicts
 
-    fetch   = cached bytes / bandwidth  +  (tokens - cached_tokens) / prefill rate
-    prefill = tokens / prefill rate
+    fetch   = cached bytes / bandwidth  +  prefill(tokens - cached_tokens)
+    prefill = prefill(tokens)
 
 (the tokens after the sequence, such as a question, cost the same either way). `decide` picks the
 smaller under `policy="auto"`, or does what `fetch` / `prefill` says; without both estimates it
 fetches. The client assumes a bandwidth for a codec and device until it has measured one there
-(`ClientConfig.assumed_gbps`) and measures a model's prefill rate on a short prefill before its first
-auto decision.
+(`ClientConfig.assumed_gbps`), and before its first auto decision for a model times two prefills of
+the sequence's first 256 and 1,024 tokens after an untimed one (the first call pays for kernel
+selection and allocations, which a serving agent has long paid for).
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,8 +47,8 @@ class Estimates:
     """Weight of the newest measurement."""
     fetch_bytes_per_s: dict[str, float] = field(default_factory=dict)
     """Bytes (as sent) per second a fetch reaches, lookup, decode and rebuild included, by `fetch_key`."""
-    prefill_tokens_per_s: dict[str, float] = field(default_factory=dict)
-    """Tokens per second of a local prefill, by model (fingerprint and device)."""
+    prefill_s: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Seconds of a local prefill, by model (fingerprint and device), then by length in tokens."""
 
     def _blend(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new
@@ -53,8 +59,28 @@ class Estimates:
 
     def observe_prefill(self, model_key: str, n_tokens: int, seconds: float) -> None:
         if n_tokens > 0 and seconds > 0:
-            rate = self._blend(self.prefill_tokens_per_s.get(model_key), n_tokens / seconds)
-            self.prefill_tokens_per_s[model_key] = rate
+            points = self.prefill_s.setdefault(model_key, {})
+            points[n_tokens] = self._blend(points.get(n_tokens), seconds)
+
+    def prefill_seconds(self, model_key: str, n_tokens: int) -> float | None:
+        """The predicted seconds of an n-token prefill (None: none measured): between two measured
+        lengths on the line through them, beyond them along the nearest segment (never falling), from
+        one measurement in proportion to the length."""
+        points = sorted(self.prefill_s.get(model_key, {}).items())
+        if not points:
+            return None
+        if len(points) == 1:
+            (n0, s0), (n1, s1) = (0, 0.0), points[0]
+        else:
+            at = min(max(bisect.bisect_left([n for n, _ in points], n_tokens), 1), len(points) - 1)
+            (n0, s0), (n1, s1) = points[at - 1], points[at]
+        slope = max(0.0, (s1 - s0) / (n1 - n0))
+        if n_tokens >= n1:  # from the longer end: a longer prefill is never predicted faster
+            return s1 + slope * (n_tokens - n1)
+        first_n, first_s = points[0]
+        if n_tokens < first_n:  # shorter than any measured: no less than in proportion to the shortest
+            return max(s0 + slope * (n_tokens - n0), first_s * n_tokens / first_n)
+        return s0 + slope * (n_tokens - n0)
 
 
 @dataclass(frozen=True)
@@ -77,16 +103,17 @@ def decide(
     cached_tokens: int,
     cached_bytes: int,
     fetch_bytes_per_s: float | None,
-    prefill_tokens_per_s: float | None,
+    prefill_seconds: Callable[[int], float | None],
 ) -> Decision:
     """Fetch or prefill a sequence of `tokens` whose first `cached_tokens` (`cached_bytes` of KV) the
-    edges hold."""
+    edges hold, given the predicted seconds of a prefill of a number of tokens (None: unknown)."""
     if policy not in POLICIES:
         raise InvalidArgument(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
-    prefill_s = tokens / prefill_tokens_per_s if prefill_tokens_per_s else None
+    prefill_s = prefill_seconds(tokens)
+    rest_s = prefill_seconds(tokens - cached_tokens) if tokens > cached_tokens else 0.0
     fetch_s = None
-    if fetch_bytes_per_s and prefill_tokens_per_s:
-        fetch_s = cached_bytes / fetch_bytes_per_s + (tokens - cached_tokens) / prefill_tokens_per_s
+    if fetch_bytes_per_s and prefill_s is not None and rest_s is not None:
+        fetch_s = cached_bytes / fetch_bytes_per_s + rest_s
     if cached_tokens == 0:
         action: Literal["fetch", "prefill"] = "prefill"  # nothing to fetch
     elif policy == "auto":
