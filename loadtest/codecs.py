@@ -166,7 +166,7 @@ def measure_codecs(model: LoadedModel, config: CodecsConfig, console: Console) -
                         for _ in range(_REPEATS):  # best of: the first pass also warms allocators and caches
                             t0 = time.perf_counter()
                             encoded = [
-                                encode(codec, g, e - s, p, first=s == 0, shaping=shaping)
+                                encode(codec, g, e - s, p, first=s == 0, shaping=shaping, device=model.device)
                                 for (s, e), p in zip(spans, payloads, strict=True)
                             ]
                             t1 = time.perf_counter()

@@ -326,7 +326,8 @@ class Origin:
                 continue
             info, payload, _ = self.blocks.get(key)
             for codec in missing:
-                data = encode(codec, self.geometry, info.n_tokens, payload, first=info.index == 0, shaping=shaping)
+                first = info.index == 0
+                data = encode(codec, self.geometry, info.n_tokens, payload, first, shaping, self.model.device)
                 frame_bytes = self.geometry.frame_bytes
                 block = encode_block(
                     encoded_key(key, codec), info.index, info.n_tokens, data, frame_bytes, codec, info.n_bytes

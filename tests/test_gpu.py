@@ -11,9 +11,11 @@ import torch
 from kvcdn.client import KVClient, api, generate_from_cache
 from kvcdn.client.agent import compare
 from kvcdn.model import adapter
+from kvcdn.model.codecs import decode, encode
 from kvcdn.model.loading import load_model
 from kvcdn.model.prompt import document_ids, question_ids
 from kvcdn.model.tensors import bit_identical
+from kvcdn.spec.geometry import Geometry
 from tests.conftest import SAMPLES, start_network, stop_network
 
 pytestmark = [
@@ -77,3 +79,20 @@ async def test_lossy_blocks_decode_on_the_gpu_as_on_the_host(
                 torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
     finally:
         await stop_network(net)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])
+def test_lossy_encoders_on_the_gpu_encode_as_well_as_on_the_cpu(codec: str) -> None:
+    # An origin on a GPU encodes there (its CPU would take seconds a codec for a large cache); the
+    # format is the same and the error against the exact block no larger than the CPU encoder's.
+    g = Geometry(layers=4, kv_heads=8, head_dim=128, dtype="bfloat16", block_tokens=256)
+    torch.manual_seed(0)
+    exact = torch.randn(2 * g.layers, 256, g.kv_heads, g.head_dim).to(torch.bfloat16)
+    payload = exact.contiguous().view(torch.uint8).numpy().tobytes()
+    errors = []
+    for device in ("cpu", "cuda"):
+        data = encode(codec, g, 256, payload, first=True, device=torch.device(device))
+        back = torch.from_numpy(decode(codec, g, 256, data).copy()).view(torch.bfloat16).view(exact.shape)
+        errors.append(float((back.float() - exact.float()).abs().mean()))
+    cpu_error, gpu_error = errors
+    assert 0 < gpu_error <= 1.05 * cpu_error
