@@ -351,6 +351,36 @@ async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(tmp_
         await server.stop()
 
 
+async def test_a_bulk_reader_that_stops_reading_is_cut_off_after_the_send_stall(tmp_path: Path) -> None:
+    from kvcdn.wire.bulk import BulkLimits, start_bulk_server
+    from kvcdn.wire.frames import encode_block
+    from kvcdn.wire.metrics import ServerMetrics
+
+    # 64 MiB in 1 MiB frames: far more than the socket buffers hold, so sends must wait for the reader.
+    block = encode_block(bytes(32), 0, 1, bytes(64 << 20), 1 << 20)
+
+    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+        for frame in block.frames:
+            yield frame
+
+    metrics = ServerMetrics()
+    server = await start_bulk_server("127.0.0.1", 0, stream, metrics, BulkLimits(send_stall_s=0.5))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = pb.StreamBlocksRequest(keys=[bytes(32)]).SerializeToString()
+        writer.write(struct.pack("<I", len(request)) + request)
+        await asyncio.sleep(2.0)  # reads nothing: the server gives up after its send stall
+        got = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+            got += len(chunk)
+        writer.close()
+        assert 0 < got < 64 << 20  # what the buffers held, then the server closed the connection
+        in_flight = metrics.streams_in_flight.labels("bulk")._value.get()
+        assert in_flight == 0
+    finally:
+        await server.stop()
+
+
 async def test_a_lookup_flood_reaches_the_origin_bounded_and_repeated_misses_not_at_all(
     network: Network, sample_text: str
 ) -> None:

@@ -128,19 +128,27 @@ class _Plain:
     async def recv(self, n: int) -> bytes:
         return await self._loop.sock_recv(self._sock, n)
 
-    async def send(self, *parts: bytes | memoryview) -> None:
+    async def send(self, *parts: bytes | memoryview, stall_s: float) -> None:
         """Send `parts` in order: one `sendmsg` for all of them while the socket's buffer has room
-        (a frame's record head and payload in one system call), the rest through the loop."""
+        (a frame's record head and payload in one system call, no timer), the rest through the loop
+        within `stall_s` (else ConnectionError: the reader stopped reading)."""
         try:
             sent = self._sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        left = []
         for part in parts:
-            if sent >= len(part):
-                sent -= len(part)
-                continue
-            await self._loop.sock_sendall(self._sock, memoryview(part)[sent:])
-            sent = 0
+            if sent < len(part):
+                left.append(memoryview(part)[sent:])
+            sent = max(0, sent - len(part))
+        if not left:
+            return
+        try:
+            async with asyncio.timeout(stall_s):
+                for view in left:
+                    await self._loop.sock_sendall(self._sock, view)
+        except TimeoutError:
+            raise ConnectionError(f"the reader took nothing for {stall_s:g} s") from None
 
 
 class _Secure:
@@ -162,9 +170,13 @@ class _Secure:
     async def recv(self, n: int) -> bytes:
         return await self._reader.read(n)
 
-    async def send(self, *parts: bytes | memoryview) -> None:
+    async def send(self, *parts: bytes | memoryview, stall_s: float) -> None:
         self._writer.writelines(parts)
-        await self._writer.drain()
+        try:
+            async with asyncio.timeout(stall_s):
+                await self._writer.drain()
+        except TimeoutError:
+            raise ConnectionError(f"the reader took nothing for {stall_s:g} s") from None
 
     async def close(self, timeout_s: float) -> None:
         """Flush what is buffered, say close_notify, close (within `timeout_s`)."""
@@ -230,22 +242,17 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)
-                try:
-                    async with asyncio.timeout(limits.send_stall_s):
-                        await conn.send(record, payload)
-                except TimeoutError:
-                    raise ConnectionError(f"the reader took no frame for {limits.send_stall_s:g} s") from None
+                await conn.send(record, payload, stall_s=limits.send_stall_s)
                 payload_served.inc(len(payload))
                 wire_served.inc(len(record) + len(payload))
-            await conn.send(_PAIR.pack(_END, 0))
+            await conn.send(_PAIR.pack(_END, 0), stall_s=limits.send_stall_s)
         except KVCDNError as exc:
             code = exc.code
             message = str(exc).encode()
             record = _PAIR.pack(_ERROR, 4 + len(message)) + _U32.pack(exc.code.value[0]) + message
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(limits.request_s):
-                    if conn is not None:  # None: the TLS handshake failed, there is no channel to answer on
-                        await conn.send(record)
+            with contextlib.suppress(OSError):
+                if conn is not None:  # None: the TLS handshake failed, there is no channel to answer on
+                    await conn.send(record, stall_s=limits.request_s)
         except (ConnectionError, OSError) as exc:
             code = grpc.StatusCode.CANCELLED
             log.debug("bulk connection ended: %s", exc)
