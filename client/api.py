@@ -26,8 +26,8 @@ from kvcdn.spec.identity import block_keys, encoded_key
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.frames import decode_frame, verify_frame
+from kvcdn.wire.receiver import Progress, receive_into
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 

@@ -19,7 +19,7 @@ from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.wire.auth import Authorizer, read_token, write_tokens
-from kvcdn.wire.bulk import Progress, receive_into
+from kvcdn.wire.receiver import Progress, receive_into
 from kvcdn.wire.rpc import Server
 from tests.conftest import SAMPLES, start_network, stop_network
 

@@ -33,8 +33,8 @@ from kvcdn.model.tensors import KVAssembler
 from kvcdn.spec.identity import block_keys
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
-from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.frames import decode_frame
+from kvcdn.wire.receiver import Progress, receive_into
 from tests.conftest import Network, memory_tier
 
 

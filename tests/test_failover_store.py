@@ -20,7 +20,7 @@ from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.spec.identity import encoded_key
 from kvcdn.store.blockstore import BlockStore
-from kvcdn.wire import bulk as wire_bulk
+from kvcdn.wire import receiver as wire_receiver
 from kvcdn.wire.frames import encode_block
 from tests.conftest import SAMPLES, Network, start_network, stop_network
 
@@ -47,12 +47,12 @@ of error records and of headers encoded otherwise); and gRPC's StreamBlocks."""
 def _transport(transport: str, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Set up `transport`; whether it is the bulk stream."""
     if transport == "bulk, frame by frame":
-        due = wire_bulk._due
+        due = wire_receiver._due
 
         def unexpected(*args: Any) -> list[Any]:
             return [dataclasses.replace(d, expected=bytes(len(d.expected))) for d in due(*args)]
 
-        monkeypatch.setattr(wire_bulk, "_due", unexpected)
+        monkeypatch.setattr(wire_receiver, "_due", unexpected)
     return transport != "grpc"
 
 

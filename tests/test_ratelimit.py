@@ -18,8 +18,8 @@ from kvcdn.model.prompt import document_ids
 from kvcdn.model.tensors import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.bulk import Progress, receive_into
 from kvcdn.wire.ratelimit import RateLimiter, peer_host
+from kvcdn.wire.receiver import Progress, receive_into
 from tests.conftest import SAMPLES, start_network, stop_network
 
 TEXT = (SAMPLES / "mpl-2.0.txt").read_text()[:1500]

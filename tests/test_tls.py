@@ -22,7 +22,7 @@ from kvcdn.ops.launcher import Cluster
 from kvcdn.origin import OriginConfig
 from kvcdn.origin.server import start_origin
 from kvcdn.wire.auth import read_token
-from kvcdn.wire.bulk import Progress, receive_into
+from kvcdn.wire.receiver import Progress, receive_into
 from kvcdn.wire.rpc import Server
 from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, tiny_llama

@@ -688,7 +688,7 @@ def _decode_int8(body: torch.Tensor, geometry: Geometry, n_tokens: int) -> torch
 
 
 class DecodingAssembler:
-    """A frame target (kvcdn.wire.bulk.FrameTarget) for encoded blocks: frames land in a buffer of
+    """A frame target (kvcdn.wire.receiver.FrameTarget) for encoded blocks: frames land in a buffer of
     their block's encoded size, are decoded into `assembler`, and each block is handed on once it is
     complete, verified and decoded. Streams of different blocks decode in their own threads, in parallel. Blocks
     decoded on the host decode as they arrive: each verified frame (`frame_done`) decodes the lossless
