@@ -22,7 +22,7 @@ from kvcdn.model.loading import LoadedModel
 from kvcdn.model.tensors import KVAssembler, LayerKV, StagingPool, synchronize
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
-from kvcdn.spec.identity import block_keys, encoded_key
+from kvcdn.spec.identity import block_keys, content_digest, encoded_key
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -133,6 +133,29 @@ class FetchedCache:
         """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
         each call returns a new one, and the stored tensors are never modified)."""
         return adapter.build_cache(model.model, self.layers)
+
+
+def _check_manifest(manifest: pb.Manifest, document: str, version: int, sender: str) -> None:
+    """DigestMismatch unless `manifest` is the one asked for (name; version, when asked by number) and
+    its token ids, when it carries them, are those its content digest and block keys were made from
+    (SPEC section 4): a signature covers the digest and the keys, not the ids themselves."""
+    what = f"{sender} answered a request for {document!r}" + (f" v{version}" if version else "")
+    if manifest.document != document or (version and manifest.version != version):
+        raise DigestMismatch(f"{what} with the manifest of {manifest.document!r} v{manifest.version}")
+    if not manifest.token_ids:
+        return
+    ids = list(manifest.token_ids)
+    try:
+        fingerprint = bytes.fromhex(manifest.fingerprint)
+    except ValueError:
+        raise DigestMismatch(f"{what} with a manifest whose fingerprint is not hex") from None
+    keys = block_keys(fingerprint, ids, manifest.geometry.block_tokens) if manifest.geometry.block_tokens else []
+    if (
+        content_digest(ids) != manifest.content_digest
+        or len(ids) != manifest.token_count
+        or keys != [b.key for b in manifest.blocks]
+    ):
+        raise DigestMismatch(f"{what} with token ids that are not those its digest and block keys were made from")
 
 
 def generate_from_cache(
@@ -287,13 +310,16 @@ class KVClient:
                 self.trust.check_block(fingerprint, info, edge)
 
     async def manifest(self, document: str, version: int = 0, token_ids: bool = False) -> pb.Manifest:
-        """A published document's manifest (version 0: the latest); with trusted keys, signed by one
-        of them and, as the latest, never older than a version this client has seen (rollback)."""
+        """A published document's manifest (version 0: the latest): the one asked for, its token ids
+        (when asked for) those its content digest and block keys were made from; with trusted keys,
+        signed by one of them and, as the latest, never older than a version this client has seen
+        (rollback). An edge whose answer fails a check is skipped like one that is down."""
 
         async def ask(reader: CacheReader) -> pb.Manifest:
             manifest = await reader.manifest(document, version, token_ids)
             if self.trust is not None:
                 self.trust.check_manifest(manifest, latest=version == 0, sender=reader.address)
+            _check_manifest(manifest, document, version, reader.address)
             return manifest
 
         found: pb.Manifest = await self._first(self.placement.nodes, ask, also=(DigestMismatch,))

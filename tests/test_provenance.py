@@ -318,3 +318,44 @@ async def test_after_a_key_rotation_edges_answer_with_fresh_signatures_from_what
         await edge_server.stop(0)
         await edge.close()
         await stop_network(net)
+
+
+async def test_the_client_checks_a_manifests_contents_not_only_its_signature(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    # Forgeries an edge can make from signed manifests (the re-attack's findings): the signature covers
+    # the content digest and the block keys, not the token ids or which request a manifest answers.
+    private, public = _keys(tmp_path)
+    net = await start_network(llama, tmp_path / "store", signing_key=private)
+    real = net.edge.manifest
+    try:
+        await net.origin.publish("doc", TEXT)
+        await net.origin.publish("doc", TEXT + "\n\nA second version.")
+        await net.origin.publish("other", TEXT + "\n\nAnother document.")
+        async with KVClient(ClientConfig((net.edge_address,), trust=(public,))) as client:
+            honest = await client.manifest("doc", token_ids=True)
+            assert honest.version == 2 and len(honest.token_ids) == honest.token_count
+
+            async def reversed_ids(document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+                manifest = await real(document, version, token_ids)
+                manifest.token_ids.reverse()
+                return manifest
+
+            async def another_document(document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+                return await real("other", version, token_ids)
+
+            async def first_version(document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+                return await real(document, 1, token_ids)
+
+            forgeries = [
+                (reversed_ids, ("doc", 0), "token ids that are not those"),
+                (another_document, ("doc", 0), "the manifest of 'other'"),
+                (first_version, ("doc", 2), "with the manifest of 'doc' v1"),
+            ]
+            for forged, (document, version), refusal in forgeries:
+                net.edge.manifest = forged  # type: ignore[method-assign]
+                with pytest.raises(DigestMismatch, match=refusal):
+                    await client.manifest(document, version, token_ids=True)
+    finally:
+        net.edge.manifest = real  # type: ignore[method-assign]
+        await stop_network(net)
