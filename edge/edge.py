@@ -545,18 +545,22 @@ class Edge:
         """The frames of `keys` in order, from frame `start_frame` of the first (`from_peer`: another
         edge asks, so this one loads only from its tiers or the origin)."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
-        await self._look_up_unknown(fingerprint, keys)
-        async for frame in stream_blocks(self._ahead(fingerprint, keys, not from_peer), start_frame):
+        # The stream ends at the first block the origin lacks (its pull answers NOT_FOUND with no
+        # lookup of its own): no block after it is loaded ahead, each with a lookup of its own.
+        due = await self._look_up_unknown(fingerprint, keys)
+        async for frame in stream_blocks(self._ahead(fingerprint, keys[:due], not from_peer), start_frame):
             yield frame
 
-    async def _look_up_unknown(self, fingerprint: str, keys: Sequence[bytes]) -> None:
+    async def _look_up_unknown(self, fingerprint: str, keys: Sequence[bytes]) -> int:
         """One origin lookup for the infos of those of `keys` that no tier holds, no load is fetching
         and no earlier lookup answered (a stream may come without a lookup here: from a peer, or from
         a client that looked up at another edge), so their pulls need no lookup each. Best effort: a
-        block whose info is still unknown is looked up by its own pull, which reports what fails."""
+        block whose info is still unknown is looked up by its own pull, which reports what fails.
+        Returns how many of `keys` to stream: up to and including the first one the origin was found
+        to lack (all of them when none was)."""
         unknown = [k for k in keys if k not in self._infos and self._loads.get(k) is None and self._held(k) is None]
         if not unknown:
-            return
+            return len(keys)
 
         async def look_up() -> None:
             async with self._origin_lookups:
@@ -570,3 +574,5 @@ class Edge:
             await self._stream_lookups.do(tuple(unknown), look_up)
         except KVCDNError as exc:
             log.debug("origin lookup of %d blocks to stream failed (%s); each pull looks up its own", len(unknown), exc)
+        lacking = {k for k in unknown if k not in self._infos and self._recently_missed(_choice(k, ("raw",)))}
+        return next((i + 1 for i, key in enumerate(keys) if key in lacking), len(keys))

@@ -78,12 +78,17 @@ def _open(host: str, port: int, n: int, first: bytes) -> list[socket.socket]:
     return out
 
 
+RANDOM_KEYS = 8
+"""Random keys a stream of random keys names (an edge once looked each up at the origin on its own)."""
+
+
 def _random_key_streams(host: str, port: int, fingerprint: str, n: int) -> Counter[str]:
-    """`n` bulk streams from ATTACKER, one after another, each asking for a random (unpublished) key;
-    the status each got, by name."""
+    """`n` bulk streams from ATTACKER, one after another, each asking for RANDOM_KEYS random
+    (unpublished) keys; the status each got, by name."""
     codes: Counter[str] = Counter()
     for _ in range(n):
-        request = pb.StreamBlocksRequest(fingerprint=fingerprint, keys=[os.urandom(32)]).SerializeToString()
+        keys = [os.urandom(32) for _ in range(RANDOM_KEYS)]
+        request = pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys).SerializeToString()
         with socket.create_connection((host, port), timeout=5, source_address=(ATTACKER, 0)) as s:
             s.sendall(struct.pack("<I", len(request)) + request)
             head = s.recv(8, socket.MSG_WAITALL)
@@ -232,9 +237,10 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
             lookups = _origin_lookups(cluster.metrics_urls["origin"]) - before
             refused, missing = codes.pop("RESOURCE_EXHAUSTED", 0), codes.pop("NOT_FOUND", 0)
             other = f", other: {dict(codes)}" if codes else ""
+            per_stream = lookups / max(1, missing)
             return (
                 f"in {seconds:.1f} s: {refused} refused by --rate-limit {EDGE_RATE_LIMIT}, {missing} NOT_FOUND; "
-                f"the origin answered {lookups:.0f} lookups{other}"
+                f"the origin answered {lookups:.0f} lookups ({per_stream:.2f} a stream answered){other}"
             )
 
         async def half_open_scrapes() -> str:
@@ -253,5 +259,5 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
         await during("an 8 MiB Publish", huge_publish)
         await during("anonymous Purge", anonymous_purge)
         await during("100 half-open /metrics requests", half_open_scrapes)
-        await during(f"{RANDOM_STREAMS:,} bulk streams of random keys from one address", random_keys)
+        await during(f"{RANDOM_STREAMS:,} bulk streams of {RANDOM_KEYS} random keys each from one address", random_keys)
     return rows

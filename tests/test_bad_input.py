@@ -420,6 +420,31 @@ async def test_a_lookup_flood_reaches_the_origin_bounded_and_repeated_misses_not
     await _still_serving(edge_address)
 
 
+async def test_a_stream_of_unknown_keys_costs_the_origin_one_lookup(network: Network) -> None:
+    # The re-attack's amplification: a stream of >= 5 unknown keys made an edge send 5 lookups to the
+    # origin (its read-ahead loads looked up their own keys). Now the stream ends at the first block the
+    # origin lacks, and nothing after it is loaded ahead.
+    edge = network.edge
+    real = edge.upstream.lookup
+    calls = 0
+
+    async def counted(*args: object, **kwargs: object) -> list[pb.BlockInfo]:
+        nonlocal calls
+        calls += 1
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    edge.upstream.lookup = counted  # type: ignore[method-assign]
+    fingerprint = network.model.fingerprint_hex
+    async with CacheReader(network.edge_address) as reader:
+        for stream in range(3):
+            keys = [bytes([stream, i]) * 16 for i in range(8)]
+            with pytest.raises(NotFound):
+                async for _ in reader.stream(fingerprint, keys, 0):
+                    pass
+            assert calls == stream + 1  # one lookup a stream, whatever its length
+    await _still_serving(network.edge_address)
+
+
 async def test_a_bulk_sender_that_trickles_is_cut_off_at_the_stream_deadline(
     network: Network, sample_text: str
 ) -> None:
