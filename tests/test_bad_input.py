@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -49,6 +50,36 @@ async def test_unknown_document_is_not_found(network: Network, server: str) -> N
     async with CacheReader(address) as reader:
         with pytest.raises(NotFound, match="has not been published"):
             await reader.manifest("nope")
+    await _still_serving(address)
+
+
+@pytest.mark.parametrize(
+    ("server", "method"),
+    [
+        ("edge", "/kvcdn.v1.KVCache/GetManifest"),
+        ("edge", "/kvcdn.v1.KVCache/StreamBlocks"),
+        ("origin", "/kvcdn.v1.Publisher/Publish"),
+    ],
+)
+async def test_a_request_that_does_not_parse_is_invalid_argument_with_no_traceback(
+    network: Network, server: str, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Field 1 of each request (document name / fingerprint) with bytes that are not UTF-8: gRPC's own
+    # deserializer answered UNKNOWN and logged a traceback per request.
+    address = network.origin_server.address if server == "origin" else network.edge_address
+    bad = b"\x0a\x02\xff\xfe"
+    async with grpc.aio.insecure_channel(address) as channel:
+        if method.endswith("StreamBlocks"):
+            call = channel.unary_stream(method)(bad, timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in call:
+                    pass
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(method)(bad, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in (caught.value.details() or "") and "incident" not in (caught.value.details() or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     await _still_serving(address)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -114,6 +115,33 @@ async def _boundary(servicer: Any, context: grpc.aio.ServicerContext, method: st
             metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
+class _Undecodable:
+    """A request whose bytes are not its message (bad UTF-8 in a string, a truncated field): handed
+    to the servicer method, whose error boundary answers INVALID_ARGUMENT after the credential and
+    rate checks, as for any other bad request (gRPC's own deserializer would answer UNKNOWN and log a
+    traceback per request)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _parse_leniently(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer for `message` (a protobuf class) that never raises."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return _Undecodable(message.DESCRIPTOR.name)
+
+    return parse
+
+
+def _decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a well-formed {request.message}: strings must be UTF-8")
+
+
 def rpc_errors(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
@@ -122,6 +150,7 @@ def rpc_errors(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         async with _boundary(self, context, fn.__name__):
+            _decoded(request)
             return await fn(self, request, context)
         raise AssertionError("unreachable: the boundary re-raises or aborts")
 
@@ -142,6 +171,7 @@ def stream_errors(
         in_flight.inc()
         try:
             async with _boundary(self, context, fn.__name__):
+                _decoded(request)
                 async for item in fn(self, request, context):
                     if isinstance(item, bytes):
                         payload.inc(payload_size(item))
@@ -162,6 +192,7 @@ def feed_errors(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
         async with _boundary(self, context, fn.__name__):
+            _decoded(request)
             async for item in fn(self, request, context):
                 yield item
 
@@ -207,32 +238,32 @@ class _Ports:
     metrics: int = 0
 
 
+def _handlers(name: str, servicer: Any, behaviours: dict[str, Any] | None = None) -> grpc.GenericRpcHandler:
+    """Handlers for every method of the kvcdn service `name`, read off its descriptor, each request
+    parsed leniently (`_Undecodable`) and answered by `servicer`'s method of that name (or by
+    `behaviours`' entry). StreamBlocks yields frames already encoded as `Frame` bytes
+    (kvcdn.wire.frames): no serializer."""
+    service = pb.DESCRIPTOR.services_by_name[name]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        parse = _parse_leniently(GetMessageClass(method.input_type))
+        behaviour = (behaviours or {}).get(method.name) or getattr(servicer, method.name)
+        serialize = None if method.name == "StreamBlocks" else GetMessageClass(method.output_type).SerializeToString
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behaviour, request_deserializer=parse, response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def _kvcache_handlers(servicer: KVCacheHandlers, ports: _Ports) -> grpc.GenericRpcHandler:
-    """Handlers for every KVCache method, read off the service descriptor. The one streaming method,
-    StreamBlocks, yields frames already encoded as `Frame` bytes (kvcdn.wire.frames): no serializer.
-    GetInfo answers with the ports this server bound (transport facts the domain does not know)."""
+    """The KVCache service's handlers; GetInfo answers with the ports this server bound (transport
+    facts the domain does not know)."""
 
     async def get_info(request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         info = await servicer.GetInfo(request, context)
         info.bulk_port, info.metrics_port = ports.bulk, ports.metrics
         return info
 
-    service = pb.DESCRIPTOR.services_by_name["KVCache"]
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for method in service.methods:
-        request = GetMessageClass(method.input_type)
-        behaviour = get_info if method.name == "GetInfo" else getattr(servicer, method.name)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                behaviour, request_deserializer=request.FromString, response_serializer=None
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=request.FromString,
-                response_serializer=GetMessageClass(method.output_type).SerializeToString,
-            )
-    return grpc.method_handlers_generic_handler("kvcdn.v1.KVCache", handlers)
+    return _handlers("KVCache", servicer, {"GetInfo": get_info})
 
 
 def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
@@ -310,12 +341,10 @@ async def start_server(
     ports = _Ports()
     server.add_generic_rpc_handlers((_kvcache_handlers(kvcache, ports),))
     names = [pb.DESCRIPTOR.services_by_name["KVCache"].full_name]
-    if publisher is not None:
-        pb_grpc.add_PublisherServicer_to_server(publisher, server)
-        names.append(pb.DESCRIPTOR.services_by_name["Publisher"].full_name)
-    if invalidations is not None:
-        pb_grpc.add_InvalidationsServicer_to_server(invalidations, server)
-        names.append(pb.DESCRIPTOR.services_by_name["Invalidations"].full_name)
+    for name, servicer in (("Publisher", publisher), ("Invalidations", invalidations)):
+        if servicer is not None:
+            server.add_generic_rpc_handlers((_handlers(name, servicer),))
+            names.append(pb.DESCRIPTOR.services_by_name[name].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server, [*names, health.SERVICE_NAME])
