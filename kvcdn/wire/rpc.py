@@ -139,7 +139,7 @@ def _parse_leniently(message: Any) -> Callable[[bytes], Any]:
 
 def _decoded(request: Any) -> None:
     if isinstance(request, _Undecodable):
-        raise InvalidArgument(f"the request is not a well-formed {request.message}: strings must be UTF-8")
+        raise InvalidArgument(f"the request is not a well-formed {request.message} (malformed, or a string not UTF-8)")
 
 
 def rpc_errors(
