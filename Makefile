@@ -69,8 +69,8 @@ bench: install model
 gpu-wheels:  ## here, with a package index: the wheels a GPU machine without network needs, into .whl/
 	scripts/gpu-wheels.sh
 
-gpu-check:  ## on a GPU machine, after gpu-wheels: CUDA tests and the GPU benchmark (under 5 minutes)
-	scripts/gpu-check.sh
+gpu-check:  ## on a GPU machine, after gpu-wheels: CUDA tests and the GPU benchmark (TUNE=1: and what chose the defaults)
+	scripts/gpu-check.sh $(if $(TUNE),tune)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from kvcdn.model.tensors import KVAssembler, LayerKV, StagingPool, synchronize
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys, content_digest, encoded_key
-from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, parse_edges, resolve_edges
+from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, balance, parse_edges, resolve_edges
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import decode_frame, verify_frame
@@ -31,7 +32,16 @@ from kvcdn.wire.receiver import Progress, receive_into
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
-__all__ = ["BlockingKVClient", "ClientConfig", "FetchedCache", "KVClient", "ReceiveTimes", "generate_from_cache"]
+__all__ = [
+    "BlockingKVClient",
+    "ClientConfig",
+    "FetchedCache",
+    "KVClient",
+    "ReceiveTimes",
+    "Run",
+    "default_streams_per_run",
+    "generate_from_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,13 @@ _RETRYABLE = (Unavailable, DeadlineExceeded)
 
 Target = KVAssembler | DecodingAssembler
 """Where a fetch's frames land: the cache's buffers, or encoded blocks decoded into them."""
+
+
+def default_streams_per_run(cores: int | None = None) -> int:
+    """Streams to each edge a fetch uses by default: one on a machine with fewer than 8 cores (on 2,
+    8 receivers and their senders take turns on the cores and lose to one stream an edge), two from
+    8 cores on (measured in docs/measurements.md, "On a GPU machine")."""
+    return 2 if (cores or os.cpu_count() or 1) >= 8 else 1
 
 
 @dataclass(frozen=True)
@@ -62,9 +79,13 @@ class ClientConfig:
     assumed_gbps: float = 1.0
     """Bandwidth a fetch-or-prefill decision assumes until this client has measured a fetch in that
     codec to that device (GB/s)."""
-    streams_per_run: int = 1
-    """Connections a long run of blocks is split over, all to its owner (more where one stream cannot
-    fill the link, e.g. when one receiving core is the limit)."""
+    streams_per_run: int = field(default_factory=default_streams_per_run)
+    """Connections each edge's share of a fetch is split over (more where one stream cannot fill the
+    link, e.g. when one receiving core is the limit); default by core count (default_streams_per_run)."""
+    spread: bool = True
+    """Stream each block from whichever of its R owners has the least of the fetch so far, evening
+    out the bytes each edge sends (False: every block from its primary owner, which keeps each block
+    in fewer edges' tiers; see `KVClient.runs`)."""
     codecs: tuple[str, ...] = DEFAULT_ACCEPT
     """Encodings this client accepts, preferred first (kvcdn.spec.codecs); the default, exact ones
     only: an agent never receives a lossy cache it did not ask for."""
@@ -85,6 +106,14 @@ class ClientConfig:
             raise InvalidArgument("assumed_gbps must be positive")
         if min(self.max_streams, self.streams_per_fetch, self.streams_per_run) < 1:
             raise InvalidArgument("max_streams, streams_per_fetch and streams_per_run must be at least 1")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Blocks of one fetch that travel in one stream, from `edge` first."""
+
+    edge: str
+    blocks: list[pb.BlockInfo]
 
 
 @dataclass
@@ -393,7 +422,7 @@ class KVClient:
         gate = asyncio.Semaphore(self.config.streams_per_fetch)
         receiving = ReceiveTimes()
 
-        async def stream(run: list[pb.BlockInfo], at: Progress) -> list[str]:
+        async def stream(run: Run, at: Progress) -> list[str]:
             async with gate:
                 return await self._stream_into(model.fingerprint_hex, geometry, run, assembler, at, receiving)
 
@@ -429,36 +458,47 @@ class KVClient:
         synchronize(assembler.device)
         return layers
 
-    def runs(self, blocks: list[pb.BlockInfo]) -> list[list[pb.BlockInfo]]:
-        """The blocks grouped by their primary owner (in order within a group), each group cut into
-        at most `streams_per_run` parts of about equal size: each run travels in one stream, and all
-        of a fetch's runs stream at once (up to `streams_per_fetch`), so a fetch from N edges ends with
-        its N streams together rather than with runs queued behind the first ones."""
+    def runs(self, blocks: list[pb.BlockInfo]) -> list[Run]:
+        """The blocks grouped by the edge each is streamed from (in order within a group), each group
+        cut into at most `streams_per_run` parts of about equal size: each run travels in one stream,
+        and all of a fetch's runs stream at once (up to `streams_per_fetch`), so a fetch from N edges
+        ends with its N streams together rather than with runs queued behind the first ones.
+
+        With `spread`, each block comes from one of its R owners chosen so that no edge sends much
+        more of the fetch than the others (kvcdn.spec.placement.balance): on a ring of 4, a 15-block
+        document's primaries alone leave the busiest edge 5 to 10 blocks, the fetch lasts as long as
+        that edge, and its owners spread it 4 or 5. A replica that lacks a block loads it once from
+        the primary (kvcdn.edge) and holds it from then on."""
+        owners = [self.placement.owners(info.key) for info in blocks]
+        sizes = [info.n_bytes for info in blocks]
+        edge_of = balance(owners, sizes) if self.config.spread else [o[0] for o in owners]
         groups: dict[str, list[pb.BlockInfo]] = {}
-        for info in blocks:
-            groups.setdefault(self.placement.owners(info.key)[0], []).append(info)
-        runs: list[list[pb.BlockInfo]] = []
-        for group in groups.values():
+        for edge, info in zip(edge_of, blocks, strict=True):
+            groups.setdefault(edge, []).append(info)
+        runs: list[Run] = []
+        for edge, group in groups.items():
             size = -(-len(group) // min(self.config.streams_per_run, len(group)))
-            runs += [group[i : i + size] for i in range(0, len(group), size)]
+            runs += [Run(edge, group[i : i + size]) for i in range(0, len(group), size)]
         return runs
 
     async def _stream_into(
         self,
         fingerprint: str,
         geometry: Geometry,
-        blocks: list[pb.BlockInfo],
+        run: Run,
         assembler: Target,
         progress: Progress,
         receiving: ReceiveTimes,
     ) -> list[str]:
-        """Write every frame of `blocks` into `assembler`, asking the first block's route on the ring
-        in order and resuming on the next edge after a failure at exactly the frame where it broke
-        (the bulk streams' receiving threads add their times to `receiving`)."""
+        """Write every frame of `run` into `assembler`, asking its edge first, then the first block's
+        route on the ring in order, resuming on the next edge after a failure at exactly the frame
+        where it broke (the bulk streams' receiving threads add their times to `receiving`)."""
         used: list[str] = []
         errors: list[Exception] = []
         loop = asyncio.get_running_loop()
-        for address in self.order(self.placement.route(blocks[0].key)):
+        blocks = run.blocks
+        route = self.placement.route(blocks[0].key)
+        for address in self.order([run.edge, *(a for a in route if a != run.edge)]):
             if progress.block == len(blocks):
                 return used  # every frame arrived and verified before the stream failed
             reader = self._readers[address]

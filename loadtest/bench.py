@@ -36,6 +36,7 @@ from kvcdn.model.tensors import bit_identical
 from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.codecs import DEFAULT_ACCEPT
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
+from kvcdn.spec.placement import DEFAULT_REPLICAS
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
@@ -59,9 +60,11 @@ def sample_corpus() -> str:
 
 
 def text_of_length(model: LoadedModel, corpus: str, n_tokens: int) -> str:
-    """A prefix of `corpus` whose document ids (kvcdn.model.prompt.document_ids) are about n_tokens long."""
+    """A prefix of `corpus` whose document ids (kvcdn.model.prompt.document_ids) are about n_tokens long
+    (`corpus` over again after its end, for documents longer than it)."""
     body = model.tokenizer(corpus, add_special_tokens=False)["input_ids"]
     take = n_tokens - (len(document_ids(model.tokenizer, "")))
+    body *= -(-(take + 64) // len(body))
     text = ""
     for _ in range(6):  # decode/encode round trips can merge or split a token at the cut
         text = model.tokenizer.decode(body[: max(1, take)])
@@ -398,6 +401,9 @@ class BenchConfig:
     """Connections a run of blocks is split over (kvcdn.client.api.ClientConfig.streams_per_run)."""
     codecs: tuple[str, ...] = DEFAULT_ACCEPT
     """Encodings the client accepts, preferred first (the documents are offered in these)."""
+    spread: bool = True
+    """Blocks from whichever of their owners evens out the edges' shares (ClientConfig.spread), or
+    (False) each from its primary owner."""
     signed: bool = True
     """The origin signs, edges and the agent check every block info (the product's default); False
     measures the same path without signatures, for the comparison."""
@@ -427,16 +433,21 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     texts = [text_of_length(model, f"Document {i}.\n\n{sample_corpus()}", n) for i, n in enumerate(config.lengths)]
     with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
+            # Memory tiers that hold every length's cache at each of its owners, with room to spare (the
+            # default 1 GiB does not hold a 32,768-token Qwen3-4B cache): a warm edge answers from memory.
+            held = DEFAULT_REPLICAS * model.geometry.token_bytes * sum(config.lengths) * 5 // 4 // config.edges
             cluster = Cluster(
                 store_dir=Path(store),
                 edges=config.edges,
                 origin_args=[*options.flags(), "--frame-bytes", str(config.frame_bytes)],
+                edge_args=["--mem-bytes", str(max(1 << 30, held))],
                 signed=config.signed,
                 tls=config.tls,
             ).start()
         clients = ClientConfig(
             tuple(cluster.edge_addresses),
             streams_per_run=config.streams_per_run,
+            spread=config.spread,
             codecs=config.codecs,
             trust=(cluster.trust_file,) if cluster.trust_file is not None else (),
             tls=cluster.client_tls,
@@ -458,8 +469,10 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
         finally:
             cluster.stop()
     edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
+    if config.edges > 1 and not config.spread:
+        edges += ", blocks from their primary owners"
     if config.streams_per_run > 1:
-        edges += f", {config.streams_per_run} streams per run"
+        edges += f", {config.streams_per_run} streams an edge"
     if config.frame_bytes != DEFAULT_FRAME_BYTES:
         edges += f", {config.frame_bytes / (1 << 20):g} MiB frames"
     signed = "signed blocks checked by edges and agent" if config.signed else "unsigned"

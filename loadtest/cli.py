@@ -48,7 +48,14 @@ def register(sub: Any) -> None:
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON (input of `economics --bench`)")
     b.add_argument("--edges", type=int, default=1, help="edges on loopback; blocks stream from all at once (1)")
     b.add_argument(
-        "--streams-per-run", type=int, default=1, help="connections a run of blocks is split over, all to its owner (1)"
+        "--streams-per-run",
+        type=int,
+        help="connections each edge's share of a fetch is split over (default: by core count, see ClientConfig)",
+    )
+    b.add_argument(
+        "--primary-only",
+        action="store_true",
+        help="every block from its primary owner, not spread over its owners (to measure what spreading gains)",
     )
     b.add_argument(
         "--unsigned", action="store_true", help="no publisher signatures (to measure what checking them costs)"
@@ -171,6 +178,7 @@ def register(sub: Any) -> None:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
+    from kvcdn.client.api import default_streams_per_run
     from kvcdn.loadtest.bench import BenchConfig
 
     try:
@@ -183,8 +191,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         args.edges,
         args.markdown,
         Path(args.json) if args.json else None,
-        args.streams_per_run,
+        args.streams_per_run or default_streams_per_run(),
         args.codecs,
+        spread=not args.primary_only,
         signed=not args.unsigned,
         tls=args.tls,
         frame_bytes=args.frame_bytes,

@@ -15,11 +15,20 @@ cd "$run" && rm -f kvcdn/samples/__init__.py
 export PYTHONPATH=/tmp/site:$run PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
-bench() {  # GEOMETRY CODEC LENGTHS [more bench flags]
-  timeout 150 python3 -m kvcdn loadtest bench --geometry "$1" --edges 4 --codecs "$2" --lengths "$3" \
-    --streams-per-run 2 "${@:4}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+bench() {  # TIMEOUT GEOMETRY CODEC LENGTHS [more bench flags]
+  echo "## $(date -u +%T) bench ${*:2}" >> "$OUT/bench.md"
+  timeout "$1" python3 -m kvcdn loadtest bench --geometry "$2" --edges 4 --codecs "$3" --lengths "$4" \
+    "${@:5}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
 }
-bench qwen3-4b raw 1024,3774,16384  # the crossover: from which length fetching beats the GPU's prefill
-bench qwen3-4b int8 3774  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
-bench qwen3-4b fp8 3774
-bench llama3.1-8b raw 3774,16384
+# From which length fetching beats the GPU's own prefill (32,768: the bundled texts over again).
+bench 200 qwen3-4b raw 1024,3774,16384,32768
+bench 100 qwen3-4b int8 3774  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
+if [ "${1:-}" = tune ]; then  # `make gpu-check TUNE=1`: what chose the defaults, each against the row above
+  bench 100 qwen3-4b raw 3774 --primary-only  # blocks from their primary owners, not spread over both
+  bench 100 qwen3-4b raw 3774 --streams-per-run 1  # one stream an edge (the default from 8 cores on: 2)
+  bench 100 qwen3-4b raw 3774 --frame-bytes 4MiB  # a quarter of the frames (the default: 1 MiB)
+fi
+bench 100 qwen3-4b fp8 3774
+bench 100 qwen3-4b int4 3774
+bench 150 llama3.1-8b raw 3774,16384
+echo "## $(date -u +%T) done" >> "$OUT/bench.md"

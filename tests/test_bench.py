@@ -60,6 +60,10 @@ def test_text_of_length_hits_the_requested_token_count(network: Network) -> None
     corpus = (SAMPLES / "gpl-3.0.txt").read_text()
     for n in (40, 300):
         assert len(document_ids(network.model.tokenizer, text_of_length(network.model, corpus, n))) == n
+    short = corpus[:2000]  # a document longer than its corpus: the corpus over again
+    n = 3 * len(network.model.tokenizer(short, add_special_tokens=False)["input_ids"])
+    text = text_of_length(network.model, short, n)
+    assert len(document_ids(network.model.tokenizer, text)) == n and text.count(short[:200]) == 3
 
 
 async def test_measure_fetches_every_length_exactly_and_renders_a_table(network: Network) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from kvcdn.client import ClientConfig, KVClient
 from kvcdn.errors import InvalidArgument
-from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
+from kvcdn.spec.placement import Placement, balance, parse_edges, resolve_edges
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 KEYS = [hashlib.sha256(str(i).encode()).digest() for i in range(20_000)]
@@ -82,14 +82,39 @@ def test_a_dns_name_expands_to_one_edge_per_address() -> None:
 
 @pytest.mark.parametrize("n_blocks", [1, 3, 15, 64])
 @pytest.mark.parametrize("per_run", [1, 2])
-async def test_a_fetch_streams_every_block_once_from_its_owner_in_one_wave(n_blocks: int, per_run: int) -> None:
+@pytest.mark.parametrize("spread", [True, False])
+async def test_a_fetch_streams_every_block_once_from_an_owner_in_one_wave(
+    n_blocks: int, per_run: int, spread: bool
+) -> None:
     edges = tuple(f"127.0.0.{i}:7080" for i in range(1, 5))
-    blocks = [pb.BlockInfo(key=KEYS[i], index=i) for i in range(n_blocks)]
-    async with KVClient(ClientConfig(edges, streams_per_run=per_run)) as client:
+    blocks = [pb.BlockInfo(key=KEYS[i], index=i, n_bytes=100) for i in range(n_blocks)]
+    async with KVClient(ClientConfig(edges, streams_per_run=per_run, spread=spread)) as client:
         runs = client.runs(blocks)
-        owner = {b.index: client.placement.owners(b.key)[0] for b in blocks}
-    assert sorted(b.index for run in runs for b in run) == list(range(n_blocks))  # each block once
-    assert all(len({owner[b.index] for b in run}) == 1 for run in runs)  # from its primary owner
-    assert all([b.index for b in run] == sorted(b.index for b in run) for run in runs)
-    owners = len(set(owner.values()))
-    assert owners <= len(runs) <= min(n_blocks, per_run * owners)  # one wave: at most 8 with 4 edges
+        owners = {b.index: client.placement.owners(b.key) for b in blocks}
+    assert sorted(b.index for run in runs for b in run.blocks) == list(range(n_blocks))  # each block once
+    assert all(run.edge in owners[b.index] for run in runs for b in run.blocks)  # from one of its owners
+    if not spread:
+        assert all(run.edge == owners[b.index][0] for run in runs for b in run.blocks)  # its primary
+    assert all([b.index for b in run.blocks] == sorted(b.index for b in run.blocks) for run in runs)
+    used = {run.edge for run in runs}
+    per_edge = Counter(run.edge for run in runs)
+    assert all(per_edge[e] == min(per_run, sum(len(r.blocks) for r in runs if r.edge == e)) for e in used)
+    assert len(runs) <= 4 * per_run  # one wave: at most 8 with 4 edges and 2 streams a run
+
+
+def test_balance_gives_no_choice_more_than_it_must() -> None:
+    ring = Placement([f"127.0.0.{i}:7080" for i in range(1, 5)], replicas=2)
+    worst_spread = worst_primary = 0
+    for doc in range(200):
+        keys = [hashlib.sha256(f"{doc}/{i}".encode()).digest() for i in range(15)]
+        choices = [ring.owners(k) for k in keys]
+        picked = balance(choices, [100] * 15)
+        assert all(p in c for p, c in zip(picked, choices, strict=True))
+        worst_spread = max(worst_spread, max(Counter(picked).values()))
+        worst_primary = max(worst_primary, max(Counter(c[0] for c in choices).values()))
+    # 15 blocks on 4 edges: 4 is the least the busiest edge can get; the primaries alone give 9 or so
+    assert worst_spread <= 5 < worst_primary
+    # Greedy alone gives a both; the move off the busiest choice fixes it.
+    assert balance([["a", "b"], ["a"]], [1, 1]) == ["b", "a"]
+    assert balance([["a", "b"]] * 4, [3, 1, 1, 1]) in (["a", "b", "b", "b"], ["b", "a", "a", "a"])
+    assert balance([], []) == []

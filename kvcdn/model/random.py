@@ -60,7 +60,7 @@ def _config(g: ModelShape) -> Any:
         "num_attention_heads": g.heads,
         "num_key_value_heads": g.kv_heads,
         "head_dim": g.head_dim,
-        "max_position_embeddings": 32768,
+        "max_position_embeddings": 40960,  # a 32,768-token document and a question
         "rope_theta": g.rope_theta,
         "tie_word_embeddings": g.tie_word_embeddings,
         "initializer_range": 0.02,

@@ -21,7 +21,7 @@ from uhashring import HashRing
 
 from kvcdn.errors import InvalidArgument, Unavailable
 
-__all__ = ["DEFAULT_REPLICAS", "Placement", "parse_edges", "resolve_edges"]
+__all__ = ["DEFAULT_REPLICAS", "Placement", "balance", "parse_edges", "resolve_edges"]
 
 DEFAULT_REPLICAS = 2
 VNODES = 160
@@ -99,3 +99,33 @@ class Placement:
         """Every node in the order to ask for `key`: its owners first, then the rest clockwise."""
         nodes = self._ring.range(key.hex(), size=len(self._ring.get_nodes()), unique=True)
         return [str(node["nodename"]) for node in nodes]
+
+
+def balance(choices: Sequence[Sequence[str]], sizes: Sequence[int]) -> list[str]:
+    """One of `choices[i]` for each item i of `sizes` bytes, so that the most bytes any one choice gets
+    is small: each item goes to the least loaded of its choices (the first on a tie), then items move
+    off the busiest choice while a move lowers it (as many moves as there are items at most)."""
+    picked = [c[0] for c in choices]
+    load: dict[str, int] = {}
+    for i, size in enumerate(sizes):
+        picked[i] = min(choices[i], key=lambda c: load.get(c, 0))
+        load[picked[i]] = load.get(picked[i], 0) + size
+    for _ in sizes:
+        busiest = max(load, key=lambda c: load[c], default="")
+        move = next(
+            (
+                (i, c)
+                for i, size in enumerate(sizes)
+                if picked[i] == busiest
+                for c in choices[i]
+                if load.get(c, 0) + size < load[busiest]
+            ),
+            None,
+        )
+        if move is None:
+            break
+        i, to = move
+        load[busiest] -= sizes[i]
+        load[to] = load.get(to, 0) + sizes[i]
+        picked[i] = to
+    return picked
