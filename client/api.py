@@ -27,8 +27,8 @@ from kvcdn.spec.identity import block_keys, content_digest, encoded_key
 from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, balance, parse_edges, resolve_edges
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import decode_frame, verify_frame
-from kvcdn.wire.receiver import Progress, receive_into
+from kvcdn.wire.receiver import Progress
+from kvcdn.wire.source import Transport, stream_from
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
@@ -213,7 +213,6 @@ class KVClient:
             )
             for address in self.placement.nodes
         }
-        self._bulk_tls = self.config.tls.client_context() if self.config.tls is not None else None
         self._info: pb.ServerInfo | None = None
         self._suspect_until: dict[str, float] = {}
         self.staging = StagingPool() if torch.cuda.is_available() else None
@@ -223,6 +222,13 @@ class KVClient:
         # Bulk streams block a thread each; the event loop's default pool (a handful of threads) would
         # queue concurrent fetches behind one another.
         self._receivers = ThreadPoolExecutor(self.config.max_streams, thread_name_prefix="kvcdn-receive")
+        self._transport = Transport(
+            self._receivers,
+            self.config.stream_timeout_s,
+            bulk=self.config.bulk,
+            tls=self.config.tls.client_context() if self.config.tls is not None else None,
+            token=self.config.token,
+        )
 
     def order(self, route: Sequence[str]) -> list[str]:
         """`route` as this client asks it: recently failed edges moved to the end (stable otherwise)."""
@@ -495,7 +501,6 @@ class KVClient:
         where it broke (the bulk streams' receiving threads add their times to `receiving`)."""
         used: list[str] = []
         errors: list[Exception] = []
-        loop = asyncio.get_running_loop()
         blocks = run.blocks
         route = self.placement.route(blocks[0].key)
         for address in self.order([run.edge, *(a for a in route if a != run.edge)]):
@@ -503,36 +508,12 @@ class KVClient:
                 return used  # every frame arrived and verified before the stream failed
             reader = self._readers[address]
             used.append(address)
+            started = time.perf_counter()
             try:
-                bulk = await reader.bulk_address() if self.config.bulk else None
-                if bulk is not None:
-                    before = (progress.block, progress.frame)
-                    started = time.perf_counter()
-                    try:
-                        cpu_s = await loop.run_in_executor(
-                            self._receivers,
-                            receive_into,
-                            bulk,
-                            fingerprint,
-                            blocks,
-                            geometry,
-                            assembler,
-                            progress,
-                            self.config.stream_timeout_s,
-                            self._bulk_tls,
-                            self.config.token,
-                        )
-                        receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
-                        receiving.wall_s += time.perf_counter() - started
-                    except Unavailable as exc:
-                        if (progress.block, progress.frame) != before:
-                            raise
-                        # Refused or dropped before a frame (a connection cap, a restarted bulk
-                        # port): the edge itself may be fine, so ask it over gRPC before moving on.
-                        log.info("bulk stream from %s failed before a frame (%s); using its gRPC port", address, exc)
-                        await self._grpc_stream_into(reader, fingerprint, geometry, blocks, assembler, progress)
-                else:
-                    await self._grpc_stream_into(reader, fingerprint, geometry, blocks, assembler, progress)
+                cpu_s = await stream_from(reader, fingerprint, blocks, geometry, assembler, progress, self._transport)
+                receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
+                if cpu_s:
+                    receiving.wall_s += time.perf_counter() - started
                 return used
             except (*_RETRYABLE, DigestMismatch) as exc:
                 # A frame that fails verification came from a faulty or hostile edge: nothing of it was
@@ -552,32 +533,6 @@ class KVClient:
         if any(isinstance(e, DigestMismatch) for e in errors):
             raise DigestMismatch(f"no edge sent verified frames for the whole stream: {summary}")
         raise Unavailable(f"no edge could complete the stream: {summary}")
-
-    @staticmethod
-    async def _grpc_stream_into(
-        reader: CacheReader,
-        fingerprint: str,
-        geometry: Geometry,
-        blocks: list[pb.BlockInfo],
-        assembler: Target,
-        progress: Progress,
-    ) -> None:
-        async for raw in reader.stream(fingerprint, [b.key for b in blocks[progress.block :]], progress.frame):
-            if progress.block == len(blocks):
-                raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
-            header, payload = decode_frame(raw, reader.address)
-            info = blocks[progress.block]
-            verify_frame(info, geometry.frame_bytes, progress.frame, header, payload, reader.address)
-            start = info.index * geometry.block_tokens
-            assembler.write(start, info.n_tokens, header.offset, payload)
-            loop = asyncio.get_running_loop()  # decode / GPU copy: off the event loop, as bulk does
-            if isinstance(assembler, DecodingAssembler):  # raw blocks have nothing to do per frame
-                end = header.offset + len(payload)
-                await loop.run_in_executor(None, assembler.frame_done, start, info.n_tokens, end)
-            if progress.advance(len(info.frame_digests)):
-                await loop.run_in_executor(None, assembler.block_done, start, info.n_tokens)
-        if progress.block < len(blocks):
-            raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
 
 
 class BlockingKVClient:

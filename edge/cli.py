@@ -48,6 +48,11 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
     )
+    s.add_argument(
+        "--grpc-pulls",
+        action="store_true",
+        help="load blocks from peers and the origin over gRPC, not their bulk ports (to compare the two)",
+    )
     s.set_defaults(run=run)
 
 
@@ -64,6 +69,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         replicas=args.replicas,
         advertise=args.advertise or "",
         peer_timeout_s=args.peer_timeout,
+        bulk_pulls=not args.grpc_pulls,
         trust=args.trust,
         tls=TLSFiles.from_args(args),
         token=read_token(args.token_file),

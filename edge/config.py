@@ -37,6 +37,11 @@ class EdgeConfig:
     """Owners per block on the ring (the clients' setting)."""
     peer_timeout_s: float = 1.0
     """Longest wait for a peer's first frame before the next owner, then the origin, is asked."""
+    bulk_pulls: bool = True
+    """Load blocks from peers and the origin over their bulk ports where they offer one, each load a
+    stream in a worker thread (False, or a server without one: gRPC StreamBlocks)."""
+    pull_threads: int = 64
+    """Worker threads for loads over bulk ports (more loads at once wait for one)."""
     advertise: str = ""
     """This edge's entry in `peers` (default: the address it is bound to)."""
     peer_suspect_s: float = 10.0
@@ -80,6 +85,8 @@ class EdgeConfig:
             raise InvalidArgument("replicas must be at least 1")
         if self.peer_suspect_s < 0 or self.prefetch_blocks < 0:
             raise InvalidArgument("peer_suspect_s and prefetch_blocks must be >= 0")
+        if self.pull_threads < 1:
+            raise InvalidArgument("pull_threads must be at least 1")
         if self.origin_lookups < 1 or self.miss_ttl_s < 0:
             raise InvalidArgument("origin_lookups must be at least 1 and miss_ttl_s >= 0")
         if self.rate_limit < 0:

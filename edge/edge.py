@@ -24,12 +24,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from kvcdn.edge.admission import admit
 from kvcdn.edge.config import EdgeConfig
+from kvcdn.edge.pulls import Pull, PullTarget
 from kvcdn.edge.tiers import Tier
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, NotFound, Unavailable
 from kvcdn.spec.codecs import best_prefix, parse_codecs
+from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import encoded_key
 from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
 from kvcdn.spec.provenance import TrustStore, Untrusted
@@ -37,12 +40,14 @@ from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import EncodedBlock, FrameSource, check_start_frame, decode_frame, stream_blocks, verify_frame
+from kvcdn.wire.frames import EncodedBlock, FrameSource, stream_blocks
 from kvcdn.wire.metrics import EdgeMetrics, Stat
+from kvcdn.wire.receiver import Progress
 from kvcdn.wire.rpc import check_read_request
+from kvcdn.wire.source import Transport, stream_from
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["Edge", "Pull", "reader_for"]
+__all__ = ["Edge", "reader_for"]
 
 log = logging.getLogger(__name__)
 
@@ -58,58 +63,6 @@ def reader_for(config: EdgeConfig, address: str) -> CacheReader:
     """The stub an edge loads blocks with from `address` (its origin or a peer), with the config's
     deadlines (`origin_timeout_s` a call, ten times that a stream), its token and its TLS files."""
     return CacheReader(address, config.origin_timeout_s, 10 * config.origin_timeout_s, config.token, config.tls)
-
-
-class Pull:
-    """A block being loaded (from a lower tier, an owner edge or the origin): frames are appended as
-    they are verified, and any number of readers follow them as they arrive."""
-
-    def __init__(self, seen_before: bool, from_peers: bool) -> None:
-        self.requests = 1
-        self.seen_before = seen_before
-        self.from_peers = from_peers
-        """May load from the block's owners (not when a peer asked: see StreamBlocksRequest.from_peer)."""
-        self.frames: list[bytes] = []
-        self.n_frames = 0
-        """Frames the block has (0 until its info is known)."""
-        self.done = False
-        self.error: BaseException | None = None
-        self.stale = False
-        """An invalidation named this block while it was loading: serve it to those waiting, keep it nowhere."""
-        self._changed = asyncio.Event()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def start(self, n_frames: int) -> None:
-        self.n_frames = n_frames
-        self._wake()
-
-    def append(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        self._wake()
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self.done, self.error = True, error
-        self._wake()
-
-    async def frames_from(self, start: int) -> AsyncIterator[bytes]:
-        i = start
-        while True:
-            if self.n_frames:
-                check_start_frame(start, self.n_frames)
-            if i < len(self.frames):
-                yield self.frames[i]
-                i += 1
-            elif self.done:
-                if self.error is None:
-                    return
-                if isinstance(self.error, KVCDNError):
-                    raise type(self.error)(str(self.error))
-                raise Unavailable(f"loading the block failed: {self.error}")
-            else:
-                await self._changed.wait()
 
 
 class Edge:
@@ -145,6 +98,15 @@ class Edge:
         self._info_path = config.disk_dir / _ORIGIN_INFO_FILE if config.disk_dir is not None else None
         self._origin_info: pb.ServerInfo | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._pulling = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="kvcdn-pull")
+        self._transport = Transport(
+            self._pulling,
+            10 * config.origin_timeout_s,
+            bulk=config.bulk_pulls,
+            tls=config.tls.client_context() if config.tls is not None else None,
+            token=config.token,
+        )
+        """How loads stream from peers and the origin (kvcdn.wire.source): bulk where offered."""
         self.origin_fetches = 0
         self.bytes_from_origin = 0
         self.peer_fetches = 0
@@ -223,6 +185,7 @@ class Edge:
         for peer in self._peers.values():
             await peer.close()
         await self.upstream.close()
+        self._pulling.shutdown(wait=False)
 
     # --- read side --------------------------------------------------------------------------------
 
@@ -484,37 +447,46 @@ class Edge:
             if not infos:
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
             info = infos[0]
-        frame_bytes = (await self.origin_info()).geometry.frame_bytes
+        geometry = Geometry.from_proto((await self.origin_info()).geometry)
         pull.start(len(info.frame_digests))
+        target = PullTarget(info, geometry.frame_bytes, pull, asyncio.get_running_loop())
+        progress = Progress()
         peers = self._peer_sources(key) if pull.from_peers else []
-        peer_timeout_s = self.config.peer_timeout_s
         for source in [*peers, ""]:  # "": the origin, the last resort
             if source and self._suspect_until.get(source, 0.0) > time.monotonic():
                 continue
             reader = self._peer(source) if source else self.upstream
-            got = 0
+            had = len(target.frames)
             try:
                 # A peer that does not start sending within peer_timeout_s is skipped (the origin is
                 # always there); once frames flow, the stream's own deadline applies.
-                async with asyncio.timeout(peer_timeout_s if source else None) as waiting:
-                    async for raw in reader.stream(fingerprint, [key], len(pull.frames), from_peer=bool(source)):
-                        waiting.reschedule(None)
-                        header, payload = decode_frame(raw, reader.address)
-                        verify_frame(info, frame_bytes, len(pull.frames), header, payload, reader.address)
-                        pull.append(raw)
-                        got += len(payload)
-                if len(pull.frames) != len(info.frame_digests):
-                    raise Unavailable(f"{reader.address} ended block {key.hex()[:16]}… after {len(pull.frames)} frames")
-            except (Unavailable, DeadlineExceeded, DigestMismatch, TimeoutError) as exc:
+                await stream_from(
+                    reader,
+                    fingerprint,
+                    [info],
+                    geometry,
+                    target,
+                    progress,
+                    self._transport,
+                    from_peer=bool(source),
+                    first_frame_s=self.config.peer_timeout_s if source else None,
+                )
+            except (Unavailable, DeadlineExceeded, DigestMismatch) as exc:
                 if not source:
                     raise
                 self._suspect_until[source] = time.monotonic() + self.config.peer_suspect_s
-                reason = str(exc) or f"no frame within {peer_timeout_s:g} s"
                 log.warning(
-                    "peer %s could not send block %s… (%s); trying the next source", source, key.hex()[:16], reason
+                    "peer %s could not send block %s… (%s); trying the next source", source, key.hex()[:16], exc
                 )
                 continue
+            except asyncio.CancelledError:
+                target.abandon()  # a bulk stream's thread appends nothing more
+                raise
             finally:
+                got = sum(
+                    min(geometry.frame_bytes, info.n_bytes - i * geometry.frame_bytes)
+                    for i in range(had, len(target.frames))
+                )
                 if source:
                     self.bytes_from_peers += got
                 else:
@@ -524,7 +496,7 @@ class Edge:
             else:
                 self.origin_fetches += 1
             break
-        return EncodedBlock(info=info, frames=tuple(pull.frames), frame_bytes=frame_bytes)
+        return EncodedBlock(info=info, frames=tuple(target.frames), frame_bytes=geometry.frame_bytes)
 
     async def _ahead(self, fingerprint: str, keys: Sequence[bytes], from_peers: bool) -> AsyncIterator[FrameSource]:
         """The blocks of `keys` in order, each one's load started up to `config.prefetch_blocks` blocks

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids, question_ids
-from kvcdn.model.tensors import bit_identical
+from kvcdn.model.tensors import LayerKV, bit_identical
 from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.codecs import DEFAULT_ACCEPT
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
@@ -161,11 +162,13 @@ async def measure(
     console: Console,
     server_tls: TLSFiles | None = None,
     edge_pids: Sequence[int] = (),
+    each_codec: bool = False,
 ) -> list[BenchRow]:
     """Publish `texts` at `origin` (offered in the codecs the client accepts), warm the edges, and
     measure each (see the module docstring), with the CPU time each side spent (`edge_pids`: the edge
-    processes). Under TLS (`server_tls`, and the client's in `client_config`) the raw baseline is a
-    TLS transfer too."""
+    processes); `each_codec`: a row for each codec the client accepts, else one in the first the
+    origin holds. Under TLS (`server_tls`, and the client's in `client_config`) the raw baseline is a
+    TLS transfer too. Each row is also logged on stderr as soon as it is measured."""
     baseline_tls = (server_tls, client_config.tls) if server_tls is not None and client_config.tls else None
     question = question_ids(model.tokenizer, "What is this text about?")
     offered = [c for c in client_config.codecs if c != "raw"]
@@ -175,10 +178,10 @@ async def measure(
                 await publisher.publish(f"bench-{len(text)}", text, offered)
     rows = []
     async with KVClient(client_config) as client:
+        frame_bytes = (await client.info()).geometry.frame_bytes
         for text in texts:
             doc = document_ids(model.tokenizer, text)
             ids = doc + question
-            await client.fetch(model, doc)  # warm the edge
             with console.status(f"local prefill of {len(doc)} tokens ..."):
                 # Best of `repeats`, as for the fetches: the first run on a GPU also pays for
                 # kernel selection and allocations that a serving agent has long paid for.
@@ -190,69 +193,106 @@ async def measure(
                     local = adapter.greedy(model.model, ids, 1)
                     local_s = min(local_s, time.perf_counter() - t0)
                 two_pass = adapter.greedy(model.model, ids, 1, cache=own)
-            cached_s = fetch_s = raw_s = float("inf")
-            hashed = 0.0
-            matched = two_pass_matched = True
-            identical: bool | None = None
-            n_bytes = streams = 0
-            codec = "raw"
-            frame_bytes = (await client.info()).geometry.frame_bytes
-            costs = dict.fromkeys(
-                ("client_cpu_s", "edges_cpu_s", "copy_s", "raw_receiver_cpu_s", "raw_sender_cpu_s"), 0.0
-            )
-            receiving = ReceiveTimes()
-            with RawTCP(baseline_tls) as tcp:  # its sender waits idle while the client fetches
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    client_cpu_s, edges_cpu_s = time.process_time(), cpu_seconds(edge_pids)
-                    fetched = await client.fetch(model, doc)
-                    client_cpu_s, edges_cpu_s = time.process_time() - client_cpu_s, cpu_seconds(edge_pids) - edges_cpu_s
-                    gen = adapter.greedy(model.model, ids, 1, cache=fetched.layers)
-                    cached_s = min(cached_s, time.perf_counter() - t0)
-                    fetch_s = min(fetch_s, fetched.fetch_s)
-                    matched = matched and gen.tokens == local.tokens
-                    two_pass_matched = two_pass_matched and gen.tokens == two_pass.tokens
-                    if identical is None:  # (a), checked once, outside the timings
-                        identical = bit_identical(fetched.layers, own)
-                    n_bytes, streams, codec = fetched.n_bytes, fetched.streams, fetched.codec
-                    costs["client_cpu_s"] += client_cpu_s / repeats
-                    costs["edges_cpu_s"] += edges_cpu_s / repeats
-                    costs["copy_s"] += fetched.copy_s / repeats
-                    receiving.cpu_s += fetched.receiving.cpu_s
-                    receiving.wall_s += fetched.receiving.wall_s
-                    # An agent done with a cache drops it; the next fetch then reuses that memory, as
-                    # the TCP baseline reuses its buffer.
-                    del fetched, gen
-                    # The baselines right after each fetch, side by side: a shared machine's load drifts
-                    # within a run, and a ratio of figures taken a minute apart would drift with it.
-                    sender_cpu_s = cpu_seconds([tcp.sender_pid])
-                    took = tcp.seconds(n_bytes, streams)
-                    costs["raw_receiver_cpu_s"] += tcp.receiver_cpu_s / repeats
-                    costs["raw_sender_cpu_s"] += (cpu_seconds([tcp.sender_pid]) - sender_cpu_s) / repeats
-                    raw_s = min(raw_s, took)
-                    hashed = max(hashed, blake3_gbps(n_bytes, frame_bytes, repeats=1))
-            raw = n_bytes / raw_s / 1e9
-            rows.append(
-                BenchRow(
+            for codecs in [[c] for c in client_config.codecs] if each_codec else [None]:
+                await client.fetch(model, doc, codecs)  # warm the edges
+                with RawTCP(baseline_tls) as tcp:  # its sender waits idle while the client fetches
+                    fetches = await _fetches(client, model, doc, ids, codecs, repeats, tcp, edge_pids, frame_bytes, own)
+                matched = all(t == local.tokens for t in fetches.tokens)
+                two_pass_matched = all(t == two_pass.tokens for t in fetches.tokens)
+                row = BenchRow(
                     tokens=len(doc),
                     cache_bytes=len(doc) * model.geometry.token_bytes,
-                    codec=codec,
-                    wire_bytes=n_bytes,
+                    codec=fetches.codec,
+                    wire_bytes=fetches.n_bytes,
                     prefill_s=prefill_s,
-                    fetch_s=fetch_s,
+                    fetch_s=fetches.fetch_s,
                     local_s=local_s,
-                    cached_s=cached_s,
-                    streams=streams,
-                    raw_gbps=raw,
-                    hash_gbps=hashed,
-                    kv_identical=bool(identical),
+                    cached_s=fetches.cached_s,
+                    streams=fetches.streams,
+                    raw_gbps=fetches.n_bytes / fetches.raw_s / 1e9,
+                    hash_gbps=fetches.hash_gbps,
+                    kv_identical=fetches.identical,
                     two_pass_matched=two_pass_matched,
                     matched=matched,
-                    receive_busy=receiving.busy,
-                    **costs,
+                    receive_busy=fetches.receiving.busy,
+                    **fetches.costs,
                 )
-            )
+                rows.append(row)
+                print(
+                    f"{row.tokens:,} tokens {row.codec}: fetch {row.fetch_s:.3f} s ({row.fetch_gbps:.2f} GB/s, "
+                    f"{row.fetch_gbps / row.bound_gbps:.0%} of the bound), prefill {row.prefill_s:.3f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return rows
+
+
+@dataclass
+class _Fetches:
+    """One document fetched `repeats` times in one codec, each followed by its baselines."""
+
+    codec: str
+    n_bytes: int
+    streams: int
+    identical: bool
+    """(a) The first fetch's KV equals the local prefill's, bit for bit (checked outside the timings)."""
+    tokens: list[list[int]] = field(default_factory=list)
+    """The first new token after each fetched cache."""
+    fetch_s: float = float("inf")
+    cached_s: float = float("inf")
+    raw_s: float = float("inf")
+    hash_gbps: float = 0.0
+    receiving: ReceiveTimes = field(default_factory=ReceiveTimes)
+    costs: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("client_cpu_s", "edges_cpu_s", "copy_s", "raw_receiver_cpu_s", "raw_sender_cpu_s"), 0.0
+        )
+    )
+
+
+async def _fetches(
+    client: KVClient,
+    model: LoadedModel,
+    doc: list[int],
+    ids: list[int],
+    codecs: list[str] | None,
+    repeats: int,
+    tcp: RawTCP,
+    edge_pids: Sequence[int],
+    frame_bytes: int,
+    own: list[LayerKV],
+) -> _Fetches:
+    """Fetch `doc` `repeats` times (best times, mean costs), each fetch followed by a raw transfer and
+    a hash pass over as many bytes, side by side: a shared machine's load drifts within a run, and a
+    ratio of figures taken a minute apart would drift with it."""
+    out: _Fetches | None = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        client_cpu_s, edges_cpu_s = time.process_time(), cpu_seconds(edge_pids)
+        fetched = await client.fetch(model, doc, codecs)
+        client_cpu_s, edges_cpu_s = time.process_time() - client_cpu_s, cpu_seconds(edge_pids) - edges_cpu_s
+        gen = adapter.greedy(model.model, ids, 1, cache=fetched.layers)
+        if out is None:
+            out = _Fetches(fetched.codec, fetched.n_bytes, fetched.streams, bit_identical(fetched.layers, own))
+        out.cached_s = min(out.cached_s, time.perf_counter() - t0)
+        out.fetch_s = min(out.fetch_s, fetched.fetch_s)
+        out.tokens.append(gen.tokens)
+        out.costs["client_cpu_s"] += client_cpu_s / repeats
+        out.costs["edges_cpu_s"] += edges_cpu_s / repeats
+        out.costs["copy_s"] += fetched.copy_s / repeats
+        out.receiving.cpu_s += fetched.receiving.cpu_s
+        out.receiving.wall_s += fetched.receiving.wall_s
+        # An agent done with a cache drops it; the next fetch then reuses that memory, as the TCP
+        # baseline reuses its buffer.
+        del fetched, gen
+        sender_cpu_s = cpu_seconds([tcp.sender_pid])
+        took = tcp.seconds(out.n_bytes, out.streams)
+        out.costs["raw_receiver_cpu_s"] += tcp.receiver_cpu_s / repeats
+        out.costs["raw_sender_cpu_s"] += (cpu_seconds([tcp.sender_pid]) - sender_cpu_s) / repeats
+        out.raw_s = min(out.raw_s, took)
+        out.hash_gbps = max(out.hash_gbps, blake3_gbps(out.n_bytes, frame_bytes, repeats=1))
+    assert out is not None  # repeats >= 1 (BenchConfig)
+    return out
 
 
 def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "TCP") -> str | Table:
@@ -404,6 +444,9 @@ class BenchConfig:
     spread: bool = True
     """Blocks from whichever of their owners evens out the edges' shares (ClientConfig.spread), or
     (False) each from its primary owner."""
+    each_codec: bool = False
+    """A row for every codec of `codecs`, the same documents fetched in each (one cluster, one model
+    load); False: one row a length, in the first of `codecs` the origin holds."""
     signed: bool = True
     """The origin signs, edges and the agent check every block info (the product's default); False
     measures the same path without signatures, for the comparison."""
@@ -435,7 +478,8 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
             # Memory tiers that hold every length's cache at each of its owners, with room to spare (the
             # default 1 GiB does not hold a 32,768-token Qwen3-4B cache): a warm edge answers from memory.
-            held = DEFAULT_REPLICAS * model.geometry.token_bytes * sum(config.lengths) * 5 // 4 // config.edges
+            copies = DEFAULT_REPLICAS * (len(config.codecs) if config.each_codec else 1)
+            held = copies * model.geometry.token_bytes * sum(config.lengths) * 5 // 4 // config.edges
             cluster = Cluster(
                 store_dir=Path(store),
                 edges=config.edges,
@@ -464,6 +508,7 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
                     console,
                     cluster.server_tls,
                     edge_pids,
+                    config.each_codec,
                 )
             )
         finally:

@@ -53,6 +53,11 @@ def register(sub: Any) -> None:
         help="connections each edge's share of a fetch is split over (default: by core count, see ClientConfig)",
     )
     b.add_argument(
+        "--each-codec",
+        action="store_true",
+        help="a row for every codec of --codecs, the same documents in each (else: the first the origin holds)",
+    )
+    b.add_argument(
         "--primary-only",
         action="store_true",
         help="every block from its primary owner, not spread over its owners (to measure what spreading gains)",
@@ -124,6 +129,11 @@ def register(sub: Any) -> None:
     n.add_argument("--mem-bytes", type=parse_size, default=parse_size("64MiB"), help="each edge's memory tier (64MiB)")
     n.add_argument("--disk-bytes", type=parse_size, default=parse_size("192MiB"), help="each edge's disk tier (192MiB)")
     n.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    n.add_argument(
+        "--parts", default="herd,zipf,memory,pulls", help="which parts to run, a comma list (herd,zipf,memory,pulls)"
+    )
+    n.add_argument("--pull-tokens", type=int, default=3774, help="length of the cold-pull part's documents (3774)")
+    n.add_argument("--pull-repeats", type=int, default=3, help="documents of the cold-pull part (3)")
     ModelOptions.add_flags(n)
     n.set_defaults(run=network)
 
@@ -194,6 +204,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         args.streams_per_run or default_streams_per_run(),
         args.codecs,
         spread=not args.primary_only,
+        each_codec=args.each_codec,
         signed=not args.unsigned,
         tls=args.tls,
         frame_bytes=args.frame_bytes,
@@ -236,7 +247,17 @@ def network_config(args: argparse.Namespace) -> NetworkBenchConfig:
         zipf_s=args.zipf,
         duration_s=args.duration,
     )
-    return NetworkBenchConfig(args.agents, args.herd_tokens, zipf, args.mem_bytes, args.disk_bytes, args.markdown)
+    return NetworkBenchConfig(
+        args.agents,
+        args.herd_tokens,
+        zipf,
+        args.mem_bytes,
+        args.disk_bytes,
+        args.markdown,
+        tuple(p.strip() for p in args.parts.split(",")),
+        args.pull_tokens,
+        args.pull_repeats,
+    )
 
 
 def economics_request(args: argparse.Namespace) -> EconomicsRequest:

@@ -7,7 +7,10 @@ Three parts, each printed as a table:
 2. Zipf tiers: a Zipf workload over more documents than the edges' tiers hold; hit ratio per tier
    (memory, disk, origin, joined an in-flight load) from the edges' metrics;
 3. edge memory: the resident memory of a fresh edge while it streams, cold, a document 2x and then
-   (another fresh edge) 4x the size of its memory tier: the growth should not follow the object.
+   (another fresh edge) 4x the size of its memory tier: the growth should not follow the object;
+4. cold pulls: a document fetched through an edge that has none of it, whose loads from the origin
+   travel over the origin's bulk port (the default) or over gRPC (`kvcdn edge --grpc-pulls`), side by
+   side on two edges of one origin.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from kvcdn.ops.stats import EdgeStats, edge_stats, metrics_url, rpcs_started
 from kvcdn.spec.placement import DEFAULT_REPLICAS
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["cold_herd", "edge_memory", "run_network_bench", "zipf_tiers"]
+__all__ = ["cold_herd", "cold_pulls", "edge_memory", "run_network_bench", "zipf_tiers"]
+
+PARTS = ("herd", "zipf", "memory", "pulls")
+"""The benchmark's parts, in the order they run (`--parts`)."""
 
 MiB = 1 << 20
 
@@ -55,6 +61,9 @@ class HerdResult:
     pulls_per_edge: list[float]
     wall_s: float
     gb_served: float
+    """Payload bytes the edges sent, to the agents and to each other."""
+    gb_between_edges: float
+    """Of those, what edges loaded from each other (a replica from a block's primary)."""
     warm_ok: int
     """Agents whose second (warm) fetch was complete."""
     warm_origin_rpcs: float
@@ -95,6 +104,7 @@ async def cold_herd(model: LoadedModel, origin: str, edges: list[str], agents: i
         pulls_per_edge=pulls,
         wall_s=wall_s,
         gb_served=(_total(after, "bytes_served") - _total(before, "bytes_served")) / 1e9,
+        gb_between_edges=(_total(after, "bytes_from_peers") - _total(before, "bytes_from_peers")) / 1e9,
         warm_ok=len(warm_ok),
         warm_origin_rpcs=warm_origin_rpcs,
     )
@@ -168,6 +178,42 @@ async def edge_memory(
     )
 
 
+@dataclass(frozen=True)
+class PullResult:
+    tokens: int
+    cache_mb: float
+    grpc_s: list[float]
+    """Cold fetch seconds through the edge that loads over gRPC, one a document."""
+    bulk_s: list[float]
+    """The same through the edge that loads over the origin's bulk port."""
+    exact: bool
+
+
+async def cold_pulls(
+    model: LoadedModel, origin: str, grpc_edge: str, bulk_edge: str, tokens: int, repeats: int
+) -> PullResult:
+    """`repeats` documents of `tokens` tokens, each published and then fetched once through each edge
+    (both cold for it; which goes first alternates), raw: the fetch waits on the edge's loads from the
+    origin, which run ahead of the stream (cut-through)."""
+    grpc_s: list[float] = []
+    bulk_s: list[float] = []
+    exact = True
+    cache_mb = 0.0
+    for i in range(repeats):
+        text = text_of_length(model, f"Cold pull {i} {time.time_ns()}.\n\n" + sample_corpus(), tokens)
+        async with CacheReader(origin) as reader:
+            await reader.publish(f"pull-{i}-{time.time_ns()}", text)
+        ids = document_ids(model.tokenizer, text)
+        order = [(grpc_edge, grpc_s), (bulk_edge, bulk_s)]
+        for edge, times in order if i % 2 == 0 else order[::-1]:
+            async with KVClient([edge]) as client:
+                fetched = await client.fetch(model, ids, ("raw",))
+            times.append(fetched.fetch_s)
+            exact &= fetched.cached_tokens == len(ids)
+            cache_mb = fetched.n_bytes / 1e6
+    return PullResult(tokens, cache_mb, grpc_s, bulk_s, exact)
+
+
 def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
     if markdown:
         return "\n".join([f"**{title}**", "", "| figure | value |", "|---|---:|", *(f"| {a} | {b} |" for a, b in rows)])
@@ -197,30 +243,59 @@ class NetworkBenchConfig:
     disk_bytes: int = 192 << 20
     """Each edge's disk tier."""
     markdown: bool = False
+    parts: tuple[str, ...] = PARTS
+    """Which parts to run (PARTS)."""
+    pull_tokens: int = 3774
+    """Length of the cold-pull part's documents."""
+    pull_repeats: int = 3
+    """Documents of the cold-pull part (each fetched cold once through each edge)."""
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.herd_tokens < 1:
             raise InvalidArgument("--agents and --herd-tokens must be at least 1")
+        if not self.parts or set(self.parts) - set(PARTS):
+            raise InvalidArgument(f"--parts takes a comma list of {', '.join(PARTS)}")
+        if self.pull_tokens < 1 or self.pull_repeats < 1:
+            raise InvalidArgument("--pull-tokens and --pull-repeats must be at least 1")
 
 
 def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: ModelOptions) -> int:
     """`kvcdn loadtest network`: `model` (loaded from `options`) is the agents'; the origin loads the same."""
     console = Console(width=None if Console().is_terminal else 160)
-    origin_args = options.flags()
     out: list[Any] = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="kvcdn-netbench-") as tmp:
         root = Path(tmp)
-        mem, disk = config.mem_bytes, config.disk_bytes
-        with console.status("starting an origin and 3 edges with small tiers ..."):
-            cluster = Cluster(
-                store_dir=root / "store",
-                edges=3,
-                origin_args=origin_args,
-                edge_args=["--mem-bytes", str(mem), "--disk-bytes", str(disk)],
-                edge_disk_root=root / "disk",
-            ).start()
-        try:
+        if {"herd", "zipf"} & set(config.parts):
+            ok &= _network_parts(config, model, options, root, console, out)
+        if "memory" in config.parts:
+            ok &= _memory_part(config, model, options, root, console, out)
+        if "pulls" in config.parts:
+            ok &= _pulls_part(config, model, options, root, console, out)
+    for part in out:
+        if isinstance(part, str):
+            print(part + "\n")
+        else:
+            console.print(part)
+    return 0 if ok else 1
+
+
+def _network_parts(
+    config: NetworkBenchConfig, model: LoadedModel, options: ModelOptions, root: Path, console: Console, out: list[Any]
+) -> bool:
+    """Parts 1 and 2 (those of `config.parts`) on an origin and 3 edges with small tiers."""
+    ok = True
+    mem, disk = config.mem_bytes, config.disk_bytes
+    with console.status("starting an origin and 3 edges with small tiers ..."):
+        cluster = Cluster(
+            store_dir=root / "store",
+            edges=3,
+            origin_args=options.flags(),
+            edge_args=["--mem-bytes", str(mem), "--disk-bytes", str(disk)],
+            edge_disk_root=root / "disk",
+        ).start()
+    try:
+        if "herd" in config.parts:
             with console.status(f"cold herd: {config.agents} agents, one document ..."):
                 herd = asyncio.run(
                     cold_herd(model, cluster.origin_address, cluster.edge_addresses, config.agents, config.herd_tokens)
@@ -236,15 +311,21 @@ def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: M
                         ("origin block transfers (edges' metrics)", f"{herd.origin_pulls:.0f}"),
                         ("  per edge", ", ".join(f"{p:.0f}" for p in herd.pulls_per_edge)),
                         ("  allowed: R x blocks", f"{DEFAULT_REPLICAS * herd.blocks}"),
-                        ("served by the edges", f"{herd.gb_served:.2f} GB in {herd.wall_s:.1f} s"),
+                        (
+                            "served by the edges: to agents / to each other",
+                            f"{herd.gb_served - herd.gb_between_edges:.2f} / {herd.gb_between_edges:.2f} GB"
+                            f" in {herd.wall_s:.1f} s",
+                        ),
                         ("warm pass: caches complete", f"{herd.warm_ok}/{herd.agents}"),
                         ("  RPCs the origin answered (goal: 0)", f"{herd.warm_origin_rpcs:.0f}"),
                     ],
                     config.markdown,
                 )
             )
+        if "zipf" in config.parts:
             zipf = replace(config.zipf, edges=tuple(cluster.edge_addresses), origin=cluster.origin_address)
-            with console.status(f"Zipf: {zipf.documents} documents, {zipf.agents} agents, {zipf.duration_s:.0f} s ..."):
+            doing = f"Zipf: {zipf.documents} documents, {zipf.agents} agents, {zipf.duration_s:.0f} s ..."
+            with console.status(doing):
                 report = asyncio.run(zipf_tiers(model, zipf))
             corpus_mb = sum(report["document_tokens"]) * model.geometry.token_bytes / 1e6
             e = report["edges"]
@@ -273,48 +354,88 @@ def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: M
                     config.markdown,
                 )
             )
+    finally:
+        cluster.stop()
+    return ok
+
+
+def _memory_part(
+    config: NetworkBenchConfig, model: LoadedModel, options: ModelOptions, root: Path, console: Console, out: list[Any]
+) -> bool:
+    """Part 3: a fresh edge's memory while it streams objects 2x and 4x its memory tier."""
+    ok = True
+    mem, origin_args = config.mem_bytes, options.flags()
+    rows = []
+    for factor in (2, 4):
+        with console.status(f"one fresh edge, streaming a document {factor}x its memory tier ..."):
+            single = Cluster(
+                store_dir=root / f"store-x{factor}",
+                edges=1,
+                origin_args=origin_args,
+                edge_args=["--mem-bytes", str(mem)],
+            ).start()
+            try:
+                r = asyncio.run(
+                    edge_memory(
+                        model,
+                        single.origin_address,
+                        single.edge_addresses[0],
+                        single.process("edge0").pid,
+                        mem,
+                        factor,
+                    )
+                )
+            finally:
+                single.stop()
+        ok &= r.exact
+        rows += [
+            (
+                f"object {factor}x the tier",
+                f"{r.object_mb:.0f} MiB, cold fetch {r.fetch_s:.2f} s, {'exact' if r.exact else 'INCOMPLETE'}",
+            ),
+            (
+                "  edge RSS before / peak / after",
+                f"{r.rss_before_mb:.0f} / {r.rss_peak_mb:.0f} / {r.rss_after_mb:.0f} MiB",
+            ),
+            ("  peak growth", f"{r.rss_peak_mb - r.rss_before_mb:.0f} MiB (tier {r.memory_tier_mb:.0f} MiB)"),
+        ]
+    out.append(_rows_table("3. edge memory while streaming objects larger than its memory tier", rows, config.markdown))
+    return ok
+
+
+def _pulls_part(
+    config: NetworkBenchConfig, model: LoadedModel, options: ModelOptions, root: Path, console: Console, out: list[Any]
+) -> bool:
+    """Part 4: cold fetches through an edge that loads over gRPC and one that loads over bulk."""
+    with console.status(f"cold pulls: {config.pull_repeats} documents of {config.pull_tokens} tokens, two edges ..."):
+        cluster = Cluster(
+            store_dir=root / "store-pulls",
+            edges=2,
+            origin_args=options.flags(),
+            peers=False,
+            edge_args_by_index={0: ["--grpc-pulls"]},
+        ).start()
+        try:
+            grpc_edge, bulk_edge = cluster.edge_addresses
+            r = asyncio.run(
+                cold_pulls(model, cluster.origin_address, grpc_edge, bulk_edge, config.pull_tokens, config.pull_repeats)
+            )
         finally:
             cluster.stop()
-        rows = []
-        for factor in (2, 4):
-            with console.status(f"one fresh edge, streaming a document {factor}x its memory tier ..."):
-                single = Cluster(
-                    store_dir=root / f"store-x{factor}",
-                    edges=1,
-                    origin_args=origin_args,
-                    edge_args=["--mem-bytes", str(mem)],
-                ).start()
-                try:
-                    r = asyncio.run(
-                        edge_memory(
-                            model,
-                            single.origin_address,
-                            single.edge_addresses[0],
-                            single.process("edge0").pid,
-                            mem,
-                            factor,
-                        )
-                    )
-                finally:
-                    single.stop()
-            ok &= r.exact
-            rows += [
+    best_grpc, best_bulk = min(r.grpc_s), min(r.bulk_s)
+    out.append(
+        _rows_table(
+            f"4. cold pulls: {r.tokens:,}-token documents ({r.cache_mb:.1f} MB raw), each cold at the edge",
+            [
+                ("edge loads over gRPC (`--grpc-pulls`): cold fetch s", ", ".join(f"{t:.3f}" for t in r.grpc_s)),
                 (
-                    f"object {factor}x the tier",
-                    f"{r.object_mb:.0f} MiB, cold fetch {r.fetch_s:.2f} s, {'exact' if r.exact else 'INCOMPLETE'}",
+                    "edge loads over the origin's bulk port (default): cold fetch s",
+                    ", ".join(f"{t:.3f}" for t in r.bulk_s),
                 ),
-                (
-                    "  edge RSS before / peak / after",
-                    f"{r.rss_before_mb:.0f} / {r.rss_peak_mb:.0f} / {r.rss_after_mb:.0f} MiB",
-                ),
-                ("  peak growth", f"{r.rss_peak_mb - r.rss_before_mb:.0f} MiB (tier {r.memory_tier_mb:.0f} MiB)"),
-            ]
-        out.append(
-            _rows_table("3. edge memory while streaming objects larger than its memory tier", rows, config.markdown)
+                ("best gRPC / best bulk", f"{best_grpc:.3f} / {best_bulk:.3f} s = {best_grpc / best_bulk:.2f}x"),
+                ("caches complete", "yes" if r.exact else "NO"),
+            ],
+            config.markdown,
         )
-    for part in out:
-        if isinstance(part, str):
-            print(part + "\n")
-        else:
-            console.print(part)
-    return 0 if ok else 1
+    )
+    return r.exact

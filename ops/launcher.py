@@ -47,6 +47,8 @@ class Cluster:
     """Extra `kvcdn origin` flags (model, dtype, device...)."""
     edge_args: list[str] = field(default_factory=list)
     """Extra `kvcdn edge` flags (tier sizes...)."""
+    edge_args_by_index: dict[int, list[str]] = field(default_factory=dict)
+    """Extra flags for one edge only (by its index: edge0, edge1, ...), e.g. to compare two settings."""
     edge_disk_root: Path | None = None
     """Give each edge a disk tier in a folder of its own under this one (edge0, edge1, ...)."""
     peers: bool = True
@@ -164,7 +166,8 @@ class Cluster:
             trust += ["--token-file", str(self._edge_token_file)]
         if self.closed_reads and self._tokens_file is not None:
             trust += ["--tokens", str(self._tokens_file)]
-        return ["edge", "--origin", self.origin_address, *disk, *trust, *self._tls_args, *self.edge_args]
+        mine = self.edge_args_by_index.get(i, [])
+        return ["edge", "--origin", self.origin_address, *disk, *trust, *self._tls_args, *self.edge_args, *mine]
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         """The process of `name` (origin, edge0, edge1, ...), e.g. to signal it in a fault test."""

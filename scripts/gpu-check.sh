@@ -2,7 +2,9 @@
 # The GPU check, on a machine with a CUDA device and no network (under 5 minutes): installs the wheels
 # in .whl/ (scripts/gpu-wheels.sh) beside the image's torch, runs the CUDA tests, and benchmarks
 # random-weight models of real geometries, fetched from 4 warm edges into GPU memory. Results go to
-# $OUT (default gpu-check-out/): gpu-tests.txt and bench.md (one table per geometry and codec).
+# $OUT (default gpu-check-out/): gpu-tests.txt, bench.md (a table per bench: a row per length and
+# codec) and progress.txt (each row's line as soon as it is measured, so a bench that runs past its
+# timeout still leaves the rows it measured).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-check-out}")
@@ -15,20 +17,20 @@ cd "$run" && rm -f kvcdn/samples/__init__.py
 export PYTHONPATH=/tmp/site:$run PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt"
-bench() {  # TIMEOUT GEOMETRY CODEC LENGTHS [more bench flags]
-  echo "## $(date -u +%T) bench ${*:2}" >> "$OUT/bench.md"
-  timeout "$1" python3 -m kvcdn loadtest bench --geometry "$2" --edges 4 --codecs "$3" --lengths "$4" \
-    "${@:5}" --repeats 3 --device cuda --markdown 2>&1 | grep -v "it/s\]" | tee -a "$OUT/bench.md"
+bench() {  # TIMEOUT GEOMETRY CODECS LENGTHS [more bench flags]; each row also logged to progress.txt
+  echo "## $(date -u +%T) bench ${*:2}" | tee -a "$OUT/progress.txt" >> "$OUT/bench.md"
+  timeout "$1" python3 -m kvcdn loadtest bench --geometry "$2" --edges 4 --codecs "$3" --each-codec --lengths "$4" \
+    "${@:5}" --repeats 3 --device cuda --markdown 2> >(grep --line-buffered -v "it/s\]" | tee -a "$OUT/progress.txt" >&2) \
+    | tee -a "$OUT/bench.md"
 }
-# From which length fetching beats the GPU's own prefill (32,768: the bundled texts over again).
-bench 200 qwen3-4b raw 1024,3774,16384,32768
-bench 100 qwen3-4b int8 3774  # half the bytes on the wire and over PCIe, decoded by torch on the GPU
-if [ "${1:-}" = tune ]; then  # `make gpu-check TUNE=1`: what chose the defaults, each against the row above
-  bench 100 qwen3-4b raw 3774 --primary-only  # blocks from their primary owners, not spread over both
-  bench 100 qwen3-4b raw 3774 --streams-per-run 1  # one stream an edge (the default from 8 cores on: 2)
-  bench 100 qwen3-4b raw 3774 --frame-bytes 4MiB  # a quarter of the frames (the default: 1 MiB)
+# Every codec at three lengths (one cluster, one model load): from which length fetching beats the
+# GPU's own prefill, and what half (int8, fp8) or a quarter (int4) of the bytes gains.
+bench 150 qwen3-4b raw,int8,fp8,int4 1024,3774,16384
+bench 90 llama3.1-8b raw 3774,16384
+if [ "${1:-}" = tune ]; then  # `make gpu-check TUNE=1`: what chose the defaults, each against the first bench's row
+  bench 75 qwen3-4b raw 3774 --primary-only  # blocks from their primary owners, not spread over both
+  bench 75 qwen3-4b raw 3774 --streams-per-run 1  # one stream an edge (the default from 8 cores on: 2)
+  bench 75 qwen3-4b raw 3774 --frame-bytes 3MiB  # a third of the frames (the default: 1 MiB)
 fi
-bench 100 qwen3-4b fp8 3774
-bench 100 qwen3-4b int4 3774
-bench 150 llama3.1-8b raw 3774,16384
-echo "## $(date -u +%T) done" >> "$OUT/bench.md"
+bench 120 qwen3-4b raw 32768  # the bundled texts over again; last, so that a slow one costs no other row
+echo "## $(date -u +%T) done" | tee -a "$OUT/progress.txt" >> "$OUT/bench.md"

@@ -4,6 +4,7 @@ flushing the hot working set; a block that comes back is admitted the second tim
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from kvcdn.client import KVClient
@@ -40,7 +41,8 @@ async def test_a_one_off_big_document_does_not_flush_the_hot_set(llama: LoadedMo
             assert once.cached_tokens == len(big)
             assert edge.admissions_refused == 6 and memory_tier(edge).stats().evictions == 0
             assert all(k in memory_tier(edge) for k in hot_keys)
-            assert [k in memory_tier(edge) for k in big_keys] == [True, True] + [False] * 6
+            # the room for two, taken by the first two loads to finish (they run ahead of the stream at once)
+            assert sum(k in memory_tier(edge) for k in big_keys) == 2
 
             hits = memory_tier(edge).hits
             await client.fetch(llama, hot)
@@ -48,7 +50,9 @@ async def test_a_one_off_big_document_does_not_flush_the_hot_set(llama: LoadedMo
 
             await client.fetch(llama, big)  # back again: now it is admitted, evicting the least recent
             assert edge.admissions_refused == 6 and memory_tier(edge).stats().evictions > 0
-            assert all(k in memory_tier(edge) for k in big_keys[-4:])
+            # the room for four, now all big blocks (which four: the loads running ahead finish in any order)
+            assert sum(k in memory_tier(edge) for k in big_keys) == 4
+            assert not any(k in memory_tier(edge) for k in hot_keys)
             assert edge.origin_fetches == 2 + 8 + 6
     finally:
         await server.stop(0)
@@ -69,6 +73,14 @@ async def test_a_block_many_agents_wait_for_is_admitted_on_its_first_load(llama:
         second_text = text_of_length(llama, corpus[3000:], g.block_tokens)
         await net.origin.publish("a", first_text)
         second_key = (await net.origin.publish("b", second_text)).manifest.blocks[0].key
+        serve = net.origin.stream
+
+        async def slow(fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
+            await asyncio.sleep(0.5)  # the load is still running when the other three agents ask
+            async for raw in serve(fingerprint, keys, start_frame):
+                yield raw
+
+        net.origin.stream = slow  # type: ignore[method-assign]
         async with KVClient([server.address]) as client:
             await client.fetch(llama, document_ids(llama.tokenizer, first_text))  # fills the tier
             ids = document_ids(llama.tokenizer, second_text)

@@ -92,6 +92,22 @@ async def test_measure_fetches_every_length_exactly_and_renders_a_table(network:
     assert isinstance(costs, str) and costs.count("\n| ") == 3 and "client / that" in costs
 
 
+async def test_measure_each_codec_fetches_the_same_document_in_every_codec(
+    network: Network, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = network.model
+    text = text_of_length(model, (SAMPLES / "gpl-3.0.txt").read_text(), 200)
+    config = ClientConfig((network.edge_address,), codecs=("int8", "raw", "lossless"))
+    rows = await measure(model, network.origin_server.address, config, [text], 1, Console(quiet=True), each_codec=True)
+    assert [(r.tokens, r.codec) for r in rows] == [(200, "int8"), (200, "raw"), (200, "lossless")]
+    int8, raw, lossless = rows
+    assert raw.kv_identical and lossless.kv_identical and not int8.kv_identical  # lossy: close, not equal
+    assert raw.wire_bytes == raw.cache_bytes > lossless.wire_bytes > int8.wire_bytes
+    assert len({r.prefill_s for r in rows}) == 1  # one local prefill a document, shared by its rows
+    logged = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in logged] == ["200 tokens int8", "200 tokens raw", "200 tokens lossless"]
+
+
 def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -166,38 +166,41 @@ def test_blocking_client_fetches_without_an_event_loop(llama: LoadedModel, tmp_p
         loop.close()
 
 
-class CountingUpstream(CacheReader):
-    """The origin's stub as an edge sees it, counting the block streams it has open at once."""
-
-    running = peak = 0
-
-    async def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
-    ) -> AsyncIterator[bytes]:
-        self.running += 1
-        self.peak = max(self.peak, self.running)
-        try:
-            await asyncio.sleep(0.01)  # let the edge's stream ask for more while this pull is in flight
-            async for raw in super().stream(fingerprint, keys, start_frame, from_peer):
-                yield raw
-        finally:
-            self.running -= 1
-
-
-async def test_a_cold_edge_pulls_blocks_ahead_of_the_stream(network: Network, sample_text: str) -> None:
+@pytest.mark.parametrize("bulk_pulls", [True, False])
+async def test_a_cold_edge_pulls_blocks_ahead_of_the_stream(
+    network: Network, sample_text: str, bulk_pulls: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = network.model
     manifest = (await network.origin.publish("apache", sample_text)).manifest
     assert len(manifest.blocks) >= 3
-    config = EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0")
-    upstream = CountingUpstream(config.origin)
-    edge = Edge(config, upstream, [MemoryTier(config.mem_bytes)])
+    running = peak = 0
+    serve = network.origin.stream
+
+    async def counting(fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
+        """The origin's block streams, counting how many are open at once (over either transport)."""
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.01)  # let the edge's stream ask for more while this pull is in flight
+            async for raw in serve(fingerprint, keys, start_frame):
+                yield raw
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(network.origin, "stream", counting)
+    config = EdgeConfig(origin=network.origin_server.address, listen="127.0.0.1:0", bulk_pulls=bulk_pulls)
+    edge = Edge(config, CacheReader(config.origin), [MemoryTier(config.mem_bytes)])
     server = await serve_edge(edge)
     try:
         doc = document_ids(model.tokenizer, sample_text)
         async with KVClient([server.address]) as client:
             fetched = await client.fetch(model, doc)
         assert fetched.cached_tokens == len(doc)
-        assert upstream.peak > 1 and edge.origin_fetches == len(manifest.blocks)
+        assert peak > 1 and edge.origin_fetches == len(manifest.blocks)
+        assert edge.bytes_from_origin == sum(b.n_bytes for b in manifest.blocks)
+        for (k, v), (rk, rv) in zip(fetched.layers, adapter.prefill(model.model, doc), strict=True):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
     finally:
         await server.stop(0)
         await edge.close()

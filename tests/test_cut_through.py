@@ -18,20 +18,18 @@ from tests.conftest import Network, memory_tier
 
 
 def _gate_origin(network: Network) -> asyncio.Event:
-    """Make the edge's origin stream hold back everything after each block's first frame until the
-    returned event is set."""
+    """Make the origin hold back everything after each block's first frame until the returned event is
+    set (on whichever transport the edge loads over)."""
     gate = asyncio.Event()
-    real = network.edge.upstream.stream
+    real = network.origin.stream
 
-    async def gated(
-        fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
-    ) -> AsyncIterator[bytes]:
-        async for raw in real(fingerprint, keys, start_frame, from_peer):
+    async def gated(fingerprint: str, keys: Sequence[bytes], start_frame: int = 0) -> AsyncIterator[bytes]:
+        async for raw in real(fingerprint, keys, start_frame):
             if decode_frame(raw)[0].frame_index > 0:
                 await gate.wait()
             yield raw
 
-    network.edge.upstream.stream = gated  # type: ignore[method-assign]
+    network.origin.stream = gated  # type: ignore[method-assign]
     return gate
 
 

@@ -82,12 +82,14 @@ async def test_metrics_count_what_the_network_did(llama: LoadedModel, tmp_path: 
         assert origin[("kvcdn_streams_in_flight", (("transport", "grpc"),))] == 0
         assert origin[("grpc_server_started_total", watch)] == 1
         assert ("grpc_server_handling_seconds_count", watch) not in origin
-        # The edge pulled each block from the origin once, over gRPC, reusing the infos of the one
-        # lookup it forwarded (the second client lookup was answered from the edge's memory).
+        # The edge pulled each block from the origin once, over its bulk port, reusing the infos of the
+        # one lookup it forwarded (the second client lookup was answered from the edge's memory).
         streams = rpc("kvcdn.v1.KVCache", "StreamBlocks", "server_stream")
-        assert origin[("grpc_server_handled_total", (("grpc_code", "OK"), *streams))] == n_blocks
+        assert origin[("grpc_server_handled_total", (("grpc_code", "OK"), *bulk))] == n_blocks
+        assert origin[("grpc_server_handled_total", (("grpc_code", "OK"), *streams))] == 0  # pre-initialised
         assert origin[("grpc_server_handled_total", (("grpc_code", "OK"), *lookup))] == 1
-        assert origin[("kvcdn_payload_bytes_served_total", (("transport", "grpc"),))] == first.n_bytes
+        assert origin[("kvcdn_payload_bytes_served_total", (("transport", "bulk"),))] == first.n_bytes
+        assert origin[("kvcdn_payload_bytes_served_total", (("transport", "grpc"),))] == 0
         stats = await edge_stats([net.edge_address, "127.0.0.1:1"], timeout_s=2)
         assert stats[0].up and stats[0].hits == stats[0].misses == n_blocks and stats[0].hit_ratio == 0.5
         assert stats[0].origin_fetches == n_blocks and stats[0].bytes_served == served

@@ -26,6 +26,7 @@ __all__ = [
     "check_start_frame",
     "decode_frame",
     "encode_block",
+    "encode_frame",
     "encode_stored",
     "expect_frame",
     "frame_parts",
@@ -120,26 +121,21 @@ def encode_block(
 def encode_stored(info: pb.BlockInfo, payload: bytes | memoryview, frame_bytes: int) -> EncodedBlock:
     """Encode the frames of a payload whose digests `info` already holds (checked when it was read)."""
     view = memoryview(payload)
-    frames: list[bytes] = []
-    for frame_index, offset in enumerate(range(0, len(payload), frame_bytes)):
-        chunk = view[offset : offset + frame_bytes]
-        d = info.frame_digests[frame_index]
-        header = pb.FrameHeader(
-            block_key=info.key, frame_index=frame_index, offset=offset, digest=d
-        ).SerializeToString()
-        frames.append(
-            b"".join(
-                (
-                    bytes((_HEADER_TAG,)),
-                    _varint(len(header)),
-                    header,
-                    bytes((_PAYLOAD_TAG,)),
-                    _varint(len(chunk)),
-                    chunk,
-                )
-            )
-        )
+    frames = [
+        encode_frame(info, index, frame_bytes, view[offset : offset + frame_bytes])
+        for index, offset in enumerate(range(0, len(payload), frame_bytes))
+    ]
     return EncodedBlock(info=info, frames=tuple(frames), frame_bytes=frame_bytes)
+
+
+def encode_frame(info: pb.BlockInfo, index: int, frame_bytes: int, chunk: bytes | memoryview) -> bytes:
+    """Frame `index` of `info`'s block, whose payload is `chunk`, encoded as a `Frame` message."""
+    header = pb.FrameHeader(
+        block_key=info.key, frame_index=index, offset=index * frame_bytes, digest=info.frame_digests[index]
+    ).SerializeToString()
+    return b"".join(
+        (bytes((_HEADER_TAG,)), _varint(len(header)), header, bytes((_PAYLOAD_TAG,)), _varint(len(chunk)), chunk)
+    )
 
 
 def frame_parts(data: bytes) -> tuple[memoryview, memoryview]:

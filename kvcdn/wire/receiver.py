@@ -32,11 +32,12 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.bulk import _CODES, _END, _ERROR, _MAX_HEADER_BYTES, _MAX_REQUEST_BYTES, _PAIR, _U32
 from kvcdn.wire.frames import check_digest, expect_frame
 
-__all__ = ["FrameTarget", "Progress", "receive_into"]
+__all__ = ["FrameTarget", "Progress", "receive_into", "settle_frame"]
 
 
 class FrameTarget(Protocol):
-    """Where received payloads land (kvcdn.model.tensors.KVAssembler)."""
+    """Where received payloads land (kvcdn.model.tensors.KVAssembler; an edge's pull keeps encoded
+    frames, kvcdn.edge.pulls)."""
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         """Writable byte views of the buffers that bytes [offset, offset + length) of the block
@@ -132,29 +133,45 @@ class _Stream:
 
 
 class _CutOff:
-    """The deadline of a stream read from a blocking socket: at `deadline` (time.monotonic) a timer
-    shuts the socket down, which ends a read waiting on it, so a sender that trickles bytes cannot
-    stretch the stream past it. Use it as a context around the socket's use, inside its `with`: on
-    exit the timer is stopped (and a shutdown already under way finished) before the socket closes."""
+    """The deadline of a stream read from a blocking socket: at `deadline` (time.monotonic), or at
+    `first` when no frame has settled by then (`started()` False), a timer shuts the socket down,
+    which ends a read waiting on it, so a sender that trickles bytes (or none) cannot stretch the
+    stream past it. Use it as a context around the socket's use, inside its `with`: on exit the
+    timers are stopped (and a shutdown already under way finished) before the socket closes."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.expired = False
+    def __init__(
+        self, sock: socket.socket, deadline: float, first: tuple[float, Callable[[], bool]] | None = None
+    ) -> None:
+        self.expired = ""
+        """Why the socket was shut: "" (it was not), "deadline" or "first frame"."""
         self._sock = sock
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
-        self._timer.daemon = True
+        now = time.monotonic()
+        self._timers = [threading.Timer(max(0.0, deadline - now), self._cut, ("deadline",))]
+        if first is not None:
+            at, started = first
 
-    def _cut(self) -> None:
-        self.expired = True
+            def first_frame() -> None:
+                if not started():
+                    self._cut("first frame")
+
+            self._timers.append(threading.Timer(max(0.0, at - now), first_frame))
+        for timer in self._timers:
+            timer.daemon = True
+
+    def _cut(self, why: str) -> None:
+        self.expired = self.expired or why
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> _CutOff:
-        self._timer.start()
+        for timer in self._timers:
+            timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        self._timer.join()
+        for timer in self._timers:
+            timer.cancel()
+            timer.join()
 
 
 def receive_into(
@@ -167,11 +184,15 @@ def receive_into(
     timeout_s: float,
     tls: ssl.SSLContext | None = None,
     token: str = "",
+    from_peer: bool = False,
+    first_frame_s: float | None = None,
 ) -> float:
     """Stream `blocks` from `progress` on, writing each payload in place and verifying it, within
     `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks); over TLS with `tls`
-    (the server's certificate checked for `address`'s host), sending `token` for closed reads.
-    Returns the CPU seconds this thread spent on it.
+    (the server's certificate checked for `address`'s host), sending `token` for closed reads
+    (`from_peer`: an edge asks another, see StreamBlocksRequest.from_peer), and giving up with
+    DeadlineExceeded if no frame has settled within `first_frame_s` (a stalled peer). Returns the
+    CPU seconds this thread spent on it.
 
     Blocking: run it in a worker thread. Frames arrive a batch at a time (`_receive_frames`) and each
     is verified in this thread right after the read that completed it, while its bytes are still in
@@ -186,24 +207,32 @@ def receive_into(
         keys=[b.key for b in blocks[progress.block :]],
         start_frame=progress.frame,
         token=token,
+        from_peer=from_peer,
     ).SerializeToString()
     peer = f"{address[0]}:{address[1]} (bulk{', TLS' if tls else ''})"
     deadline = time.monotonic() + timeout_s
+    before = (progress.block, progress.frame)
+    first = None
+    if first_frame_s is not None:
+        first = (time.monotonic() + first_frame_s, lambda: (progress.block, progress.frame) != before)
     cut_off: _CutOff | None = None
     try:
-        with socket.create_connection(address, timeout=timeout_s) as raw:
+        connect_s = timeout_s if first_frame_s is None else min(timeout_s, first_frame_s)
+        with socket.create_connection(address, timeout=connect_s) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with tls.wrap_socket(raw, server_hostname=address[0]) if tls is not None else raw as sock:
                 sock.sendall(_U32.pack(len(request)) + request)
                 sock.settimeout(None)  # blocking reads from here on, cut off at the deadline
                 stream = _Stream(sock)
-                with _CutOff(raw, deadline) as cut_off:
+                with _CutOff(raw, deadline, first) as cut_off:
                     _receive_frames(stream, peer, blocks, geometry, assembler, progress)
                     first, second = _PAIR.unpack(stream.read(_PAIR.size))
                     _raise_if_error(stream, peer, first, second)
                 if first != _END:
                     raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
     except OSError as exc:  # TimeoutError (connect, handshake), ConnectionError, ssl.SSLError among them
+        if cut_off is not None and cut_off.expired == "first frame":
+            raise DeadlineExceeded(f"{peer}: no frame within {first_frame_s:g} s") from None
         if isinstance(exc, TimeoutError) or (cut_off is not None and cut_off.expired):
             raise DeadlineExceeded(f"{peer}: the stream did not complete within {timeout_s:g} s") from None
         if isinstance(exc, ssl.SSLCertVerificationError):  # as gRPC reports a failed handshake: the next edge is tried
@@ -275,7 +304,7 @@ def _due(blocks: Sequence[pb.BlockInfo], at: Progress, geometry: Geometry, assem
     return out
 
 
-def _settle(
+def settle_frame(
     peer: str,
     geometry: Geometry,
     assembler: FrameTarget,
@@ -284,8 +313,9 @@ def _settle(
     index: int,
     views: list[memoryview],
 ) -> None:
-    """Frame `index` of `info`'s block is written: verify it, advance `progress` past it, and hand on
-    what it completes (decode, copy to a GPU)."""
+    """Frame `index` of `info`'s block is written into `views` (the target's regions for it): verify
+    it, advance `progress` past it, and hand on what it completes (decode, copy to a GPU). The one
+    settle sequence of every receiver: bulk streams here, gRPC streams in kvcdn.wire.source."""
     check_digest(info, index, _hash(views), peer)
     start = info.index * geometry.block_tokens
     assembler.frame_done(start, info.n_tokens, index * geometry.frame_bytes + sum(len(v) for v in views))
@@ -353,7 +383,7 @@ def _receive_frames(
     the failure still count and the next server resumes after them."""
 
     def settle(d: _Due, views: list[memoryview]) -> None:
-        _settle(peer, geometry, assembler, progress, d.info, d.index, views)
+        settle_frame(peer, geometry, assembler, progress, d.info, d.index, views)
 
     while progress.block < len(blocks):
         batch = _Batch(_due(blocks, progress, geometry, assembler))

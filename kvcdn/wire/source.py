@@ -1,0 +1,145 @@
+"""Streaming blocks from one server into a FrameTarget, the one way every receiver does it (an agent's
+fetch, an edge's load from a peer or the origin): over the server's bulk port where it offers one
+(kvcdn.wire.receiver, in a worker thread), else, or when the bulk port fails before a frame, over
+gRPC StreamBlocks. Both settle every frame with the same sequence (`settle_frame`), and `progress`
+only ever passes verified frames, so the caller's next server resumes exactly where this one broke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from kvcdn.errors import DeadlineExceeded, DigestMismatch, Unavailable
+from kvcdn.spec.geometry import Geometry
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import decode_frame, expect_frame
+from kvcdn.wire.receiver import FrameTarget, Progress, receive_into, settle_frame
+from kvcdn.wire.stub import CacheReader
+
+__all__ = ["Transport", "stream_from"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How a receiver streams: over bulk ports where offered, their TLS and token, its threads."""
+
+    executor: Executor
+    """Threads the bulk streams block in, and gRPC frames settle in (off the event loop)."""
+    timeout_s: float
+    """Deadline of one stream."""
+    bulk: bool = True
+    """Use a server's bulk port when it offers one (else gRPC only)."""
+    tls: ssl.SSLContext | None = None
+    """Bulk streams over TLS with this context (None: plaintext)."""
+    token: str = ""
+    """Sent with each bulk request where reads are closed (gRPC calls carry the reader's own)."""
+
+
+async def stream_from(
+    reader: CacheReader,
+    fingerprint: str,
+    blocks: Sequence[pb.BlockInfo],
+    geometry: Geometry,
+    target: FrameTarget,
+    progress: Progress,
+    transport: Transport,
+    from_peer: bool = False,
+    first_frame_s: float | None = None,
+) -> float:
+    """Every frame of `blocks` from `progress` on, from `reader`'s server into `target`, verified;
+    the CPU seconds the bulk stream's thread spent (0 over gRPC). Raises the typed error of a failure
+    (Unavailable, DeadlineExceeded, DigestMismatch...) with `progress` past the frames that settled;
+    DeadlineExceeded too when no frame settles within `first_frame_s` (a stalled peer: skip it).
+    Returns only when the stream has ended: no thread goes on writing into `target` after it."""
+    if progress.block == len(blocks):
+        return 0.0  # every frame settled before the last server's stream failed
+    try:
+        async with asyncio.timeout(first_frame_s):  # (its GetInfo, asked once a server)
+            bulk = await reader.bulk_address() if transport.bulk else None
+    except TimeoutError:
+        raise DeadlineExceeded(f"{reader.address}: no answer within {first_frame_s:g} s") from None
+    if bulk is not None:
+        before = (progress.block, progress.frame)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                transport.executor,
+                receive_into,
+                bulk,
+                fingerprint,
+                blocks,
+                geometry,
+                target,
+                progress,
+                transport.timeout_s,
+                transport.tls,
+                transport.token,
+                from_peer,
+                first_frame_s,
+            )
+        except Unavailable as exc:
+            if (progress.block, progress.frame) != before:
+                raise
+            # Refused or dropped before a frame (a connection cap, a restarted bulk port): the
+            # server itself may be fine, so ask it over gRPC before the caller moves on.
+            log.info("bulk stream from %s failed before a frame (%s); using its gRPC port", reader.address, exc)
+    try:
+        async with asyncio.timeout(first_frame_s) as waiting:
+            await _grpc_into(reader, fingerprint, blocks, geometry, target, progress, transport, from_peer, waiting)
+    except TimeoutError:
+        raise DeadlineExceeded(f"{reader.address}: no frame within {first_frame_s:g} s") from None
+    return 0.0
+
+
+async def _grpc_into(
+    reader: CacheReader,
+    fingerprint: str,
+    blocks: Sequence[pb.BlockInfo],
+    geometry: Geometry,
+    target: FrameTarget,
+    progress: Progress,
+    transport: Transport,
+    from_peer: bool,
+    waiting: asyncio.Timeout,
+) -> None:
+    """The gRPC stream of `blocks` from `progress` on: each frame's header checked on the loop, its
+    payload written, verified and settled in a worker thread (hashing and decoding stay off the loop);
+    `waiting` (the first frame's deadline) is lifted once a frame's header has checked."""
+    loop = asyncio.get_running_loop()
+    keys = [b.key for b in blocks[progress.block :]]
+    async for raw in reader.stream(fingerprint, keys, progress.frame, from_peer=from_peer):
+        if progress.block == len(blocks):
+            raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
+        header, payload = decode_frame(raw, reader.address)
+        info, index = blocks[progress.block], progress.frame
+        expect_frame(info, geometry.frame_bytes, index, header, len(payload), reader.address)
+        waiting.reschedule(None)  # (before the settle: a timeout never leaves one running in a thread)
+        await loop.run_in_executor(
+            transport.executor, _write_and_settle, reader.address, geometry, target, progress, info, index, payload
+        )
+    if progress.block < len(blocks):
+        raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
+
+
+def _write_and_settle(
+    peer: str,
+    geometry: Geometry,
+    target: FrameTarget,
+    progress: Progress,
+    info: pb.BlockInfo,
+    index: int,
+    payload: memoryview,
+) -> None:
+    start = info.index * geometry.block_tokens
+    views = [r.data for r in target.regions(start, info.n_tokens, index * geometry.frame_bytes, len(payload))]
+    pos = 0
+    for view in views:
+        view[:] = payload[pos : pos + len(view)]
+        pos += len(view)
+    settle_frame(peer, geometry, target, progress, info, index, views)
