@@ -54,7 +54,9 @@ Target = KVAssembler | DecodingAssembler
 def default_streams_per_run(cores: int | None = None) -> int:
     """Streams to each edge a fetch uses by default: one on a machine with fewer than 8 cores (on 2,
     8 receivers and their senders take turns on the cores and lose to one stream an edge), two from
-    8 cores on (measured in docs/measurements.md, "On a GPU machine")."""
+    8 cores on, where one stream an edge leaves each receiving core the limit (88% busy on an H200,
+    docs/measurements.md); the row that compares the two with spreading is `make gpu-check TUNE=1`'s,
+    not yet measured."""
     return 2 if (cores or os.cpu_count() or 1) >= 8 else 1
 
 
