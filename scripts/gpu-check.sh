@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, on a machine with a CUDA device and no network (under 5 minutes): installs the wheels
-# in .whl/ (scripts/gpu-wheels.sh) beside the image's torch, runs the CUDA tests, and benchmarks
+# The GPU check, on a machine with a CUDA device and no network (at most 8 minutes, its timeouts
+# added up; TUNE: 4 more; not yet timed as it stands): installs the wheels in .whl/
+# (scripts/gpu-wheels.sh) beside the image's torch, runs the CUDA tests, and benchmarks
 # random-weight models of real geometries, fetched from 4 warm edges into GPU memory. Results go to
 # $OUT (default gpu-check-out/): gpu-tests.txt, bench.md (a table per bench: a row per length and
 # codec) and progress.txt (each row's line as soon as it is measured, so a bench that runs past its

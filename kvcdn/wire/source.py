@@ -89,42 +89,36 @@ async def stream_from(
             # Refused or dropped before a frame (a connection cap, a restarted bulk port): the
             # server itself may be fine, so ask it over gRPC before the caller moves on.
             log.info("bulk stream from %s failed before a frame (%s); using its gRPC port", reader.address, exc)
-    try:
-        async with asyncio.timeout(first_frame_s) as waiting:
-            await _grpc_into(reader, fingerprint, blocks, geometry, target, progress, transport, from_peer, waiting)
-    except TimeoutError:
-        raise DeadlineExceeded(f"{reader.address}: no frame within {first_frame_s:g} s") from None
-    return 0.0
-
-
-async def _grpc_into(
-    reader: CacheReader,
-    fingerprint: str,
-    blocks: Sequence[pb.BlockInfo],
-    geometry: Geometry,
-    target: FrameTarget,
-    progress: Progress,
-    transport: Transport,
-    from_peer: bool,
-    waiting: asyncio.Timeout,
-) -> None:
-    """The gRPC stream of `blocks` from `progress` on: each frame's header checked on the loop, its
-    payload written, verified and settled in a worker thread (hashing and decoding stay off the loop);
-    `waiting` (the first frame's deadline) is lifted once a frame's header has checked."""
+    # Over gRPC: each frame's header checked on the loop, its payload written, verified and settled
+    # in a worker thread (hashing and decoding stay off the loop); the first frame's deadline is
+    # lifted once a header has checked, before its settle, so a timeout never leaves one running.
     loop = asyncio.get_running_loop()
     keys = [b.key for b in blocks[progress.block :]]
-    async for raw in reader.stream(fingerprint, keys, progress.frame, from_peer=from_peer):
-        if progress.block == len(blocks):
-            raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
-        header, payload = decode_frame(raw, reader.address)
-        info, index = blocks[progress.block], progress.frame
-        expect_frame(info, geometry.frame_bytes, index, header, len(payload), reader.address)
-        waiting.reschedule(None)  # (before the settle: a timeout never leaves one running in a thread)
-        await loop.run_in_executor(
-            transport.executor, _write_and_settle, reader.address, geometry, target, progress, info, index, payload
-        )
+    try:
+        async with asyncio.timeout(first_frame_s) as waiting:
+            async for raw in reader.stream(fingerprint, keys, progress.frame, from_peer=from_peer):
+                if progress.block == len(blocks):
+                    raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
+                header, payload = decode_frame(raw, reader.address)
+                info, index = blocks[progress.block], progress.frame
+                expect_frame(info, geometry.frame_bytes, index, header, len(payload), reader.address)
+                waiting.reschedule(None)
+                await loop.run_in_executor(
+                    transport.executor,
+                    _write_and_settle,
+                    reader.address,
+                    geometry,
+                    target,
+                    progress,
+                    info,
+                    index,
+                    payload,
+                )
+    except TimeoutError:
+        raise DeadlineExceeded(f"{reader.address}: no frame within {first_frame_s:g} s") from None
     if progress.block < len(blocks):
         raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
+    return 0.0
 
 
 def _write_and_settle(
