@@ -40,7 +40,7 @@ from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import EncodedBlock, FrameSource, stream_blocks
+from kvcdn.wire.frames import EncodedBlock, Frame, FrameSource, stream_blocks
 from kvcdn.wire.metrics import EdgeMetrics, Stat
 from kvcdn.wire.receiver import Progress
 from kvcdn.wire.rpc import check_read_request
@@ -513,7 +513,7 @@ class Edge:
 
     async def stream(
         self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[Frame]:
         """The frames of `keys` in order, from frame `start_frame` of the first (`from_peer`: another
         edge asks, so this one loads only from its tiers or the origin)."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)

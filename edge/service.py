@@ -9,6 +9,7 @@ import grpc
 from kvcdn.edge.edge import Edge
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
+from kvcdn.wire.frames import as_bytes
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import rpc_errors, stream_errors
@@ -51,4 +52,4 @@ class EdgeService:
         async for frame in self.edge.stream(
             request.fingerprint, request.keys, request.start_frame, from_peer=request.from_peer
         ):
-            yield frame
+            yield as_bytes(frame)

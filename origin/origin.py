@@ -27,7 +27,7 @@ from kvcdn.store.blockstore import BlockStore
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import EncodedBlock, encode_block, encode_stored, stream_blocks
+from kvcdn.wire.frames import EncodedBlock, Frame, encode_block, encode_stored, stream_blocks
 from kvcdn.wire.metrics import OriginMetrics, Stat
 from kvcdn.wire.rpc import check_read_request
 
@@ -390,7 +390,7 @@ class Origin:
         self._read_cache.put(key, block)
         return block
 
-    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[bytes]:
+    async def stream(self, fingerprint: str, keys: Sequence[bytes], start_frame: int) -> AsyncIterator[Frame]:
         """Encoded frames of `keys` in order, starting at frame `start_frame` of the first key."""
         check_read_request(fingerprint, self.fingerprint, keys)
         async for frame in stream_blocks(self._blocks(keys), start_frame):

@@ -10,6 +10,7 @@ from kvcdn.origin.origin import Origin
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import Authorizer
+from kvcdn.wire.frames import as_bytes
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import feed_errors, rpc_errors, stream_errors
@@ -53,7 +54,7 @@ class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
         self, request: pb.StreamBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         async for frame in self.origin.stream(request.fingerprint, request.keys, request.start_frame):
-            yield frame
+            yield as_bytes(frame)
 
     @rpc_errors
     async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:

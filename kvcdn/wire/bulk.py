@@ -35,7 +35,7 @@ from kvcdn.errors import (
 )
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.frames import frame_parts
+from kvcdn.wire.frames import Frame, frame_parts
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
 
@@ -87,7 +87,7 @@ class _Options:
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-StreamFn = Callable[[str, Sequence[bytes], int], AsyncIterator[bytes]]
+StreamFn = Callable[[str, Sequence[bytes], int], AsyncIterator[Frame]]
 
 
 # --- server --------------------------------------------------------------------------------------

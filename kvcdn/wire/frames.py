@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from google.protobuf.message import DecodeError
 
@@ -21,7 +21,9 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
     "EncodedBlock",
+    "Frame",
     "FrameSource",
+    "as_bytes",
     "check_digest",
     "check_start_frame",
     "decode_frame",
@@ -30,6 +32,7 @@ __all__ = [
     "encode_stored",
     "expect_frame",
     "frame_parts",
+    "frame_prefix",
     "payload_size",
     "stream_blocks",
     "verify_frame",
@@ -37,6 +40,15 @@ __all__ = [
 
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
+
+Frame: TypeAlias = bytes | bytearray
+"""An encoded `Frame` message: bytes, or a bytearray where an edge received the payload into it in
+place (kvcdn.edge.pulls: one allocation a frame, no copy after the socket's)."""
+
+
+def as_bytes(frame: Frame) -> bytes:
+    """`frame` as gRPC sends it (bytes; a frame received in place is copied once here)."""
+    return frame if isinstance(frame, bytes) else bytes(frame)
 
 
 def _varint(n: int) -> bytes:
@@ -69,7 +81,7 @@ class EncodedBlock:
     """A block ready to stream: its info and its frames encoded as `Frame` messages."""
 
     info: pb.BlockInfo
-    frames: tuple[bytes, ...]
+    frames: tuple[Frame, ...]
     frame_bytes: int
     """Payload bytes per frame the block was cut into (the last frame may be shorter)."""
 
@@ -82,7 +94,7 @@ class EncodedBlock:
         """Zero-copy views of the frames' payloads, in order (the block's payload, in pieces)."""
         return [frame_parts(f)[1] for f in self.frames]
 
-    async def frames_from(self, start: int) -> AsyncIterator[bytes]:
+    async def frames_from(self, start: int) -> AsyncIterator[Frame]:
         check_start_frame(start, len(self.frames))
         for frame in self.frames[start:]:
             yield frame
@@ -91,7 +103,7 @@ class EncodedBlock:
 class FrameSource(Protocol):
     """A block's frames in order: a whole EncodedBlock, or one still arriving (an edge's cut-through)."""
 
-    def frames_from(self, start: int) -> AsyncIterator[bytes]: ...
+    def frames_from(self, start: int) -> AsyncIterator[Frame]: ...
 
 
 def check_start_frame(start: int, n_frames: int) -> None:
@@ -130,15 +142,18 @@ def encode_stored(info: pb.BlockInfo, payload: bytes | memoryview, frame_bytes: 
 
 def encode_frame(info: pb.BlockInfo, index: int, frame_bytes: int, chunk: bytes | memoryview) -> bytes:
     """Frame `index` of `info`'s block, whose payload is `chunk`, encoded as a `Frame` message."""
+    return b"".join((frame_prefix(info, index, frame_bytes, len(chunk)), chunk))
+
+
+def frame_prefix(info: pb.BlockInfo, index: int, frame_bytes: int, length: int) -> bytes:
+    """What comes before the `length` payload bytes of frame `index` in its encoded `Frame`."""
     header = pb.FrameHeader(
         block_key=info.key, frame_index=index, offset=index * frame_bytes, digest=info.frame_digests[index]
     ).SerializeToString()
-    return b"".join(
-        (bytes((_HEADER_TAG,)), _varint(len(header)), header, bytes((_PAYLOAD_TAG,)), _varint(len(chunk)), chunk)
-    )
+    return b"".join((bytes((_HEADER_TAG,)), _varint(len(header)), header, bytes((_PAYLOAD_TAG,)), _varint(length)))
 
 
-def frame_parts(data: bytes) -> tuple[memoryview, memoryview]:
+def frame_parts(data: Frame) -> tuple[memoryview, memoryview]:
     """Zero-copy views of an encoded `Frame`'s serialized header and its payload, for frames written
     header first (as kvcdn writes them); ValueError for any other layout."""
     buf = memoryview(data)
@@ -224,7 +239,7 @@ def verify_frame(
     check_digest(info, index, digest(payload), peer)
 
 
-async def stream_blocks(sources: AsyncIterator[FrameSource], start_frame: int) -> AsyncIterator[bytes]:
+async def stream_blocks(sources: AsyncIterator[FrameSource], start_frame: int) -> AsyncIterator[Frame]:
     """The encoded frames of each block `sources` yields, in order, from frame `start_frame` of the
     first (a server's tiers decide where each block comes from and how far ahead they load)."""
     first = True
