@@ -18,9 +18,10 @@ import torch
 from kvcdn.client.policy import Decision, Estimates, Policy, decide, fetch_key
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
-from kvcdn.model.codecs import DecodingAssembler, decodes_on_device
+from kvcdn.model.codecs import decodes_on_device
 from kvcdn.model.loading import LoadedModel
-from kvcdn.model.tensors import KVAssembler, LayerKV, StagingPool, synchronize
+from kvcdn.model.receiving import DecodingAssembler, KVAssembler, StagingPool
+from kvcdn.model.tensors import LayerKV, synchronize
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys, content_digest, encoded_key
@@ -419,7 +420,7 @@ class KVClient:
             return FetchedCache([], 0, 0, time.perf_counter() - t0)
         codec = blocks[0].codec or "raw"
         # fp8 and int4 blocks bound for a GPU are copied there encoded and decoded in place: no host
-        # staging for the decoded cache (kvcdn.model.codecs.DecodingAssembler).
+        # staging for the decoded cache (kvcdn.model.receiving.DecodingAssembler).
         on_device = decodes_on_device(codec, model.device)
         into = KVAssembler(geometry, n_tokens, model.device, self.staging, host_staging=not on_device)
         assembler: Target = into if codec == "raw" else DecodingAssembler(into, blocks, on_device)
@@ -440,6 +441,7 @@ class KVClient:
         used: list[str] = []
         for result in results:
             if isinstance(result, BaseException):
+                assembler.close()  # every stream has ended: its staging goes back to the pool
                 raise result
             used += [address for address in result if address not in used]
         first_frame_at = min((p.first_frame_at for p in progress if p.first_frame_at), default=t0)
@@ -462,7 +464,10 @@ class KVClient:
     @staticmethod
     def _land(assembler: Target) -> list[LayerKV]:
         """The assembled tensors on their device, copies finished (a fetch ends when the cache can be used)."""
-        layers = assembler.layers()
+        try:
+            layers = assembler.layers()
+        finally:
+            assembler.close()  # released by layers() already, unless it raised
         synchronize(assembler.device)
         return layers
 

@@ -38,7 +38,8 @@ from kvcdn.model import adapter
 from kvcdn.model.codecs import decode, encode
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
-from kvcdn.model.tensors import KVAssembler, LayerKV, block_payload
+from kvcdn.model.receiving import KVAssembler
+from kvcdn.model.tensors import LayerKV, block_payload
 from kvcdn.spec.codecs import CODECS
 from kvcdn.spec.identity import block_spans
 

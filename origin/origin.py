@@ -17,7 +17,8 @@ from kvcdn.model import adapter
 from kvcdn.model.codecs import encode
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import KVAssembler, LayerKV, block_payload
+from kvcdn.model.receiving import KVAssembler
+from kvcdn.model.tensors import LayerKV, block_payload
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
 from kvcdn.spec.codecs import CODECS, best_prefix, max_encoded_bytes, parse_codecs

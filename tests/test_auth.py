@@ -16,7 +16,7 @@ from kvcdn.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import KVAssembler
+from kvcdn.model.receiving import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.wire.auth import Authorizer, read_token, write_tokens
 from kvcdn.wire.receiver import Progress, receive_into

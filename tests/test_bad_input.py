@@ -30,7 +30,7 @@ from kvcdn.errors import (
 )
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import KVAssembler
+from kvcdn.model.receiving import KVAssembler
 from kvcdn.spec.identity import block_keys
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc

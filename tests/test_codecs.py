@@ -18,21 +18,23 @@ import transformers
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model import adapter, codecs
-from kvcdn.model.codecs import (
+from kvcdn.model.codecs import decode, encode, fp8, int4, lossless, rotation, rotation_block
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
+from kvcdn.model.receiving import DecodingAssembler, KVAssembler, StagingPool
+from kvcdn.model.tensors import TORCH_DTYPES, LayerKV, bit_identical
+from kvcdn.spec.codecs import (
     CHUNKED,
+    CODECS,
     GROUPED,
+    HEADER_BYTES,
     ROTATED,
     SINK,
     TOKEN_SCALED,
-    DecodingAssembler,
-    decode,
-    encode,
-    rotation_block,
+    fixed_body_bytes,
+    max_encoded_bytes,
+    parse_codecs,
 )
-from kvcdn.model.loading import LoadedModel
-from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, LayerKV, StagingPool, bit_identical
-from kvcdn.spec.codecs import CODECS, HEADER_BYTES, fixed_body_bytes, max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import encoded_key
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -128,7 +130,7 @@ def _per_channel_fp8(g: Geometry, n_tokens: int, values: torch.Tensor, rotated: 
     parts = [b"KVC1" + bytes([CODECS["fp8"].id, g.element_bytes]) + struct.pack("<HI", flags, n_tokens)]
     for x in values:  # per segment, [T, H, D]
         if rotated:
-            x = codecs._rotate(x)
+            x = rotation.rotate(x)
         scale = x.abs().amax(dim=0) / 448
         parts += [scale.numpy().tobytes(), (x / scale).to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()]
     return b"".join(parts)
@@ -179,7 +181,7 @@ def test_fp8_picks_the_scale_that_errs_least(monkeypatch: pytest.MonkeyPatch) ->
         return float((_values(g, decode("fp8", g, 64, encode("fp8", g, 64, payload))) - reference.reshape(-1)).norm())
 
     searched = error()
-    monkeypatch.setattr(codecs, "_FP8_CANDIDATES", 1)  # only the smallest scale that fits each token
+    monkeypatch.setattr(fp8, "_FP8_CANDIDATES", 1)  # only the smallest scale that fits each token
     assert searched < 0.95 * error()
 
 
@@ -187,8 +189,8 @@ def test_int4_rotation_cuts_the_error_and_unrotated_blocks_still_decode(monkeypa
     g = Geometry(layers=2, kv_heads=2, head_dim=64, dtype="float32", block_tokens=64)
     payload, reference = _kv(g, 64)  # keys with three outlier channels
     rotated = encode("int4", g, 64, payload)
-    monkeypatch.setattr(codecs, "_rotate", lambda x: x)
-    monkeypatch.setattr(codecs, "GROUPED", 0)  # one float32 pair of key statistics per block
+    monkeypatch.setattr(int4, "rotate", lambda x: x)
+    monkeypatch.setattr(int4, "GROUPED", 0)  # one float32 pair of key statistics per block
     unrotated = encode("int4", g, 64, payload)
     monkeypatch.undo()
     old = unrotated[:6] + struct.pack("<H", 0) + unrotated[8:]  # as written before the rotation: flags 0
@@ -298,7 +300,7 @@ def test_int4_keys_grouped_over_fewer_tokens_err_less_for_the_same_bytes(monkeyp
     keys[0::2] += drift * torch.randn(1, 1, g.kv_heads, g.head_dim, generator=torch.Generator().manual_seed(3))
     payload = keys.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     grouped = encode("int4", g, 256, payload, first=True)
-    monkeypatch.setattr(codecs, "GROUPED", 0)
+    monkeypatch.setattr(int4, "GROUPED", 0)
     whole = encode("int4", g, 256, payload, first=True)  # as written before GROUPED: flags ROTATED | SINK
     monkeypatch.undo()
     assert int.from_bytes(grouped[6:8], "little") == ROTATED | GROUPED | SINK
@@ -379,7 +381,23 @@ def test_fetches_decoded_where_the_cache_lands_reuse_staging_of_every_size(codec
         _assemble(g, codec, short, 7, on_device=True, staging=pool),
         _assemble(g, codec, short, 7, on_device=False),
     )
-    assert pool.allocations == 3  # every fetch reused the buffers of the first
+    assert pool.allocations == 3 and pool.leased == 0  # every fetch reused the buffers of the first
+
+
+def test_a_fetch_that_fails_mid_block_releases_the_staging_it_leased() -> None:
+    # A stream broke after the first frames of the second block: the client closes the assembler,
+    # and every lease (the block being received, the block whose copy was queued) goes back.
+    g = Geometry(layers=3, kv_heads=3, head_dim=6, dtype="bfloat16", block_tokens=16)
+    blocks = [encode("int8", g, 16, _kv(g, 16, seed=i)[0], first=i == 0) for i in range(2)]
+    infos = [pb.BlockInfo(index=i, n_tokens=16, n_bytes=len(b), codec="int8") for i, b in enumerate(blocks)]
+    pool = StagingPool(pin=False)
+    target = DecodingAssembler(KVAssembler(g, 32, torch.device("cpu"), pool, host_staging=False), infos, True)
+    target.write(0, 16, 0, memoryview(blocks[0]))
+    target.block_done(0, 16)
+    target.write(16, 16, 0, memoryview(blocks[1][:100]))
+    assert pool.leased == 2
+    target.close()
+    assert pool.leased == 0 and pool.free_bytes == sum(len(b) for b in blocks)
 
 
 @pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])
@@ -410,7 +428,7 @@ def test_lossy_blocks_decode_on_the_host_layer_by_layer_as_frames_arrive(codec: 
 def test_lossless_decodes_chunk_by_chunk_as_frames_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
     g = Geometry(layers=3, kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=32)
     payload, _ = _kv(g, 32)  # 6,144 values
-    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1000)  # 7 chunks
+    monkeypatch.setattr(lossless, "LOSSLESS_CHUNK_ELEMENTS", 1000)  # 7 chunks
     data = encode("lossless", g, 32, payload)
     assert int.from_bytes(data[6:8], "little") == CHUNKED and decode("lossless", g, 32, data).tobytes() == payload
     info = pb.BlockInfo(index=0, n_tokens=32, n_bytes=len(data), codec="lossless")
@@ -430,10 +448,10 @@ def test_lossless_decodes_chunk_by_chunk_as_frames_arrive(monkeypatch: pytest.Mo
     assert bit_identical(target.layers(), reference.layers())
 
     # A block written before chunks existed (one chunk, flag 0) decodes with today's decoder.
-    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(lossless, "LOSSLESS_CHUNK_ELEMENTS", 1 << 30)
     old = bytearray(encode("lossless", g, 32, payload))
     old[6:8] = b"\0\0"
-    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(lossless, "LOSSLESS_CHUNK_ELEMENTS", 1000)
     assert decode("lossless", g, 32, bytes(old)).tobytes() == payload
     assert _assemble(g, "lossless", [bytes(old)], 32, on_device=False)[0][0].shape == (1, 2, 32, 16)
     # Frames smaller than the block header: decoding waits for the header, then streams on.
@@ -532,15 +550,15 @@ async def test_negotiation_between_what_a_document_is_offered_in_and_what_a_clie
 async def test_lossless_blocks_decode_while_their_frames_stream_in(
     llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bulk: bool
 ) -> None:
-    monkeypatch.setattr(codecs, "LOSSLESS_CHUNK_ELEMENTS", 500)  # several chunks and frames per block
+    monkeypatch.setattr(lossless, "LOSSLESS_CHUNK_ELEMENTS", 500)  # several chunks and frames per block
     before_end: list[int] = []  # per block, values decoded when its last frame was verified
 
-    def finish(self: codecs._Planes) -> None:
+    def finish(self: lossless.Planes) -> None:
         before_end.append(self._done)
         real_finish(self)
 
-    real_finish = codecs._Planes.finish
-    monkeypatch.setattr(codecs._Planes, "finish", finish)
+    real_finish = lossless.Planes.finish
+    monkeypatch.setattr(lossless.Planes, "finish", finish)
     net = await start_network(llama, tmp_path / "store", codecs=("lossless",))
     try:
         manifest = (await net.origin.publish("doc", TEXT)).manifest

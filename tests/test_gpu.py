@@ -3,6 +3,7 @@ reused staging buffers, block by block, bit-identical to the agent's own prefill
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,10 @@ async def test_a_fetched_cache_on_the_gpu_is_bit_identical_to_a_local_prefill(
         two_pass = adapter.greedy(model.model, ids, 16, cache=reference)
         assert cached.tokens == two_pass.tokens  # (b) the agent's own two-pass run, token for token
         matched, diff = compare(cached, adapter.greedy(model.model, ids, 16))  # (c) one pass: a statistic
-        assert 0 <= matched <= 16 and diff == diff  # reported, not required (bf16: other arithmetic)
-        if dtype == "float32":
-            assert matched == 16
+        # bf16: one pass and two passes are other arithmetic, so a token may differ; the logits (|6.5|
+        # at most) still agree within 16 bf16 steps (0.5; on a CPU: 0.0, float32 1.4e-6). float32: every token.
+        assert math.isfinite(diff) and diff < (0.5 if dtype == "bfloat16" else 1e-3)
+        assert matched == 16 or dtype == "bfloat16"
     finally:
         await stop_network(net)
 

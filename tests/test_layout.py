@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.model.tensors import TORCH_DTYPES, KVAssembler, StagingPool, block_payload
+from kvcdn.model.receiving import KVAssembler, StagingPool
+from kvcdn.model.tensors import TORCH_DTYPES, block_payload
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_spans
 
@@ -37,7 +38,7 @@ def test_blocks_cut_and_reassembled_are_bit_identical(dtype: str, frame_bytes: i
         assert k.shape == rk.shape == (1, 2, n, 8)
         assert torch.equal(k, rk) and torch.equal(v, rv)
     if pool is not None:  # the staging went back once every block had landed
-        assert pool.free_bytes == n * g.token_bytes and pool.allocations == 1
+        assert pool.free_bytes == n * g.token_bytes and pool.allocations == 1 and pool.leased == 0
 
 
 def test_geometry_rejects_bad_values() -> None:
@@ -67,35 +68,62 @@ def test_geometry_round_trips_through_proto() -> None:
 
 def test_staging_pool_reuses_its_buffers_and_keeps_at_most_its_budget() -> None:
     pool = StagingPool(pin=False, keep_bytes=3000)
-    a = pool.take(1000)
-    assert a.numel() >= 1000 and pool.allocations == 1
-    pool.give(a)
-    b = pool.take(800)  # a smaller fetch reuses the free buffer
-    assert b.data_ptr() == a.data_ptr() and pool.allocations == 1
-    c = pool.take(900)  # the only free buffer is taken: a new one
-    assert pool.allocations == 2
-    pool.give(b)
-    pool.give(c)
-    assert pool.free_bytes <= 3000
-    pool.give(pool.take(2500))  # over the budget: the smallest free buffers go
+    a = pool.lease(1000)
+    assert a.buffer.numel() >= 1000 and pool.allocations == 1 and pool.leased == 1
+    a.release()
+    b = pool.lease(800)  # a smaller fetch reuses the free buffer
+    assert b.buffer.data_ptr() == a.buffer.data_ptr() and pool.allocations == 1
+    c = pool.lease(900)  # the only free buffer is leased: a new one
+    assert pool.allocations == 2 and pool.leased == 2
+    b.release()
+    c.release()
+    assert pool.free_bytes <= 3000 and pool.leased == 0
+    pool.lease(2500).release()  # over the budget: the smallest free buffers go
     assert pool.free_bytes <= 3000 and pool.allocations == 3
-    big = pool.take(2500)
+    big = pool.lease(2500)
     assert pool.allocations == 3
-    pool.give(big)
-    small = pool.take(100)  # an encoded block's buffer: not the big one a raw cache needs next
-    assert small.data_ptr() != big.data_ptr() and pool.allocations == 4
+    big.release()
+    small = pool.lease(100)  # an encoded block's buffer: not the big one a raw cache needs next
+    assert small.buffer.data_ptr() != big.buffer.data_ptr() and pool.allocations == 4
 
 
 def test_staging_pool_hands_out_the_buffer_it_picked_among_buffers_of_other_sizes() -> None:
     # Took the first lossy fetch on a GPU down: the pool removed its pick from the free list by
     # tensor equality, which compares buffers of different sizes elementwise and raises.
     pool = StagingPool(pin=False)
-    big, small = pool.take(4000), pool.take(1500)
-    pool.give(small)
-    pool.give(big)  # free, largest first: [big, small]
-    again = pool.take(1200)
-    assert again is small and pool.free_bytes == big.numel()
-    assert pool.take(4000) is big and pool.free_bytes == 0 and pool.allocations == 2
+    big, small = pool.lease(4000), pool.lease(1500)
+    small.release()
+    big.release()  # free, largest first: [big, small]
+    again = pool.lease(1200)
+    assert again.buffer is small.buffer and pool.free_bytes == big.buffer.numel()
+    assert pool.lease(4000).buffer is big.buffer and pool.free_bytes == 0 and pool.allocations == 2
+
+
+def test_a_staging_lease_goes_back_once_and_only_to_its_pool() -> None:
+    pool, other = StagingPool(pin=False), StagingPool(pin=False)
+    lease = pool.lease(64)
+    lease.release()
+    with pytest.raises(RuntimeError, match="twice"):
+        lease.release()  # else two fetches would land in one buffer
+    assert pool.leased == 0 and pool.free_bytes == 64
+    stolen = pool.lease(64)
+    stolen._pool = other  # a holder that hands it to the wrong pool
+    with pytest.raises(RuntimeError, match="did not grant"):
+        stolen.release()
+    assert other.free_bytes == 0
+
+
+def test_a_failed_fetch_gives_its_staging_back() -> None:
+    # A fetch that fails after its first frames never calls layers(): close() must release its lease.
+    g = Geometry(layers=2, kv_heads=2, head_dim=8, dtype="float32", block_tokens=16)
+    pool = StagingPool(pin=False)
+    asm = KVAssembler(g, 40, torch.device("cpu"), pool)
+    asm.write(0, 16, 0, memoryview(bytes(64)))
+    assert pool.leased == 1
+    asm.close()
+    assert pool.leased == 0 and pool.free_bytes == 40 * g.token_bytes
+    asm.close()  # closing twice releases nothing twice
+    assert pool.leased == 0
 
 
 def test_a_cpu_assembler_is_the_cache_itself() -> None:

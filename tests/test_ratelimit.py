@@ -15,7 +15,7 @@ from kvcdn.client import CacheReader
 from kvcdn.errors import InvalidArgument, LimitExceeded
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import KVAssembler
+from kvcdn.model.receiving import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.ratelimit import RateLimiter, peer_host

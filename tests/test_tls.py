@@ -17,7 +17,7 @@ from kvcdn.errors import Unauthenticated, Unavailable
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.tensors import KVAssembler
+from kvcdn.model.receiving import KVAssembler
 from kvcdn.ops.launcher import Cluster
 from kvcdn.origin import OriginConfig
 from kvcdn.origin.server import start_origin

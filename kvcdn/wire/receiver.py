@@ -36,7 +36,7 @@ __all__ = ["FrameTarget", "Progress", "receive_into", "settle_frame"]
 
 
 class FrameTarget(Protocol):
-    """Where received payloads land (kvcdn.model.tensors.KVAssembler; an edge's pull keeps encoded
+    """Where received payloads land (kvcdn.model.receiving.KVAssembler; an edge's pull keeps encoded
     frames, kvcdn.edge.pulls)."""
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
