@@ -29,7 +29,7 @@ from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, balance, parse_edg
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.receiver import Progress
-from kvcdn.wire.source import Transport, stream_from
+from kvcdn.wire.source import Suspects, Transport, fail_over, stream_from
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles
 
@@ -217,7 +217,8 @@ class KVClient:
             for address in self.placement.nodes
         }
         self._info: pb.ServerInfo | None = None
-        self._suspect_until: dict[str, float] = {}
+        self.suspects = Suspects(self.config.suspect_s)
+        """Edges that recently failed: asked last (kvcdn.wire.source)."""
         self.staging = StagingPool() if torch.cuda.is_available() else None
         """Pinned host buffers reused by fetches that land on a GPU."""
         self.estimates = Estimates()
@@ -232,14 +233,6 @@ class KVClient:
             tls=self.config.tls.client_context() if self.config.tls is not None else None,
             token=self.config.token,
         )
-
-    def order(self, route: Sequence[str]) -> list[str]:
-        """`route` as this client asks it: recently failed edges moved to the end (stable otherwise)."""
-        now = time.monotonic()
-        return sorted(route, key=lambda a: self._suspect_until.get(a, 0.0) > now)
-
-    def _failed(self, address: str) -> None:
-        self._suspect_until[address] = time.monotonic() + self.config.suspect_s
 
     async def close(self) -> None:
         for reader in self._readers.values():
@@ -259,12 +252,12 @@ class KVClient:
         an edge's answer worthless, such as one a trusted publisher did not sign)."""
         last: Exception | None = None
         skipped: tuple[type[Exception], ...] = (*_RETRYABLE, *also)
-        for address in self.order(order):
+        for address in self.suspects.order(order):
             try:
                 return await call(self._readers[address])
             except skipped as exc:
                 log.warning("edge %s failed (%s); trying the next one", address, exc)
-                self._failed(address)
+                self.suspects.suspect(address)
                 last = exc
         assert last is not None
         raise last
@@ -506,40 +499,20 @@ class KVClient:
         """Write every frame of `run` into `assembler`, asking its edge first, then the first block's
         route on the ring in order, resuming on the next edge after a failure at exactly the frame
         where it broke (the bulk streams' receiving threads add their times to `receiving`)."""
-        used: list[str] = []
-        errors: list[Exception] = []
         blocks = run.blocks
         route = self.placement.route(blocks[0].key)
-        for address in self.order([run.edge, *(a for a in route if a != run.edge)]):
-            if progress.block == len(blocks):
-                return used  # every frame arrived and verified before the stream failed
-            reader = self._readers[address]
-            used.append(address)
+
+        async def attempt(address: str) -> None:
             started = time.perf_counter()
-            try:
-                cpu_s = await stream_from(reader, fingerprint, blocks, geometry, assembler, progress, self._transport)
-                receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
-                if cpu_s:
-                    receiving.wall_s += time.perf_counter() - started
-                return used
-            except (*_RETRYABLE, DigestMismatch) as exc:
-                # A frame that fails verification came from a faulty or hostile edge: nothing of it was
-                # kept (progress stops before it), so the next replica resumes at that very frame.
-                errors.append(exc)
-                self._failed(address)
-            log.warning(
-                "stream from %s broke at block %d frame %d: %s",
-                reader.address,
-                progress.block,
-                progress.frame,
-                errors[-1],
+            cpu_s = await stream_from(
+                self._readers[address], fingerprint, blocks, geometry, assembler, progress, self._transport
             )
-        if progress.block == len(blocks):
-            return used
-        summary = "; ".join(map(str, errors))
-        if any(isinstance(e, DigestMismatch) for e in errors):
-            raise DigestMismatch(f"no edge sent verified frames for the whole stream: {summary}")
-        raise Unavailable(f"no edge could complete the stream: {summary}")
+            receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
+            if cpu_s:
+                receiving.wall_s += time.perf_counter() - started
+
+        order = self.suspects.order([run.edge, *(a for a in route if a != run.edge)])
+        return await fail_over(order, attempt, progress, len(blocks), self.suspects.suspect)
 
 
 class BlockingKVClient:

@@ -7,13 +7,10 @@ them streams each frame as soon as it has arrived and passed its digest, not aft
 has landed. Loads run detached from requests, so a reader that hangs up does not cancel a load for
 the others.
 
-Peers: an edge that knows the ring (`EdgeConfig.peers`) loads a block it does not own from the
-block's owners in ring order, and a block it owns as a replica from the primary owner, before the
-origin, resuming at the frame where a source broke. The primary, and any edge a peer asks, loads from
-its tiers or the origin only, so no request goes round the ring, and the origin sends each block once
-(to its primary) however many edges are asked for it.
-
-What a loaded block is kept in is the admission rule's call (kvcdn.edge.admission).
+Its parts: the loads (kvcdn.edge.pulls), the peers on the ring, asked before the origin
+(kvcdn.edge.peers), the origin's invalidation feed (kvcdn.edge.feed), what a loaded block is kept in
+(kvcdn.edge.admission). A load resumes on the next source at the frame where one broke
+(kvcdn.wire.source.fail_over, as a client's fetch does).
 """
 
 from __future__ import annotations
@@ -28,14 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvcdn.edge.admission import admit
 from kvcdn.edge.config import EdgeConfig
+from kvcdn.edge.feed import Feed
+from kvcdn.edge.peers import Peers
 from kvcdn.edge.pulls import Pull, PullTarget
 from kvcdn.edge.tiers import Tier
-from kvcdn.errors import DeadlineExceeded, DigestMismatch, InvalidArgument, KVCDNError, NotFound, Unavailable
+from kvcdn.errors import InvalidArgument, KVCDNError, NotFound, Unavailable
 from kvcdn.spec.codecs import best_prefix, parse_codecs
 from kvcdn.spec.geometry import Geometry
-from kvcdn.spec.identity import encoded_key
-from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
-from kvcdn.spec.provenance import TrustStore, Untrusted
+from kvcdn.spec.identity import check_read_request, encoded_key
+from kvcdn.spec.provenance import TrustStore
 from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
@@ -43,11 +41,10 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock, Frame, FrameSource, stream_blocks
 from kvcdn.wire.metrics import EdgeMetrics, Stat
 from kvcdn.wire.receiver import Progress
-from kvcdn.wire.rpc import check_read_request
-from kvcdn.wire.source import Transport, stream_from
+from kvcdn.wire.source import Transport, fail_over, stream_from
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["Edge", "reader_for"]
+__all__ = ["Edge"]
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +54,6 @@ _ORIGIN_INFO_FILE = "origin-info.pb"
 def _choice(first_key: bytes, accepted: Sequence[str]) -> bytes:
     """What the edge remembers about a sequence by: its first key and the encodings asked for."""
     return first_key + ",".join(accepted).encode()
-
-
-def reader_for(config: EdgeConfig, address: str) -> CacheReader:
-    """The stub an edge loads blocks with from `address` (its origin or a peer), with the config's
-    deadlines (`origin_timeout_s` a call, ten times that a stream), its token and its TLS files."""
-    return CacheReader(address, config.origin_timeout_s, 10 * config.origin_timeout_s, config.token, config.tls)
 
 
 class Edge:
@@ -90,14 +81,11 @@ class Edge:
         self._stream_lookups: SingleFlight[tuple[bytes, ...], asyncio.Future[None]] = SingleFlight()
         """Origin lookups for the blocks of streams (`_look_up_unknown`), shared by identical streams."""
         self._seen: ByteLRU[bytes, bool] = ByteLRU(config.remembered_misses, lambda _: 1)
-        self.ring: Placement | None = None
-        self.address = ""
-        """This edge's name on the ring (set by `start`)."""
-        self._peers: dict[str, CacheReader] = {}
-        self._suspect_until: dict[str, float] = {}
+        self.peers: Peers | None = None
+        """The ring and the other edges on it (set by `start` when `config.peers` names them)."""
+        self.feed = Feed(upstream, self.invalidate)
         self._info_path = config.disk_dir / _ORIGIN_INFO_FILE if config.disk_dir is not None else None
         self._origin_info: pb.ServerInfo | None = None
-        self._follower: asyncio.Task[None] | None = None
         self._pulling = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="kvcdn-pull")
         self._transport = Transport(
             self._pulling,
@@ -112,9 +100,12 @@ class Edge:
         self.peer_fetches = 0
         self.bytes_from_peers = 0
         self.admissions_refused = 0
-        self.invalidated_seq = 0
-        """Last invalidation event applied."""
         self.invalidated_blocks = 0
+
+    @property
+    def invalidated_seq(self) -> int:
+        """Last invalidation event applied."""
+        return self.feed.seq
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -122,43 +113,8 @@ class Edge:
         """Begin serving as `address` (the bound HOST:PORT, unless `config.advertise` names another):
         join the ring of `config.peers`, if any, and follow the origin's invalidation feed."""
         if self.config.peers:
-            ring = Placement(resolve_edges(parse_edges(self.config.peers)), self.config.replicas)
-            name = self.config.advertise or address
-            if name not in ring.nodes:
-                raise InvalidArgument(
-                    f"the peer list does not name this edge ({name}): list every edge, this one included, "
-                    "as the clients do, or give this edge's name on it with --advertise"
-                )
-            self.ring, self.address = ring, name
-        self._follower = asyncio.create_task(self._follow(retry_s=1.0))
-
-    async def _follow(self, retry_s: float) -> None:
-        """Follow the origin's invalidation feed from where this edge stands (the start of the feed for
-        a new edge, so one that was down, or whose disk outlived it, catches up on what it missed)."""
-        while True:
-            try:
-                async for event in self.upstream.watch(self.invalidated_seq):
-                    self.invalidate(event)
-            except Unavailable as exc:
-                log.debug("invalidation feed: %s; reconnecting", exc)
-            except Exception:
-                log.exception("invalidation feed failed; reconnecting")
-            await asyncio.sleep(retry_s)
-
-    async def catch_up(self, timeout_s: float) -> None:
-        """Apply the origin's invalidation feed up to its current end before serving, so a restarted
-        edge never serves a block purged while it was down; if the origin is unreachable the edge
-        serves what it holds and catches up when the feed reconnects."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                target = (await self.upstream.info()).invalidation_seq
-                if self.invalidated_seq < target:
-                    async for event in self.upstream.watch(self.invalidated_seq):
-                        self.invalidate(event)
-                        if event.seq >= target:
-                            break
-        except (Unavailable, TimeoutError) as exc:
-            log.warning("could not catch up on invalidations before serving (%s); serving what is held", exc)
+            self.peers = Peers(self.config, address)
+        self.feed.start()
 
     def invalidate(self, event: pb.InvalidationEvent) -> None:
         """Drop the event's blocks from every tier; they are never served again."""
@@ -168,7 +124,6 @@ class Edge:
             self._infos.pop(key)
             dropped = [tier.drop(key) for tier in self.tiers]
             self.invalidated_blocks += any(dropped)
-        self.invalidated_seq = event.seq
 
     async def settle(self, timeout_s: float | None = None) -> None:
         """Wait until the block loads in progress have finished, disk writes included."""
@@ -179,11 +134,9 @@ class Edge:
         them), and close the connections to peers and origin."""
         await self._loads.close(settle_s)
         await self._stream_lookups.close(settle_s)
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
-        for peer in self._peers.values():
-            await peer.close()
+        await self.feed.close()
+        if self.peers is not None:
+            await self.peers.close()
         await self.upstream.close()
         self._pulling.shutdown(wait=False)
 
@@ -273,8 +226,12 @@ class Edge:
             return len(found) == len(keys) and (found[0].codec or "raw") in (accepted[0], self._chosen.get(choice))
 
         found = best_prefix(keys, accepted, self._held)
-        if not complete(found) and self.ring is not None:
-            at_peers = await self._peer_infos(fingerprint, keys, accepted)
+        if not complete(found) and self.peers is not None:
+            at_peers = await self.peers.infos(
+                fingerprint, keys, accepted, lambda key: self._held(key) is not None, self._trusted
+            )
+            for info in at_peers.values():
+                self._infos.put(info.key, info)
             if at_peers:
                 found = best_prefix(keys, accepted, lambda k: self._held(k) or at_peers.get(k))
         if complete(found):
@@ -322,43 +279,6 @@ class Edge:
                     out.append(info)
                     break
         return out
-
-    async def _peer_infos(
-        self, fingerprint: str, keys: Sequence[bytes], accepted: Sequence[str]
-    ) -> dict[bytes, pb.BlockInfo]:
-        """Infos, by encoded key, of the blocks of `keys` this edge lacks that their owners hold: one
-        from_peer lookup per peer that owns some of them, in parallel, each bounded by the peer
-        timeout (a peer that fails or is slow counts as holding nothing)."""
-        assert self.ring is not None
-        asked: dict[str, list[bytes]] = {}
-        now = time.monotonic()
-        for key in keys:
-            if any(self._held(encoded_key(key, codec)) is not None for codec in accepted):
-                continue
-            # An encoded block lives with the owners of its own key; clients stream from any of them.
-            owners = {o for codec in accepted for o in self.ring.owners(encoded_key(key, codec))}
-            for owner in sorted(owners):
-                if owner != self.address and self._suspect_until.get(owner, 0.0) <= now:
-                    asked.setdefault(owner, []).append(key)
-
-        async def ask(peer: str, peer_keys: list[bytes]) -> list[pb.BlockInfo]:
-            try:
-                async with asyncio.timeout(self.config.peer_timeout_s):
-                    infos = await self._peer(peer).lookup(fingerprint, peer_keys, accepted, from_peer=True)
-                return self._trusted(fingerprint, infos, peer)
-            except Untrusted as exc:
-                self._suspect_until[peer] = time.monotonic() + self.config.peer_suspect_s
-                log.warning("peer %s: %s; not asking it for a while", peer, exc)
-                return []
-            except (KVCDNError, TimeoutError) as exc:
-                log.debug("peer %s could not answer a lookup: %s", peer, exc or "timed out")
-                return []
-
-        answers = await asyncio.gather(*(ask(peer, peer_keys) for peer, peer_keys in asked.items()))
-        found = {info.key: info for infos in answers for info in infos}
-        for info in found.values():
-            self._infos.put(info.key, info)
-        return found
 
     async def block(self, fingerprint: str, key: bytes, from_peers: bool = True) -> FrameSource:
         """The block from the first tier, or the pull that is loading it (started here if none is)."""
@@ -416,26 +336,6 @@ class Edge:
             except (OSError, KVCDNError) as exc:
                 log.warning("could not keep block %s… in the %s tier: %s", key.hex()[:16], tier.metrics.tier, exc)
 
-    def _peer_sources(self, key: bytes) -> list[str]:
-        """Edges to load the block from before the origin: none for its primary owner, the primary
-        for another owner, every owner in ring order for an edge that owns it not."""
-        if self.ring is None:
-            return []
-        owners = self.ring.owners(key)
-        if owners[0] == self.address:
-            return []
-        return owners[:1] if self.address in owners else owners
-
-    def _peer(self, address: str) -> CacheReader:
-        if address not in self._peers:
-            self._peers[address] = reader_for(self.config, address)
-        return self._peers[address]
-
-    def suspected_peers(self) -> list[str]:
-        """Peers skipped for now because they recently failed to send a block."""
-        now = time.monotonic()
-        return sorted(a for a, until in self._suspect_until.items() if until > now)
-
     async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
         """Load one block into `pull` from its owners on the ring (if this edge is not one) or the
         origin, verifying every frame against the origin's digests before anyone sees it."""
@@ -451,34 +351,26 @@ class Edge:
         pull.start(len(info.frame_digests))
         target = PullTarget(info, geometry.frame_bytes, pull, asyncio.get_running_loop())
         progress = Progress()
-        peers = self._peer_sources(key) if pull.from_peers else []
-        for source in [*peers, ""]:  # "": the origin, the last resort
-            if source and self._suspect_until.get(source, 0.0) > time.monotonic():
-                continue
-            reader = self._peer(source) if source else self.upstream
+        origin = self.upstream.address
+        peers = self.peers.sources(key) if self.peers is not None and pull.from_peers else []
+
+        async def attempt(source: str) -> None:
+            from_peer = source != origin
             had = len(target.frames)
             try:
                 # A peer that does not start sending within peer_timeout_s is skipped (the origin is
                 # always there); once frames flow, the stream's own deadline applies.
                 await stream_from(
-                    reader,
+                    self.peers.reader(source) if from_peer and self.peers is not None else self.upstream,
                     fingerprint,
                     [info],
                     geometry,
                     target,
                     progress,
                     self._transport,
-                    from_peer=bool(source),
-                    first_frame_s=self.config.peer_timeout_s if source else None,
+                    from_peer=from_peer,
+                    first_frame_s=self.config.peer_timeout_s if from_peer else None,
                 )
-            except (Unavailable, DeadlineExceeded, DigestMismatch) as exc:
-                if not source:
-                    raise
-                self._suspect_until[source] = time.monotonic() + self.config.peer_suspect_s
-                log.warning(
-                    "peer %s could not send block %s… (%s); trying the next source", source, key.hex()[:16], exc
-                )
-                continue
             except asyncio.CancelledError:
                 target.abandon()  # a bulk stream's thread appends nothing more
                 raise
@@ -487,15 +379,20 @@ class Edge:
                     min(geometry.frame_bytes, info.n_bytes - i * geometry.frame_bytes)
                     for i in range(had, len(target.frames))
                 )
-                if source:
+                if from_peer:
                     self.bytes_from_peers += got
                 else:
                     self.bytes_from_origin += got
-            if source:
+            if from_peer:
                 self.peer_fetches += 1
             else:
                 self.origin_fetches += 1
-            break
+
+        def failed(source: str) -> None:
+            if source != origin and self.peers is not None:
+                self.peers.suspects.suspect(source)
+
+        await fail_over([*peers, origin], attempt, progress, 1, failed)
         return EncodedBlock(info=info, frames=tuple(target.frames), frame_bytes=geometry.frame_bytes)
 
     async def _ahead(self, fingerprint: str, keys: Sequence[bytes], from_peers: bool) -> AsyncIterator[FrameSource]:

@@ -6,12 +6,13 @@ import logging
 
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.disk import DiskTier
-from kvcdn.edge.edge import Edge, reader_for
-from kvcdn.edge.service import EdgeService
+from kvcdn.edge.edge import Edge
+from kvcdn.edge.peers import reader_for
 from kvcdn.edge.tiers import MemoryTier, Tier
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
+from kvcdn.wire.readside import ReadService
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 
@@ -35,10 +36,10 @@ async def serve_edge(edge: Edge) -> Server:
     try:
         auth = Authorizer.from_file(config.tokens, closed_reads=True) if config.tokens is not None else None
         if config.disk_dir is not None:
-            await edge.catch_up(config.origin_timeout_s)
+            await edge.feed.catch_up(config.origin_timeout_s)
         server = await start_server(
             config.listen,
-            EdgeService(
+            ReadService(
                 edge, ServerMetrics(edge.stats), auth, RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
             ),
             bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),

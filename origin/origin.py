@@ -22,7 +22,7 @@ from kvcdn.model.tensors import LayerKV, block_payload
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
 from kvcdn.spec.codecs import CODECS, best_prefix, max_encoded_bytes, parse_codecs
-from kvcdn.spec.identity import block_keys, block_spans, content_digest, encoded_key
+from kvcdn.spec.identity import block_keys, block_spans, check_read_request, content_digest, encoded_key
 from kvcdn.spec.provenance import Signer
 from kvcdn.store.blockstore import BlockStore
 from kvcdn.store.lru import ByteLRU
@@ -30,7 +30,6 @@ from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock, Frame, encode_block, encode_stored, stream_blocks
 from kvcdn.wire.metrics import OriginMetrics, Stat
-from kvcdn.wire.rpc import check_read_request
 
 __all__ = ["Origin", "PublishResult"]
 

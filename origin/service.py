@@ -1,8 +1,9 @@
-"""Translates the origin's gRPC requests to Origin calls and back; nothing else."""
+"""Translates the origin's gRPC requests to Origin calls and back; nothing else. The read side is
+kvcdn.wire.readside's, shared with the edges."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -10,16 +11,40 @@ from kvcdn.origin.origin import Origin
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.frames import as_bytes
+from kvcdn.wire.frames import Frame
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
-from kvcdn.wire.rpc import feed_errors, rpc_errors, stream_errors
+from kvcdn.wire.readside import ReadService
+from kvcdn.wire.rpc import feed_errors, rpc_errors
 
 __all__ = ["OriginService"]
 
 
-class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
-    """KVCache (registered by kvcdn.wire.rpc with pass-through frames), Publisher and Invalidations."""
+class _OriginReads:
+    """The origin as kvcdn.wire.readside.Reads: it answers from its own store (no peers to name)."""
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+
+    async def info(self) -> pb.ServerInfo:
+        return self.origin.info()
+
+    async def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+        return self.origin.manifest(document, version, token_ids)
+
+    async def lookup(
+        self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False
+    ) -> list[pb.BlockInfo]:
+        return self.origin.lookup(fingerprint, keys, codecs)
+
+    def stream(
+        self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
+    ) -> AsyncIterator[Frame]:
+        return self.origin.stream(fingerprint, keys, start_frame)
+
+
+class OriginService(ReadService, pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
+    """KVCache (the shared read side), Publisher and Invalidations."""
 
     def __init__(
         self,
@@ -28,33 +53,8 @@ class OriginService(pb_grpc.PublisherServicer, pb_grpc.InvalidationsServicer):
         auth: Authorizer | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
+        super().__init__(_OriginReads(origin), metrics, auth, limiter)
         self.origin = origin
-        self.metrics = metrics
-        self.auth = auth
-        """Who may Publish, Purge and Watch (None: anyone who reaches the port)."""
-        self.limiter = limiter
-        """Each caller's rate of calls (None: unlimited)."""
-
-    @rpc_errors
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
-        return self.origin.info()
-
-    @rpc_errors
-    async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
-        return self.origin.manifest(request.document, request.version, request.token_ids)
-
-    @rpc_errors
-    async def LookupPrefix(
-        self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LookupPrefixResponse:
-        return pb.LookupPrefixResponse(blocks=self.origin.lookup(request.fingerprint, request.keys, request.codecs))
-
-    @stream_errors
-    async def StreamBlocks(
-        self, request: pb.StreamBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        async for frame in self.origin.stream(request.fingerprint, request.keys, request.start_frame):
-            yield as_bytes(frame)
 
     @rpc_errors
     async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:

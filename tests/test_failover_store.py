@@ -33,7 +33,7 @@ async def test_unreachable_first_edge_fails_over_to_the_next(network: Network, s
         fetched = await client.fetch(network.model, doc)
         # A failed edge is asked last for a while, whatever the ring says, so it costs one failure.
         for key in (bytes([i]) * 32 for i in range(20)):
-            assert client.order(client.placement.route(key)) == [network.edge_address, "127.0.0.1:1"]
+            assert client.suspects.order(client.placement.route(key)) == [network.edge_address, "127.0.0.1:1"]
     assert fetched.cached_tokens == len(doc)
     assert "127.0.0.1:1" not in fetched.edges_used
 

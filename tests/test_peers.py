@@ -47,7 +47,7 @@ async def peered_edges(
     ]
     edges = {server.address: edge for edge, server in started}
     ring = Placement(addresses)
-    assert all(edge.ring is not None and edge.ring.nodes == ring.nodes for edge in edges.values())
+    assert all(edge.peers is not None and edge.peers.ring.nodes == ring.nodes for edge in edges.values())
     try:
         yield edges, ring, {server.address: server for _, server in started}
     finally:
@@ -191,7 +191,8 @@ async def test_a_stalled_owner_is_skipped_after_the_peer_timeout(llama: LoadedMo
             assert len(frames) == sum(len(b.frame_digests) for b in manifest.blocks if b.key in foreign[:2])
             assert edges[x].origin_fetches == 2 and edges[x].peer_fetches == 0
             # the owners were tried once, then skipped for the next block (no second wait)
-            assert set(edges[x].suspected_peers()) == set(ring.owners(foreign[0]))
+            assert edges[x].peers is not None
+            assert set(edges[x].peers.suspects.current()) == set(ring.owners(foreign[0]))
     finally:
         never.set()
         await stop_network(net)

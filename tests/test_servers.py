@@ -10,10 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from kvcdn.edge.service import EdgeService
 from kvcdn.errors import InvalidArgument, Unavailable, error_for
 from kvcdn.flags import parse_size
 from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.readside import ReadService
 from kvcdn.wire.rpc import start_server
 from kvcdn.wire.stub import CacheReader
 from tests.conftest import Network
@@ -78,7 +78,7 @@ async def test_servers_report_the_ports_they_bound(network: Network) -> None:
 @pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:notaport", "203.0.113.1:0"])
 async def test_a_bad_listen_address_is_a_clear_error(network: Network, listen: str) -> None:
     with pytest.raises(InvalidArgument):
-        await start_server(listen, EdgeService(network.edge, ServerMetrics()))
+        await start_server(listen, ReadService(network.edge, ServerMetrics()))
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,15 @@ from typing import Any
 import blake3
 import numpy as np
 
+from kvcdn.errors import FingerprintMismatch, InvalidArgument, LimitExceeded
+
 __all__ = [
     "DEFAULT_BLOCK_TOKENS",
     "KEY_BYTES",
+    "MAX_KEYS_PER_REQUEST",
     "block_keys",
     "block_spans",
+    "check_read_request",
     "content_digest",
     "digest",
     "encoded_key",
@@ -30,6 +34,8 @@ __all__ = [
 
 DEFAULT_BLOCK_TOKENS = 256
 KEY_BYTES = 32
+MAX_KEYS_PER_REQUEST = 4096
+"""Block keys one LookupPrefix or StreamBlocks request may name (SPEC.md section 9)."""
 
 
 def fingerprint_json(
@@ -106,3 +112,22 @@ def content_digest(ids: Sequence[int]) -> str:
 def digest(data: bytes | memoryview) -> bytes:
     """BLAKE3-256 of `data` (a frame's payload)."""
     return blake3.blake3(data).digest()
+
+
+def check_read_request(asked_fingerprint: str, served_fingerprint: str, keys: Sequence[bytes]) -> None:
+    """Validate a LookupPrefix/StreamBlocks request: FAILED_PRECONDITION unless the caller's model is
+    the one this server's caches belong to; INVALID_ARGUMENT / RESOURCE_EXHAUSTED for bad keys."""
+    if asked_fingerprint != served_fingerprint:
+        raise FingerprintMismatch(
+            f"this network serves caches of model fingerprint {served_fingerprint[:16]}…, the request is for "
+            f"{asked_fingerprint[:16] or '(none)'}…: load the same model, dtype and attention implementation"
+        )
+    if not keys:
+        raise InvalidArgument("the request names no block keys")
+    if len(keys) > MAX_KEYS_PER_REQUEST:
+        raise LimitExceeded(f"{len(keys)} keys in one request; the limit is {MAX_KEYS_PER_REQUEST}")
+    if len(set(keys)) != len(keys):  # a chain never repeats a key; repeats would multiply the egress asked for
+        raise InvalidArgument("the request names a block key more than once")
+    for i, key in enumerate(keys):
+        if len(key) != KEY_BYTES:
+            raise InvalidArgument(f"key {i} is {len(key)} bytes; block keys are {KEY_BYTES} raw bytes")

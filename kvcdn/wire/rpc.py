@@ -8,7 +8,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -18,8 +18,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from kvcdn.errors import FingerprintMismatch, InvalidArgument, KVCDNError, LimitExceeded
-from kvcdn.spec.identity import KEY_BYTES
+from kvcdn.errors import InvalidArgument, KVCDNError
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import Authorizer, token_of
@@ -31,11 +30,9 @@ from kvcdn.wire.tls import TLSFiles
 
 __all__ = [
     "CHANNEL_OPTIONS",
-    "MAX_KEYS_PER_REQUEST",
     "STREAM_BLOCKS",
     "KVCacheHandlers",
     "Server",
-    "check_read_request",
     "feed_errors",
     "rpc_errors",
     "start_server",
@@ -50,7 +47,6 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
-MAX_KEYS_PER_REQUEST = 4096
 STREAM_BLOCKS = "/kvcdn.v1.KVCache/StreamBlocks"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
@@ -197,25 +193,6 @@ def feed_errors(
                 yield item
 
     return wrapper
-
-
-def check_read_request(asked_fingerprint: str, served_fingerprint: str, keys: Sequence[bytes]) -> None:
-    """Validate a LookupPrefix/StreamBlocks request: FAILED_PRECONDITION unless the caller's model is
-    the one this server's caches belong to; INVALID_ARGUMENT / RESOURCE_EXHAUSTED for bad keys."""
-    if asked_fingerprint != served_fingerprint:
-        raise FingerprintMismatch(
-            f"this network serves caches of model fingerprint {served_fingerprint[:16]}…, the request is for "
-            f"{asked_fingerprint[:16] or '(none)'}…: load the same model, dtype and attention implementation"
-        )
-    if not keys:
-        raise InvalidArgument("the request names no block keys")
-    if len(keys) > MAX_KEYS_PER_REQUEST:
-        raise LimitExceeded(f"{len(keys)} keys in one request; the limit is {MAX_KEYS_PER_REQUEST}")
-    if len(set(keys)) != len(keys):  # a chain never repeats a key; repeats would multiply the egress asked for
-        raise InvalidArgument("the request names a block key more than once")
-    for i, key in enumerate(keys):
-        if len(key) != KEY_BYTES:
-            raise InvalidArgument(f"key {i} is {len(key)} bytes; block keys are {KEY_BYTES} raw bytes")
 
 
 class KVCacheHandlers(Protocol):

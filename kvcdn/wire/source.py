@@ -2,7 +2,8 @@
 fetch, an edge's load from a peer or the origin): over the server's bulk port where it offers one
 (kvcdn.wire.receiver, in a worker thread), else, or when the bulk port fails before a frame, over
 gRPC StreamBlocks. Both settle every frame with the same sequence (`settle_frame`), and `progress`
-only ever passes verified frames, so the caller's next server resumes exactly where this one broke.
+only ever passes verified frames, so the next server resumes exactly where this one broke: `fail_over`
+walks a route of servers so, and `Suspects` remembers which recently failed (shared by both callers).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -21,9 +23,13 @@ from kvcdn.wire.frames import decode_frame, expect_frame
 from kvcdn.wire.receiver import FrameTarget, Progress, receive_into, settle_frame
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["Transport", "stream_from"]
+__all__ = ["RETRYABLE", "Suspects", "Transport", "fail_over", "stream_from"]
 
 log = logging.getLogger(__name__)
+
+RETRYABLE: tuple[type[Exception], ...] = (Unavailable, DeadlineExceeded, DigestMismatch)
+"""Failures after which the next server of a route is asked: it is down, stalled, or sent a frame that
+failed verification (nothing of which was kept: `progress` stops before it)."""
 
 
 @dataclass(frozen=True)
@@ -137,3 +143,59 @@ def _write_and_settle(
         view[:] = payload[pos : pos + len(view)]
         pos += len(view)
     settle_frame(peer, geometry, target, progress, info, index, views)
+
+
+class Suspects:
+    """Servers that recently failed a stream, until `for_s` seconds after their last failure: a client
+    asks them last, an edge skips them as peers (the origin is never skipped), so a dead server costs
+    one timeout per `for_s` rather than one per block."""
+
+    def __init__(self, for_s: float) -> None:
+        self.for_s = for_s
+        self._until: dict[str, float] = {}
+
+    def suspect(self, address: str) -> None:
+        self._until[address] = time.monotonic() + self.for_s
+
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, str) and self._until.get(address, 0.0) > time.monotonic()
+
+    def order(self, route: Sequence[str]) -> list[str]:
+        """`route` with its suspects moved to the end (stable otherwise)."""
+        return sorted(route, key=lambda address: address in self)
+
+    def current(self) -> list[str]:
+        """The servers suspected now."""
+        return sorted(a for a in self._until if a in self)
+
+
+async def fail_over(
+    route: Sequence[str],
+    attempt: Callable[[str], Awaitable[object]],
+    progress: Progress,
+    n_blocks: int,
+    failed: Callable[[str], None],
+) -> list[str]:
+    """Run `attempt(address)` (one `stream_from` into a shared target, from `progress` on) for each
+    server of `route` in turn until one completes the stream, telling `failed` of each that fails with
+    a RETRYABLE error (any other error ends the walk); returns the servers asked. When none completes:
+    DigestMismatch if one sent a frame that failed verification, else Unavailable, naming every failure."""
+    used: list[str] = []
+    errors: list[Exception] = []
+    for address in route:
+        if progress.block == n_blocks:
+            return used  # every frame arrived and verified before the last stream failed
+        used.append(address)
+        try:
+            await attempt(address)
+            return used
+        except RETRYABLE as exc:
+            errors.append(exc)
+            failed(address)
+            log.warning("stream from %s broke at block %d frame %d: %s", address, progress.block, progress.frame, exc)
+    if progress.block == n_blocks:
+        return used
+    summary = "; ".join(map(str, errors)) or "no server to ask"
+    if any(isinstance(e, DigestMismatch) for e in errors):
+        raise DigestMismatch(f"no server sent verified frames for the whole stream: {summary}")
+    raise Unavailable(f"no server could complete the stream: {summary}")
