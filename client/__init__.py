@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 from kvcdn.wire.stub import CacheReader
 
 if TYPE_CHECKING:
-    from kvcdn.client.api import BlockingKVClient, ClientConfig, FetchedCache, KVClient, generate_from_cache
+    from kvcdn.client.api import FetchedCache, KVClient, generate_from_cache
+    from kvcdn.client.blocking import BlockingKVClient
+    from kvcdn.client.config import ClientConfig
 
 __all__ = [
     "BlockingKVClient",
@@ -39,7 +41,10 @@ __all__ = [
 ]
 
 
+_HOMES = {"BlockingKVClient": "blocking", "ClientConfig": "config"}
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module("kvcdn.client.api"), name)
+        return getattr(importlib.import_module(f"kvcdn.client.{_HOMES.get(name, 'api')}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
 
+from kvcdn.client.config import ClientConfig
 from kvcdn.client.policy import Decision, Estimates, Policy, decide, fetch_key
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
 from kvcdn.model import adapter
@@ -22,27 +21,17 @@ from kvcdn.model.codecs import decodes_on_device
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.receiving import DecodingAssembler, KVAssembler, StagingPool
 from kvcdn.model.tensors import LayerKV, synchronize
-from kvcdn.spec.codecs import DEFAULT_ACCEPT, max_encoded_bytes, parse_codecs
+from kvcdn.spec.codecs import max_encoded_bytes, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys, content_digest, encoded_key
-from kvcdn.spec.placement import DEFAULT_REPLICAS, Placement, balance, parse_edges, resolve_edges
+from kvcdn.spec.placement import Placement, balance, parse_edges, resolve_edges
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.receiver import Progress
 from kvcdn.wire.source import Suspects, Transport, fail_over, stream_from
 from kvcdn.wire.stub import CacheReader
-from kvcdn.wire.tls import TLSFiles
 
-__all__ = [
-    "BlockingKVClient",
-    "ClientConfig",
-    "FetchedCache",
-    "KVClient",
-    "ReceiveTimes",
-    "Run",
-    "default_streams_per_run",
-    "generate_from_cache",
-]
+__all__ = ["ClientConfig", "FetchedCache", "KVClient", "ReceiveTimes", "Run", "generate_from_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -50,65 +39,6 @@ _RETRYABLE = (Unavailable, DeadlineExceeded)
 
 Target = KVAssembler | DecodingAssembler
 """Where a fetch's frames land: the cache's buffers, or encoded blocks decoded into them."""
-
-
-def default_streams_per_run(cores: int | None = None) -> int:
-    """Streams to each edge a fetch uses by default: one on a machine with fewer than 8 cores (on 2,
-    8 receivers and their senders take turns on the cores and lose to one stream an edge), two from
-    8 cores on, where one stream an edge leaves each receiving core the limit (88% busy on an H200,
-    docs/measurements.md); the row that compares the two with spreading is `make gpu-check TUNE=1`'s,
-    not yet measured."""
-    return 2 if (cores or os.cpu_count() or 1) >= 8 else 1
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    edges: tuple[str, ...]
-    """Edge addresses `HOST:PORT[=WEIGHT]`; a DNS name stands for every address it resolves to."""
-    replicas: int = DEFAULT_REPLICAS
-    """Owners per block on the consistent-hash ring (asked first, in ring order)."""
-    timeout_s: float = 30.0
-    """Deadline of each unary call."""
-    stream_timeout_s: float = 300.0
-    """Deadline of one block stream, on either transport (a sender that trickles bytes is cut off)."""
-    bulk: bool = True
-    """Stream frames over an edge's bulk TCP port when it offers one (else over gRPC)."""
-    suspect_s: float = 10.0
-    """After an edge fails, ask it last for this long (so one dead edge costs one timeout, not one per run)."""
-    max_streams: int = 256
-    """Bulk streams this client receives at once, each in a worker thread of its own (started as needed)."""
-    streams_per_fetch: int = 8
-    """Streams one fetch runs at the same time: its runs of blocks (each from its owner) in parallel."""
-    assumed_gbps: float = 1.0
-    """Bandwidth a fetch-or-prefill decision assumes until this client has measured a fetch in that
-    codec to that device (GB/s)."""
-    streams_per_run: int = field(default_factory=default_streams_per_run)
-    """Connections each edge's share of a fetch is split over (more where one stream cannot fill the
-    link, e.g. when one receiving core is the limit); default by core count (default_streams_per_run)."""
-    spread: bool = True
-    """Stream each block from whichever of its R owners has the least of the fetch so far, evening
-    out the bytes each edge sends (False: every block from its primary owner, which keeps each block
-    in fewer edges' tiers; see `KVClient.runs`)."""
-    codecs: tuple[str, ...] = DEFAULT_ACCEPT
-    """Encodings this client accepts, preferred first (kvcdn.spec.codecs); the default, exact ones
-    only: an agent never receives a lossy cache it did not ask for."""
-    tls: TLSFiles | None = None
-    """Call the edges over TLS (gRPC and bulk stream): verify them with `tls.ca`, present `tls.cert`
-    where they require it (mTLS); None: plaintext."""
-    token: str = ""
-    """This agent's token (role `reader`) for edges that close reads (kvcdn.wire.auth); "": none."""
-    trust: tuple[Path, ...] = ()
-    """Publisher public keys (PEM): every block info and manifest must carry a signature by one of
-    them (kvcdn.spec.provenance), else the edge's answer is refused and the next edge asked; empty:
-    no signature checks (digests still bind frames to the infos an edge sent)."""
-
-    def __post_init__(self) -> None:
-        parse_edges(self.edges)  # fail early on a malformed list
-        parse_codecs(self.codecs)
-        if self.assumed_gbps <= 0:
-            raise InvalidArgument("assumed_gbps must be positive")
-        if min(self.max_streams, self.streams_per_fetch, self.streams_per_run) < 1:
-            raise InvalidArgument("max_streams, streams_per_fetch and streams_per_run must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -513,46 +443,3 @@ class KVClient:
 
         order = self.suspects.order([run.edge, *(a for a in route if a != run.edge)])
         return await fail_over(order, attempt, progress, len(blocks), self.suspects.suspect)
-
-
-class BlockingKVClient:
-    """KVClient for code without an event loop; owns a private loop."""
-
-    def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._client = self._run(self._make(edges))
-
-    @staticmethod
-    async def _make(edges: Sequence[str] | ClientConfig) -> KVClient:
-        return KVClient(edges)
-
-    def _run(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(coro)
-
-    def info(self) -> pb.ServerInfo:
-        info: pb.ServerInfo = self._run(self._client.info())
-        return info
-
-    def lookup(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> list[pb.BlockInfo]:
-        blocks: list[pb.BlockInfo] = self._run(self._client.lookup(model, ids, codecs))
-        return blocks
-
-    def fetch(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> FetchedCache:
-        fetched: FetchedCache = self._run(self._client.fetch(model, ids, codecs))
-        return fetched
-
-    def prepare(
-        self, model: LoadedModel, ids: Sequence[int], policy: Policy = "auto", codecs: Sequence[str] | None = None
-    ) -> FetchedCache:
-        prepared: FetchedCache = self._run(self._client.prepare(model, ids, policy, codecs))
-        return prepared
-
-    def close(self) -> None:
-        self._run(self._client.close())
-        self._loop.close()
-
-    def __enter__(self) -> BlockingKVClient:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

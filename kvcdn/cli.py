@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kvcdn.wire.tuning import tune_malloc
+    from kvcdn.tuning import tune_malloc
 
     tune_malloc()
     args = build_parser().parse_args(argv)

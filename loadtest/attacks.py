@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvcdn.client import CacheReader, ClientConfig, KVClient
 from kvcdn.errors import KVCDNError
-from kvcdn.loadtest.bench import grid, sample_corpus, text_of_length
+from kvcdn.loadtest.bench import sample_corpus, text_of_length
+from kvcdn.loadtest.bench_report import grid
 from kvcdn.loadtest.network import rss_mb
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions

@@ -10,17 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.flags import add_connection_flags, add_edges_flag, add_origin_flag, parse_count, parse_size
-from kvcdn.loadtest.economics import (
-    PAPER,
-    PAPER_REUSE,
-    SWEEPS,
-    EconomicsRequest,
-    Inputs,
-    ReuseCurve,
-    codecs_from_report,
-    curve_from_bench,
-    geometry_from,
-)
+from kvcdn.loadtest.economics import PAPER, PAPER_REUSE, SWEEPS, Inputs, ReuseCurve, geometry_from
+from kvcdn.loadtest.economics_report import EconomicsRequest, codecs_from_report, curve_from_bench
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
@@ -188,7 +179,7 @@ def register(sub: Any) -> None:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
-    from kvcdn.client.api import default_streams_per_run
+    from kvcdn.client.config import default_streams_per_run
     from kvcdn.loadtest.bench import BenchConfig
 
     try:
@@ -366,6 +357,6 @@ def attacks(args: argparse.Namespace) -> int:
 
 
 def economics(args: argparse.Namespace) -> int:
-    from kvcdn.loadtest.economics import run_economics
+    from kvcdn.loadtest.economics_report import run_economics
 
     return run_economics(economics_request(args))

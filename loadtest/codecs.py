@@ -33,7 +33,7 @@ from rich.table import Table
 
 from kvcdn.client.agent import compare
 from kvcdn.errors import InvalidArgument
-from kvcdn.loadtest.bench import grid
+from kvcdn.loadtest.bench_report import grid
 from kvcdn.model import adapter
 from kvcdn.model.codecs import decode, encode
 from kvcdn.model.loading import LoadedModel

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kvcdn.client.api import ClientConfig, KVClient
+from kvcdn.client import ClientConfig, KVClient
 from kvcdn.errors import DigestMismatch, InvalidArgument, KVCDNError
 from kvcdn.loadtest.bench import text_of_length
 from kvcdn.model.loading import LoadedModel

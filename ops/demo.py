@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kvcdn.client import ClientConfig, KVClient
 from kvcdn.client.agent import AskResult, ask
-from kvcdn.client.api import ClientConfig, KVClient
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids

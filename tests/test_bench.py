@@ -15,9 +15,10 @@ import pytest
 from rich.console import Console
 
 from kvcdn.cli import main
-from kvcdn.client.api import ClientConfig
+from kvcdn.client.config import ClientConfig
 from kvcdn.loadtest.baseline import blake3_gbps, cpu_seconds, raw_tcp_gbps, verified_bound
-from kvcdn.loadtest.bench import crossover, measure, render, render_costs, text_of_length
+from kvcdn.loadtest.bench import measure, text_of_length
+from kvcdn.loadtest.bench_report import crossover, render, render_costs
 from kvcdn.model.prompt import document_ids
 from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, Network

@@ -13,18 +13,8 @@ import pytest
 
 from kvcdn.cli import main
 from kvcdn.errors import InvalidArgument
-from kvcdn.loadtest.economics import (
-    PAPER,
-    Inputs,
-    ReuseCurve,
-    costs,
-    curve_from_bench,
-    geometry_from,
-    paper_figures,
-    sweep,
-    verdict,
-    write_sweep,
-)
+from kvcdn.loadtest.economics import PAPER, Inputs, ReuseCurve, costs, geometry_from, paper_figures, sweep, verdict
+from kvcdn.loadtest.economics_report import curve_from_bench, write_sweep
 from kvcdn.model.loading import LoadedModel
 
 
