@@ -16,7 +16,7 @@ from rich.console import Console
 
 from kvcdn.cli import main
 from kvcdn.client.config import ClientConfig
-from kvcdn.loadtest.baseline import blake3_gbps, cpu_seconds, raw_tcp_gbps, verified_bound
+from kvcdn.loadtest.baseline import RawTCP, blake3_gbps, cpu_seconds, raw_tcp_gbps, verified_bound
 from kvcdn.loadtest.bench import measure, text_of_length
 from kvcdn.loadtest.bench_report import crossover, render, render_costs
 from kvcdn.model.prompt import document_ids
@@ -24,20 +24,30 @@ from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, Network
 
 
+def _stream_of(n_bytes: int) -> bytes:
+    """The bytes the raw sender's stream holds: byte i is i % 256."""
+    return (bytes(range(256)) * (n_bytes // 256 + 1))[:n_bytes]
+
+
 def test_raw_tcp_baseline_moves_every_byte_it_times() -> None:
-    # The baseline checks the received pattern itself (ValueError otherwise); an odd size exercises
-    # the last partial chunk.
-    n_bytes = (3 << 20) + 12345
-    for streams in (1, 3):  # three connections at once: parts of whole MiB, the last one short
-        gbps = raw_tcp_gbps(n_bytes, repeats=2, streams=streams)
-        assert 0.001 < gbps < 1000  # a real transfer of n_bytes, timed in seconds, not a placeholder
+    # Odd sizes exercise the last partial chunk; three connections at once receive parts of whole
+    # MiB, the last one short. What landed is compared here, apart from the baseline's own check.
+    with RawTCP() as tcp:
+        for n_bytes, streams in (((3 << 20) + 12345, 1), ((3 << 20) + 777, 3)):
+            assert tcp.seconds(n_bytes, streams) > 0 and tcp.receiver_cpu_s > 0
+            assert bytes(tcp._sink) == _stream_of(n_bytes)
+        tcp.close()  # a sender that is gone: the transfer fails, it is never timed as if it had run
+        with pytest.raises(ConnectionError):
+            tcp.seconds(1 << 20)
 
 
 def test_raw_baseline_over_tls_moves_every_byte_and_needs_the_client_certificate(tmp_path: Path) -> None:
     pki = make_test_ca(tmp_path, ["127.0.0.1"])
     server = TLSFiles(pki["server"], pki["server_key"], pki["ca"])
     client = TLSFiles(pki["client"], pki["client_key"], pki["ca"])
-    assert 0.001 < raw_tcp_gbps((2 << 20) + 777, repeats=1, streams=2, tls=(server, client)) < 1000
+    with RawTCP((server, client)) as tcp:
+        assert tcp.seconds((2 << 20) + 777, streams=2) > 0
+        assert bytes(tcp._sink) == _stream_of((2 << 20) + 777)
     with pytest.raises(ssl.SSLError):  # a real mutual-TLS transfer: no client certificate, no bytes
         raw_tcp_gbps(1 << 20, repeats=1, tls=(server, TLSFiles(ca=pki["ca"])))
 

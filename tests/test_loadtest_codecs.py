@@ -26,15 +26,20 @@ def test_exact_codecs_agree_fully_and_lossy_ones_are_measured(llama: LoadedModel
     # float32, short blocks, and 80-token documents whose first block carries its first token exact
     # (in int4 that token costs what 8 tokens of codes do)
     assert by["fp8"].ratio > 3 and by["int8"].ratio > 3 and by["int4"].ratio > 4.5
-    for name in ("fp8", "int4", "int8"):
+    # Quality floors from the figures measured on this seeded model (Dec 5: top-1 fp8 0.865, int4 0.680,
+    # int8 0.966; KL 8.4e-3, 6.4e-2, 3.8e-4), with about 3x margin on KL: a codec that stops rotating
+    # back, drops its sink token or mis-scales a head lands far outside them.
+    floors = {"fp8": (0.75, 0.03), "int4": (0.55, 0.2), "int8": (0.9, 2e-3)}
+    for name, (top1, kl) in floors.items():
         r = by[name]
-        assert not r.exact and 0 <= r.greedy_agreement <= 1 and 0 < r.top1_agreement <= 1 and r.kl >= 0
+        assert not r.exact and r.top1_agreement >= top1 and 0 < r.kl < kl, (name, r.top1_agreement, r.kl)
         assert 0 <= r.whole_answers <= r.documents and (r.whole_answers == r.documents) == (r.greedy_agreement == 1)
         assert r.encode_gbps > 0 and r.decode_gbps > 0
+    assert by["int8"].kl < by["fp8"].kl < by["int4"].kl  # the order docs/architecture.md states
     noise = by[REFERENCE]  # the exact cache, a few values one ulp off: measured like a codec, priced as none
-    assert noise.reference and not noise.exact and noise.ratio == 1.0 and noise.kl >= 0
+    assert noise.reference and not noise.exact and noise.ratio == 1.0 and 0 < noise.kl < 1e-6
     table = render(rows, "codecs", markdown=True)
-    assert isinstance(table, str) and table.count("\n| ") == 7
+    assert isinstance(table, str) and table.count("\n| ") == 7 and "| int8 |" in table
 
 
 def test_top1_agreement_counts_ties_of_the_exact_logits() -> None:
