@@ -124,7 +124,9 @@ def register(sub: Any) -> None:
         "--parts", default="herd,zipf,memory,pulls", help="which parts to run, a comma list (herd,zipf,memory,pulls)"
     )
     n.add_argument("--pull-tokens", type=int, default=3774, help="length of the cold-pull part's documents (3774)")
-    n.add_argument("--pull-repeats", type=int, default=3, help="documents of the cold-pull part (3)")
+    n.add_argument(
+        "--pull-repeats", type=int, default=5, help="documents of the cold-pull part, after a warm-up one (5)"
+    )
     ModelOptions.add_flags(n)
     n.set_defaults(run=network)
 

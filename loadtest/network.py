@@ -1,6 +1,6 @@
 """`kvcdn loadtest network`: the edge network's benchmark, on real processes (`kvcdn up`'s launcher).
 
-Three parts, each printed as a table:
+Four parts, each printed as a table:
 1. cold herd: many agents fetch one document nobody has fetched yet, all at once, through 3 edges;
    the edges' metrics count the origin transfers (each block should cross once, to its owner) and
    every agent's cache is verified frame by frame;
@@ -8,9 +8,9 @@ Three parts, each printed as a table:
    (memory, disk, origin, joined an in-flight load) from the edges' metrics;
 3. edge memory: the resident memory of a fresh edge while it streams, cold, a document 2x and then
    (another fresh edge) 4x the size of its memory tier: the growth should not follow the object;
-4. cold pulls: a document fetched through an edge that has none of it, whose loads from the origin
-   travel over the origin's bulk port (the default) or over gRPC (`kvcdn edge --grpc-pulls`), side by
-   side on two edges of one origin.
+4. cold pulls (kvcdn.loadtest.coldpulls): a document fetched through an edge that has none of it,
+   whose loads from the origin travel over the origin's bulk port (the default) or over gRPC
+   (`kvcdn edge --grpc-pulls`), and straight from the origin, side by side on one origin.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from rich.table import Table
 from kvcdn.client.api import KVClient
 from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.bench import sample_corpus, text_of_length
+from kvcdn.loadtest.coldpulls import pulls_part
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
@@ -38,7 +39,7 @@ from kvcdn.ops.stats import EdgeStats, edge_stats, metrics_url, rpcs_started
 from kvcdn.spec.placement import DEFAULT_REPLICAS
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["cold_herd", "cold_pulls", "edge_memory", "run_network_bench", "zipf_tiers"]
+__all__ = ["cold_herd", "edge_memory", "run_network_bench", "zipf_tiers"]
 
 PARTS = ("herd", "zipf", "memory", "pulls")
 """The benchmark's parts, in the order they run (`--parts`)."""
@@ -178,42 +179,6 @@ async def edge_memory(
     )
 
 
-@dataclass(frozen=True)
-class PullResult:
-    tokens: int
-    cache_mb: float
-    grpc_s: list[float]
-    """Cold fetch seconds through the edge that loads over gRPC, one a document."""
-    bulk_s: list[float]
-    """The same through the edge that loads over the origin's bulk port."""
-    exact: bool
-
-
-async def cold_pulls(
-    model: LoadedModel, origin: str, grpc_edge: str, bulk_edge: str, tokens: int, repeats: int
-) -> PullResult:
-    """`repeats` documents of `tokens` tokens, each published and then fetched once through each edge
-    (both cold for it; which goes first alternates), raw: the fetch waits on the edge's loads from the
-    origin, which run ahead of the stream (cut-through)."""
-    grpc_s: list[float] = []
-    bulk_s: list[float] = []
-    exact = True
-    cache_mb = 0.0
-    for i in range(repeats):
-        text = text_of_length(model, f"Cold pull {i} {time.time_ns()}.\n\n" + sample_corpus(), tokens)
-        async with CacheReader(origin) as reader:
-            await reader.publish(f"pull-{i}-{time.time_ns()}", text)
-        ids = document_ids(model.tokenizer, text)
-        order = [(grpc_edge, grpc_s), (bulk_edge, bulk_s)]
-        for edge, times in order if i % 2 == 0 else order[::-1]:
-            async with KVClient([edge]) as client:
-                fetched = await client.fetch(model, ids, ("raw",))
-            times.append(fetched.fetch_s)
-            exact &= fetched.cached_tokens == len(ids)
-            cache_mb = fetched.n_bytes / 1e6
-    return PullResult(tokens, cache_mb, grpc_s, bulk_s, exact)
-
-
 def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
     if markdown:
         return "\n".join([f"**{title}**", "", "| figure | value |", "|---|---:|", *(f"| {a} | {b} |" for a, b in rows)])
@@ -247,8 +212,8 @@ class NetworkBenchConfig:
     """Which parts to run (PARTS)."""
     pull_tokens: int = 3774
     """Length of the cold-pull part's documents."""
-    pull_repeats: int = 3
-    """Documents of the cold-pull part (each fetched cold once through each edge)."""
+    pull_repeats: int = 5
+    """Documents of the cold-pull part (each fetched cold once along each path), after a warm-up one."""
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.herd_tokens < 1:
@@ -271,7 +236,9 @@ def run_network_bench(config: NetworkBenchConfig, model: LoadedModel, options: M
         if "memory" in config.parts:
             ok &= _memory_part(config, model, options, root, console, out)
         if "pulls" in config.parts:
-            ok &= _pulls_part(config, model, options, root, console, out)
+            ok &= pulls_part(
+                config.pull_tokens, config.pull_repeats, config.markdown, model, options, root, console, out
+            )
     for part in out:
         if isinstance(part, str):
             print(part + "\n")
@@ -401,41 +368,3 @@ def _memory_part(
         ]
     out.append(_rows_table("3. edge memory while streaming objects larger than its memory tier", rows, config.markdown))
     return ok
-
-
-def _pulls_part(
-    config: NetworkBenchConfig, model: LoadedModel, options: ModelOptions, root: Path, console: Console, out: list[Any]
-) -> bool:
-    """Part 4: cold fetches through an edge that loads over gRPC and one that loads over bulk."""
-    with console.status(f"cold pulls: {config.pull_repeats} documents of {config.pull_tokens} tokens, two edges ..."):
-        cluster = Cluster(
-            store_dir=root / "store-pulls",
-            edges=2,
-            origin_args=options.flags(),
-            peers=False,
-            edge_args_by_index={0: ["--grpc-pulls"]},
-        ).start()
-        try:
-            grpc_edge, bulk_edge = cluster.edge_addresses
-            r = asyncio.run(
-                cold_pulls(model, cluster.origin_address, grpc_edge, bulk_edge, config.pull_tokens, config.pull_repeats)
-            )
-        finally:
-            cluster.stop()
-    best_grpc, best_bulk = min(r.grpc_s), min(r.bulk_s)
-    out.append(
-        _rows_table(
-            f"4. cold pulls: {r.tokens:,}-token documents ({r.cache_mb:.1f} MB raw), each cold at the edge",
-            [
-                ("edge loads over gRPC (`--grpc-pulls`): cold fetch s", ", ".join(f"{t:.3f}" for t in r.grpc_s)),
-                (
-                    "edge loads over the origin's bulk port (default): cold fetch s",
-                    ", ".join(f"{t:.3f}" for t in r.bulk_s),
-                ),
-                ("best gRPC / best bulk", f"{best_grpc:.3f} / {best_bulk:.3f} s = {best_grpc / best_bulk:.2f}x"),
-                ("caches complete", "yes" if r.exact else "NO"),
-            ],
-            config.markdown,
-        )
-    )
-    return r.exact
