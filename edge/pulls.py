@@ -11,7 +11,7 @@ import numpy as np
 
 from kvcdn.errors import KVCDNError, Unavailable
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import Frame, check_start_frame, frame_prefix
+from kvcdn.wire.frames import Frame, check_start_frame, frame_buffer, frame_prefix
 
 __all__ = ["Pull", "PullTarget"]
 
@@ -87,7 +87,7 @@ class PullTarget:
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         index = offset // self.frame_bytes
         prefix = frame_prefix(self.info, index, self.frame_bytes, length)
-        frame = self._writing[index] = bytearray(len(prefix) + length)
+        frame = self._writing[index] = frame_buffer(len(prefix) + length)
         frame[: len(prefix)] = prefix
         return [np.frombuffer(frame, dtype=np.uint8, offset=len(prefix))]
 

@@ -125,7 +125,7 @@ def register(sub: Any) -> None:
     )
     n.add_argument("--pull-tokens", type=int, default=3774, help="length of the cold-pull part's documents (3774)")
     n.add_argument(
-        "--pull-repeats", type=int, default=5, help="documents of the cold-pull part, after a warm-up one (5)"
+        "--pull-repeats", type=int, default=5, help="documents of the cold-pull part, after two warm-up ones (5)"
     )
     ModelOptions.add_flags(n)
     n.set_defaults(run=network)

@@ -32,7 +32,7 @@ class PullResult:
     tokens: int
     cache_mb: float
     fetch_s: dict[str, list[float]]
-    """Cold fetch seconds, one a document (the warm-up document not counted), by path: "grpc" through
+    """Cold fetch seconds, one a document (the warm-up documents not counted), by path: "grpc" through
     the edge that loads over gRPC, "bulk" through the one that loads over the origin's bulk port,
     "origin" straight from the origin (what no edge load is in the way of)."""
     edge_cpu_s: dict[str, list[float]]
@@ -41,12 +41,15 @@ class PullResult:
 
 
 PULL_PATHS = ("grpc", "bulk", "origin")
+WARM_UP = 2
+"""Documents fetched before the counted ones: the first connections and allocations, and the edges'
+memory tiers (1.5 documents) filled, so the counted fetches reuse evicted memory as a serving edge does."""
 
 
 async def cold_pulls(
     model: LoadedModel, addresses: dict[str, str], edge_pids: dict[str, int], tokens: int, repeats: int
 ) -> PullResult:
-    """`repeats` documents of `tokens` tokens (after one warm-up document, not counted), each published
+    """`repeats` documents of `tokens` tokens (after WARM_UP documents, not counted), each published
     and then fetched once along each path of `addresses` (PULL_PATHS: an edge cold for it, or the
     origin; the order rotates), raw: an edge's fetch waits on its loads from the origin, which run
     ahead of the stream (cut-through). `edge_pids`: the edge processes whose CPU each fetch costs."""
@@ -54,7 +57,7 @@ async def cold_pulls(
     edge_cpu_s: dict[str, list[float]] = {path: [] for path in edge_pids}
     exact = True
     cache_mb = 0.0
-    for i in range(repeats + 1):
+    for i in range(WARM_UP + repeats):
         text = text_of_length(model, f"Cold pull {i} {time.time_ns()}.\n\n" + sample_corpus(), tokens)
         async with CacheReader(addresses["origin"]) as reader:
             await reader.publish(f"pull-{i}-{time.time_ns()}", text)
@@ -66,8 +69,8 @@ async def cold_pulls(
                 fetched = await client.fetch(model, ids, ("raw",))
             exact &= fetched.cached_tokens == len(ids)
             cache_mb = fetched.n_bytes / 1e6
-            if i == 0:
-                continue  # the warm-up: first connections, first allocations of every process
+            if i < WARM_UP:
+                continue
             fetch_s[path].append(fetched.fetch_s)
             if path in edge_pids:
                 edge_cpu_s[path].append(cpu_seconds([edge_pids[path]]) - cpu_before)

@@ -213,7 +213,7 @@ class NetworkBenchConfig:
     pull_tokens: int = 3774
     """Length of the cold-pull part's documents."""
     pull_repeats: int = 5
-    """Documents of the cold-pull part (each fetched cold once along each path), after a warm-up one."""
+    """Documents of the cold-pull part (each fetched cold once along each path), after two warm-up ones."""
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.herd_tokens < 1:

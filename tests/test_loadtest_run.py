@@ -176,7 +176,7 @@ def test_run_and_network_commands_against_real_processes(
     assert "| caches complete and verified | 20/20 |" in out
     assert "| origin block transfers (edges' metrics) | 1 |" in out  # 100 tokens: one block, pulled once
     assert "object 4x the tier" in out and "INCOMPLETE" not in out
-    # part 4: two cold documents after a warm-up, along each path, every cache complete
+    # part 4: two cold documents after the warm-up ones, along each path, every cache complete
     [grpc_row] = [line for line in out.splitlines() if line.startswith("| edge loads over gRPC")]
     assert len(grpc_row.split("|")[2].split(",")) == 2 and "| caches complete | yes |" in out
     assert "median gRPC / median bulk" in out and "edge CPU s a fetch" in out
