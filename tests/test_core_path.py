@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -15,11 +17,15 @@ from transformers.cache_utils import DynamicLayer
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
 from kvcdn.client.agent import ask
 from kvcdn.edge import Edge, EdgeConfig, serve_edge
+from kvcdn.edge.pulls import Pull, PullTarget
 from kvcdn.edge.tiers import MemoryTier
 from kvcdn.errors import InvalidArgument
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.spec.identity import digest
+from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.frames import encode_frame, frame_buffer
 from tests.conftest import SAMPLES, Network, memory_tier, start_network, stop_network
 from tests.tinymodels import ARCHITECTURES, WINDOW
 
@@ -266,3 +272,22 @@ def test_cache_layers_kvcdn_cannot_rebuild_are_refused_naming_the_model_type(
 
     with pytest.raises(InvalidArgument, match="llama models are not supported: cache layer 1 is a RecurrentState"):
         adapter.check_layers(model, SimpleNamespace(layers=[DynamicLayer(), RecurrentState()]))
+
+
+async def test_an_edge_load_receives_each_frame_in_place_byte_identical_to_the_encoded_frame() -> None:
+    # The receiver writes payloads straight into frame buffers the edge then serves (allocated
+    # unzeroed): once settled, each must be exactly the Frame message the origin encodes.
+    payload = bytes(range(256)) * 40  # frames of 4,096 bytes: 3, the last one short
+    chunks = [payload[at : at + 4096] for at in range(0, len(payload), 4096)]
+    info = pb.BlockInfo(key=b"k" * 32, n_tokens=4, n_bytes=len(payload), frame_digests=[digest(c) for c in chunks])
+    pull = Pull(seen_before=False, from_peers=False)
+    target = PullTarget(info, 4096, pull, asyncio.get_running_loop())
+    for i, chunk in enumerate(chunks):
+        [region] = target.regions(0, 4, i * 4096, len(chunk))
+        region[:] = np.frombuffer(chunk, dtype=np.uint8)
+        target.frame_done(0, 4, i * 4096 + len(chunk))
+    await asyncio.sleep(0)  # the pull hears of each frame on the loop
+    encoded = [encode_frame(info, i, 4096, chunk) for i, chunk in enumerate(chunks)]
+    assert target.frames == pull.frames == encoded
+    assert all(isinstance(f, bytearray) for f in target.frames)
+    assert sys.getrefcount(frame_buffer(8)) == sys.getrefcount(bytearray(8))  # no reference leaked per frame
