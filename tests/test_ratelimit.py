@@ -5,6 +5,7 @@ rate is refused (RESOURCE_EXHAUSTED, with the time to wait) while others are ser
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -12,13 +13,13 @@ import pytest
 import torch
 
 from kvcdn.client import CacheReader
-from kvcdn.errors import InvalidArgument, LimitExceeded
+from kvcdn.errors import InvalidArgument, LimitExceeded, Unauthenticated
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.model.receiving import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.ratelimit import RateLimiter, peer_host
+from kvcdn.wire.ratelimit import RateLimiter, check_call, peer_host
 from kvcdn.wire.receiver import Progress, receive_into
 from tests.conftest import SAMPLES, start_network, stop_network
 
@@ -124,3 +125,24 @@ async def test_an_origin_limits_each_reader_on_grpc_and_bulk_and_serves_the_othe
         assert refused == 1
     finally:
         await stop_network(net)
+
+
+def test_failed_authentications_take_from_the_callers_rate_and_are_logged_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A token guesser got 1,567 answers a second under --rate-limit 10: its failed calls were refused
+    # before the rate was counted. Now each guess takes a unit of its address's bucket.
+    auth = Authorizer.from_file(_tokens_file(tmp_path), closed_reads=True)
+    limiter = RateLimiter(rate=0.001, burst=3)
+    outcomes = []
+    with caplog.at_level(logging.WARNING, logger="kvcdn.wire.auth"):
+        for i in range(50):
+            try:
+                check_call(auth, limiter, "10.0.0.7", f"guess-{i:026d}", "GetManifest")
+            except (Unauthenticated, LimitExceeded) as exc:
+                outcomes.append(type(exc).__name__)
+    assert outcomes == ["Unauthenticated"] * 3 + ["LimitExceeded"] * 47  # 3 guesses, then nothing learnt
+    assert auth.refused == 3
+    check_call(auth, limiter, "10.0.0.8", TOKENS["reader"], "GetManifest")  # an honest reader is served
+    warnings = [r.getMessage() for r in caplog.records if "credentials" in r.getMessage()]
+    assert len(warnings) == 1 and "refused 1 call(s)" in warnings[0]  # one line, not one per guess

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -38,6 +41,12 @@ WRITES = frozenset(m for methods in ROLES.values() for m in methods) - READS
 _MIN_TOKEN = 16
 
 
+log = logging.getLogger(__name__)
+
+REFUSALS_LOGGED_EVERY_S = 60.0
+"""Calls refused for their credentials are logged once in this long, with how many there were."""
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -54,6 +63,12 @@ class Authorizer:
         self._roles = [(_digest(t), r) for t, r in tokens.items()]
         self.guarded = WRITES | READS if closed_reads else WRITES
         """The methods a call needs a token for."""
+        self.refused = 0
+        """Calls refused for missing, unknown or insufficient credentials (also a metric: the calls
+        handled with UNAUTHENTICATED or PERMISSION_DENIED)."""
+        self._unlogged = 0
+        self._logged_at = -REFUSALS_LOGGED_EVERY_S
+        self._lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: Path, closed_reads: bool = False) -> Authorizer:
@@ -85,13 +100,29 @@ class Authorizer:
         may call `method`."""
         if method not in self.guarded:
             return
-        if not token:
-            raise Unauthenticated(f"{method} needs credentials: send `authorization: Bearer TOKEN` (--token-file)")
-        role = self.role(token)
-        if role is None:
-            raise Unauthenticated(f"{method}: the token is not one this server knows")
-        if method not in ROLES[role]:
-            raise PermissionDenied(f"a {role} token may not call {method}")
+        try:
+            if not token:
+                raise Unauthenticated(f"{method} needs credentials: send `authorization: Bearer TOKEN` (--token-file)")
+            role = self.role(token)
+            if role is None:
+                raise Unauthenticated(f"{method}: the token is not one this server knows")
+            if method not in ROLES[role]:
+                raise PermissionDenied(f"a {role} token may not call {method}")
+        except (Unauthenticated, PermissionDenied) as exc:
+            self._note_refusal(exc)
+            raise
+
+    def _note_refusal(self, exc: Exception) -> None:
+        """Count a refused call; log a warning at most once every REFUSALS_LOGGED_EVERY_S (a flood of
+        guesses is one line a minute, not one a guess)."""
+        with self._lock:
+            self.refused += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._logged_at < REFUSALS_LOGGED_EVERY_S:
+                return
+            count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning("refused %d call(s) for their credentials since the last report; the latest: %s", count, exc)
 
 
 def token_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

@@ -37,7 +37,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.frames import Frame, frame_parts
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
-from kvcdn.wire.ratelimit import RateLimiter
+from kvcdn.wire.ratelimit import RateLimiter, check_call
 
 __all__ = ["DEFAULT_LIMITS", "BulkLimits", "BulkServer", "start_bulk_server"]
 
@@ -226,10 +226,7 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
                     req = await _read_request(conn)
             except TimeoutError:
                 raise DeadlineExceeded(f"no whole bulk request within {limits.request_s:g} s") from None
-            if options.auth is not None:  # as StreamBlocks' metadata is checked over gRPC
-                options.auth.check(req.token, "StreamBlocks")
-            if options.limiter is not None:
-                options.limiter.admit(peer, req.token, options.auth, "StreamBlocks")
+            check_call(options.auth, options.limiter, peer, req.token, "StreamBlocks")  # as over gRPC
             async for raw in stream(req.fingerprint, req.keys, req.start_frame):
                 header, payload = frame_parts(raw)
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)

@@ -6,7 +6,9 @@ they are the deployment's own (an origin that throttled its edges would throttle
 them). Each call (gRPC, or a bulk-port stream) takes one unit; a client over its rate gets
 RESOURCE_EXHAUSTED with the time to wait, before any work is done, and other clients are not affected.
 Buckets of clients not seen for a while are forgotten (at most `max_clients` are kept, least recently
-seen dropped first: a dropped client starts again with a full burst).
+seen dropped first: a dropped client starts again with a full burst). A call is counted before its
+credentials are checked (`check_call`), so failed authentications take from the caller's address's
+bucket too: guessing tokens goes no faster than the rate.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import OrderedDict
 from kvcdn.errors import InvalidArgument, LimitExceeded
 from kvcdn.wire.auth import Authorizer
 
-__all__ = ["RateLimiter", "peer_host"]
+__all__ = ["RateLimiter", "check_call", "peer_host"]
 
 UNLIMITED_ROLES = frozenset({"edge", "publisher"})
 
@@ -64,3 +66,13 @@ class RateLimiter:
         self._buckets[client] = (left - 1, now)
         while len(self._buckets) > self._max_clients:
             self._buckets.popitem(last=False)
+
+
+def check_call(auth: Authorizer | None, limiter: RateLimiter | None, peer: str, token: str, method: str) -> None:
+    """The checks every call passes before any work, gRPC and bulk alike: the caller's rate first (an
+    unknown token counts as its address, so a guess costs a unit), then its credentials
+    (Unauthenticated / PermissionDenied); LimitExceeded once over the rate."""
+    if limiter is not None:
+        limiter.admit(peer, token, auth, method)
+    if auth is not None:
+        auth.check(token, method)

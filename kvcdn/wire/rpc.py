@@ -25,7 +25,7 @@ from kvcdn.wire.auth import Authorizer, token_of
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.wire.frames import payload_size
 from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
-from kvcdn.wire.ratelimit import RateLimiter, peer_host
+from kvcdn.wire.ratelimit import RateLimiter, check_call, peer_host
 from kvcdn.wire.tls import TLSFiles
 
 __all__ = [
@@ -93,11 +93,7 @@ async def _boundary(servicer: Any, context: grpc.aio.ServicerContext, method: st
     started = time.perf_counter()
     try:
         if auth is not None or limiter is not None:
-            token = token_of(context.invocation_metadata())
-            if auth is not None:
-                auth.check(token, method)
-            if limiter is not None:
-                limiter.admit(peer_host(context.peer()), token, auth, method)
+            check_call(auth, limiter, peer_host(context.peer()), token_of(context.invocation_metadata()), method)
         yield
     except grpc.aio.AbortError:
         code = grpc.StatusCode.UNKNOWN
