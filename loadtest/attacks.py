@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import struct
 import tempfile
@@ -60,6 +61,10 @@ async def _fetch_ms(client: KVClient, model: LoadedModel, ids: list[int], n: int
 
 RANDOM_STREAMS = 1000
 EDGE_RATE_LIMIT = 100
+ORIGIN_RATE_LIMIT = 10
+"""The origin's --rate-limit here (its edges and publishers, the deployment's own, are not limited)."""
+GUESSES = 300
+"""Publisher tokens guessed, one Purge each, from one address."""
 """Calls a second per client the edge allows (`--rate-limit`): the honest agent needs a few per fetch."""
 ATTACKER = "127.0.0.2"
 """The attacker's source address: another peer than the honest agent (Linux routes all of 127/8 to
@@ -135,7 +140,7 @@ def run_attacks(model: LoadedModel, options: ModelOptions, markdown: bool) -> in
         cluster = Cluster(
             store_dir=Path(store),
             edges=1,
-            origin_args=options.flags(),
+            origin_args=[*options.flags(), "--rate-limit", str(ORIGIN_RATE_LIMIT)],
             edge_args=["--rate-limit", str(EDGE_RATE_LIMIT)],
             auth=True,
         ).start()
@@ -230,6 +235,25 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
                 return f"{type(exc).__name__}; the document is still served"
             return "PURGED"
 
+        async def token_guessing() -> str:
+            codes: Counter[str] = Counter()
+            t0 = time.perf_counter()
+            for _ in range(GUESSES):
+                try:
+                    async with CacheReader(cluster.origin_address, token=secrets.token_hex(16)) as guesser:
+                        await guesser.purge("attacked")
+                    codes["OK"] += 1
+                except KVCDNError as exc:
+                    codes[exc.code.name] += 1
+            seconds = time.perf_counter() - t0
+            answered = codes.pop("UNAUTHENTICATED", 0)
+            refused = codes.pop("RESOURCE_EXHAUSTED", 0)
+            other = f", other: {dict(codes)}" if codes else ""
+            return (
+                f"in {seconds:.1f} s: {answered} answered UNAUTHENTICATED (a burst of {2 * ORIGIN_RATE_LIMIT}, then "
+                f"{ORIGIN_RATE_LIMIT}/s), {refused} refused by the origin's --rate-limit {ORIGIN_RATE_LIMIT}{other}"
+            )
+
         async def random_keys() -> str:
             before = _origin_lookups(cluster.metrics_urls["origin"])
             t0 = time.perf_counter()
@@ -260,5 +284,6 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
         await during("an 8 MiB Publish", huge_publish)
         await during("anonymous Purge", anonymous_purge)
         await during("100 half-open /metrics requests", half_open_scrapes)
+        await during(f"{GUESSES} guessed publisher tokens (Purge at the origin) from one address", token_guessing)
         await during(f"{RANDOM_STREAMS:,} bulk streams of {RANDOM_KEYS} random keys each from one address", random_keys)
     return rows
