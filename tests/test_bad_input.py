@@ -337,7 +337,9 @@ async def test_bulk_stream_errors_reach_the_client_typed(network: Network) -> No
         )
 
 
-async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(tmp_path: Path) -> None:
+async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from kvcdn.wire.bulk import BulkLimits, start_bulk_server
     from kvcdn.wire.frames import encode_block
     from kvcdn.wire.metrics import ServerMetrics
@@ -368,6 +370,8 @@ async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(tmp_
         refused = [e for e in endings if e == b""]
         timed_out = [e for e in endings if e.startswith(struct.pack("<I", 0xFFFFFFFE))]
         assert len(refused) == 2 and len(timed_out) == 4
+        refusals = [r for r in caplog.records if "refusing connections" in r.getMessage()]
+        assert len(refusals) == 1  # two refused, one line: a flood of connections is not a flood of log
         assert all(b"no whole bulk request" in e for e in timed_out)
         for _, writer in slow:
             writer.close()

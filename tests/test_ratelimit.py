@@ -145,4 +145,4 @@ def test_failed_authentications_take_from_the_callers_rate_and_are_logged_once_a
     assert auth.refused == 3
     check_call(auth, limiter, "10.0.0.8", TOKENS["reader"], "GetManifest")  # an honest reader is served
     warnings = [r.getMessage() for r in caplog.records if "credentials" in r.getMessage()]
-    assert len(warnings) == 1 and "refused 1 call(s)" in warnings[0]  # one line, not one per guess
+    assert len(warnings) == 1 and "(1 since the last report)" in warnings[0]  # one line, not one per guess

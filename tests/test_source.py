@@ -1,13 +1,16 @@
 """The one failover walk (kvcdn.wire.source.fail_over) and suspect list (Suspects) that an agent's
-fetch and an edge's loads share: the next server resumes where one broke, and which error ends it."""
+fetch and an edge's loads share: the next server resumes where one broke, and which error ends it;
+and the servers' repeated warnings, bounded (kvcdn.wire.logs)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, NotFound, Unavailable
+from kvcdn.wire.logs import ThrottledWarning
 from kvcdn.wire.receiver import Progress
 from kvcdn.wire.source import Suspects, fail_over
 
@@ -69,3 +72,15 @@ def test_suspects_go_last_until_their_time_is_up() -> None:
     assert suspects.order(["a", "b", "c"]) == ["a", "c", "b"] and "b" in suspects and suspects.current() == ["b"]
     time.sleep(0.06)
     assert suspects.order(["a", "b", "c"]) == ["a", "b", "c"] and "b" not in suspects and suspects.current() == []
+
+
+def test_a_repeated_warning_is_one_line_an_interval_with_its_count(caplog: pytest.LogCaptureFixture) -> None:
+    warn = ThrottledWarning(logging.getLogger("kvcdn.test"), every_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="kvcdn.test"):
+        for i in range(100):
+            warn("refused %s", i)
+        time.sleep(0.06)
+        warn("refused %s", "again")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refused 0 (1 since the last report)", "refused again (100 since the last report)"]
+    assert warn.count == 101

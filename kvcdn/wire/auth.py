@@ -19,12 +19,11 @@ import hmac
 import logging
 import os
 import secrets
-import threading
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from kvcdn.wire.logs import ThrottledWarning
 
 __all__ = ["ROLES", "Authorizer", "bearer", "read_token", "token_of", "write_tokens"]
 
@@ -63,12 +62,7 @@ class Authorizer:
         self._roles = [(_digest(t), r) for t, r in tokens.items()]
         self.guarded = WRITES | READS if closed_reads else WRITES
         """The methods a call needs a token for."""
-        self.refused = 0
-        """Calls refused for missing, unknown or insufficient credentials (also a metric: the calls
-        handled with UNAUTHENTICATED or PERMISSION_DENIED)."""
-        self._unlogged = 0
-        self._logged_at = -REFUSALS_LOGGED_EVERY_S
-        self._lock = threading.Lock()
+        self._refusals = ThrottledWarning(log, REFUSALS_LOGGED_EVERY_S)
 
     @classmethod
     def from_file(cls, path: Path, closed_reads: bool = False) -> Authorizer:
@@ -109,20 +103,14 @@ class Authorizer:
             if method not in ROLES[role]:
                 raise PermissionDenied(f"a {role} token may not call {method}")
         except (Unauthenticated, PermissionDenied) as exc:
-            self._note_refusal(exc)
+            self._refusals("refused calls for their credentials; the latest: %s", exc)
             raise
 
-    def _note_refusal(self, exc: Exception) -> None:
-        """Count a refused call; log a warning at most once every REFUSALS_LOGGED_EVERY_S (a flood of
-        guesses is one line a minute, not one a guess)."""
-        with self._lock:
-            self.refused += 1
-            self._unlogged += 1
-            now = time.monotonic()
-            if now - self._logged_at < REFUSALS_LOGGED_EVERY_S:
-                return
-            count, self._unlogged, self._logged_at = self._unlogged, 0, now
-        log.warning("refused %d call(s) for their credentials since the last report; the latest: %s", count, exc)
+    @property
+    def refused(self) -> int:
+        """Calls refused for missing, unknown or insufficient credentials (also a metric: the calls
+        handled with UNAUTHENTICATED or PERMISSION_DENIED)."""
+        return self._refusals.count
 
 
 def token_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

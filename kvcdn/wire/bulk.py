@@ -36,6 +36,7 @@ from kvcdn.errors import (
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.frames import Frame, frame_parts
+from kvcdn.wire.logs import ThrottledWarning
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter, check_call
 
@@ -52,6 +53,9 @@ _END = 0xFFFFFFFF
 _ERROR = 0xFFFFFFFE
 _MAX_REQUEST_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 4096
+_WARN_EVERY_S = 10.0
+"""A repeated warning of the accept loop (a full descriptor table, connections over the caps) is
+logged once in this long, with its count (it was one line per connection, 10 a second under EMFILE)."""
 
 
 def _fd_budget() -> int:
@@ -284,6 +288,7 @@ async def start_bulk_server(
     conns: set[asyncio.Task[None]] = set()
     options = _Options(limits, tls, auth, limiter)
     per_peer: dict[str, int] = {}
+    cannot_accept, refusing = ThrottledWarning(log, _WARN_EVERY_S), ThrottledWarning(log, _WARN_EVERY_S)
 
     def done(peer: str, task: asyncio.Task[None]) -> None:
         conns.discard(task)
@@ -296,12 +301,12 @@ async def start_bulk_server(
             try:
                 conn, address = await loop.sock_accept(sock)
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: wait for connections to end, go on
-                log.warning("bulk port cannot accept (%s); retrying in 0.1 s", exc.strerror or exc)
+                cannot_accept("bulk port cannot accept (%s); retrying every 0.1 s", exc.strerror or exc)
                 await asyncio.sleep(0.1)
                 continue
             peer = str(address[0])
             if len(conns) >= limits.connections or per_peer.get(peer, 0) >= limits.per_peer:
-                log.warning("bulk port: refusing a connection from %s (%d open)", peer, per_peer.get(peer, 0))
+                refusing("bulk port: refusing connections over its caps; the latest from %s", peer)
                 conn.close()
                 continue
             conn.setblocking(False)
