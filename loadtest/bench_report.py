@@ -10,7 +10,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from kvcdn.loadtest.bench import BenchRow
 
-__all__ = ["crossover", "grid", "render", "render_costs"]
+__all__ = ["crossover", "figures_table", "grid", "render", "render_costs"]
 
 
 def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "TCP") -> str | Table:
@@ -139,4 +139,14 @@ def grid(head: list[str], body: list[list[str]], title: str, markdown: bool) -> 
     table = Table(*head, title=title)
     for b in body:
         table.add_row(*b)
+    return table
+
+
+def figures_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> str | Table:
+    """A two-column table of named figures (`kvcdn loadtest network`'s parts)."""
+    if markdown:
+        return "\n".join([f"**{title}**", "", "| figure | value |", "|---|---:|", *(f"| {a} | {b} |" for a, b in rows)])
+    table = Table("figure", "value", title=title)
+    for a, b in rows:
+        table.add_row(a, b)
     return table

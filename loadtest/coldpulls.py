@@ -17,7 +17,7 @@ from rich.console import Console
 from kvcdn.client.api import KVClient
 from kvcdn.loadtest.baseline import cpu_seconds
 from kvcdn.loadtest.bench import sample_corpus, text_of_length
-from kvcdn.loadtest.bench_report import grid
+from kvcdn.loadtest.bench_report import figures_table
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
@@ -130,5 +130,5 @@ def pulls_part(
         f"4. cold pulls: {r.tokens:,}-token documents ({r.cache_mb:.1f} MB raw), each cold at the edge, "
         f"edges' memory tier {mem / 1e6:.0f} MB (1.5 documents)"
     )
-    out.append(grid(["figure", "value"], [list(row) for row in rows], title, markdown))
+    out.append(figures_table(title, rows, markdown))
     return r.exact

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from kvcdn.client.api import KVClient
 from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.bench import sample_corpus, text_of_length
+from kvcdn.loadtest.bench_report import figures_table
 from kvcdn.loadtest.coldpulls import pulls_part
 from kvcdn.loadtest.run import LoadConfig, publish_corpus, run_load, summarize
 from kvcdn.model.loading import LoadedModel
@@ -179,15 +179,6 @@ async def edge_memory(
     )
 
 
-def _rows_table(title: str, rows: list[tuple[str, str]], markdown: bool) -> Any:
-    if markdown:
-        return "\n".join([f"**{title}**", "", "| figure | value |", "|---|---:|", *(f"| {a} | {b} |" for a, b in rows)])
-    table = Table("figure", "value", title=title)
-    for a, b in rows:
-        table.add_row(a, b)
-    return table
-
-
 @dataclass(frozen=True)
 class NetworkBenchConfig:
     """What `kvcdn loadtest network` runs: a cold herd, a Zipf workload over small tiers, and the edge's
@@ -270,7 +261,7 @@ def _network_parts(
             ok &= herd.ok == herd.agents and herd.origin_pulls <= DEFAULT_REPLICAS * herd.blocks
             ok &= herd.warm_ok == herd.agents and herd.warm_origin_rpcs == 0
             out.append(
-                _rows_table(
+                figures_table(
                     f"1. cold herd: {herd.agents} concurrent agents, one cold document, 3 edges",
                     [
                         ("document", f"{herd.tokens} tokens, {herd.blocks} blocks, {herd.cache_mb:.1f} MB"),
@@ -298,7 +289,7 @@ def _network_parts(
             e = report["edges"]
             ok &= report["fetches_failed"] == 0
             out.append(
-                _rows_table(
+                figures_table(
                     f"2. Zipf (s={zipf.zipf_s}) over {zipf.documents} documents, tiers smaller than the corpus",
                     [
                         (
@@ -366,5 +357,7 @@ def _memory_part(
             ),
             ("  peak growth", f"{r.rss_peak_mb - r.rss_before_mb:.0f} MiB (tier {r.memory_tier_mb:.0f} MiB)"),
         ]
-    out.append(_rows_table("3. edge memory while streaming objects larger than its memory tier", rows, config.markdown))
+    out.append(
+        figures_table("3. edge memory while streaming objects larger than its memory tier", rows, config.markdown)
+    )
     return ok
