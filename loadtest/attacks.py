@@ -36,7 +36,7 @@ from kvcdn.spec.identity import block_keys
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import read_token
 
-__all__ = ["AttackRow", "run_attacks"]
+__all__ = ["AttackRow", "run_attacks", "still_open"]
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,16 @@ def _origin_lookups(metrics_url: str) -> float:
     )
 
 
-def _still_open(socks: list[socket.socket]) -> int:
-    """How many of `socks` the server has not closed (a closed one reads EOF or an error record)."""
+def still_open(socks: list[socket.socket]) -> int:
+    """How many of `socks` the server has not closed: what it sent is read and dropped (a gRPC server
+    sends its SETTINGS, a bulk server an error record), then EOF or an error means it ended the
+    connection, and nothing more to read means it still holds it."""
     n = 0
     for s in socks:
         s.setblocking(False)
         try:
-            s.recv(1 << 16)  # EOF, or an error record before the close: the server ended it
+            while s.recv(1 << 16):
+                pass
         except BlockingIOError:
             n += 1
         except OSError:
@@ -191,9 +194,9 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
         async def slow_loris() -> str:
             socks = await asyncio.to_thread(_open, host, bulk_port, 400, struct.pack("<I", 1 << 20))
             await asyncio.sleep(0.5)
-            held = await asyncio.to_thread(_still_open, socks)
+            held = await asyncio.to_thread(still_open, socks)
             await asyncio.sleep(10.5)  # the bulk port's request deadline is 10 s
-            left = await asyncio.to_thread(_still_open, socks)
+            left = await asyncio.to_thread(still_open, socks)
             for s in socks:
                 s.close()
             return f"the edge held {held} of {len(socks)} (512 per peer), {left} after 11 s"
@@ -271,9 +274,9 @@ async def _attacks(model: LoadedModel, cluster: Cluster) -> list[AttackRow]:
         async def half_open_scrapes() -> str:
             socks = await asyncio.to_thread(_open, host, metrics_port, 100, b"GET /metr")
             await asyncio.sleep(0.5)
-            held = await asyncio.to_thread(_still_open, socks)
+            held = await asyncio.to_thread(still_open, socks)
             await asyncio.sleep(10.5)  # scrapes get 10 s to send their request
-            left = await asyncio.to_thread(_still_open, socks)
+            left = await asyncio.to_thread(still_open, socks)
             for s in socks:
                 s.close()
             return f"{held} half-open scrapes held, {left} after 11 s"

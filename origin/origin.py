@@ -58,8 +58,8 @@ class Origin:
         self.blocks = BlockStore(config.store_dir / "blocks", quarantine=config.store_dir / "quarantine")
         if config.store_bytes:
             self.blocks.size()  # counted once now (a scan of the store), then kept up to date
-        self.manifests = ManifestStore(config.store_dir)
-        self.events = EventLog(config.store_dir)
+        self.manifests = ManifestStore(config.store_dir, config.store_dir / "quarantine")
+        self.events = EventLog(config.store_dir, config.store_dir / "quarantine")
         self._new_event = asyncio.Condition()
         self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
         self._publishing: SingleFlight[str, asyncio.Future[tuple[int, float]]] = SingleFlight()
@@ -86,6 +86,7 @@ class Origin:
             (OriginMetrics.BLOCKS_COMPUTED, self.blocks_computed),
             (OriginMetrics.READ_CACHE_BYTES, self._read_cache.bytes),
             (OriginMetrics.BLOCKS_QUARANTINED, self.blocks.quarantined),
+            (OriginMetrics.METADATA_QUARANTINED, self.manifests.quarantined + self.events.damaged),
             (OriginMetrics.BLOCKS_REPAIRED, self.blocks_repaired),
         ]
 
@@ -138,14 +139,14 @@ class Origin:
         finally:
             self._reserved -= need
         async with self._manifest_lock:
-            versions = self.manifests.versions(document)
-            if versions:
-                latest = self.manifests.get(document, versions[-1])
+            version = self.manifests.next_version(document)
+            if version - 1 in self.manifests.versions(document):
+                latest = self.manifests.get(document, version - 1)
                 if latest.content_digest == digest and tuple(latest.codecs) == offered:
                     return PublishResult(self._answer(latest, False, True), computed, prefill_s)
             manifest = pb.Manifest(
                 document=document,
-                version=(versions[-1] + 1) if versions else 1,
+                version=version,
                 fingerprint=self.fingerprint,
                 geometry=self.geometry.to_proto(),
                 token_count=len(ids),
@@ -176,7 +177,8 @@ class Origin:
                 if version not in versions:
                     raise NotFound(f"document {document!r} has no version {version}")
                 versions = [version]
-            if not versions:
+            damaged = self.manifests.forget_damaged(document) if not version else []
+            if not versions and not damaged:
                 raise NotFound(f"document {document!r} has not been published")
             # Reading every manifest and deleting files is disk work: off the event loop, which keeps
             # serving meanwhile (every manifest change holds this lock).
@@ -188,7 +190,7 @@ class Origin:
         async with self._new_event:
             self._new_event.notify_all()
         log.info("purged %s %s: %d blocks, event %d", document, versions, len(orphans), event.seq)
-        return versions, len(orphans), event.seq
+        return sorted([*versions, *damaged]), len(orphans), event.seq
 
     def _remove(self, document: str, versions: Sequence[int]) -> list[bytes]:
         """Delete `versions` of `document` and the blocks no remaining manifest uses (the store's

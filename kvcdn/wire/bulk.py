@@ -14,10 +14,11 @@ encrypted (asyncio's SSL transport); a deployment that closes reads sends its to
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import functools
 import logging
-import resource
+import math
 import socket
 import ssl
 import struct
@@ -36,6 +37,7 @@ from kvcdn.errors import (
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.frames import Frame, frame_parts
+from kvcdn.wire.limits import descriptor_share
 from kvcdn.wire.logs import ThrottledWarning
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter, check_call
@@ -58,27 +60,51 @@ _WARN_EVERY_S = 10.0
 logged once in this long, with its count (it was one line per connection, 10 a second under EMFILE)."""
 
 
-def _fd_budget() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(64, min(4096, soft * 3 // 4)) if soft > 0 else 4096
-
-
 @dataclass(frozen=True)
 class BulkLimits:
     """What one bulk server grants the peers that connect to it (an attacker among them)."""
 
-    connections: int = field(default_factory=lambda: _fd_budget())
-    """Connections served at once; more are closed on accept (default: 3/4 of the process's file
-    descriptor limit, at most 4,096, so the accept loop is never the one to run out)."""
+    connections: int = field(default_factory=lambda: descriptor_share(0.5))
+    """Connections served at once; more are closed on accept (default: half the process's file
+    descriptor limit, at most 4,096: kvcdn.wire.limits.descriptor_share)."""
     per_peer: int = 512
     """Connections one peer address may hold at once (one agent host runs many agents: generous)."""
     request_s: float = 10.0
-    """Deadline for a connection's request to arrive whole (a peer that sends a length, then nothing)."""
+    """Deadline for a connection's request to arrive whole, TLS handshake included (a peer that sends
+    a length, then nothing)."""
+    pending: int = 128
+    """Connections between their accept and a whole request (TLS handshake included) at once; the
+    others wait their turn, holding only a socket, within their request deadline."""
+    pending_per_peer: int = 16
+    """Of those, how many one peer address may hold."""
     send_stall_s: float = 60.0
     """Longest a frame may wait for a reader that does not read (it pins the block meanwhile)."""
 
 
 DEFAULT_LIMITS = BulkLimits()
+
+
+class _Turns:
+    """Turns for connections that have not sent a whole request yet: at most `total` at once and
+    `per_peer` for one address; the rest wait in line (a TLS handshake's buffers, ~86 KiB, are only
+    allocated on a connection's turn)."""
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_peer = per_peer
+        self._peers: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, peer: str) -> AsyncIterator[None]:
+        sem, users = self._peers.setdefault(peer, (asyncio.Semaphore(self._per_peer), [0]))
+        users[0] += 1
+        try:
+            async with sem, self._total:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._peers[peer]
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,7 @@ class _Options:
     tls: ssl.SSLContext | None
     auth: Authorizer | None
     limiter: RateLimiter | None
+    turns: _Turns
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -146,8 +173,27 @@ class _Plain:
             raise ConnectionError(f"the reader took nothing for {stall_s:g} s") from None
 
 
+class _LeanTLS(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a 32 KiB receive buffer instead of 256 KiB: a bulk connection only
+    ever receives its request, and the buffer is allocated (and touched) on accept, before the peer
+    has proved anything (400 pending handshakes cost +121 MiB with the stock buffer)."""
+
+    max_size = 32 * 1024
+
+
+class _App(asyncio.StreamReaderProtocol):
+    """A stream reader's protocol that keeps the transport it was given (the TLS layer's)."""
+
+    transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        super().connection_made(transport)
+
+
 class _Secure:
-    """A TLS connection (asyncio's SSL transport over the accepted socket)."""
+    """A TLS connection (asyncio's TLS protocol, lean, over the accepted socket)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
@@ -156,11 +202,17 @@ class _Secure:
     async def accept(cls, sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> _Secure:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_MAX_HEADER_BYTES)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, sock, ssl=context, ssl_handshake_timeout=timeout_s
-        )
-        return cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        app = _App(reader)
+        handshake: asyncio.Future[None] = loop.create_future()
+        tls = _LeanTLS(loop, app, context, handshake, server_side=True, ssl_handshake_timeout=math.ceil(timeout_s))
+        raw, _ = await loop.connect_accepted_socket(lambda: tls, sock)
+        try:
+            await handshake
+        except BaseException:
+            raw.abort()
+            raise
+        assert app.transport is not None
+        return cls(reader, asyncio.StreamWriter(app.transport, app, reader, loop))
 
     async def recv(self, n: int) -> bytes:
         return await self._reader.read(n)
@@ -225,7 +277,7 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
     with sock:
         try:
             try:
-                async with asyncio.timeout(limits.request_s):
+                async with asyncio.timeout(limits.request_s), options.turns.turn(peer):
                     conn = await _connect(sock, options.tls, limits.request_s)
                     req = await _read_request(conn)
             except TimeoutError:
@@ -286,7 +338,7 @@ async def start_bulk_server(
     sock.listen(128)
     sock.setblocking(False)
     conns: set[asyncio.Task[None]] = set()
-    options = _Options(limits, tls, auth, limiter)
+    options = _Options(limits, tls, auth, limiter, _Turns(limits.pending, limits.pending_per_peer))
     per_peer: dict[str, int] = {}
     cannot_accept, refusing = ThrottledWarning(log, _WARN_EVERY_S), ThrottledWarning(log, _WARN_EVERY_S)
 

@@ -182,6 +182,11 @@ class OriginMetrics:
     BLOCKS_REPAIRED = Metric(
         "origin_blocks_repaired_total", "counter", "Quarantined blocks recomputed from their documents' token ids"
     )
+    METADATA_QUARANTINED = Metric(
+        "origin_metadata_quarantined_total",
+        "counter",
+        "Damaged manifest files and invalidation-feed records set aside (the rest is served)",
+    )
 
 
 class DomainCollector(Collector):

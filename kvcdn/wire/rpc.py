@@ -24,6 +24,7 @@ from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import Authorizer, token_of
 from kvcdn.wire.bulk import BulkServer, StreamFn, start_bulk_server
 from kvcdn.wire.frames import payload_size
+from kvcdn.wire.limits import DEFAULT_GRPC_LIMITS, GrpcLimits
 from kvcdn.wire.metrics import BULK_METHOD, Method, ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter, check_call, peer_host
 from kvcdn.wire.tls import TLSFiles
@@ -302,15 +303,17 @@ async def start_server(
     bulk_port: int = 0,
     metrics_port: int = -1,
     tls: TLSFiles | None = None,
+    limits: GrpcLimits = DEFAULT_GRPC_LIMITS,
 ) -> Server:
     """Build, bind and start a server with the KVCache service (plus Publisher on the origin),
     health checking and reflection, the bulk frame stream of `bulk_stream` on `bulk_port` and the
     `/metrics` endpoint of `kvcache.metrics` on `metrics_port`, both on the same host (0: any free
-    port; -1: none). `listen` may use port 0; the bound ports are returned."""
+    port; -1: none), the gRPC port within `limits`. `listen` may use port 0; the bound ports are
+    returned."""
     host, _, port_text = listen.rpartition(":")
     if not host or not port_text.isdigit():
         raise InvalidArgument(f"--listen {listen!r} is not HOST:PORT")
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, *limits.options()])
     ports = _Ports()
     server.add_generic_rpc_handlers((_kvcache_handlers(kvcache, ports),))
     names = [pb.DESCRIPTOR.services_by_name["KVCache"].full_name]
