@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
-from kvcdn.spec.placement import DEFAULT_REPLICAS, parse_edges
+from kvcdn.spec.placement import DEFAULT_REPLICAS, is_loopback, parse_edges
 from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["ClientConfig", "default_streams_per_run"]
+
+log = logging.getLogger(__name__)
+
+_warned_untrusted = False
 
 
 def default_streams_per_run(cores: int | None = None) -> int:
@@ -65,7 +70,15 @@ class ClientConfig:
     no signature checks (digests still bind frames to the infos an edge sent)."""
 
     def __post_init__(self) -> None:
-        parse_edges(self.edges)  # fail early on a malformed list
+        edges = parse_edges(self.edges)  # fail early on a malformed list
+        global _warned_untrusted
+        if not self.trust and not _warned_untrusted and not all(is_loopback(e) for e in edges):
+            _warned_untrusted = True  # once a process: an agent makes many clients
+            log.warning(
+                "fetching from edges beyond this machine (%s) without --trust: a forged cache from a "
+                "compromised edge would be accepted; pin the publisher's key (--trust FILE.pub, KVCDN_TRUST)",
+                ", ".join(edges),
+            )
         parse_codecs(self.codecs)
         if self.assumed_gbps <= 0:
             raise InvalidArgument("assumed_gbps must be positive")

@@ -21,6 +21,13 @@ def register(sub: Any) -> None:
     add_server_flags(s, listen="127.0.0.1:7080")
     s.add_argument("--origin", required=True, help="origin HOST:PORT")
     s.add_argument("--mem-bytes", type=parse_size, default=parse_size("1GiB"), help="memory tier size (1GiB)")
+    s.add_argument(
+        "--pinned-bytes",
+        type=parse_size,
+        default=parse_size("256MiB"),
+        help="bytes of blocks the streams in flight may hold together, beyond the tiers' budgets; a stream "
+        "whose reader stalls is cut when others need room (256MiB)",
+    )
     s.add_argument("--disk-dir", help="folder of the disk tier (default: no disk tier)")
     s.add_argument("--disk-bytes", type=parse_size, default=parse_size("10GiB"), help="disk tier size (10GiB)")
     s.add_argument(
@@ -61,6 +68,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         origin=args.origin,
         listen=args.listen,
         mem_bytes=args.mem_bytes,
+        pinned_bytes=args.pinned_bytes,
         disk_dir=Path(args.disk_dir) if args.disk_dir else None,
         disk_bytes=args.disk_bytes,
         bulk_port=args.bulk_port,

@@ -48,6 +48,11 @@ class EdgeConfig:
     """After a peer fails to send a block, it is skipped for this long."""
     prefetch_blocks: int = 4
     """Blocks a stream loads ahead of the one it is sending, so loads overlap the stream."""
+    pinned_bytes: int = 256 << 20
+    """Bytes of blocks the streams in flight may hold, all together (the block each is sending and
+    those loaded ahead: kvcdn.edge.pins); the memory tier's evictions cannot free them meanwhile."""
+    stall_s: float = 5.0
+    """A stream whose reader took nothing for this long is cut when others wait for pinned bytes."""
     remembered_misses: int = 65536
     """Misses the admission rule remembers (a block missed before is admitted when it comes back)."""
     origin_lookups: int = 32
@@ -56,6 +61,9 @@ class EdgeConfig:
     miss_ttl_s: float = 1.0
     """How long a lookup the origin answered with nothing is answered with nothing again, without
     asking it (agents polling for a document not yet published)."""
+    manifest_cache_s: float = 1.0
+    """How long the origin's answer for a document's latest manifest is kept and given again (numbered
+    versions never change: they are kept until evicted or purged)."""
     remembered_infos: int = 65536
     """Block infos kept from the origin's lookup answers, so a pull needs no second lookup."""
     tls: TLSFiles | None = None

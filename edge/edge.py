@@ -9,14 +9,14 @@ the others.
 
 Its parts: the loads (kvcdn.edge.pulls), the peers on the ring, asked before the origin
 (kvcdn.edge.peers), the origin's invalidation feed (kvcdn.edge.feed), what a loaded block is kept in
-(kvcdn.edge.admission). A load resumes on the next source at the frame where one broke
-(kvcdn.wire.source.fail_over, as a client's fetch does).
+(kvcdn.edge.admission), what is kept of the origin's answers (kvcdn.edge.upstream), which infos may
+be served (kvcdn.edge.vouching), the bytes streams hold (kvcdn.edge.pins). A load resumes on the next
+source at the frame where one broke (kvcdn.wire.source.fail_over, as a client's fetch does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -27,14 +27,16 @@ from kvcdn.edge.admission import admit
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.feed import Feed
 from kvcdn.edge.peers import Peers
+from kvcdn.edge.pins import Hold, Pins
 from kvcdn.edge.pulls import Pull, PullTarget
-from kvcdn.edge.tiers import Tier
+from kvcdn.edge.tiers import Tier, tier_stats
+from kvcdn.edge.upstream import OriginAnswers
+from kvcdn.edge.vouching import Voucher
 from kvcdn.errors import InvalidArgument, KVCDNError, NotFound, Unavailable
 from kvcdn.spec.codecs import best_prefix, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import check_read_request, encoded_key
 from kvcdn.spec.provenance import TrustStore
-from kvcdn.store.files import atomic_write
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -70,8 +72,6 @@ class Edge:
         # they hold), so a pull needs no second lookup. An owner's info is trusted as far as the
         # bytes that owner sends.
         self._infos: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(config.remembered_infos, lambda _: 1)
-        self.trust = TrustStore.from_files(config.trust) if config.trust else None
-        """Publisher keys every block info must be signed by (kvcdn.spec.provenance), or None."""
         self._origin_lookups = asyncio.Semaphore(config.origin_lookups)
         self._origin_misses: ByteLRU[bytes, float] = ByteLRU(config.remembered_misses, lambda _: 1)
         """Sequences (first key and accept list) the origin held nothing of, with when it said so."""
@@ -81,11 +81,21 @@ class Edge:
         self._stream_lookups: SingleFlight[tuple[bytes, ...], asyncio.Future[None]] = SingleFlight()
         """Origin lookups for the blocks of streams (`_look_up_unknown`), shared by identical streams."""
         self._seen: ByteLRU[bytes, bool] = ByteLRU(config.remembered_misses, lambda _: 1)
+        trust = TrustStore.from_files(config.trust) if config.trust else None
+        self.voucher = Voucher(trust, self._infos, config.remembered_infos)
+        """Publisher keys every block info must be signed by (kvcdn.spec.provenance), if any."""
+        self.pins = Pins(config.pinned_bytes, config.stall_s)
+        """Bytes the streams in flight hold (kvcdn.edge.pins)."""
         self.peers: Peers | None = None
         """The ring and the other edges on it (set by `start` when `config.peers` names them)."""
         self.feed = Feed(upstream, self.invalidate)
-        self._info_path = config.disk_dir / _ORIGIN_INFO_FILE if config.disk_dir is not None else None
-        self._origin_info: pb.ServerInfo | None = None
+        self.answers = OriginAnswers(
+            upstream,
+            config.disk_dir / _ORIGIN_INFO_FILE if config.disk_dir is not None else None,
+            config.manifest_cache_s,
+            config.miss_ttl_s,
+        )
+        """The origin's ServerInfo and manifests, as far as this edge keeps them (kvcdn.edge.upstream)."""
         self._pulling = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="kvcdn-pull")
         self._transport = Transport(
             self._pulling,
@@ -117,7 +127,10 @@ class Edge:
         self.feed.start()
 
     def invalidate(self, event: pb.InvalidationEvent) -> None:
-        """Drop the event's blocks from every tier; they are never served again."""
+        """Drop the event's blocks from every tier, and what is kept of its document's manifests;
+        they are never served again."""
+        if event.document:
+            self.answers.forget(event.document)
         for key in event.keys:
             if (pull := self._loads.get(key)) is not None:
                 pull.stale = True
@@ -153,36 +166,15 @@ class Edge:
             (EdgeMetrics.PULLS_IN_FLIGHT, len(self._loads)),
             (EdgeMetrics.INVALIDATION_SEQ, self.invalidated_seq),
             (EdgeMetrics.INVALIDATED_BLOCKS, self.invalidated_blocks),
+            (EdgeMetrics.PINNED_BYTES, self.pins.used),
+            (EdgeMetrics.UNTRUSTED_DROPPED, self.voucher.dropped),
+            (EdgeMetrics.STREAMS_CUT, self.pins.streams_cut),
         ]
-        for tier in self.tiers:
-            s, m = tier.stats(), tier.metrics
-            stats += [
-                (m.hits, s.hits),
-                (m.misses, s.misses),
-                (m.evictions, s.evictions),
-                (m.corrupt, s.corrupt),
-                (m.bytes, s.bytes),
-                (m.blocks, s.blocks),
-            ]
-        return stats
+        return stats + [stat for tier in self.tiers for stat in tier_stats(tier)]
 
     async def origin_info(self) -> pb.ServerInfo:
-        """The origin's ServerInfo; with a disk tier, from the copy kept beside it while the origin is
-        unreachable (so a restarted edge serves what it holds)."""
-        if self._origin_info is None:
-            try:
-                self._origin_info = await self.upstream.info()
-            except Unavailable:
-                saved = None
-                if self._info_path is not None:
-                    with contextlib.suppress(Exception):  # absent, unreadable or not a ServerInfo
-                        saved = pb.ServerInfo.FromString(self._info_path.read_bytes())
-                if saved is None:
-                    raise
-                return saved
-            if self._info_path is not None:
-                atomic_write(self._info_path, self._origin_info.SerializeToString())
-        return self._origin_info
+        """The origin's ServerInfo (kept on the disk tier too: kvcdn.edge.upstream)."""
+        return await self.answers.server_info()
 
     async def info(self) -> pb.ServerInfo:
         info = pb.ServerInfo()
@@ -193,20 +185,18 @@ class Edge:
         return info
 
     async def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
-        return await self.upstream.manifest(document, version, token_ids)
+        return await self.answers.manifest(document, version, token_ids)
 
     def _held(self, key: bytes) -> pb.BlockInfo | None:
-        """The info of a block this edge holds, as it answers lookups: a block signed under a key it no
-        longer trusts (rotated away, expired) counts only once the origin has signed it afresh."""
+        """The info of a block this edge holds, as it answers lookups (none for a block whose stored
+        info no trusted signature covers: kvcdn.edge.vouching)."""
         for tier in self.tiers:
             if (info := tier.info(key)) is not None:
-                if self.trust is None or self.trust.accepts(info.signer):
-                    return info
-                fresh = self._infos.get(key)
-                if fresh is not None and self.trust.accepts(fresh.signer) and fresh.frame_digests == info.frame_digests:
-                    return fresh
-                return None
+                return self.voucher.held(info, self._fingerprint())
         return None
+
+    def _fingerprint(self) -> str | None:
+        return self.answers.info.fingerprint if self.answers.info is not None else None
 
     async def lookup(
         self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False
@@ -262,13 +252,8 @@ class Edge:
         return missed_at is not None and time.monotonic() - missed_at < self.config.miss_ttl_s
 
     def _trusted(self, fingerprint: str, infos: list[pb.BlockInfo], source: str) -> list[pb.BlockInfo]:
-        """`infos` from `source` ("": the origin), each checked against the trusted publisher keys (if
-        this edge has any): Untrusted for the first one that is unsigned or forged."""
-        if self.trust is not None:
-            raw_fingerprint = bytes.fromhex(fingerprint)
-            for info in infos:
-                self.trust.check_block(raw_fingerprint, info, source or self.upstream.address)
-        return infos
+        """`infos` from `source` ("": the origin), checked against the trusted publisher keys, if any."""
+        return self.voucher.upstream(fingerprint, infos, source or self.upstream.address)
 
     def _held_among(self, keys: Sequence[bytes], accepted: Sequence[str]) -> list[pb.BlockInfo]:
         """For each of `keys` this edge holds in an accepted encoding, the first such block's info."""
@@ -302,7 +287,7 @@ class Edge:
         try:
             block, source = None, len(self.tiers)
             for i, tier in enumerate(self.tiers[1:], start=1):
-                if (block := await tier.get(key)) is not None:
+                if (block := self.voucher.kept(tier, await tier.get(key), self._fingerprint())) is not None:
                     pull.start(len(block.frames))
                     for frame in block.frames:
                         pull.append(frame)
@@ -395,18 +380,31 @@ class Edge:
         await fail_over([*peers, origin], attempt, progress, 1, failed)
         return EncodedBlock(info=info, frames=tuple(target.frames), frame_bytes=geometry.frame_bytes)
 
-    async def _ahead(self, fingerprint: str, keys: Sequence[bytes], from_peers: bool) -> AsyncIterator[FrameSource]:
+    async def _ahead(
+        self, fingerprint: str, keys: Sequence[bytes], from_peers: bool, hold: Hold
+    ) -> AsyncIterator[FrameSource]:
         """The blocks of `keys` in order, each one's load started up to `config.prefetch_blocks` blocks
         before it is due, so loads from disk, peers or the origin overlap the stream instead of queueing
-        behind it (loads started ahead run to completion and fill the tiers even if the stream stops)."""
+        behind it (loads started ahead run to completion and fill the tiers even if the stream stops).
+        Each block is held against the edge's pinned-bytes budget until the stream moves past it: a
+        block is loaded ahead only while the budget has room, and the next due waits for room."""
+        geometry = Geometry.from_proto((await self.origin_info()).geometry)
+        size = geometry.block_bytes(geometry.block_tokens)  # raw: what any encoding stays under
         ahead: deque[FrameSource] = deque()
         queued = iter(keys)
+        key = next(queued, None)
         while True:
-            while len(ahead) <= self.config.prefetch_blocks and (key := next(queued, None)) is not None:
+            while (
+                key is not None
+                and len(ahead) <= self.config.prefetch_blocks
+                and await self.pins.take(hold, size, wait=not ahead)
+            ):
                 ahead.append(await self.block(fingerprint, key, from_peers))
+                key = next(queued, None)
             if not ahead:
                 return
             yield ahead.popleft()
+            self.pins.release(hold, size)  # the caller asks for the next block: this one is sent
 
     async def stream(
         self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
@@ -417,8 +415,10 @@ class Edge:
         # The stream ends at the first block the origin lacks (its pull answers NOT_FOUND with no
         # lookup of its own): no block after it is loaded ahead, each with a lookup of its own.
         due = await self._look_up_unknown(fingerprint, keys)
-        async for frame in stream_blocks(self._ahead(fingerprint, keys[:due], not from_peer), start_frame):
-            yield frame
+        with self.pins.stream() as hold:
+            async for frame in stream_blocks(self._ahead(fingerprint, keys[:due], not from_peer, hold), start_frame):
+                yield frame
+                hold.touch()
 
     async def _look_up_unknown(self, fingerprint: str, keys: Sequence[bytes]) -> int:
         """One origin lookup for the infos of those of `keys` that no tier holds, no load is fetching

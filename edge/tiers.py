@@ -13,7 +13,7 @@ from typing import Protocol
 from kvcdn.store.lru import ByteLRU
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock
-from kvcdn.wire.metrics import EdgeMetrics, TierMetrics
+from kvcdn.wire.metrics import EdgeMetrics, Stat, TierMetrics
 
 __all__ = ["MemoryTier", "Tier", "TierStats"]
 
@@ -30,6 +30,19 @@ class TierStats:
     bytes: int
     max_bytes: int
     blocks: int
+
+
+def tier_stats(tier: Tier) -> list[Stat]:
+    """A tier's counters, for kvcdn.wire.metrics."""
+    s, m = tier.stats(), tier.metrics
+    return [
+        (m.hits, s.hits),
+        (m.misses, s.misses),
+        (m.evictions, s.evictions),
+        (m.corrupt, s.corrupt),
+        (m.bytes, s.bytes),
+        (m.blocks, s.blocks),
+    ]
 
 
 class Tier(Protocol):

@@ -58,6 +58,8 @@ class Cluster:
     it (`--signing-key`, `--trust`); clients pin `trust_file`."""
     trust_file: Path | None = None
     """The publisher's public key, for clients' `--trust` (set by `start` when `signed`)."""
+    untrusting: tuple[int, ...] = ()
+    """Edges (by index) started without `--trust` all the same: a compromised edge, in attack tests."""
     auth: bool = False
     """Require tokens for Publish, Purge and Watch (`kvcdn origin --tokens`), made in STORE/keys on
     first start; the edges get theirs, publishers use `publisher_token_file`."""
@@ -161,7 +163,7 @@ class Cluster:
 
     def _edge_command(self, i: int) -> list[str]:
         disk = ["--disk-dir", str(self.edge_disk_root / f"edge{i}")] if self.edge_disk_root is not None else []
-        trust = ["--trust", str(self.trust_file)] if self.trust_file is not None else []
+        trust = ["--trust", str(self.trust_file)] if self.trust_file is not None and i not in self.untrusting else []
         if self._edge_token_file is not None:
             trust += ["--token-file", str(self._edge_token_file)]
         if self.closed_reads and self._tokens_file is not None:

@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
         "(default: anyone who reaches the port may)",
     )
     s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen beyond loopback without --tokens (anyone who reaches the port may publish and purge); "
+        "without this flag the origin refuses to start that way",
+    )
+    s.add_argument(
         "--closed-reads",
         action="store_true",
         help="reads need a token of --tokens too (agents: reader; edges: edge); default: reads are open",
@@ -85,6 +91,7 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         rate_limit=args.rate_limit,
         tokens=Path(args.tokens) if args.tokens else None,
         closed_reads=args.closed_reads,
+        insecure=args.insecure,
         store_bytes=args.store_bytes,
         frame_bytes=args.frame_bytes,
         tls=TLSFiles.from_args(args),

@@ -10,6 +10,7 @@ from kvcdn.model.options import DEFAULT_MODEL
 from kvcdn.spec.codecs import parse_codecs
 from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES, check_frame_bytes
 from kvcdn.spec.identity import DEFAULT_BLOCK_TOKENS
+from kvcdn.spec.placement import is_loopback
 from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["OriginConfig"]
@@ -49,6 +50,9 @@ class OriginConfig:
     reaches the port."""
     closed_reads: bool = False
     """Reads (manifests, lookups, streams, the bulk port) need a token of `tokens` too."""
+    insecure: bool = False
+    """Listen beyond loopback without `tokens` all the same (anyone who reaches the port may publish
+    and purge); without it such a config is refused."""
     tls: TLSFiles | None = None
     """Serve gRPC and the bulk stream over TLS with these files (a CA among them: callers must
     present certificates, mTLS); None: plaintext (kvcdn.wire.tls)."""
@@ -72,6 +76,12 @@ class OriginConfig:
             raise InvalidArgument("read_cache_bytes must be >= 0")
         check_frame_bytes(self.frame_bytes, "--frame-bytes")
         parse_codecs(self.codecs, "codecs", allow_empty=True)
+        if self.tokens is None and not self.insecure and not is_loopback(self.listen):
+            raise InvalidArgument(
+                f"the origin would listen on {self.listen} without --tokens: anyone who reaches it could "
+                "publish and purge. Give it a tokens file (--tokens; deploy/README.md says how), listen "
+                "on 127.0.0.1, or pass --insecure to run it open"
+            )
         if self.closed_reads and self.tokens is None:
             raise InvalidArgument("closed reads need a tokens file (--tokens) naming who may read")
         if self.store_bytes < 0:

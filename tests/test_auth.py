@@ -134,3 +134,30 @@ async def test_closed_reads_need_a_token_on_every_read_path(llama: LoadedModel, 
 def test_closed_reads_without_a_tokens_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="closed reads need a tokens file"):
         OriginConfig(store_dir=tmp_path, closed_reads=True)
+
+
+def test_an_origin_beyond_loopback_needs_tokens_or_says_insecure(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"0\.0\.0\.0:7070 without --tokens.*--insecure"):
+        OriginConfig(store_dir=tmp_path, listen="0.0.0.0:7070")
+    with pytest.raises(InvalidArgument, match="without --tokens"):
+        OriginConfig(store_dir=tmp_path, listen="[::]:7070")
+    OriginConfig(store_dir=tmp_path, listen="0.0.0.0:7070", tokens=tmp_path / "tokens")  # closed: fine
+    OriginConfig(store_dir=tmp_path, listen="0.0.0.0:7070", insecure=True)  # open, as asked
+    OriginConfig(store_dir=tmp_path, listen="127.0.0.1:7070")  # loopback: only this machine reaches it
+
+
+def test_a_client_of_edges_beyond_this_machine_without_trust_warns_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvcdn.client import config
+
+    monkeypatch.setattr(config, "_warned_untrusted", False)
+    ClientConfig(("127.0.0.1:7080", "localhost:7082"))  # loopback: nothing to say
+    assert not [r for r in caplog.records if "without --trust" in r.getMessage()]
+    ClientConfig(("10.0.0.5:7080",))
+    ClientConfig(("edge.example:7080",))
+    warned = [r for r in caplog.records if "without --trust" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING" and "10.0.0.5:7080" in warned[0].getMessage()
+    caplog.clear()
+    ClientConfig(("10.0.0.5:7080",), trust=(Path("publisher.pub"),))
+    assert not caplog.records

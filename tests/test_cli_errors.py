@@ -29,6 +29,7 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["edge", "--origin", DEAD, "--listen", "nonsense"], "not HOST:PORT"),
         (["origin", "--store", str(tmp / "s"), "--max-document-tokens", "0"], "max_document_tokens"),
         (["origin", "--store", str(tmp / "s"), "--frame-bytes", "4MiB"], "--frame-bytes"),
+        (["origin", "--store", str(tmp / "s"), "--listen", "0.0.0.0:0"], "without --tokens: anyone who reaches it"),
         (["up", "--edges", "0"], "at least 1"),
         (["loadtest", "bench", "--lengths", "x"], "--lengths"),
         (["loadtest", "bench", "--repeats", "0"], "--repeats"),

@@ -10,10 +10,20 @@ import contextlib
 import gc
 import socket
 import struct
+import threading
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
+import pytest
+
+from kvcdn.client import ClientConfig, KVClient
+from kvcdn.edge import EdgeConfig
+from kvcdn.edge.pins import Pins
+from kvcdn.edge.server import start_edge
 from kvcdn.loadtest.attacks import still_open
+from kvcdn.model.loading import LoadedModel
+from kvcdn.model.prompt import document_ids
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.bulk import BulkLimits, start_bulk_server
 from kvcdn.wire.frames import encode_block
@@ -23,7 +33,7 @@ from kvcdn.wire.readside import ReadService
 from kvcdn.wire.rpc import start_server
 from kvcdn.wire.stub import CacheReader
 from kvcdn.wire.tls import TLSFiles, make_test_ca
-from tests.conftest import Network
+from tests.conftest import SAMPLES, Network, start_network, stop_network
 
 PREFACE = b"PRI * HTTP/2.0\r\n"
 """The first half of HTTP/2's client preface: a connection that sends it and stops."""
@@ -99,3 +109,86 @@ async def test_pending_tls_handshakes_on_the_bulk_port_take_turns(tmp_path: Path
             assert await asyncio.to_thread(still_open, socks) == 0
     finally:
         await server.stop()
+
+
+async def test_trickling_scrapes_hold_a_bounded_pool_for_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcdn.wire import metrics as metrics_module
+
+    scrapes = metrics_module._Scrapes
+    monkeypatch.setattr(scrapes, "workers", 2)
+    monkeypatch.setattr(scrapes, "waiting", 2)
+    monkeypatch.setattr(scrapes, "deadline_s", 1.5)
+    served = ServerMetrics()
+    port = served.start_http("127.0.0.1", 0)
+    try:
+        with _half_open(port, 10, b"GET /metr") as socks:
+            await asyncio.sleep(0.3)
+            assert await asyncio.to_thread(still_open, socks) == 4  # 2 answered, 2 waiting, 6 closed
+            for _ in range(4):  # a byte every 0.4 s kept a thread forever before
+                await asyncio.sleep(0.4)
+                for s in socks:
+                    with contextlib.suppress(OSError):
+                        s.send(b"i")
+            threads = [t for t in threading.enumerate() if t.name.startswith("kvcdn-metrics")]
+            assert len(threads) <= 2 + 1  # the pool, and the accept loop
+            assert await asyncio.to_thread(still_open, socks) == 0  # all past their 1.5 s
+        page = await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert b"process_cpu_seconds_total" in page.read()  # answered whole after the flood
+    finally:
+        served.stop()
+
+
+async def test_a_stalled_stream_gives_its_pinned_bytes_way_to_a_reading_one() -> None:
+    pins = Pins(budget=3, stall_s=0.3)
+    stalled_started = asyncio.Event()
+
+    async def stalled() -> None:
+        with pins.stream() as hold:
+            assert await pins.take(hold, 2, wait=True)
+            stalled_started.set()
+            await asyncio.sleep(30)  # a reader that takes nothing: its send never returns
+
+    async def reading() -> int:
+        with pins.stream() as hold:
+            assert not await pins.take(hold, 2, wait=False)  # no room to load ahead: it does not wait
+            assert await pins.take(hold, 2, wait=True)  # its next block waits for room
+            return pins.used
+
+    stuck = asyncio.create_task(stalled())
+    await stalled_started.wait()
+    t0 = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reading(), 5) == 2
+    assert 0.3 <= asyncio.get_running_loop().time() - t0 < 3  # cut once stalled for stall_s, not the send deadline
+    assert stuck.cancelled() and pins.streams_cut == 1 and pins.used == 0
+
+
+async def test_streams_hold_no_more_than_the_pinned_budget(llama: LoadedModel, tmp_path: Path) -> None:
+    net = await start_network(llama, tmp_path / "store")
+    geometry = llama.geometry
+    one_block = geometry.block_bytes(geometry.block_tokens)
+    edge, server = await start_edge(
+        EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", pinned_bytes=2 * one_block)
+    )
+    try:
+        texts = [(SAMPLES / name).read_text()[:3000] for name in ("apache-2.0.txt", "mpl-2.0.txt", "gpl-3.0.txt")]
+        for i, text in enumerate(texts):
+            await net.origin.publish(f"doc{i}", text)
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, edge.pins.used)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        docs = [document_ids(llama.tokenizer, t) for t in texts for _ in range(3)]
+        async with KVClient(ClientConfig((server.address,))) as client:
+            fetched = await asyncio.gather(*(client.fetch(llama, ids) for ids in docs))
+        watcher.cancel()
+        assert [f.cached_tokens for f in fetched] == [len(ids) for ids in docs]
+        assert 0 < peak <= 2 * one_block and edge.pins.used == 0  # 9 streams of 5 blocks ahead, within 2
+    finally:
+        await server.stop(0)
+        await edge.close()
+        await stop_network(net)

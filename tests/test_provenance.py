@@ -240,6 +240,7 @@ def test_an_edge_process_serving_forged_blocks_is_refused_and_the_fetch_complete
         asyncio.run(asyncio.sleep(1.0))  # the edges' disk writes land after the clients finish
     assert _forge_disk(tmp_path / "disks" / "edge0" / "blocks") > 0
 
+    cluster.untrusting = (0,)  # whoever rewrote edge0's disk also dropped its --trust (which would refuse them)
     with cluster:  # the same store, key and disks; edge0 now serves forged blocks and infos
         trust = (cluster.trust_file,) if cluster.trust_file is not None else ()
         liar = cluster.edge_addresses[:1]
@@ -358,4 +359,37 @@ async def test_the_client_checks_a_manifests_contents_not_only_its_signature(
                     await client.manifest(document, version, token_ids=True)
     finally:
         net.edge.manifest = real  # type: ignore[method-assign]
+        await stop_network(net)
+
+
+async def test_a_trust_edge_drops_forged_blocks_on_its_own_disk_and_loads_them_again(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    """Whoever holds an edge's host rewrites its disk tier (bytes and digests; the signature cannot be
+    made anew): an edge with --trust verifies what it reads from its own disk in full, drops what no
+    trusted signature covers and loads it again, so agents get the publisher's cache through it (it
+    checked only the signer id before, and every fetch through it failed)."""
+    private, public = _keys(tmp_path)
+    net = await start_network(llama, tmp_path / "store", signing_key=private)
+    disk = tmp_path / "edge-disk"
+    doc = document_ids(llama.tokenizer, TEXT)
+    config = EdgeConfig(origin=net.origin_server.address, listen="127.0.0.1:0", disk_dir=disk, trust=(public,))
+    edge, edge_server = await start_edge(config)
+    try:
+        await net.origin.publish("doc", TEXT)
+        async with KVClient(ClientConfig((edge_server.address,), trust=(public,))) as client:
+            assert (await client.fetch(llama, doc)).cached_tokens == len(doc)
+        await edge.settle()
+        await edge_server.stop(0)
+        await edge.close()
+        forged = _forge_disk(disk / "blocks")
+        assert forged > 0
+        edge, edge_server = await start_edge(config)
+        async with KVClient(ClientConfig((edge_server.address,), trust=(public,))) as client:
+            fetched = await client.fetch(llama, doc)
+        assert fetched.cached_tokens == len(doc) and _same(fetched.layers, adapter.prefill(llama.model, doc))
+        assert edge.voucher.dropped == forged and edge.origin_fetches == forged  # each loaded again, once
+    finally:
+        await edge_server.stop(0)
+        await edge.close()
         await stop_network(net)

@@ -21,10 +21,23 @@ from uhashring import HashRing
 
 from kvcdn.errors import InvalidArgument, Unavailable
 
-__all__ = ["DEFAULT_REPLICAS", "Placement", "balance", "parse_edges", "resolve_edges"]
+__all__ = ["DEFAULT_REPLICAS", "Placement", "balance", "is_loopback", "parse_edges", "resolve_edges"]
 
 DEFAULT_REPLICAS = 2
 VNODES = 160
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `HOST:PORT` (or a bare host) names this machine only: a loopback address or
+    `localhost`. A wildcard (`0.0.0.0`, `[::]`) or any other name reaches beyond it."""
+    host = address.rpartition(":")[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_edges(specs: Sequence[str]) -> dict[str, int]:

@@ -300,6 +300,9 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
         except (ConnectionError, OSError) as exc:
             code = grpc.StatusCode.CANCELLED
             log.debug("bulk connection ended: %s", exc)
+        except asyncio.CancelledError:  # the server stops, or the edge cut a stalled reader
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("bulk stream failed unexpectedly")

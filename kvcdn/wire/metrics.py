@@ -9,11 +9,14 @@ name; no `*_created` series. The full list is in docs/architecture.md (the metri
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -27,7 +30,6 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -166,6 +168,17 @@ class EdgeMetrics:
     PULLS_IN_FLIGHT = Metric("edge_pulls_in_flight", "gauge", "Block loads in progress (disk, peers or origin)")
     INVALIDATION_SEQ = Metric("edge_invalidation_seq", "gauge", "Last invalidation event applied")
     INVALIDATED_BLOCKS = Metric("edge_invalidated_blocks_total", "counter", "Blocks dropped by invalidations")
+    PINNED_BYTES = Metric("edge_pinned_bytes", "gauge", "Bytes of blocks the streams in flight hold (--pinned-bytes)")
+    STREAMS_CUT = Metric(
+        "edge_stalled_streams_cut_total",
+        "counter",
+        "Streams ended because their reader stalled while others needed room",
+    )
+    UNTRUSTED_DROPPED = Metric(
+        "edge_untrusted_blocks_dropped_total",
+        "counter",
+        "Blocks on this edge's disk that no trusted signature covered (with --trust), dropped and loaded again",
+    )
 
 
 class OriginMetrics:
@@ -210,13 +223,61 @@ class DomainCollector(Collector):
 
 class _Handler(WSGIRequestHandler):
     timeout = 10.0
-    """Seconds a scrape may take to send its request (socketserver's per-connection timeout)."""
+    """Seconds one read of a scrape's request may wait (the whole connection has _Scrapes.deadline_s)."""
 
     def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
         pass
 
 
-class _Server6(ThreadingWSGIServer):
+class _Scrapes(WSGIServer):
+    """`/metrics` over a fixed pool: `workers` threads answer, `waiting` more connections wait their
+    turn, any beyond are closed as they are accepted; every connection has `deadline_s` in all from
+    its accept (a scrape that sends a byte every few seconds once held a thread forever)."""
+
+    workers = 4
+    waiting = 16
+    deadline_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kvcdn-metrics")
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if len(self._deadlines) >= self.workers + self.waiting:
+                self.shutdown_request(request)
+                return
+            self._deadlines[request] = time.monotonic() + self.deadline_s
+        self._pool.submit(self._answer, request, client_address)
+
+    def _answer(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            with self._lock:
+                self._deadlines.pop(request, None)
+            self.shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Cut off the connections past their deadline (called by serve_forever every 0.5 s): the
+        thread serving one sees its socket end; one still waiting finds it ended."""
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, deadline in self._deadlines.items() if deadline < now]
+        for sock in late:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Scrapes6(_Scrapes):
     address_family = socket.AF_INET6
 
 
@@ -273,10 +334,10 @@ class ServerMetrics:
                 self.handling_seconds.labels(*labels)
 
     def start_http(self, host: str, port: int) -> int:
-        """Serve `/metrics` on host:port (0: any free port); returns the bound port. A connection that
-        sends no whole request within `_Handler.timeout` is dropped, so half-open scrapes cannot pile
-        up threads."""
-        server_class = _Server6 if ":" in host else ThreadingWSGIServer
+        """Serve `/metrics` on host:port (0: any free port); returns the bound port. Scrapes are
+        answered by a bounded pool, each connection within a total deadline (`_Scrapes`), so half-open
+        or trickling scrapes cannot pile up threads."""
+        server_class = _Scrapes6 if ":" in host else _Scrapes
         server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_Handler)
         thread = threading.Thread(target=server.serve_forever, name="kvcdn-metrics", daemon=True)
         thread.start()
