@@ -24,9 +24,9 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--pinned-bytes",
         type=parse_size,
-        default=parse_size("256MiB"),
+        default=0,
         help="bytes of blocks the streams in flight may hold together, beyond the tiers' budgets; a stream "
-        "whose reader stalls is cut when others need room (256MiB)",
+        "whose reader stalls is cut when others need room (default: half of --mem-bytes, at least 256MiB)",
     )
     s.add_argument("--disk-dir", help="folder of the disk tier (default: no disk tier)")
     s.add_argument("--disk-bytes", type=parse_size, default=parse_size("10GiB"), help="disk tier size (10GiB)")

@@ -48,9 +48,10 @@ class EdgeConfig:
     """After a peer fails to send a block, it is skipped for this long."""
     prefetch_blocks: int = 4
     """Blocks a stream loads ahead of the one it is sending, so loads overlap the stream."""
-    pinned_bytes: int = 256 << 20
+    pinned_bytes: int = 0
     """Bytes of blocks the streams in flight may hold, all together (the block each is sending and
-    those loaded ahead: kvcdn.edge.pins); the memory tier's evictions cannot free them meanwhile."""
+    those loaded ahead: kvcdn.edge.pins); the memory tier's evictions cannot free them meanwhile.
+    0: half the memory tier, at least 256 MiB (`pinned_budget`)."""
     stall_s: float = 5.0
     """A stream whose reader took nothing for this long is cut when others wait for pinned bytes."""
     remembered_misses: int = 65536
@@ -82,9 +83,15 @@ class EdgeConfig:
     """Calls (and bulk streams) a second per client, by token or else address; peers and the origin's
     own callers with an `edge` or `publisher` token are not limited (kvcdn.wire.ratelimit). 0: none."""
 
+    @property
+    def pinned_budget(self) -> int:
+        return self.pinned_bytes or max(256 << 20, self.mem_bytes // 2)
+
     def __post_init__(self) -> None:
-        if self.mem_bytes < 0 or self.disk_bytes < 0:
-            raise InvalidArgument("mem_bytes and disk_bytes must be >= 0")
+        if self.mem_bytes < 0 or self.disk_bytes < 0 or self.pinned_bytes < 0:
+            raise InvalidArgument("--mem-bytes, --disk-bytes and --pinned-bytes must be >= 0")
+        if self.stall_s <= 0:
+            raise InvalidArgument("stall_s must be positive")
         if self.origin_timeout_s <= 0:
             raise InvalidArgument("origin_timeout_s must be positive")
         if self.peer_timeout_s <= 0:

@@ -84,7 +84,7 @@ class Edge:
         trust = TrustStore.from_files(config.trust) if config.trust else None
         self.voucher = Voucher(trust, self._infos, config.remembered_infos)
         """Publisher keys every block info must be signed by (kvcdn.spec.provenance), if any."""
-        self.pins = Pins(config.pinned_bytes, config.stall_s)
+        self.pins = Pins(config.pinned_budget, config.stall_s)
         """Bytes the streams in flight hold (kvcdn.edge.pins)."""
         self.peers: Peers | None = None
         """The ring and the other edges on it (set by `start` when `config.peers` names them)."""

@@ -61,7 +61,7 @@ class Pins:
     async def take(self, hold: Hold, n: int, wait: bool) -> bool:
         """Hold `n` more bytes for `hold`'s stream: at once if the budget has room, else (with
         `wait`) once streams release or stalled ones are cut; without `wait`, False when no room."""
-        while self.used and self.used + n > self.budget:
+        while n and self.used and self.used + n > self.budget:
             if not wait:
                 return False
             self._cut_stalled()

@@ -55,6 +55,8 @@ _END = 0xFFFFFFFF
 _ERROR = 0xFFFFFFFE
 _MAX_REQUEST_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 4096
+_TLS_PIECE = 256 * 1024
+"""Bytes handed to a TLS connection at a time (kvcdn.wire.bulk._Secure.send)."""
 _WARN_EVERY_S = 10.0
 """A repeated warning of the accept loop (a full descriptor table, connections over the caps) is
 logged once in this long, with its count (it was one line per connection, 10 a second under EMFILE)."""
@@ -218,10 +220,16 @@ class _Secure:
         return await self._reader.read(n)
 
     async def send(self, *parts: bytes | memoryview, stall_s: float) -> None:
-        self._writer.writelines(parts)
+        """Send `parts` in pieces of _TLS_PIECE, each once the transport's buffer has drained: a reader
+        that stops reading holds at most a piece encrypted and waiting, not a whole frame (16 stalled
+        readers held a frame each, twice over, before)."""
         try:
             async with asyncio.timeout(stall_s):
-                await self._writer.drain()
+                for part in parts:
+                    view = memoryview(part)
+                    for offset in range(0, len(view), _TLS_PIECE):
+                        self._writer.write(view[offset : offset + _TLS_PIECE])
+                        await self._writer.drain()
         except TimeoutError:
             raise ConnectionError(f"the reader took nothing for {stall_s:g} s") from None
 
