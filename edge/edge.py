@@ -192,11 +192,8 @@ class Edge:
         info no trusted signature covers: kvcdn.edge.vouching)."""
         for tier in self.tiers:
             if (info := tier.info(key)) is not None:
-                return self.voucher.held(info, self._fingerprint())
+                return self.voucher.held(info, self.answers.fingerprint)
         return None
-
-    def _fingerprint(self) -> str | None:
-        return self.answers.info.fingerprint if self.answers.info is not None else None
 
     async def lookup(
         self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False
@@ -287,7 +284,7 @@ class Edge:
         try:
             block, source = None, len(self.tiers)
             for i, tier in enumerate(self.tiers[1:], start=1):
-                if (block := self.voucher.kept(tier, await tier.get(key), self._fingerprint())) is not None:
+                if (block := self.voucher.kept(tier, await tier.get(key), self.answers.fingerprint)) is not None:
                     pull.start(len(block.frames))
                     for frame in block.frames:
                         pull.append(frame)

@@ -44,6 +44,8 @@ class OriginAnswers:
         self._info_path = info_path
         self.info: pb.ServerInfo | None = None
         """The origin's ServerInfo once it answered (None before)."""
+        self.fingerprint: str | None = None
+        """The model's fingerprint, once known from the origin or the copy kept on disk."""
         self._latest_s = manifest_cache_s
         self._miss_ttl_s = miss_ttl_s
         self._kept: ByteLRU[Question, tuple[pb.Manifest, float]] = ByteLRU(remembered, lambda _: 1)
@@ -65,9 +67,11 @@ class OriginAnswers:
                         saved = pb.ServerInfo.FromString(self._info_path.read_bytes())
                 if saved is None:
                     raise
+                self.fingerprint = saved.fingerprint
                 return saved
             if self._info_path is not None:
                 atomic_write(self._info_path, self.info.SerializeToString())
+            self.fingerprint = self.info.fingerprint
         return self.info
 
     async def manifest(self, document: str, version: int, token_ids: bool) -> pb.Manifest:

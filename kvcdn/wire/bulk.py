@@ -221,8 +221,8 @@ class _Secure:
 
     async def send(self, *parts: bytes | memoryview, stall_s: float) -> None:
         """Send `parts` in pieces of _TLS_PIECE, each once the transport's buffer has drained: a reader
-        that stops reading holds at most a piece encrypted and waiting, not a whole frame (16 stalled
-        readers held a frame each, twice over, before)."""
+        that stops reading leaves at most a piece (and the transport's buffer) waiting in this process,
+        not a whole frame and its encrypted copy."""
         try:
             async with asyncio.timeout(stall_s):
                 for part in parts:

@@ -10,7 +10,9 @@ name; no `*_created` series. The full list is in docs/architecture.md (the metri
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,6 +49,8 @@ __all__ = [
     "Stat",
     "TierMetrics",
 ]
+
+log = logging.getLogger(__name__)
 
 # `*_created` series double the number of series and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -271,6 +275,10 @@ class _Scrapes(WSGIServer):
         for sock in late:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scrape that broke off (cut at its deadline, or gone): no traceback, a DEBUG line."""
+        log.debug("scrape from %s ended: %s", client_address, sys.exc_info()[1])
 
     def server_close(self) -> None:
         super().server_close()
