@@ -39,6 +39,7 @@ from kvcdn.spec.identity import check_read_request, encoded_key
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
+from kvcdn.tuning import trim_after_frees
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock, Frame, FrameSource, stream_blocks
 from kvcdn.wire.metrics import EdgeMetrics, Stat
@@ -87,6 +88,7 @@ class Edge:
         self.pins = Pins(config.pinned_budget, config.stall_s)
         """Bytes the streams in flight hold (kvcdn.edge.pins)."""
         self.peers: Peers | None = None
+        self._trimming: asyncio.Task[None] | None = None  # frees heap back (kvcdn.tuning)
         """The ring and the other edges on it (set by `start` when `config.peers` names them)."""
         self.feed = Feed(upstream, self.invalidate)
         self.answers = OriginAnswers(
@@ -125,6 +127,8 @@ class Edge:
         if self.config.peers:
             self.peers = Peers(self.config, address)
         self.feed.start()
+        frees = lambda: (self.pins.released, [tier.stats().evictions for tier in self.tiers])  # noqa: E731
+        self._trimming = asyncio.get_running_loop().create_task(trim_after_frees(frees))
 
     def invalidate(self, event: pb.InvalidationEvent) -> None:
         """Drop the event's blocks from every tier, and what is kept of its document's manifests;
@@ -148,6 +152,8 @@ class Edge:
         await self._loads.close(settle_s)
         await self._stream_lookups.close(settle_s)
         await self.feed.close()
+        if self._trimming is not None:
+            self._trimming.cancel()
         if self.peers is not None:
             await self.peers.close()
         await self.upstream.close()

@@ -40,6 +40,8 @@ class Pins:
         self.budget = budget
         self.stall_s = stall_s
         self.used = 0
+        self.released = 0
+        """Bytes released, all streams together, ever (blocks that may since have been freed)."""
         self.streams_cut = 0
         self._holds: set[Hold] = set()
         self._freed = asyncio.Event()
@@ -76,6 +78,7 @@ class Pins:
         n = min(n, hold.bytes)
         hold.bytes -= n
         self.used -= n
+        self.released += n
         if n:
             self._freed.set()
 

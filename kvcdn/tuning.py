@@ -4,14 +4,19 @@ glibc serves allocations above its mmap threshold (128 KiB, adaptive up to 32 Mi
 mmap/munmap each time, so every ~1 MiB gRPC message costs page faults on both ends. Raising the
 thresholds keeps those buffers in the heap; measured here it lifted gRPC's raw 1 MiB stream from
 ~1.5 to ~2.1 GB/s on loopback (the architecture notes saw 2x with protobuf frames).
+
+The price is freed heap kept mapped: a server that frees blocks (an edge's evictions, streams' blocks
+loaded ahead) gives it back with `trim_after_frees`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 
-__all__ = ["tune_malloc"]
+__all__ = ["trim_after_frees", "trim_heap", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -32,3 +37,28 @@ def tune_malloc(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes: int 
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes) == 1
     return bool(ok and mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes) == 1)
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system, in every arena (glibc's malloc_trim); False
+    where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+async def trim_after_frees(frees: Callable[[], object], every_s: float = 1.0) -> None:
+    """Run until cancelled: every `every_s`, trim the heap (in a thread) if `frees()` changed since the
+    last look. Measured on an edge under 16 readers that never read (kvcdn loadtest attacks): RSS +172
+    MiB kept without it, +46 MiB and back with it."""
+    seen = frees()
+    while True:
+        await asyncio.sleep(every_s)
+        now = frees()
+        if now != seen:
+            seen = now
+            await asyncio.to_thread(trim_heap)
