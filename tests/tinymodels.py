@@ -46,11 +46,11 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _config(arch: str, vocab: int) -> PretrainedConfig:
+def _config(arch: str, vocab: int, head_dim: int = 16) -> PretrainedConfig:
     common = dict(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -67,7 +67,7 @@ def _config(arch: str, vocab: int) -> PretrainedConfig:
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "qwen3":
-        return Qwen3Config(**common, head_dim=16)
+        return Qwen3Config(**common, head_dim=head_dim)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None)
     if arch == "mistral-window":
@@ -84,11 +84,12 @@ def _config(arch: str, vocab: int) -> PretrainedConfig:
     raise ValueError(arch)
 
 
-def make_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
-    """Write a seeded random `arch` model and its tokenizer to `path`."""
+def make_tiny_model(arch: str, path: Path, seed: int = 0, head_dim: int = 16) -> Path:
+    """Write a seeded random `arch` model and its tokenizer to `path` (4 query heads of `head_dim`;
+    vLLM's CPU attention takes heads of 32 or more)."""
     tokenizer = _tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), head_dim))
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -1,0 +1,63 @@
+"""The vLLM half of tests/test_vllm.py, run by the Python of vLLM's own environment (its
+transformers range differs from kvcdn's): greedy generations of one prompt by vLLM alone, then by
+vLLM with kvcdn's connector, printed as one JSON line.
+
+    python tests/vllm_side.py '{"model": DIR, "prompt": [ids], "max_tokens": N, "runs": [{...}, ...]}'
+
+Each run is {"name": ..., "connector": null | kv_connector_extra_config}; each is a fresh vLLM
+engine (its prefix cache off, so every cached token it reports came from the connector).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def generate(model: str, prompt: list[int], max_tokens: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    transfer = None
+    if extra is not None:
+        transfer = KVTransferConfig(
+            kv_connector="KVCDNConnector",
+            kv_connector_module_path="kvcdn.integrations.vllm",
+            kv_role="kv_consumer",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=extra,
+        )
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=4096,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_num_seqs=2,
+        kv_transfer_config=transfer,
+        seed=0,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt[:64])], params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+    seconds = time.perf_counter() - t0
+    del llm
+    return {
+        "tokens": list(out.outputs[0].token_ids),
+        "cached_tokens": out.num_cached_tokens or 0,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    results = {run["name"]: generate(job["model"], job["prompt"], job["max_tokens"], run["connector"]) for run in job["runs"]}
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
