@@ -6,6 +6,8 @@ core   kvcdn.errors  kvcdn.flags  kvcdn.tuning  kvcdn.spec  kvcdn.wire  kvcdn.st
          ├── origin        (core)
          ├── edge          (core without kvcdn.model: an edge never imports torch)
          └── client  ◀──  ops  ◀──  loadtest
+               ▲
+               └── integrations  (a vLLM connector: client and core, imported in vLLM's environment)
 ```
 Within the core: spec needs only errors; store builds on spec; wire on store; model on spec (and the wire
 types, for the codecs); the CLI dispatches to components through entry points and imports none of them,
@@ -52,13 +54,14 @@ ALLOWED: dict[str, set[str]] = {
     "client": CORE,
     "ops": CORE | {"client"},
     "loadtest": CORE | {"client", "ops"},
+    "integrations": CORE | {"client"},
 }
 # Third-party packages a unit must not import: what runs models stays out of what moves bytes.
 MODEL_RUNTIME = {"torch", "transformers", "gguf", "accelerate"}
 FORBIDDEN = {
     unit: MODEL_RUNTIME for unit in ("kvcdn.spec", "kvcdn.wire", "kvcdn.store", "kvcdn.flags", "kvcdn.tuning", "edge")
 }
-COMPONENTS = ("origin", "edge", "client", "ops", "loadtest")
+COMPONENTS = ("origin", "edge", "client", "ops", "loadtest", "integrations")
 MAX_LINES = 450
 """The longest a hand-written module may be (a longer one is split where its parts separate)."""
 

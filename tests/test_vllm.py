@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kvcdn.ops.launcher import Cluster
 from kvcdn.loadtest.bench import sample_corpus
+from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.provenance import generate_key
 from kvcdn.wire.stub import CacheReader
 from tests.tinymodels import make_tiny_model
