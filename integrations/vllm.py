@@ -205,8 +205,13 @@ class KVCDNConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for load in meta.loads:
             try:
                 self._load(load, forward_context)
-            except KVCDNError as exc:
-                log.warning("kvcdn load of request %s failed: %s; vLLM computes its tokens", load.request_id, exc)
+            except Exception as exc:  # any failure: vLLM computes the blocks, never serves what did not land
+                log.warning(
+                    "kvcdn load of request %s failed (%s: %s); vLLM computes its tokens",
+                    load.request_id,
+                    type(exc).__name__,
+                    exc,
+                )
                 first, last = load.start // self._block_size, -(-load.end // self._block_size)
                 self._failed.update(load.block_ids[first:last])
 

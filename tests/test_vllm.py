@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def vllm_side(model: Path, prompt: list[int], runs: list[dict[str, Any]], max_to
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, f"vLLM failed ({out.returncode}):\n{out.stderr[-4000:]}"
     result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
-    result["log"] = out.stderr
+    result["log"] = out.stdout + out.stderr
     return result
 
 
@@ -87,3 +88,28 @@ def test_vllm_with_the_connector_continues_exactly(arch: str, tmp_path: Path) ->
     # Answers signed by another publisher are refused: nothing loaded, vLLM prefilled, same tokens.
     assert result["unsigned"]["cached_tokens"] == 0
     assert result["unsigned"]["tokens"] == result["prefill"]["tokens"]
+
+
+def test_an_edge_killed_mid_load_leaves_vllm_to_prefill(tmp_path: Path) -> None:
+    # Heads of 128 and ~3,800 tokens: a 23 MB cache, more than loopback's socket buffers hold, so the
+    # edge killed at the fetch's first frame has not sent the rest.
+    model = make_tiny_model("llama", tmp_path / "llama", head_dim=128)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = tokenizer.decode(tokenizer(sample_corpus(), add_special_tokens=False)["input_ids"][:3800])
+    origin_args = ["--model", str(model), "--dtype", "float32", "--device", "cpu"]
+    with Cluster(store_dir=tmp_path / "store", edges=1, origin_args=origin_args, start_timeout_s=120) as cluster:
+        fingerprint, ids, _ = asyncio.run(_publish(cluster.origin_address, text))
+        prompt = ids + tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+        assert len(prompt) < 4096  # vllm_side's max_model_len
+        edge = cluster.process("edge0")
+        connector = {"edges": cluster.edge_addresses, "fingerprint": fingerprint, "timeout_s": 3.0}
+        result = vllm_side(
+            model,
+            prompt,
+            [{"name": "prefill", "connector": None}, {"name": "killed", "connector": connector, "kill": edge.pid}],
+        )
+        assert "vLLM computes its tokens" in result["log"], result["log"][-5000:]
+        assert edge.wait(10) == -signal.SIGKILL
+    assert result["killed"]["tokens"] == result["prefill"]["tokens"]  # the request succeeded, prefilled
