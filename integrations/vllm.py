@@ -27,7 +27,6 @@ back shorter than planned (an edge gone mid-load: its blocks are reported failed
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 
 from kvcdn.client.blocking import BlockingKVClient
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KVCDNConnector", "Load", "identity"]
 
-log = logging.getLogger(__name__)
+log = init_logger(f"vllm.{__name__}")  # with vLLM's own lines, at its log level
 
 
 @dataclass
@@ -122,7 +122,9 @@ def client_config(extra: dict[str, Any]) -> ClientConfig:
         trust=tuple(Path(p) for p in extra.get("trust", ())),
         tls=tls,
         token=str(extra.get("token", "")),
-        timeout_s=float(extra.get("timeout_s", 10.0)),
+        # vLLM's scheduler waits for the lookup: an edge that stalls must cost it little (streams have
+        # their own deadline, ClientConfig.stream_timeout_s).
+        timeout_s=float(extra.get("timeout_s", 2.0)),
     )
 
 
