@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.flags import add_connection_flags, add_edges_flag, parse_size
+from kvcdn.flags import add_connection_flags, add_edges_flag, add_tls_flags, parse_size
 from kvcdn.model.options import ModelOptions
 
 __all__ = ["register"]
@@ -42,6 +42,14 @@ def register(sub: Any) -> None:
     )
     ModelOptions.add_flags(s)
     s.set_defaults(run=up)
+
+    s = sub.add_parser(
+        "health", help="ask a server's gRPC health service; exit 0 when it is serving (probes, HEALTHCHECK)"
+    )
+    s.add_argument("address", help="HOST:PORT of an origin or an edge (its gRPC port)")
+    s.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (3)")
+    add_tls_flags(s, env=True)
+    s.set_defaults(run=health)
 
     s = sub.add_parser("stats", help="a table of the edges' state (tiers, hit ratios, origin traffic)")
     add_edges_flag(s)
@@ -144,6 +152,19 @@ def demo(args: argparse.Namespace) -> int:
 
     options = ModelOptions.from_args(args)
     return run_demo(options.load(), options, args.max_new_tokens)
+
+
+def health(args: argparse.Namespace) -> int:
+    from kvcdn.wire.stub import CacheReader
+    from kvcdn.wire.tls import TLSFiles
+
+    async def ask() -> str:
+        async with CacheReader(args.address, timeout_s=args.timeout, tls=TLSFiles.from_args(args)) as reader:
+            return await reader.health()
+
+    status = asyncio.run(ask())
+    print(f"{args.address}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def provision(args: argparse.Namespace) -> int:

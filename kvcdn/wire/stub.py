@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvcdn.errors import from_rpc_error
 from kvcdn.store.singleflight import SingleFlight
@@ -89,6 +90,13 @@ class CacheReader:
         info: pb.ServerInfo = await self._call(self._kv.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s))
         self._info = info
         return info
+
+    async def health(self, service: str = "") -> str:
+        """The server's answer on the standard gRPC health service (`SERVING`, `NOT_SERVING`, ...)
+        for `service` ("": the server as a whole)."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        answer = await self._call(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s))
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
 
     async def bulk_address(self) -> tuple[str, int] | None:
         """(host, port) of the server's bulk frame stream, or None when it offers none (asked once,
