@@ -145,8 +145,6 @@ class KVCDNConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._caches: dict[str, torch.Tensor] = {}
         self._failed: set[int] = set()
         self._refusals: set[str] = set()
-        self.loaded_tokens = 0
-        """Tokens this worker wrote into vLLM's cache from kvcdn, all requests together."""
 
     def _refused(self, what: str, exc: Exception) -> None:
         """Log a reason for matching nothing, once per kind of error (a fleet of requests would repeat it)."""
@@ -194,6 +192,12 @@ class KVCDNConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 meta.loads.append(load)
         return meta
 
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Forget a request that ends before its load was scheduled (aborted, or refused blocks)."""
+        self._planned.pop(request.request_id, None)
+        self._due.pop(request.request_id, None)
+        return False, None
+
     # --- worker side ------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -235,7 +239,6 @@ class KVCDNConnector(KVConnectorBase_V1):  # type: ignore[misc]
             key = keys[0, :, part].transpose(0, 1).contiguous()
             value = values[0, :, part].transpose(0, 1).contiguous()
             layer.impl.do_kv_cache_update(layer, key, value, kv_cache, slots)
-        self.loaded_tokens += load.end - load.start
         log.info(
             "kvcdn loaded tokens %d-%d of request %s in %.3f s (%s)",
             load.start,
