@@ -64,7 +64,7 @@ test: install model proto-check lint typecheck conformance vllm-env
 # vLLM with kvcdn's connector (tests/test_vllm.py). Where its CPU build does not install, the step
 # says why and the vLLM tests skip, naming the missing environment.
 vllm-env: install
-	@test -f $(VLLM_STAMP) || $(MAKE) $(VLLM_STAMP) || echo "vllm-env: vLLM's CPU build did not install here; tests/test_vllm.py will skip"
+	@$(MAKE) --no-print-directory $(VLLM_STAMP) || echo "vllm-env: vLLM's CPU build did not install here; tests/test_vllm.py will skip"
 
 $(VLLM_STAMP): pyproject.toml
 	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
