@@ -4,7 +4,7 @@ verified, instead of prefilling it, and computes only the rest.
     vllm serve MODEL_DIR --dtype float32 --kv-transfer-config '{"kv_connector": "KVCDNConnector",
       "kv_connector_module_path": "kvcdn.integrations.vllm", "kv_role": "kv_consumer",
       "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"edges": ["EDGE:PORT"],
-      "fingerprint": "<kvcdn info's fingerprint of the same model and dtype>", "trust": ["publisher.pub"]}}'
+      "fingerprint": "<what `kvcdn health EDGE:PORT` prints>", "trust": ["publisher.pub"]}}'
 
 Scheduler side (`get_num_new_matched_tokens`): one LookupPrefix at the edges for the prompt's
 kvcdn block keys (its token ids under the model fingerprint, not vLLM's block hashes); the hit,
@@ -27,6 +27,7 @@ back shorter than planned (an edge gone mid-load: its blocks are reported failed
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,8 @@ class KVCDNMetadata(KVConnectorMetadata):  # type: ignore[misc]
 
 
 def identity(vllm_config: VllmConfig, extra: dict[str, Any]) -> LoadedModel:
-    """The kvcdn identity of vLLM's model: the fingerprint the operator states (`kvcdn ... info`
-    prints the edges'; the client refuses edges serving any other) and the KV geometry vLLM's own
+    """The kvcdn identity of vLLM's model: the fingerprint the operator states (`kvcdn health EDGE`
+    prints the one the edges serve; the client refuses edges serving any other) and the KV geometry vLLM's own
     config gives (the client refuses edges that describe another)."""
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
@@ -94,7 +95,7 @@ def identity(vllm_config: VllmConfig, extra: dict[str, Any]) -> LoadedModel:
     if len(raw) != 32:
         raise ValueError(
             "kv_connector_extra_config needs 'fingerprint': the 64 hex digits of the kvcdn model fingerprint of "
-            "this model and dtype (the fingerprint `kvcdn origin` logs and its edges' info reports)"
+            "this model and dtype (`kvcdn health EDGE:PORT` prints the one an edge serves)"
         )
     cache_dtype = vllm_config.cache_config.cache_dtype
     dtype = str(model.dtype).removeprefix("torch.") if cache_dtype == "auto" else str(cache_dtype)
@@ -203,7 +204,7 @@ class KVCDNConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._caches = dict(kv_caches)
         device = next(iter(kv_caches.values())).device
-        self._model = LoadedModel(self._model.name, None, None, device, self._model.fingerprint, self._model.geometry)
+        self._model = dataclasses.replace(self._model, device=device)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -227,11 +228,8 @@ class KVCDNConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if fetched.cached_tokens < load.end:
             raise Unavailable(f"the edges hold {fetched.cached_tokens} of the {load.end} tokens planned")
         bs = self._block_size
-        slots = torch.tensor(
-            [load.block_ids[t // bs] * bs + t % bs for t in range(load.start, load.end)],
-            dtype=torch.int64,
-            device=self._model.device,
-        )
+        tokens = torch.arange(load.start, load.end)
+        slots = (torch.tensor(load.block_ids)[tokens // bs] * bs + tokens % bs).to(self._model.device)
         for name, kv_cache in self._caches.items():
             layer = forward_context.no_compile_layers[name]
             keys, values = fetched.layers[extract_layer_index(name)]

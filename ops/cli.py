@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kvcdn.errors import InvalidArgument
+from kvcdn.errors import InvalidArgument, KVCDNError
 from kvcdn.flags import add_connection_flags, add_edges_flag, add_tls_flags, parse_size
 from kvcdn.model.options import ModelOptions
 
@@ -44,7 +44,8 @@ def register(sub: Any) -> None:
     s.set_defaults(run=up)
 
     s = sub.add_parser(
-        "health", help="ask a server's gRPC health service; exit 0 when it is serving (probes, HEALTHCHECK)"
+        "health",
+        help="ask a server's gRPC health service (exit 0 when serving: probes, HEALTHCHECK) and the model it serves",
     )
     s.add_argument("address", help="HOST:PORT of an origin or an edge (its gRPC port)")
     s.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (3)")
@@ -160,11 +161,16 @@ def health(args: argparse.Namespace) -> int:
 
     async def ask() -> str:
         async with CacheReader(args.address, timeout_s=args.timeout, tls=TLSFiles.from_args(args)) as reader:
-            return await reader.health()
+            status = await reader.health()
+            try:  # what it serves, for agents' configuration (vLLM's connector takes the fingerprint)
+                info = await reader.info()
+            except KVCDNError:  # reads closed to this caller: health is all it may know
+                return status
+            return f"{status}, model {info.model}, fingerprint {info.fingerprint}"
 
-    status = asyncio.run(ask())
-    print(f"{args.address}: {status}")
-    return 0 if status == "SERVING" else 1
+    answer = asyncio.run(ask())
+    print(f"{args.address}: {answer}")
+    return 0 if answer.startswith("SERVING") else 1
 
 
 def provision(args: argparse.Namespace) -> int:

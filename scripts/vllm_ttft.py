@@ -85,7 +85,7 @@ def main() -> int:
     print("| setting | TTFT s | prompt tokens computed by vLLM | first token |")
     print("|---|---:|---:|---:|")
     for name, r in results.items():
-        computed = len(job["prompt"]) - r["cached_tokens"]
+        computed = tokens - r["cached_tokens"]
         print(f"| {name} | {r['seconds']:.3f} | {computed:,} | {r['tokens'][0]} |")
     if loads:
         print(f"\nthe connector's loads (fetch, writes into vLLM's cache): fastest {min(loads):.3f} s of {len(loads)}")

@@ -50,11 +50,13 @@ def _health(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
 def test_health_says_serving_for_live_servers_and_unavailable_for_a_closed_port(
     tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    _, args = tiny_llama(tiny_dirs)
+    model, args = tiny_llama(tiny_dirs)
     with Cluster(store_dir=tmp_path / "store", edges=1, origin_args=args, start_timeout_s=120) as cluster:
+        fingerprint = model.fingerprint_hex
         for address in (cluster.origin_address, cluster.edge_addresses[0]):
             answer = _health(address)
             assert answer.returncode == 0 and f"{address}: SERVING" in answer.stdout, answer.stderr
+            assert f"fingerprint {fingerprint}" in answer.stdout  # what vLLM's connector is configured with
         gone = cluster.edge_addresses[0]
     answer = _health(gone)  # the network has stopped
     assert answer.returncode == 2 and "UNAVAILABLE" in answer.stderr
