@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvcdn.edge.admission import admit
+from kvcdn.edge.buffers import BlockBuffers
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.feed import Feed
 from kvcdn.edge.peers import Peers
@@ -87,8 +88,10 @@ class Edge:
         """Publisher keys every block info must be signed by (kvcdn.spec.provenance), if any."""
         self.pins = Pins(config.pinned_budget, config.stall_s)
         """Bytes the streams in flight hold (kvcdn.edge.pins)."""
-        self.peers: Peers | None = None
+        self.buffers = BlockBuffers(config.mem_bytes + config.pinned_budget)
+        """Where loads land: block buffers reused as the tier evicts (kvcdn.edge.buffers)."""
         self._trimming: asyncio.Task[None] | None = None  # frees heap back (kvcdn.tuning)
+        self.peers: Peers | None = None
         """The ring and the other edges on it (set by `start` when `config.peers` names them)."""
         self.feed = Feed(upstream, self.invalidate)
         self.answers = OriginAnswers(
@@ -163,7 +166,7 @@ class Edge:
 
     def stats(self) -> list[Stat]:
         """The edge's counters, for kvcdn.wire.metrics (read at scrape time)."""
-        stats: list[Stat] = [
+        return [
             (EdgeMetrics.ORIGIN_FETCHES, self.origin_fetches),
             (EdgeMetrics.BYTES_FROM_ORIGIN, self.bytes_from_origin),
             (EdgeMetrics.PEER_FETCHES, self.peer_fetches),
@@ -175,8 +178,9 @@ class Edge:
             (EdgeMetrics.PINNED_BYTES, self.pins.used),
             (EdgeMetrics.UNTRUSTED_DROPPED, self.voucher.dropped),
             (EdgeMetrics.STREAMS_CUT, self.pins.streams_cut),
+            (EdgeMetrics.BLOCK_BUFFER_BYTES, self.buffers.pooled_bytes),
+            *(stat for tier in self.tiers for stat in tier_stats(tier)),
         ]
-        return stats + [stat for tier in self.tiers for stat in tier_stats(tier)]
 
     async def origin_info(self) -> pb.ServerInfo:
         """The origin's ServerInfo (kept on the disk tier too: kvcdn.edge.upstream)."""
@@ -337,17 +341,16 @@ class Edge:
             info = infos[0]
         geometry = Geometry.from_proto((await self.origin_info()).geometry)
         pull.start(len(info.frame_digests))
-        target = PullTarget(info, geometry.frame_bytes, pull, asyncio.get_running_loop())
+        target = PullTarget(info, geometry, pull, asyncio.get_running_loop(), self.buffers)
         progress = Progress()
         origin = self.upstream.address
         peers = self.peers.sources(key) if self.peers is not None and pull.from_peers else []
 
         async def attempt(source: str) -> None:
             from_peer = source != origin
-            had = len(target.frames)
+            had = target.payload_bytes
             try:
-                # A peer that does not start sending within peer_timeout_s is skipped (the origin is
-                # always there); once frames flow, the stream's own deadline applies.
+                # a peer silent for peer_timeout_s is skipped; once frames flow, the stream's deadline applies
                 await stream_from(
                     self.peers.reader(source) if from_peer and self.peers is not None else self.upstream,
                     fingerprint,
@@ -363,10 +366,7 @@ class Edge:
                 target.abandon()  # a bulk stream's thread appends nothing more
                 raise
             finally:
-                got = sum(
-                    min(geometry.frame_bytes, info.n_bytes - i * geometry.frame_bytes)
-                    for i in range(had, len(target.frames))
-                )
+                got = target.payload_bytes - had
                 if from_peer:
                     self.bytes_from_peers += got
                 else:

@@ -1,6 +1,7 @@
 """An edge's loads of blocks it lacks (kvcdn.edge.edge runs them): the `Pull` that requests join and
 follow frame by frame while it loads, and the FrameTarget a load from a peer or the origin streams
-into (kvcdn.wire.source), which keeps each frame encoded as the edge serves it."""
+into (kvcdn.wire.source), which keeps the block's frames encoded, as the edge serves them, in one
+buffer (kvcdn.edge.buffers)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from kvcdn.errors import KVCDNError, Unavailable
+from kvcdn.edge.buffers import BlockBuffers
+from kvcdn.errors import DigestMismatch, KVCDNError, Unavailable
+from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import Frame, check_start_frame, frame_buffer, frame_prefix
+from kvcdn.wire.frames import Frame, check_start_frame, frame_prefix
 
 __all__ = ["Pull", "PullTarget"]
 
@@ -68,38 +71,74 @@ class Pull:
                 await self._changed.wait()
 
 
-class PullTarget:
-    """Where a load from a peer or the origin lands (a kvcdn.wire.receiver.FrameTarget): each frame
-    in a buffer of its own, encoded (`Frame`) with its payload region left for the receiver to write
-    in place, so a frame costs one allocation and no copy after the socket's; once verified it is
-    appended to `pull` on the edge's loop (the receiver may run in a worker thread). `abandon` stops
-    a load whose pull is gone: no frame of it is appended after that."""
+_PREFIX_BYTES = 128
+"""At most the bytes of a frame's head (kvcdn.wire.frames.frame_prefix: two 32-byte fields, two varints)."""
 
-    def __init__(self, info: pb.BlockInfo, frame_bytes: int, pull: Pull, loop: asyncio.AbstractEventLoop) -> None:
+
+def _slot_bytes(geometry: Geometry) -> int:
+    """The largest block the geometry makes, encoded: what a pooled buffer holds."""
+    raw = geometry.block_bytes(geometry.block_tokens)
+    return raw + -(-raw // geometry.frame_bytes) * _PREFIX_BYTES
+
+
+class PullTarget:
+    """Where a load from a peer or the origin lands (a kvcdn.wire.receiver.FrameTarget): the block's
+    frames, encoded (`Frame`), laid out one after the other in one buffer leased from the edge's pool
+    (kvcdn.edge.buffers), each frame's head written up front and its payload region left for the
+    receiver to write in place, so a block costs no allocation when the pool has a free buffer and no
+    copy after the socket's; once verified, a frame is appended to `pull` on the edge's loop (the
+    receiver may run in a worker thread). `abandon` stops a load whose pull is gone: no frame of it
+    is appended after that."""
+
+    def __init__(
+        self,
+        info: pb.BlockInfo,
+        geometry: Geometry,
+        pull: Pull,
+        loop: asyncio.AbstractEventLoop,
+        buffers: BlockBuffers,
+    ) -> None:
+        frame_bytes = geometry.frame_bytes
         self.info, self.frame_bytes, self.pull = info, frame_bytes, pull
         self._loop = loop
         self.frames: list[Frame] = list(pull.frames)
         """The block's verified frames so far, encoded (what the load returns)."""
-        self._writing: dict[int, bytearray] = {}
-        """Frames being received, by index."""
+        sizes = [max(0, min(frame_bytes, info.n_bytes - i * frame_bytes)) for i in range(len(info.frame_digests))]
+        prefixes = [frame_prefix(info, i, frame_bytes, size) for i, size in enumerate(sizes)]
+        # Frames and regions are cut from a memoryview of the leased buffer, never by slicing the
+        # array (numpy points a slice at the pool's buffer): the lease lives while any of them does.
+        block = buffers.lease(sum(map(len, prefixes)) + sum(sizes), _slot_bytes(geometry)).data
+        self._spans: list[tuple[int, int, int]] = []
+        """Each frame's start, payload start and end in `block`."""
+        at = 0
+        for prefix, size in zip(prefixes, sizes, strict=True):
+            block[at : at + len(prefix)] = prefix
+            self._spans.append((at, at + len(prefix), at + len(prefix) + size))
+            at += len(prefix) + size
+        self._block = block
         self._abandoned = False
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
-        index = offset // self.frame_bytes
-        prefix = frame_prefix(self.info, index, self.frame_bytes, length)
-        frame = self._writing[index] = frame_buffer(len(prefix) + length)
-        frame[: len(prefix)] = prefix
-        return [np.frombuffer(frame, dtype=np.uint8, offset=len(prefix))]
+        _, payload, end = self._spans[offset // self.frame_bytes]
+        if end - payload != length:  # the receivers check lengths against the info first
+            raise DigestMismatch(f"a frame of {length} bytes where the block's info says {end - payload}")
+        return [np.frombuffer(self._block[payload:end], dtype=np.uint8)]
 
     def frame_done(self, block_start: int, block_tokens: int, end: int) -> None:
         if self._abandoned:
             raise Unavailable("the load was abandoned")
-        frame = self._writing.pop((end - 1) // self.frame_bytes)
+        start, _, stop = self._spans[(end - 1) // self.frame_bytes]
+        frame = self._block[start:stop]
         self.frames.append(frame)
         self._loop.call_soon_threadsafe(self.pull.append, frame)
 
     def block_done(self, block_start: int, block_tokens: int) -> None:
         """(Every frame went to the pull as it settled.)"""
+
+    @property
+    def payload_bytes(self) -> int:
+        """Payload bytes of the frames verified so far."""
+        return sum(end - payload for _, payload, end in self._spans[: len(self.frames)])
 
     def abandon(self) -> None:
         self._abandoned = True

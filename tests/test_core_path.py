@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -17,15 +16,17 @@ from transformers.cache_utils import DynamicLayer
 from kvcdn.client import BlockingKVClient, CacheReader, KVClient, generate_from_cache
 from kvcdn.client.agent import ask
 from kvcdn.edge import Edge, EdgeConfig, serve_edge
+from kvcdn.edge.buffers import BlockBuffers
 from kvcdn.edge.pulls import Pull, PullTarget
 from kvcdn.edge.tiers import MemoryTier
-from kvcdn.errors import InvalidArgument
+from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids, question_ids
+from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import digest
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import encode_frame, frame_buffer
+from kvcdn.wire.frames import encode_frame
 from tests.conftest import SAMPLES, Network, memory_tier, start_network, stop_network
 from tests.tinymodels import ARCHITECTURES, WINDOW
 
@@ -275,19 +276,25 @@ def test_cache_layers_kvcdn_cannot_rebuild_are_refused_naming_the_model_type(
 
 
 async def test_an_edge_load_receives_each_frame_in_place_byte_identical_to_the_encoded_frame() -> None:
-    # The receiver writes payloads straight into frame buffers the edge then serves (allocated
-    # unzeroed): once settled, each must be exactly the Frame message the origin encodes.
+    # The receiver writes payloads straight into the block's buffer the edge then serves (leased
+    # unzeroed from the pool): once settled, each frame must be exactly the Frame message the origin
+    # encodes, and the block's frames one buffer.
     payload = bytes(range(256)) * 40  # frames of 4,096 bytes: 3, the last one short
     chunks = [payload[at : at + 4096] for at in range(0, len(payload), 4096)]
-    info = pb.BlockInfo(key=b"k" * 32, n_tokens=4, n_bytes=len(payload), frame_digests=[digest(c) for c in chunks])
+    info = pb.BlockInfo(key=b"k" * 32, n_tokens=40, n_bytes=len(payload), frame_digests=[digest(c) for c in chunks])
+    geometry = Geometry(layers=2, kv_heads=2, head_dim=8, dtype="float32", block_tokens=40, frame_bytes=4096)
+    buffers = BlockBuffers(1 << 20)
     pull = Pull(seen_before=False, from_peers=False)
-    target = PullTarget(info, 4096, pull, asyncio.get_running_loop())
+    target = PullTarget(info, geometry, pull, asyncio.get_running_loop(), buffers)
     for i, chunk in enumerate(chunks):
-        [region] = target.regions(0, 4, i * 4096, len(chunk))
+        [region] = target.regions(0, 40, i * 4096, len(chunk))
         region[:] = np.frombuffer(chunk, dtype=np.uint8)
-        target.frame_done(0, 4, i * 4096 + len(chunk))
+        target.frame_done(0, 40, i * 4096 + len(chunk))
+        assert target.payload_bytes == i * 4096 + len(chunk)
     await asyncio.sleep(0)  # the pull hears of each frame on the loop
     encoded = [encode_frame(info, i, 4096, chunk) for i, chunk in enumerate(chunks)]
-    assert target.frames == pull.frames == encoded
-    assert all(isinstance(f, bytearray) for f in target.frames)
-    assert sys.getrefcount(frame_buffer(8)) == sys.getrefcount(bytearray(8))  # no reference leaked per frame
+    assert [bytes(f) for f in target.frames] == [bytes(f) for f in pull.frames] == encoded
+    assert len({id(memoryview(f).obj) for f in target.frames}) == 1
+    assert (buffers.leased_from_pool, buffers.allocated) == (1, 0)
+    with pytest.raises(DigestMismatch, match="a frame of 100 bytes where the block's info says 4096"):
+        target.regions(0, 40, 0, 100)

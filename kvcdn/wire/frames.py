@@ -9,7 +9,6 @@ to write. The StreamBlocks method is registered with pass-through serializers fo
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
@@ -42,22 +41,9 @@ __all__ = [
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
 
-Frame: TypeAlias = bytes | bytearray
-"""An encoded `Frame` message: bytes, or a bytearray where an edge received the payload into it in
-place (kvcdn.edge.pulls: one allocation a frame, no copy after the socket's)."""
-
-
-_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
-_new_bytearray.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-_new_bytearray.restype = ctypes.py_object
-
-
-def frame_buffer(n_bytes: int) -> bytearray:
-    """A bytearray of `n_bytes` whose contents are not yet written (CPython's C API with no source:
-    `bytearray(n)` would zero it first, a pass over every received byte that the socket's write then
-    repeats: 12% of an edge's CPU on a cold pull)."""
-    buffer: bytearray = _new_bytearray(None, n_bytes)
-    return buffer
+Frame: TypeAlias = bytes | bytearray | memoryview
+"""An encoded `Frame` message: bytes, or a view of the buffer an edge received the block into in place
+(kvcdn.edge.pulls: one buffer a block, no copy after the socket's)."""
 
 
 def as_bytes(frame: Frame) -> bytes:

@@ -173,6 +173,9 @@ class EdgeMetrics:
     INVALIDATION_SEQ = Metric("edge_invalidation_seq", "gauge", "Last invalidation event applied")
     INVALIDATED_BLOCKS = Metric("edge_invalidated_blocks_total", "counter", "Blocks dropped by invalidations")
     PINNED_BYTES = Metric("edge_pinned_bytes", "gauge", "Bytes of blocks the streams in flight hold (--pinned-bytes)")
+    BLOCK_BUFFER_BYTES = Metric(
+        "edge_block_buffer_bytes", "gauge", "Bytes of reusable block buffers loads land in (kvcdn.edge.buffers)"
+    )
     STREAMS_CUT = Metric(
         "edge_stalled_streams_cut_total",
         "counter",
