@@ -13,7 +13,9 @@ at most by design); a load past it gets a buffer of its own, freed as before.
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -33,6 +35,8 @@ class BlockBuffers:
         """Buffers the pool has allocated (free or leased) for the current `_slot_bytes`."""
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
+        self._collected_at = 0.0
+        self.collections = 0
         self.leased_from_pool = 0
         self.allocated = 0
         """Leases the pool could not serve (larger than a slot, or every slot leased): fresh buffers."""
@@ -53,6 +57,11 @@ class BlockBuffers:
                     self._slots, grow = self._slots + 1, True
         if grow:
             slot = np.empty(slot_bytes, dtype=np.uint8)
+        elif slot is None and n_bytes <= slot_bytes and self._collect():
+            try:
+                slot = free.pop()
+            except IndexError:
+                slot = None
         if slot is None:
             self.allocated += 1
             return np.empty(n_bytes, dtype=np.uint8)
@@ -60,6 +69,17 @@ class BlockBuffers:
         view = slot[:n_bytes]
         weakref.finalize(view, free.append, slot)  # the pool it came from, even if a new one started since
         return view
+
+    def _collect(self) -> bool:
+        """Every slot is leased: collect garbage (at most once a second), since leases that reference
+        cycles keep alive (a cancelled stream's traceback holds its blocks) wait for the collector."""
+        now = time.monotonic()
+        if now - self._collected_at < 1.0:
+            return False
+        self._collected_at = now
+        gc.collect()
+        self.collections += 1
+        return True
 
     @property
     def pooled_bytes(self) -> int:

@@ -5,17 +5,28 @@ references keep a block's memory alive whatever the memory tier evicts, so reade
 once held readers x 5 blocks (32 over distinct 11.8 MB blocks: +477 MiB beside a 16 MiB tier). Here a
 stream loads ahead only while the budget has room, and waits for room before its next block; when
 it must wait, streams that sent nothing for `stall_s` are cut (their caller sees the stream end), so
-a stalled reader gives way to a reading one instead of holding its blocks for the send deadline."""
+a stalled reader gives way to a reading one instead of holding its blocks for the send deadline.
+
+Each client (kvcdn.wire.ratelimit.CALLER: its token, else its address) holds at most a share of the
+budget (`CLIENT_SHARE`, at least two blocks), so one client's streams cannot take all of it: 16 readers
+from one address that never read made every other client's stream wait `stall_s` for room, until they
+were cut. The deployment's own callers (edges, publishers) and in-process callers are not held to it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["Hold", "Pins"]
+from kvcdn.wire.ratelimit import CALLER
+
+__all__ = ["CLIENT_SHARE", "Hold", "Pins"]
+
+CLIENT_SHARE = 0.25
+"""The part of the budget one client's streams may hold together (at least two of their blocks)."""
 
 
 @dataclass(eq=False)
@@ -23,6 +34,8 @@ class Hold:
     """What one stream holds."""
 
     task: asyncio.Task[object] | None
+    client: str | None = None
+    """Who the stream is for (None: not held to a share)."""
     bytes: int = 0
     progress: float = field(default_factory=time.monotonic)
     cut: bool = False
@@ -44,6 +57,8 @@ class Pins:
         """Bytes released, all streams together, ever (blocks that may since have been freed)."""
         self.streams_cut = 0
         self._holds: set[Hold] = set()
+        self._by_client: Counter[str] = Counter()
+        """Bytes held, by client (the ones held to a share)."""
         self._freed = asyncio.Event()
 
     @contextlib.contextmanager
@@ -51,7 +66,7 @@ class Pins:
         """A hold for the stream the current task serves, released whole when the stream ends (or
         its task does: a cut stream's generator may be closed later)."""
         task = asyncio.current_task()
-        hold = Hold(task)
+        hold = Hold(task, CALLER.get())
         self._holds.add(hold)
         if task is not None:
             task.add_done_callback(lambda _: self._release_all(hold))
@@ -63,7 +78,7 @@ class Pins:
     async def take(self, hold: Hold, n: int, wait: bool) -> bool:
         """Hold `n` more bytes for `hold`'s stream: at once if the budget has room, else (with
         `wait`) once streams release or stalled ones are cut; without `wait`, False when no room."""
-        while n and self.used and self.used + n > self.budget:
+        while n and ((self.used and self.used + n > self.budget) or self._over_share(hold, n)):
             if not wait:
                 return False
             self._cut_stalled()
@@ -72,12 +87,25 @@ class Pins:
                 await asyncio.wait_for(self._freed.wait(), self.stall_s / 4)
         self.used += n
         hold.bytes += n
+        if hold.client is not None:
+            self._by_client[hold.client] += n
         return True
+
+    def _over_share(self, hold: Hold, n: int) -> bool:
+        """Whether `n` more bytes would take `hold`'s client past its share (a client holding nothing
+        may take a block of any size)."""
+        if hold.client is None or not (held := self._by_client[hold.client]):
+            return False
+        return held + n > max(self.budget * CLIENT_SHARE, 2 * n)
 
     def release(self, hold: Hold, n: int) -> None:
         n = min(n, hold.bytes)
         hold.bytes -= n
         self.used -= n
+        if hold.client is not None:
+            self._by_client[hold.client] -= n
+            if not self._by_client[hold.client]:
+                del self._by_client[hold.client]
         self.released += n
         if n:
             self._freed.set()

@@ -83,3 +83,22 @@ async def test_blocks_loaded_one_after_another_land_in_the_same_buffer_once_the_
         await asyncio.sleep(0)  # the pull's appends, scheduled on the loop, run and let go
     assert starts[0] == starts[1] == starts[2]
     assert (buffers.leased_from_pool, buffers.allocated) == (3, 0)
+
+
+def test_a_full_pool_collects_leases_only_a_reference_cycle_keeps() -> None:
+    # A cancelled stream's traceback holds its blocks in a cycle: the full pool collects once
+    # (at most once a second) instead of allocating.
+    pool = BlockBuffers(max_bytes=1000)
+    gc.disable()
+    try:
+        cycle: list[object] = []
+        cycle += [cycle, memoryview(pool.lease(1000, 1000))]
+        at = address(cycle[1])  # type: ignore[arg-type]
+        del cycle
+        held = pool.lease(1000, 1000)
+        assert address(held) == at
+        assert (pool.collections, pool.allocated) == (1, 0)
+        pool.lease(1000, 1000)  # full again within the second: a buffer of its own, no second collection
+        assert (pool.collections, pool.allocated) == (1, 1)
+    finally:
+        gc.enable()

@@ -14,6 +14,7 @@ import threading
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,10 +26,12 @@ from kvcdn.loadtest.attacks import still_open
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.bulk import BulkLimits, start_bulk_server
 from kvcdn.wire.frames import encode_block
 from kvcdn.wire.limits import GrpcLimits
 from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.ratelimit import CALLER
 from kvcdn.wire.readside import ReadService
 from kvcdn.wire.rpc import start_server
 from kvcdn.wire.stub import CacheReader
@@ -192,3 +195,72 @@ async def test_streams_hold_no_more_than_the_pinned_budget(llama: LoadedModel, t
         await server.stop(0)
         await edge.close()
         await stop_network(net)
+
+
+async def test_one_clients_streams_hold_at_most_its_share_of_the_pinned_budget() -> None:
+    # 16 readers from one address that never read held the whole budget, so every other client's
+    # stream waited stall_s for room; now a client holds at most a quarter (at least two blocks).
+    pins = Pins(budget=16, stall_s=30)
+    release = asyncio.Event()
+    taken: list[tuple[str | None, bool]] = []
+
+    async def stream(client: str | None, n: int, wait: bool = False) -> None:
+        CALLER.set(client)  # as the server's boundary sets it for the task serving a call
+        with pins.stream() as hold:
+            taken.append((client, await pins.take(hold, n, wait=wait)))
+            await release.wait()
+
+    flood = [asyncio.create_task(stream("peer 127.0.0.2", 2)) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert [ok for _, ok in taken] == [True, True, False, False, False, False]  # 4 of 16: its share
+    others = [asyncio.create_task(stream(c, n)) for c, n in (("peer 127.0.0.3", 6), (None, 6))]
+    await asyncio.sleep(0.01)
+    assert taken[-2:] == [("peer 127.0.0.3", True), (None, True)]  # a first block of any size; the edges' own
+    assert pins.used == 16
+    waiting = asyncio.create_task(stream("peer 127.0.0.3", 2, wait=True))
+    await asyncio.sleep(0.05)
+    assert len(taken) == 8  # over its share (and the budget): it waits
+    flood[0].cancel()  # one of the flood's streams ends: room, but not within that client's share
+    await asyncio.sleep(0.05)
+    assert len(taken) == 8
+    others[0].cancel()  # its own first stream ends: its next one proceeds
+    await asyncio.sleep(0.05)
+    assert taken[-1] == ("peer 127.0.0.3", True)
+    release.set()
+    await asyncio.gather(*flood, *others, waiting, return_exceptions=True)
+    assert pins.used == 0
+
+
+async def test_servers_name_the_caller_of_each_stream(tmp_path: Path) -> None:
+    callers: list[str | None] = []
+    block = encode_block(bytes(32), 0, 1, b"payload" * 100, 256)
+
+    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+        callers.append(CALLER.get())
+        for frame in block.frames:
+            yield frame
+
+    class Reads:
+        def stream(self, fingerprint: str, keys: Sequence[bytes], start: int, from_peer: bool = False) -> Any:
+            return stream(fingerprint, keys, start)
+
+    tokens = {"r" * 32: "reader", "e" * 32: "edge"}
+    service = ReadService(Reads(), ServerMetrics(), Authorizer(tokens))  # type: ignore[arg-type]
+    server = await start_server("127.0.0.1:0", service, bulk_stream=stream)
+    try:
+        for token in ("r" * 32, "e" * 32):
+            async with CacheReader(server.address, token=token) as reader:
+                assert len([f async for f in reader.stream("f", [bytes(32)])]) == len(block.frames)
+        request = pb.StreamBlocksRequest(keys=[bytes(32)]).SerializeToString()
+
+        def bulk() -> None:
+            with socket.create_connection(("127.0.0.1", server.bulk_port), 5, source_address=("127.0.0.2", 0)) as s:
+                s.sendall(struct.pack("<I", len(request)) + request)
+                while s.recv(1 << 16):
+                    pass
+
+        await asyncio.to_thread(bulk)
+        assert callers[0] is not None and callers[0].startswith("reader token ")
+        assert callers[1:] == [None, "peer 127.0.0.2"]  # an edge's token: the deployment's own
+    finally:
+        await server.stop(0)

@@ -19,7 +19,7 @@ from kvcdn.model.prompt import document_ids
 from kvcdn.model.receiving import KVAssembler
 from kvcdn.origin import OriginConfig
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.ratelimit import RateLimiter, check_call, peer_host
+from kvcdn.wire.ratelimit import RateLimiter, caller, check_call, peer_host
 from kvcdn.wire.receiver import Progress, receive_into
 from tests.conftest import SAMPLES, start_network, stop_network
 
@@ -35,39 +35,39 @@ def _tokens_file(tmp_path: Path) -> Path:
 
 def test_a_bucket_allows_its_burst_then_refills_at_its_rate() -> None:
     limiter = RateLimiter(rate=20, burst=2)
-    limiter.admit("10.0.0.1", "", None, "LookupPrefix")
-    limiter.admit("10.0.0.1", "", None, "LookupPrefix")
+    limiter.admit(caller("10.0.0.1", "", None), "LookupPrefix")
+    limiter.admit(caller("10.0.0.1", "", None), "LookupPrefix")
     with pytest.raises(LimitExceeded, match=r"LookupPrefix: peer 10.0.0.1 is over its rate of 20 calls/s .* retry in"):
-        limiter.admit("10.0.0.1", "", None, "LookupPrefix")
-    limiter.admit("10.0.0.2", "", None, "LookupPrefix")  # another client: its own bucket
+        limiter.admit(caller("10.0.0.1", "", None), "LookupPrefix")
+    limiter.admit(caller("10.0.0.2", "", None), "LookupPrefix")  # another client: its own bucket
     time.sleep(0.06)  # one call's worth (0.05 s at 20/s) refilled
-    limiter.admit("10.0.0.1", "", None, "LookupPrefix")
+    limiter.admit(caller("10.0.0.1", "", None), "LookupPrefix")
     with pytest.raises(LimitExceeded):
-        limiter.admit("10.0.0.1", "", None, "LookupPrefix")
+        limiter.admit(caller("10.0.0.1", "", None), "LookupPrefix")
 
 
 def test_clients_are_their_tokens_and_the_deployments_own_roles_are_not_limited(tmp_path: Path) -> None:
     auth = Authorizer.from_file(_tokens_file(tmp_path))
     limiter = RateLimiter(rate=0.001, burst=1)
     for _ in range(50):  # edges and publishers are the deployment's own
-        limiter.admit("10.0.0.1", TOKENS["edge"], auth, "LookupPrefix")
-        limiter.admit("10.0.0.1", TOKENS["publisher"], auth, "Publish")
-    limiter.admit("10.0.0.1", TOKENS["reader"], auth, "GetManifest")
+        limiter.admit(caller("10.0.0.1", TOKENS["edge"], auth), "LookupPrefix")
+        limiter.admit(caller("10.0.0.1", TOKENS["publisher"], auth), "Publish")
+    limiter.admit(caller("10.0.0.1", TOKENS["reader"], auth), "GetManifest")
     with pytest.raises(LimitExceeded, match="reader token"):  # the same party from another address
-        limiter.admit("10.0.0.9", TOKENS["reader"], auth, "GetManifest")
-    limiter.admit("10.0.0.1", TOKENS["reader2"], auth, "GetManifest")  # another reader
-    limiter.admit("10.0.0.1", "u" * 32, auth, "GetManifest")  # an unknown token counts as its address
+        limiter.admit(caller("10.0.0.9", TOKENS["reader"], auth), "GetManifest")
+    limiter.admit(caller("10.0.0.1", TOKENS["reader2"], auth), "GetManifest")  # another reader
+    limiter.admit(caller("10.0.0.1", "u" * 32, auth), "GetManifest")  # an unknown token counts as its address
     with pytest.raises(LimitExceeded, match=r"peer 10\.0\.0\.1"):
-        limiter.admit("10.0.0.1", "v" * 32, auth, "GetManifest")  # a new made-up token gets no new bucket
+        limiter.admit(caller("10.0.0.1", "v" * 32, auth), "GetManifest")  # a new made-up token gets no new bucket
 
 
 def test_forgotten_clients_are_bounded() -> None:
     limiter = RateLimiter(rate=0.001, burst=1, max_clients=3)
     for host in ("a", "b", "c", "d"):
-        limiter.admit(host, "", None, "GetInfo")
-    limiter.admit("a", "", None, "GetInfo")  # "a" was dropped (least recently seen): a full burst again
+        limiter.admit(caller(host, "", None), "GetInfo")
+    limiter.admit(caller("a", "", None), "GetInfo")  # "a" was dropped (least recently seen): a full burst again
     with pytest.raises(LimitExceeded):
-        limiter.admit("d", "", None, "GetInfo")
+        limiter.admit(caller("d", "", None), "GetInfo")
 
 
 def test_peer_hosts_and_bad_rates() -> None:

@@ -8,7 +8,8 @@ RESOURCE_EXHAUSTED with the time to wait, before any work is done, and other cli
 Buckets of clients not seen for a while are forgotten (at most `max_clients` are kept, least recently
 seen dropped first: a dropped client starts again with a full burst). A call is counted before its
 credentials are checked (`check_call`), so failed authentications take from the caller's address's
-bucket too: guessing tokens goes no faster than the rate.
+bucket too: guessing tokens goes no faster than the rate. The same identity names the caller of the
+call being served (`CALLER`): an edge holds each client to a share of its pinned bytes (kvcdn.edge.pins).
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 
 from kvcdn.errors import InvalidArgument, LimitExceeded
 from kvcdn.wire.auth import Authorizer
 
-__all__ = ["RateLimiter", "check_call", "peer_host"]
+__all__ = ["CALLER", "RateLimiter", "caller", "check_call", "peer_host"]
 
 UNLIMITED_ROLES = frozenset({"edge", "publisher"})
+
+CALLER: ContextVar[str | None] = ContextVar("kvcdn_caller", default=None)
+"""Who the call being served is for (`caller`), set by `check_call` in the task that serves it; None
+for the deployment's own callers (`edge` and `publisher` tokens) and outside a served call."""
 
 
 def peer_host(peer: str) -> str:
@@ -48,12 +54,10 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         """client -> (units left, when last counted), least recently seen first."""
 
-    def admit(self, peer: str, token: str, auth: Authorizer | None, method: str) -> None:
-        """Take one unit for the caller (`peer` address, `token` as sent), or LimitExceeded."""
-        role = auth.role(token) if auth is not None and token else None
-        if role in UNLIMITED_ROLES:
+    def admit(self, client: str | None, method: str) -> None:
+        """Take one unit for `client` (`caller`; None: not limited), or LimitExceeded."""
+        if client is None:
             return
-        client = f"{role} token {hashlib.sha256(token.encode()).hexdigest()[:8]}" if role else f"peer {peer}"
         now = time.monotonic()
         left, then = self._buckets.pop(client, (self.burst, now))
         left = min(self.burst, left + (now - then) * self.rate)
@@ -68,11 +72,22 @@ class RateLimiter:
             self._buckets.popitem(last=False)
 
 
+def caller(peer: str, token: str, auth: Authorizer | None) -> str | None:
+    """A caller's identity (`peer` address, `token` as sent): its token where the server knows it, else
+    its address (an unknown token counts as its address); None for `edge` and `publisher` tokens."""
+    role = auth.role(token) if auth is not None and token else None
+    if role in UNLIMITED_ROLES:
+        return None
+    return f"{role} token {hashlib.sha256(token.encode()).hexdigest()[:8]}" if role else f"peer {peer}"
+
+
 def check_call(auth: Authorizer | None, limiter: RateLimiter | None, peer: str, token: str, method: str) -> None:
-    """The checks every call passes before any work, gRPC and bulk alike: the caller's rate first (an
-    unknown token counts as its address, so a guess costs a unit), then its credentials
-    (Unauthenticated / PermissionDenied); LimitExceeded once over the rate."""
+    """The checks every call passes before any work, gRPC and bulk alike: who calls (`CALLER`, set for
+    the rest of the task serving the call), the caller's rate (a guessed token costs its address a
+    unit), then its credentials (Unauthenticated / PermissionDenied); LimitExceeded once over the rate."""
+    client = caller(peer, token, auth)
+    CALLER.set(client)
     if limiter is not None:
-        limiter.admit(peer, token, auth, method)
+        limiter.admit(client, method)
     if auth is not None:
         auth.check(token, method)

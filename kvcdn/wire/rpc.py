@@ -93,8 +93,7 @@ async def _boundary(servicer: Any, context: grpc.aio.ServicerContext, method: st
     code = grpc.StatusCode.OK
     started = time.perf_counter()
     try:
-        if auth is not None or limiter is not None:
-            check_call(auth, limiter, peer_host(context.peer()), token_of(context.invocation_metadata()), method)
+        check_call(auth, limiter, peer_host(context.peer()), token_of(context.invocation_metadata()), method)
         yield
     except grpc.aio.AbortError:
         code = grpc.StatusCode.UNKNOWN
