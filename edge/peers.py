@@ -37,7 +37,7 @@ class Peers:
     """The other edges on the ring of `config.peers`, as the edge named `address` on it sees them."""
 
     def __init__(self, config: EdgeConfig, address: str) -> None:
-        ring = Placement(resolve_edges(parse_edges(config.peers)), config.replicas)
+        ring = Placement(resolve_edges(parse_edges(config.peers), strict=False), config.replicas)
         name = config.advertise or address
         if name not in ring.nodes:
             raise InvalidArgument(

@@ -244,7 +244,7 @@ async def test_tampered_frames_from_an_edge_raise_and_never_yield_a_cache(
         block = await memory_tier(network.edge).get(key)
         assert block is not None
         frames = list(block.frames)
-        frames[0] = frames[0][:-1] + bytes([frames[0][-1] ^ 0x01])
+        frames[0] = bytes(frames[0][:-1]) + bytes([frames[0][-1] ^ 0x01])
         await memory_tier(network.edge).put(replace(block, frames=tuple(frames)))
         with pytest.raises(DigestMismatch, match="BLAKE3"):
             await client.fetch(model, doc)

@@ -83,7 +83,7 @@ async def test_node_client_fetches_the_bytes_kvcdns_client_fetches(
             sent = 0
             async for raw in real(fp, keys, start, from_peer):
                 if keys[0] == fetched_first_key and sent == 1:
-                    raw = raw[:-1] + bytes([raw[-1] ^ 1])
+                    raw = bytes(raw[:-1]) + bytes([raw[-1] ^ 1])
                 yield raw
                 sent += 1
 

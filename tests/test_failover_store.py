@@ -142,6 +142,7 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
                 sent = 0
                 async for raw in real_bad(fp, keys, start, from_peer):
                     if sent == 1:  # a compromised edge: a flipped payload byte, or bytes that are no Frame
+                        raw = bytes(raw)
                         raw = raw[:-1] + bytes([raw[-1] ^ 1]) if fault == "tampered" else b"\x0a\x7f" + raw[:5]
                     yield raw
                     sent += 1

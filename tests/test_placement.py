@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections import Counter
 
 import pytest
 
 from kvcdn.client import ClientConfig, KVClient
-from kvcdn.errors import InvalidArgument
+from kvcdn.errors import InvalidArgument, Unavailable
 from kvcdn.spec.placement import Placement, balance, parse_edges, resolve_edges
 from kvcdn.v1 import kvcdn_pb2 as pb
 
@@ -73,11 +74,31 @@ def test_edge_flags_parse_weights_and_reject_nonsense() -> None:
         Placement(NODES, replicas=0)
 
 
-def test_a_dns_name_expands_to_one_edge_per_address() -> None:
-    resolved = resolve_edges({"localhost:7080": 2, "192.0.2.3:7081": 1})
-    assert resolved["127.0.0.1:7080"] == 2
-    assert resolved["192.0.2.3:7081"] == 1
-    assert all(a.endswith((":7080", ":7081")) for a in resolved)
+def test_a_dns_name_of_several_addresses_expands_to_one_edge_each_and_a_name_of_one_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fake(host: str, port: int, type: int = 0) -> list[tuple[object, ...]]:
+        answers = {
+            "edges.svc": [(socket.AF_INET6, "fd00::1"), (socket.AF_INET, "10.0.0.1"), (socket.AF_INET, "10.0.0.2")],
+            "edge-0.edges.svc": [(socket.AF_INET, "10.0.0.1"), (socket.AF_INET, "10.0.0.1")],  # one, twice
+        }
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(family, type, 6, "", (ip, port)) for family, ip in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    resolved = resolve_edges({"edges.svc:7080": 2, "edge-0.edges.svc:7081": 1, "192.0.2.3:7082": 3})
+    # a headless service: one edge per pod, IPv4 first; a pod's own name kept (TLS checks it)
+    assert list(resolved.items()) == [
+        ("10.0.0.1:7080", 2),
+        ("10.0.0.2:7080", 2),
+        ("[fd00::1]:7080", 2),
+        ("edge-0.edges.svc:7081", 1),
+        ("192.0.2.3:7082", 3),
+    ]
+    with pytest.raises(Unavailable, match=r"edge name 'nowhere\.svc' does not resolve"):
+        resolve_edges({"nowhere.svc:7080": 1})
+    assert resolve_edges({"nowhere.svc:7080": 1}, strict=False) == {"nowhere.svc:7080": 1}  # a peer not up yet
 
 
 @pytest.mark.parametrize("n_blocks", [1, 3, 15, 64])

@@ -8,7 +8,9 @@ and then the rest of the ring, so losing an owner moves its load onto the next r
 reshuffling everyone's.
 
 Membership comes from flags (`HOST:PORT` entries, optionally `=WEIGHT`) and from DNS names that
-resolve to several addresses (a Kubernetes headless service), expanded by `resolve_edges`.
+resolve to several addresses (a Kubernetes headless service), expanded by `resolve_edges`. A name
+that resolves to one address stays the edge's name (a StatefulSet pod's): TLS checks the server's
+certificate for it, and the ring does not change when the pod comes back with another address.
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def resolve_edges(edges: Mapping[str, int]) -> dict[str, int]:
-    """Expand each DNS name into one edge per address it resolves to (IPv4 first), same weight."""
+def resolve_edges(edges: Mapping[str, int], strict: bool = True) -> dict[str, int]:
+    """Expand each DNS name that resolves to several addresses into one edge per address (IPv4
+    first), same weight; a name with one address is kept. A name that does not resolve is
+    Unavailable, or with `strict` False kept as it is (an edge's peers: a pod starting beside it
+    may not be in DNS yet)."""
     out: dict[str, int] = {}
     for address, weight in edges.items():
         host, _, port = address.rpartition(":")
@@ -75,10 +80,19 @@ def resolve_edges(edges: Mapping[str, int]) -> dict[str, int]:
         try:
             infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise Unavailable(f"edge name {host!r} does not resolve: {exc.strerror}") from None
-        for family, *_, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):
-            ip = str(sockaddr[0])
-            out[f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"] = weight
+            if strict:
+                raise Unavailable(f"edge name {host!r} does not resolve: {exc.strerror}") from None
+            out[address] = weight
+            continue
+        addresses = {
+            f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}": family
+            for family, *_, sockaddr in infos
+        }
+        if len(addresses) == 1:
+            out[address] = weight
+            continue
+        for resolved in sorted(addresses, key=lambda a: addresses[a] != socket.AF_INET):
+            out[resolved] = weight
     return out
 
 
