@@ -31,7 +31,8 @@ def default_streams_per_run(cores: int | None = None) -> int:
 @dataclass(frozen=True)
 class ClientConfig:
     edges: tuple[str, ...]
-    """Edge addresses `HOST:PORT[=WEIGHT]`; a DNS name stands for every address it resolves to."""
+    """Edge addresses `HOST:PORT[=WEIGHT]`; a DNS name of several addresses stands for each
+    of them, one of a single address stays a name (kvcdn.spec.placement.resolve_edges)."""
     replicas: int = DEFAULT_REPLICAS
     """Owners per block on the consistent-hash ring (asked first, in ring order)."""
     timeout_s: float = 30.0

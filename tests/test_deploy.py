@@ -1,13 +1,22 @@
 """The container image's recipe (deploy/docker/Dockerfile, not built on this machine: no Docker
-daemon) and `kvcdn health`, the probe it and orchestrators run."""
+daemon), the Kubernetes manifests (deploy/k8s, checked against the API's schemas and kvcdn's own
+flags), and `kvcdn health`, the probe they run."""
 
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
+import kubernetes_validate
+import pytest
+import yaml
+
+from kvcdn.cli import build_parser
 from kvcdn.ops.launcher import Cluster
 from tests.conftest import tiny_llama
 
@@ -72,3 +81,98 @@ def test_health_over_mutual_tls_presents_the_probe_certificate(tiny_dirs: dict[s
         answer = _health(address, *flags)
         assert answer.returncode == 0 and "SERVING" in answer.stdout, answer.stderr
         assert _health(address).returncode == 2  # plaintext at a TLS port: no answer
+
+
+K8S = ROOT / "deploy" / "k8s"
+
+
+def _manifests() -> list[dict[str, Any]]:
+    """Every Kubernetes object deploy/k8s defines (kustomization.yaml aside: kustomize's, not the API's)."""
+    return [
+        doc
+        for path in sorted(K8S.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def _one(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in _manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def test_the_kubernetes_manifests_validate_against_the_api_schemas_and_kustomize_applies_them_all() -> None:
+    version = kubernetes_validate.latest_version()
+    manifests = _manifests()
+    for doc in manifests:
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert {(d["kind"], d["metadata"]["name"]) for d in manifests} == {
+        ("Namespace", "kvcdn"),
+        ("Service", "kvcdn-origin"),
+        ("StatefulSet", "kvcdn-origin"),
+        ("Service", "kvcdn-edge"),
+        ("StatefulSet", "kvcdn-edge"),
+        ("PodDisruptionBudget", "kvcdn-edge"),
+    }
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    broken = copy.deepcopy(_one("StatefulSet", "kvcdn-edge"))
+    broken["spec"]["replica"] = 3  # a misspelt field: the schemas must catch it
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def _args(statefulset: dict[str, Any], pod: str) -> list[list[str]]:
+    spec = statefulset["spec"]["template"]["spec"]
+    containers = [*spec.get("initContainers", []), *spec["containers"]]
+    return [[a.replace("$(POD_NAME)", pod) for a in c["args"]] for c in containers]
+
+
+def test_the_pods_run_kvcdn_with_flags_it_accepts_mtls_on_every_hop_and_probes_through_kvcdn_health() -> None:
+    parser = build_parser()
+    namespace = "kvcdn"
+    for name in ("kvcdn-origin", "kvcdn-edge"):
+        statefulset = _one("StatefulSet", name)
+        for args in _args(statefulset, f"{name}-0"):
+            parser.parse_args(args)  # SystemExit on a flag kvcdn does not have
+        server = _args(statefulset, f"{name}-0")[-1]
+        flags = dict(a.removeprefix("--").split("=", 1) for a in server[1:])
+        assert {"tls-cert", "tls-key", "tls-ca"} <= set(flags)  # mTLS on every port
+        (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+        port = flags["listen"].rsplit(":", 1)[1]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == ["kvcdn", "health", f"127.0.0.1:{port}"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert [env[f"KVCDN_TLS_{k}"] for k in ("CERT", "KEY", "CA")] == [
+            flags[f"tls-{k}"] for k in ("cert", "key", "ca")
+        ]
+        service = _one("Service", name)
+        assert {p["port"] for p in service["spec"]["ports"]} == {int(port), int(flags["bulk-port"]), 9100}
+        if name == "kvcdn-origin":
+            assert "tokens" in flags and "signing-key" in flags  # secure by default: writes need a token
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        else:
+            assert "token-file" in flags and "trust" in flags
+            assert service["spec"]["clusterIP"] == "None"
+            domain = f"{statefulset['spec']['serviceName']}.{namespace}.svc.cluster.local"
+            replicas = statefulset["spec"]["replicas"]
+            assert flags["peers"].split(",") == [f"{name}-{i}.{domain}:{port}" for i in range(replicas)]
+            assert flags["advertise"] == f"{name}-0.{domain}:{port}"
+            assert flags["origin"] == f"kvcdn-origin.{namespace}.svc.cluster.local:7070"
+    budget = _one("PodDisruptionBudget", "kvcdn-edge")
+    assert budget["spec"]["selector"] == _one("StatefulSet", "kvcdn-edge")["spec"]["selector"]
+
+
+def test_every_secret_the_pods_mount_is_one_the_deploy_guide_creates() -> None:
+    mounted = {
+        volume["secret"]["secretName"]
+        for name in ("kvcdn-origin", "kvcdn-edge")
+        for volume in _one("StatefulSet", name)["spec"]["template"]["spec"]["volumes"]
+        if "secret" in volume
+    }
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    created = set(re.findall(r"kubectl -n kvcdn create secret generic ([a-z0-9-]+)", guide))
+    assert mounted == created
