@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvcdn.client.answers import check_lookup, check_manifest
 from kvcdn.client.config import ClientConfig
 from kvcdn.client.policy import Decision, Estimates, Policy, decide, fetch_key
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, InvalidArgument, Unavailable
@@ -21,10 +22,10 @@ from kvcdn.model.codecs import decodes_on_device
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.receiving import DecodingAssembler, KVAssembler, StagingPool
 from kvcdn.model.tensors import LayerKV, synchronize
-from kvcdn.spec.codecs import max_encoded_bytes, parse_codecs
+from kvcdn.spec.codecs import parse_codecs
 from kvcdn.spec.geometry import Geometry
-from kvcdn.spec.identity import block_keys, content_digest, encoded_key
-from kvcdn.spec.placement import Placement, balance, parse_edges, resolve_edges
+from kvcdn.spec.identity import block_keys
+from kvcdn.spec.placement import Membership, Placement, balance
 from kvcdn.spec.provenance import TrustStore
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.receiver import Progress
@@ -97,29 +98,6 @@ class FetchedCache:
         return adapter.build_cache(model.model, self.layers)
 
 
-def _check_manifest(manifest: pb.Manifest, document: str, version: int, sender: str) -> None:
-    """DigestMismatch unless `manifest` is the one asked for (name; version, when asked by number) and
-    its token ids, when it carries them, are those its content digest and block keys were made from
-    (SPEC section 4): a signature covers the digest and the keys, not the ids themselves."""
-    what = f"{sender} answered a request for {document!r}" + (f" v{version}" if version else "")
-    if manifest.document != document or (version and manifest.version != version):
-        raise DigestMismatch(f"{what} with the manifest of {manifest.document!r} v{manifest.version}")
-    if not manifest.token_ids:
-        return
-    ids = list(manifest.token_ids)
-    try:
-        fingerprint = bytes.fromhex(manifest.fingerprint)
-    except ValueError:
-        raise DigestMismatch(f"{what} with a manifest whose fingerprint is not hex") from None
-    keys = block_keys(fingerprint, ids, manifest.geometry.block_tokens) if manifest.geometry.block_tokens else []
-    if (
-        content_digest(ids) != manifest.content_digest
-        or len(ids) != manifest.token_count
-        or keys != [b.key for b in manifest.blocks]
-    ):
-        raise DigestMismatch(f"{what} with token ids that are not those its digest and block keys were made from")
-
-
 def generate_from_cache(
     model: LoadedModel, fetched: FetchedCache, ids: list[int], max_new_tokens: int
 ) -> adapter.Generation:
@@ -138,14 +116,11 @@ class KVClient:
 
     def __init__(self, edges: Sequence[str] | ClientConfig) -> None:
         self.config = edges if isinstance(edges, ClientConfig) else ClientConfig(tuple(edges))
-        self.placement = Placement(resolve_edges(parse_edges(self.config.edges)), self.config.replicas)
+        self.membership = Membership(self.config.edges, self.config.replicas, self.config.membership_refresh_s)
+        """The edge set and its ring, followed while the client runs (re-read before calls when due)."""
         self.trust = TrustStore.from_files(self.config.trust) if self.config.trust else None
-        self._readers = {
-            address: CacheReader(
-                address, self.config.timeout_s, self.config.stream_timeout_s, self.config.token, self.config.tls
-            )
-            for address in self.placement.nodes
-        }
+        self._readers: dict[str, CacheReader] = {}
+        self._refreshing: asyncio.Task[bool] | None = None
         self._info: pb.ServerInfo | None = None
         self.suspects = Suspects(self.config.suspect_s)
         """Edges that recently failed: asked last (kvcdn.wire.source)."""
@@ -164,7 +139,32 @@ class KVClient:
             token=self.config.token,
         )
 
+    @property
+    def placement(self) -> Placement:
+        """The ring of the edge set as last read."""
+        return self.membership.placement
+
+    def _reader(self, address: str) -> CacheReader:
+        """The stub of the edge at `address` (made on first use: edges may join while the client runs;
+        those of edges that left stay open until `close`, for the streams still on them)."""
+        if address not in self._readers:
+            self._readers[address] = CacheReader(
+                address, self.config.timeout_s, self.config.stream_timeout_s, self.config.token, self.config.tls
+            )
+        return self._readers[address]
+
+    async def follow_membership(self) -> bool:
+        """Re-read the edge set if it is due (`membership_refresh_s`), off the event loop (DNS may
+        block), once however many calls ask at the same time; True when the ring changed."""
+        if self._refreshing is None or self._refreshing.done():
+            if not self.membership.due:
+                return False
+            self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.membership.refresh))
+        return await asyncio.shield(self._refreshing)
+
     async def close(self) -> None:
+        if self._refreshing is not None:
+            await asyncio.gather(self._refreshing, return_exceptions=True)
         for reader in self._readers.values():
             await reader.close()
         self._receivers.shutdown(wait=False)
@@ -184,7 +184,7 @@ class KVClient:
         skipped: tuple[type[Exception], ...] = (*_RETRYABLE, *also)
         for address in self.suspects.order(order):
             try:
-                return await call(self._readers[address])
+                return await call(self._reader(address))
             except skipped as exc:
                 log.warning("edge %s failed (%s); trying the next one", address, exc)
                 self.suspects.suspect(address)
@@ -230,45 +230,13 @@ class KVClient:
 
         async def ask(reader: CacheReader) -> list[pb.BlockInfo]:
             blocks = await reader.lookup(model.fingerprint_hex, keys, accepted)
-            self._check_answer(blocks, keys, accepted, geometry, len(ids), model.fingerprint, reader.address)
+            check_lookup(blocks, keys, accepted, geometry, len(ids), model.fingerprint, reader.address, self.trust)
             return blocks
 
         # An edge whose answer is malformed or unsigned is skipped like one that is down.
+        await self.follow_membership()
         found: list[pb.BlockInfo] = await self._first(self.placement.route(keys[0]), ask, also=(DigestMismatch,))
         return found
-
-    def _check_answer(
-        self,
-        blocks: list[pb.BlockInfo],
-        keys: list[bytes],
-        accepted: Sequence[str],
-        geometry: Geometry,
-        n_ids: int,
-        fingerprint: bytes,
-        edge: str,
-    ) -> None:
-        """DigestMismatch unless a lookup answer is well formed for this sequence in an accepted
-        encoding, and (with trusted keys) every block is signed by a trusted publisher."""
-        codec = (blocks[0].codec or "raw") if blocks else accepted[0]
-        if codec not in accepted:
-            raise DigestMismatch(f"{edge} answered a lookup in {codec}, which this client did not accept")
-        for i, info in enumerate(blocks):
-            tokens = min(geometry.block_tokens, n_ids - i * geometry.block_tokens)
-            raw = geometry.block_bytes(tokens)
-            if (
-                i >= len(keys)
-                or info.key != encoded_key(keys[i], codec)
-                or info.index != i
-                or info.n_tokens != tokens
-                or (info.codec or "raw") != codec
-                or info.raw_bytes != (0 if codec == "raw" else raw)
-                or not 0 < info.n_bytes <= max_encoded_bytes(codec, geometry, tokens)
-                or (codec == "raw" and info.n_bytes != raw)
-                or len(info.frame_digests) != geometry.frame_count(info.n_bytes)
-            ):
-                raise DigestMismatch(f"{edge} answered a lookup with a malformed block {i} ({codec})")
-            if self.trust is not None:
-                self.trust.check_block(fingerprint, info, edge)
 
     async def manifest(self, document: str, version: int = 0, token_ids: bool = False) -> pb.Manifest:
         """A published document's manifest (version 0: the latest): the one asked for, its token ids
@@ -280,9 +248,10 @@ class KVClient:
             manifest = await reader.manifest(document, version, token_ids)
             if self.trust is not None:
                 self.trust.check_manifest(manifest, latest=version == 0, sender=reader.address)
-            _check_manifest(manifest, document, version, reader.address)
+            check_manifest(manifest, document, version, reader.address)
             return manifest
 
+        await self.follow_membership()
         found: pb.Manifest = await self._first(self.placement.nodes, ask, also=(DigestMismatch,))
         return found
 
@@ -435,7 +404,7 @@ class KVClient:
         async def attempt(address: str) -> None:
             started = time.perf_counter()
             cpu_s = await stream_from(
-                self._readers[address], fingerprint, blocks, geometry, assembler, progress, self._transport
+                self._reader(address), fingerprint, blocks, geometry, assembler, progress, self._transport
             )
             receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
             if cpu_s:

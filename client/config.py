@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
-from kvcdn.spec.placement import DEFAULT_REPLICAS, is_loopback, parse_edges
+from kvcdn.spec.placement import DEFAULT_REPLICAS, is_loopback, read_edges
 from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["ClientConfig", "default_streams_per_run"]
@@ -32,7 +32,11 @@ def default_streams_per_run(cores: int | None = None) -> int:
 class ClientConfig:
     edges: tuple[str, ...]
     """Edge addresses `HOST:PORT[=WEIGHT]`; a DNS name of several addresses stands for each
-    of them, one of a single address stays a name (kvcdn.spec.placement.resolve_edges)."""
+    of them, one of a single address stays a name (kvcdn.spec.placement.resolve_edges); `@PATH`: the
+    entries of that file. Files and names are followed while the client runs (`membership_refresh_s`)."""
+    membership_refresh_s: float = 5.0
+    """How often a client re-reads `@PATH` edge lists and re-resolves DNS names, before a call: edges that
+    joined get their blocks' requests, edges that left are no longer asked (kvcdn.spec.placement.Membership)."""
     replicas: int = DEFAULT_REPLICAS
     """Owners per block on the consistent-hash ring (asked first, in ring order)."""
     timeout_s: float = 30.0
@@ -71,7 +75,7 @@ class ClientConfig:
     no signature checks (digests still bind frames to the infos an edge sent)."""
 
     def __post_init__(self) -> None:
-        edges = parse_edges(self.edges)  # fail early on a malformed list
+        edges = read_edges(self.edges)  # fail early on a malformed list or a missing file
         global _warned_untrusted
         if not self.trust and not _warned_untrusted and not all(is_loopback(e) for e in edges):
             _warned_untrusted = True  # once a process: an agent makes many clients
@@ -83,5 +87,7 @@ class ClientConfig:
         parse_codecs(self.codecs)
         if self.assumed_gbps <= 0:
             raise InvalidArgument("assumed_gbps must be positive")
+        if self.membership_refresh_s <= 0:
+            raise InvalidArgument("membership_refresh_s must be positive")
         if min(self.max_streams, self.streams_per_fetch, self.streams_per_run) < 1:
             raise InvalidArgument("max_streams, streams_per_fetch and streams_per_run must be at least 1")

@@ -33,8 +33,12 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--peers",
         type=edge_list,
-        help="every edge of the ring, this one included, as clients list them: blocks this edge does not own "
-        "are loaded from their owners before the origin (default: none, always the origin)",
+        help="every edge of the ring, this one included, as clients list them (HOST:PORT[,...] or @FILE of them, "
+        "one a line): blocks this edge does not own are loaded from their owners before the origin (default: "
+        "none, always the origin); a file or a DNS name is followed while the edge runs",
+    )
+    s.add_argument(
+        "--peers-refresh", type=float, default=5.0, help="seconds between reads of a --peers file or DNS name (5)"
     )
     s.add_argument("--replicas", type=int, default=2, help="owners per block on the ring, as the clients use (2)")
     add_trust_flag(s)
@@ -75,6 +79,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         metrics_port=args.metrics_port,
         peers=tuple(args.peers or ()),
         replicas=args.replicas,
+        membership_refresh_s=args.peers_refresh,
         advertise=args.advertise or "",
         peer_timeout_s=args.peer_timeout,
         bulk_pulls=not args.grpc_pulls,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.spec.placement import DEFAULT_REPLICAS, parse_edges
+from kvcdn.spec.placement import DEFAULT_REPLICAS, read_edges
 from kvcdn.wire.tls import TLSFiles
 
 __all__ = ["EdgeConfig"]
@@ -32,7 +32,10 @@ class EdgeConfig:
     """Deadline of each unary call to the origin or a peer (a stream gets ten times this)."""
     peers: tuple[str, ...] = ()
     """Every edge of the ring, this one included, as the clients list them (`HOST:PORT[=WEIGHT]`, DNS
-    names for all their addresses): blocks this edge does not own are loaded from their owners."""
+    names for all their addresses, `@PATH` for a file's entries): blocks this edge does not own are
+    loaded from their owners. Files and names are followed while the edge runs."""
+    membership_refresh_s: float = 5.0
+    """How often the edge re-reads `@PATH` peer lists and re-resolves peer names (kvcdn.edge.peers)."""
     replicas: int = DEFAULT_REPLICAS
     """Owners per block on the ring (the clients' setting)."""
     peer_timeout_s: float = 1.0
@@ -108,5 +111,7 @@ class EdgeConfig:
             raise InvalidArgument("--rate-limit must be >= 0 (0: no limit)")
         if self.remembered_misses < 0 or self.remembered_infos < 0:
             raise InvalidArgument("remembered_misses and remembered_infos must be >= 0")
+        if self.membership_refresh_s <= 0:
+            raise InvalidArgument("membership_refresh_s must be positive")
         if self.peers:
-            parse_edges(self.peers)  # fail early on a malformed list
+            read_edges(self.peers)  # fail early on a malformed list or a missing file

@@ -7,11 +7,10 @@ them streams each frame as soon as it has arrived and passed its digest, not aft
 has landed. Loads run detached from requests, so a reader that hangs up does not cancel a load for
 the others.
 
-Its parts: the loads (kvcdn.edge.pulls), the peers on the ring, asked before the origin
-(kvcdn.edge.peers), the origin's invalidation feed (kvcdn.edge.feed), what a loaded block is kept in
-(kvcdn.edge.admission), what is kept of the origin's answers (kvcdn.edge.upstream), which infos may
-be served (kvcdn.edge.vouching), the bytes streams hold (kvcdn.edge.pins). A load resumes on the next
-source at the frame where one broke (kvcdn.wire.source.fail_over, as a client's fetch does).
+Its parts: the loads (kvcdn.edge.pulls), the peers on the ring, asked before the origin (.peers),
+the origin's invalidation feed (.feed), what a loaded block is kept in (.admission), what is kept of
+the origin's answers (.upstream), which infos may be served (.vouching), the bytes streams hold
+(.pins). A load resumes on the next source at the frame where one broke (kvcdn.wire.source.fail_over).
 """
 
 from __future__ import annotations
@@ -125,10 +124,11 @@ class Edge:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self, address: str) -> None:
-        """Begin serving as `address` (the bound HOST:PORT, unless `config.advertise` names another):
-        join the ring of `config.peers`, if any, and follow the origin's invalidation feed."""
-        if self.config.peers:
-            self.peers = Peers(self.config, address)
+        """Serve as `address` (the bound HOST:PORT, unless `config.advertise` names another): join the
+        ring of `config.peers`, if any, following it; follow the origin's invalidation feed."""
+        self.peers = Peers(self.config, address) if self.config.peers else None
+        if self.peers is not None:
+            self.peers.start()
         self.feed.start()
         frees = lambda: (self.pins.released, [tier.stats().evictions for tier in self.tiers])  # noqa: E731
         self._trimming = asyncio.get_running_loop().create_task(trim_after_frees(frees))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from kvcdn.edge.config import EdgeConfig
 from kvcdn.errors import InvalidArgument, KVCDNError
 from kvcdn.spec.identity import encoded_key
-from kvcdn.spec.placement import Placement, parse_edges, resolve_edges
+from kvcdn.spec.placement import Membership, Placement
 from kvcdn.spec.provenance import Untrusted
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.source import Suspects
@@ -34,23 +34,43 @@ def reader_for(config: EdgeConfig, address: str) -> CacheReader:
 
 
 class Peers:
-    """The other edges on the ring of `config.peers`, as the edge named `address` on it sees them."""
+    """The other edges on the ring of `config.peers`, as the edge named `address` on it sees them.
+
+    A list that can change (`@PATH` files, DNS names) is followed by `start`'s task: an edge that
+    joins owns its share of the blocks from the next read on (it loads them from the origin on first
+    request), one that leaves is no longer asked. An edge a followed list does not name yet (a pod
+    that starts before its ConfigMap lists it) serves as a non-owner until it does."""
 
     def __init__(self, config: EdgeConfig, address: str) -> None:
-        ring = Placement(resolve_edges(parse_edges(config.peers), strict=False), config.replicas)
+        self.membership = Membership(config.peers, config.replicas, config.membership_refresh_s, strict=False)
         name = config.advertise or address
-        if name not in ring.nodes:
-            raise InvalidArgument(
-                f"the peer list does not name this edge ({name}): list every edge, this one included, "
-                "as the clients do, or give this edge's name on it with --advertise"
-            )
+        if name not in self.membership.edges:
+            fix = "list every edge, this one included, as the clients do, or name this edge with --advertise"
+            if not self.membership.follows:
+                raise InvalidArgument(f"the peer list does not name this edge ({name}): {fix}")
+            log.warning("the peer list does not name this edge (%s) yet: serving as a non-owner (%s)", name, fix)
         self.config = config
-        self.ring = ring
         self.address = name
         """This edge's name on the ring."""
         self.suspects = Suspects(config.peer_suspect_s)
         """Peers that recently failed to answer or to send a block: not asked for a while."""
         self._readers: dict[str, CacheReader] = {}
+        self._following: asyncio.Task[None] | None = None
+
+    @property
+    def ring(self) -> Placement:
+        """The ring of the edge set as last read."""
+        return self.membership.placement
+
+    def start(self) -> None:
+        """Follow the peer list in the background, where it can change."""
+        if self.membership.follows:
+            self._following = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.membership.refresh_s)
+            await asyncio.to_thread(self.membership.refresh)
 
     def reader(self, address: str) -> CacheReader:
         if address not in self._readers:
@@ -58,12 +78,16 @@ class Peers:
         return self._readers[address]
 
     def sources(self, key: bytes) -> list[str]:
-        """Edges to load the block from before the origin, suspects left out: none for its primary
-        owner, the primary for another owner, every owner in ring order for an edge that owns it not."""
+        """Edges to load the block from before the origin, suspects left out: for its primary owner,
+        the owners it had before the edge set last changed (they hold it: a block moves from edge to
+        edge, not again from the origin), else none; the primary for another owner; every owner in
+        ring order for an edge that owns it not."""
         owners = self.ring.owners(key)
         if owners[0] == self.address:
-            return []
-        asked = owners[:1] if self.address in owners else owners
+            before = self.membership.previous
+            asked = [a for a in before.owners(key) if a != self.address] if before is not None else []
+        else:
+            asked = owners[:1] if self.address in owners else owners
         return [a for a in asked if a not in self.suspects]
 
     async def infos(
@@ -105,5 +129,8 @@ class Peers:
         return {info.key: info for infos in answers for info in infos}
 
     async def close(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
         for reader in self._readers.values():
             await reader.close()

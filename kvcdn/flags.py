@@ -66,7 +66,8 @@ def add_edges_flag(p: argparse.ArgumentParser) -> None:
         type=edge_list,
         default=os.environ.get("KVCDN_EDGES"),
         required="KVCDN_EDGES" not in os.environ,
-        help="edge addresses HOST:PORT[,...] (env KVCDN_EDGES)",
+        help="edge addresses HOST:PORT[,...], or @FILE of them, one a line: a file or a DNS name is followed "
+        "while the command runs (env KVCDN_EDGES)",
     )
 
 

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
 from kvcdn.errors import KVCDNError, Unavailable
+from kvcdn.spec.placement import read_edges
 from kvcdn.wire.metrics import PAYLOAD_BYTES_SERVED, STREAMS_IN_FLIGHT, TRANSPORTS, Metric
 from kvcdn.wire.metrics import EdgeMetrics as E
 from kvcdn.wire.stub import CacheReader
@@ -132,9 +133,9 @@ async def _one(address: str, timeout_s: float, token: str, tls: TLSFiles | None)
 async def edge_stats(
     edges: Sequence[str], timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None
 ) -> list[EdgeStats]:
-    """The state of every edge, in the order given (asked with `token` over `tls`, as a
-    CacheReader); unreachable edges are reported, not raised."""
-    return list(await asyncio.gather(*(_one(a, timeout_s, token, tls) for a in edges)))
+    """The state of every edge, in the order given (`@FILE` entries: that file's edges; asked with
+    `token` over `tls`, as a CacheReader); unreachable edges are reported, not raised."""
+    return list(await asyncio.gather(*(_one(a, timeout_s, token, tls) for a in read_edges(edges))))
 
 
 _COLUMNS: list[tuple[str, Callable[[EdgeStats], str]]] = [

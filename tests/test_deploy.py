@@ -111,6 +111,7 @@ def test_the_kubernetes_manifests_validate_against_the_api_schemas_and_kustomize
         ("Namespace", "kvcdn"),
         ("Service", "kvcdn-origin"),
         ("StatefulSet", "kvcdn-origin"),
+        ("ConfigMap", "kvcdn-ring"),
         ("Service", "kvcdn-edge"),
         ("StatefulSet", "kvcdn-edge"),
         ("PodDisruptionBudget", "kvcdn-edge"),
@@ -159,7 +160,12 @@ def test_the_pods_run_kvcdn_with_flags_it_accepts_mtls_on_every_hop_and_probes_t
             assert service["spec"]["clusterIP"] == "None"
             domain = f"{statefulset['spec']['serviceName']}.{namespace}.svc.cluster.local"
             replicas = statefulset["spec"]["replicas"]
-            assert flags["peers"].split(",") == [f"{name}-{i}.{domain}:{port}" for i in range(replicas)]
+            ring_file = Path(flags["peers"].removeprefix("@"))  # followed while the edge runs
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(ring_file.parent)]
+            (volume,) = [v for v in statefulset["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+            assert "subPath" not in mount  # a subPath mount is never updated
+            ring = _one("ConfigMap", volume["configMap"]["name"])["data"][ring_file.name]
+            assert ring.split() == [f"{name}-{i}.{domain}:{port}" for i in range(replicas)]
             assert flags["advertise"] == f"{name}-0.{domain}:{port}"
             assert flags["origin"] == f"kvcdn-origin.{namespace}.svc.cluster.local:7070"
     budget = _one("PodDisruptionBudget", "kvcdn-edge")

@@ -280,7 +280,7 @@ async def test_a_bulk_port_that_refuses_falls_back_to_the_same_edges_grpc_port(
     await network.origin.publish("doc", sample_text)
     doc = document_ids(network.model.tokenizer, sample_text)
     async with KVClient([network.edge_address]) as client:
-        assert await client._readers[network.edge_address].bulk_address() is not None  # advertised, cached
+        assert await client._reader(network.edge_address).bulk_address() is not None  # advertised, cached
         assert network.edge_server.bulk is not None
         await network.edge_server.bulk.stop()  # then refused: a connection cap, a restarted bulk port
         fetched = await client.fetch(network.model, doc)

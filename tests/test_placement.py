@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from kvcdn.client import ClientConfig, KVClient
 from kvcdn.errors import InvalidArgument, Unavailable
-from kvcdn.spec.placement import Placement, balance, parse_edges, resolve_edges
+from kvcdn.spec.placement import Membership, Placement, balance, parse_edges, resolve_edges
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 KEYS = [hashlib.sha256(str(i).encode()).digest() for i in range(20_000)]
@@ -139,3 +140,59 @@ def test_balance_gives_no_choice_more_than_it_must() -> None:
     assert balance([["a", "b"], ["a"]], [1, 1]) == ["b", "a"]
     assert balance([["a", "b"]] * 4, [3, 1, 1, 1]) in (["a", "b", "b", "b"], ["b", "a", "a", "a"])
     assert balance([], []) == []
+
+
+def test_a_followed_edge_list_moves_only_the_keys_of_the_edge_that_joined_or_left(tmp_path: Path) -> None:
+    listed = tmp_path / "edges"
+    five = [f"127.0.0.{i}:7080" for i in range(1, 6)]
+    listed.write_text("# the ring\n" + "\n".join(five[:4]) + "\n")
+    membership = Membership([f"@{listed}"], replicas=2, refresh_s=60)
+    assert membership.follows and not membership.due  # read at start; next read after refresh_s
+    assert membership.placement.nodes == five[:4]
+    assert not membership.refresh() and membership.changes == 0  # the same list: the same ring
+
+    keys = [hashlib.sha256(str(i).encode()).digest() for i in range(4000)]
+    before = {k: membership.placement.owners(k)[0] for k in keys}
+    listed.write_text(", ".join(five) + "\n")  # one joins (commas work too)
+    assert membership.refresh() and membership.changes == 1
+    after = {k: membership.placement.owners(k)[0] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(after[k] == five[4] for k in moved)  # only to the edge that joined
+    assert 0.15 < len(moved) / len(keys) < 0.25  # about 1/5
+    assert membership.previous is not None and all(membership.previous.owners(k)[0] == before[k] for k in keys)
+
+    listed.write_text("\n".join(five[1:]) + "\n")  # one leaves
+    assert membership.refresh()
+    gone = {k: membership.placement.owners(k)[0] for k in keys}
+    moved = [k for k in keys if gone[k] != after[k]]
+    assert all(after[k] == five[0] for k in moved)  # only the keys of the edge that left
+    assert 0.15 < len(moved) / len(keys) < 0.25
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "malformed"])
+def test_an_edge_list_that_cannot_be_read_keeps_the_ring(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    listed = tmp_path / "edges"
+    listed.write_text("127.0.0.1:7080\n127.0.0.2:7080\n")
+    membership = Membership([f"@{listed}", "127.0.0.3:7080"])
+    assert membership.placement.nodes == ["127.0.0.1:7080", "127.0.0.2:7080", "127.0.0.3:7080"]
+    if damage == "missing":
+        listed.unlink()
+    else:
+        listed.write_text("" if damage == "empty" else "127.0.0.1:7080\nhalf-written:\n")
+    assert not membership.refresh()  # a file being rewritten must not empty the ring
+    assert membership.placement.nodes == ["127.0.0.1:7080", "127.0.0.2:7080", "127.0.0.3:7080"]
+    assert "keeping the ring of 3 edges" in caplog.text
+    listed.write_text("127.0.0.1:7080\n")
+    assert membership.refresh() and membership.placement.nodes == ["127.0.0.1:7080", "127.0.0.3:7080"]
+
+
+def test_a_list_of_addresses_alone_is_never_read_again_and_a_missing_file_is_refused(tmp_path: Path) -> None:
+    membership = Membership(["127.0.0.1:7080", "[::1]:7081"], refresh_s=0.001)
+    assert not membership.follows and not membership.due
+    assert Membership(["localhost:7080"]).follows  # a DNS name can change
+    with pytest.raises(InvalidArgument, match=r"cannot read the edge list .*nowhere"):
+        Membership([f"@{tmp_path / 'nowhere'}"])
+    with pytest.raises(InvalidArgument, match="cannot read the edge list"):
+        ClientConfig((f"@{tmp_path / 'nowhere'}",))

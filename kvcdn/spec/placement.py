@@ -7,23 +7,39 @@ node. A key's owners are the first R distinct nodes clockwise from it; clients a
 and then the rest of the ring, so losing an owner moves its load onto the next replica instead of
 reshuffling everyone's.
 
-Membership comes from flags (`HOST:PORT` entries, optionally `=WEIGHT`) and from DNS names that
+Membership comes from flags (`HOST:PORT` entries, optionally `=WEIGHT`), from files named by `@PATH`
+entries (one entry a line: a Kubernetes ConfigMap mounted as a file), and from DNS names that
 resolve to several addresses (a Kubernetes headless service), expanded by `resolve_edges`. A name
 that resolves to one address stays the edge's name (a StatefulSet pod's): TLS checks the server's
 certificate for it, and the ring does not change when the pod comes back with another address.
+`Membership` follows files and names while a process runs, so edges come and go without restarts.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from uhashring import HashRing
 
 from kvcdn.errors import InvalidArgument, Unavailable
 
-__all__ = ["DEFAULT_REPLICAS", "Placement", "balance", "is_loopback", "parse_edges", "resolve_edges"]
+__all__ = [
+    "DEFAULT_REPLICAS",
+    "Membership",
+    "Placement",
+    "balance",
+    "is_loopback",
+    "parse_edges",
+    "read_edges",
+    "resolve_edges",
+]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REPLICAS = 2
 VNODES = 160
@@ -56,6 +72,27 @@ def parse_edges(specs: Sequence[str]) -> dict[str, int]:
     if not out:
         raise InvalidArgument("no edge address given (--edges HOST:PORT[,...])")
     return out
+
+
+def read_edges(specs: Sequence[str]) -> dict[str, int]:
+    """`parse_edges` of `specs` with each `@PATH` entry replaced by the entries of that file: one
+    `HOST:PORT[=WEIGHT]` a line (or several, comma-separated), blank lines and `#` comments skipped.
+    InvalidArgument names a file that cannot be read or lists no edge."""
+    entries: list[str] = []
+    for spec in specs:
+        if not spec.strip().startswith("@"):
+            entries.append(spec)
+            continue
+        path = Path(spec.strip()[1:])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the edge list {path}: {exc.strerror or exc}") from None
+        listed = [e for line in text.splitlines() for e in line.partition("#")[0].split(",") if e.strip()]
+        if not listed:
+            raise InvalidArgument(f"the edge list {path} names no edge (one HOST:PORT a line)")
+        entries += listed
+    return parse_edges(entries)
 
 
 def _is_ip(host: str) -> bool:
@@ -126,6 +163,60 @@ class Placement:
         """Every node in the order to ask for `key`: its owners first, then the rest clockwise."""
         nodes = self._ring.range(key.hex(), size=len(self._ring.get_nodes()), unique=True)
         return [str(node["nodename"]) for node in nodes]
+
+
+class Membership:
+    """The ring of an edge set that may change while a process runs: `specs` as `read_edges` takes
+    them, re-read and re-resolved by `refresh` (`@PATH` files, DNS names; a list of addresses alone
+    never changes). A new set gives a new `placement`: consistent hashing moves only the keys whose
+    owners changed, about 1/N of them when one of N edges comes or goes. A list that cannot be read
+    or resolved, or comes out empty, keeps the ring as it is (logged): a file half-written or a DNS
+    hiccup must not empty the ring."""
+
+    def __init__(
+        self, specs: Sequence[str], replicas: int = DEFAULT_REPLICAS, refresh_s: float = 5.0, strict: bool = True
+    ) -> None:
+        self.specs = tuple(specs)
+        self.replicas = replicas
+        self.refresh_s = refresh_s
+        self.strict = strict
+        self.edges = resolve_edges(read_edges(self.specs), strict)
+        """The edges with their weights, as last read."""
+        self.placement = Placement(self.edges, replicas)
+        self.previous: Placement | None = None
+        """The ring before the last change (where a block's previous owners are)."""
+        self.changes = 0
+        """How many times the edge set changed since the start."""
+        self._read_at = time.monotonic()
+
+    @property
+    def follows(self) -> bool:
+        """Whether the set can change: some entry is a file or a DNS name."""
+        entries = [s.strip() for s in self.specs]
+        return any(e.startswith("@") or not _is_ip(e.partition("=")[0].rpartition(":")[0]) for e in entries)
+
+    @property
+    def due(self) -> bool:
+        """Whether `refresh_s` has passed since the list was last read (never, for a fixed list)."""
+        return self.follows and time.monotonic() - self._read_at >= self.refresh_s
+
+    def refresh(self) -> bool:
+        """Read the list again (it may block on DNS: call it off the event loop); True when the edge
+        set changed and `placement` is a new ring."""
+        self._read_at = time.monotonic()
+        try:
+            edges = resolve_edges(read_edges(self.specs), self.strict)
+        except (InvalidArgument, Unavailable) as exc:
+            log.warning("keeping the ring of %d edges: the edge list cannot be read now (%s)", len(self.edges), exc)
+            return False
+        if edges == self.edges:
+            return False
+        added = sorted(set(edges) - set(self.edges))
+        removed = sorted(set(self.edges) - set(edges))
+        log.info("edge set changed: %d edges (joined: %s; left: %s)", len(edges), added or "-", removed or "-")
+        self.edges, self.previous, self.placement = edges, self.placement, Placement(edges, self.replicas)
+        self.changes += 1
+        return True
 
 
 def balance(choices: Sequence[Sequence[str]], sizes: Sequence[int]) -> list[str]:
