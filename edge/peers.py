@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from kvcdn.edge.config import EdgeConfig
@@ -22,7 +23,10 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.source import Suspects
 from kvcdn.wire.stub import CacheReader
 
-__all__ = ["Peers", "reader_for"]
+__all__ = ["HANDOFF_S", "Peers", "reader_for"]
+
+HANDOFF_S = 600.0
+"""How long after the edge set changes a block's new primary asks its previous owners first."""
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,10 @@ class Peers:
     """The other edges on the ring of `config.peers`, as the edge named `address` on it sees them.
 
     A list that can change (`@PATH` files, DNS names) is followed by `start`'s task: an edge that
-    joins owns its share of the blocks from the next read on (it loads them from the origin on first
-    request), one that leaves is no longer asked. An edge a followed list does not name yet (a pod
-    that starts before its ConfigMap lists it) serves as a non-owner until it does."""
+    joins owns its share of the blocks from the next read on (loading each from its previous owners
+    on first request, for `HANDOFF_S` after the change), one that leaves is no longer asked. An edge
+    a followed list does not name yet (a pod that starts before its ConfigMap lists it) serves as a
+    non-owner until it does."""
 
     def __init__(self, config: EdgeConfig, address: str) -> None:
         self.membership = Membership(config.peers, config.replicas, config.membership_refresh_s, strict=False)
@@ -70,7 +75,10 @@ class Peers:
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self.membership.refresh_s)
-            await asyncio.to_thread(self.membership.refresh)
+            try:
+                await asyncio.to_thread(self.membership.refresh)
+            except Exception:  # the edge goes on with the ring it has, and tries again
+                log.exception("could not re-read the peer list")
 
     def reader(self, address: str) -> CacheReader:
         if address not in self._readers:
@@ -79,13 +87,15 @@ class Peers:
 
     def sources(self, key: bytes) -> list[str]:
         """Edges to load the block from before the origin, suspects left out: for its primary owner,
-        the owners it had before the edge set last changed (they hold it: a block moves from edge to
-        edge, not again from the origin), else none; the primary for another owner; every owner in
-        ring order for an edge that owns it not."""
+        the owners it had before the edge set last changed, for `HANDOFF_S` after it (they hold it:
+        a block moves from edge to edge, not again from the origin), else none; the primary for
+        another owner; every owner in ring order for an edge that owns it not."""
         owners = self.ring.owners(key)
         if owners[0] == self.address:
             before = self.membership.previous
-            asked = [a for a in before.owners(key) if a != self.address] if before is not None else []
+            if before is None or time.monotonic() - self.membership.changed_at > HANDOFF_S:
+                return []  # long after a change, a previous owner would only relay the origin's copy
+            asked = [a for a in before.owners(key) if a != self.address]
         else:
             asked = owners[:1] if self.address in owners else owners
         return [a for a in asked if a not in self.suspects]

@@ -14,6 +14,7 @@ import torch
 from kvcdn.client import ClientConfig, KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.edge.edge import Edge
+from kvcdn.edge.peers import HANDOFF_S
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
@@ -100,6 +101,13 @@ async def test_edges_join_and_leave_while_agents_fetch_and_only_moved_blocks_tra
         assert held and held <= {k for k in keys if addresses[4] in ring.owners(k)}  # only blocks it owns
         assert origin_sends() == len(keys)  # moved edge to edge
         assert joined.peer_fetches >= len({k for k in keys if ring.owners(k)[0] == addresses[4]} & held)
+        primary = next(k for k in keys if ring.owners(k)[0] == addresses[4])
+        old_owners = (
+            [a for a in joined.peers.membership.previous.owners(primary)] if joined.peers.membership.previous else []
+        )
+        assert joined.peers.sources(primary) == [a for a in old_owners if a not in joined.peers.suspects]
+        joined.peers.membership.changed_at -= HANDOFF_S  # long after the change: from the origin again
+        assert joined.peers.sources(primary) == []
 
         # An edge leaves: listed out first, stopped once everyone has moved on; its blocks go elsewhere.
         leaving = addresses[0]

@@ -169,7 +169,7 @@ def test_a_followed_edge_list_moves_only_the_keys_of_the_edge_that_joined_or_lef
     assert 0.15 < len(moved) / len(keys) < 0.25
 
 
-@pytest.mark.parametrize("damage", ["missing", "empty", "malformed"])
+@pytest.mark.parametrize("damage", ["missing", "empty", "malformed", "binary"])
 def test_an_edge_list_that_cannot_be_read_keeps_the_ring(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -179,6 +179,8 @@ def test_an_edge_list_that_cannot_be_read_keeps_the_ring(
     assert membership.placement.nodes == ["127.0.0.1:7080", "127.0.0.2:7080", "127.0.0.3:7080"]
     if damage == "missing":
         listed.unlink()
+    elif damage == "binary":
+        listed.write_bytes(b"\xff\xfe\x00garbage")
     else:
         listed.write_text("" if damage == "empty" else "127.0.0.1:7080\nhalf-written:\n")
     assert not membership.refresh()  # a file being rewritten must not empty the ring

@@ -86,8 +86,9 @@ def read_edges(specs: Sequence[str]) -> dict[str, int]:
         path = Path(spec.strip()[1:])
         try:
             text = path.read_text()
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read the edge list {path}: {exc.strerror or exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise InvalidArgument(f"cannot read the edge list {path}: {why}") from None
         listed = [e for line in text.splitlines() for e in line.partition("#")[0].split(",") if e.strip()]
         if not listed:
             raise InvalidArgument(f"the edge list {path} names no edge (one HOST:PORT a line)")
@@ -185,6 +186,8 @@ class Membership:
         self.placement = Placement(self.edges, replicas)
         self.previous: Placement | None = None
         """The ring before the last change (where a block's previous owners are)."""
+        self.changed_at = 0.0
+        """`time.monotonic()` of the last change (0: none yet)."""
         self.changes = 0
         """How many times the edge set changed since the start."""
         self._read_at = time.monotonic()
@@ -215,6 +218,7 @@ class Membership:
         removed = sorted(set(self.edges) - set(edges))
         log.info("edge set changed: %d edges (joined: %s; left: %s)", len(edges), added or "-", removed or "-")
         self.edges, self.previous, self.placement = edges, self.placement, Placement(edges, self.replicas)
+        self.changed_at = time.monotonic()
         self.changes += 1
         return True
 
