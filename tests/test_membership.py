@@ -102,9 +102,9 @@ async def test_edges_join_and_leave_while_agents_fetch_and_only_moved_blocks_tra
         assert origin_sends() == len(keys)  # moved edge to edge
         assert joined.peer_fetches >= len({k for k in keys if ring.owners(k)[0] == addresses[4]} & held)
         primary = next(k for k in keys if ring.owners(k)[0] == addresses[4])
-        old_owners = (
-            [a for a in joined.peers.membership.previous.owners(primary)] if joined.peers.membership.previous else []
-        )
+        before_ring = joined.peers.membership.previous
+        assert before_ring is not None  # it started on the list of 4
+        old_owners = before_ring.owners(primary)
         assert joined.peers.sources(primary) == [a for a in old_owners if a not in joined.peers.suspects]
         joined.peers.membership.changed_at -= HANDOFF_S  # long after the change: from the origin again
         assert joined.peers.sources(primary) == []
