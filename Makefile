@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install model proto proto-check lint format typecheck conformance prometheus-check test test-fast demo bench gpu-wheels gpu-check vllm-env clean
+.PHONY: install model proto proto-check lint format typecheck conformance postgres prometheus-check test test-fast demo bench gpu-wheels gpu-check vllm-env clean
 # vLLM's CPU build in an environment of its own: it bounds transformers below 5.20, kvcdn asks for 5.24.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -58,8 +58,16 @@ prometheus-check: install model  ## Debian: install the prometheus package if mi
 		|| { echo "install Debian's prometheus package (apt install prometheus) first"; exit 1; }
 	$(BIN)/pytest tests/test_prometheus.py
 
-test: install model proto-check lint typecheck conformance vllm-env
+test: install model proto-check lint typecheck conformance postgres vllm-env
 	$(BIN)/pytest
+
+# Debian's PostgreSQL server, which the shared-catalog tests start (tests/test_origin_workers.py):
+# installed when missing where apt-get runs as root; else those tests are skipped and say so.
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+			&& apt-get install -y --no-install-recommends postgresql >/dev/null 2>&1; } \
+		|| echo "no PostgreSQL here (apt install postgresql): tests/test_origin_workers.py will skip"
 
 # vLLM with kvcdn's connector (tests/test_vllm.py). Where its CPU build does not install, the step
 # says why and the vLLM tests skip, naming the missing environment.

@@ -1,5 +1,5 @@
-"""`kvcdn loadtest bench|codecs|run|network|attacks|economics`, registered with kvcdn.cli: each builds its typed config
-from the flags, so bad flags fail before any model loads or process starts."""
+"""`kvcdn loadtest bench|codecs|run|network|publish|attacks|economics`, registered with kvcdn.cli: each
+builds its typed config from the flags, so bad flags fail before any model loads or process starts."""
 
 from __future__ import annotations
 
@@ -129,6 +129,19 @@ def register(sub: Any) -> None:
     )
     ModelOptions.add_flags(n)
     n.set_defaults(run=network)
+
+    p = lt.add_parser(
+        "publish", help="a burst of publishes against 1, 2, ... origin workers sharing a PostgreSQL catalog"
+    )
+    p.add_argument("--workers", default="1,2", help="worker counts to compare (1,2)")
+    p.add_argument("--documents", type=int, default=8, help="documents in the burst (8)")
+    p.add_argument("--tokens", type=int, default=1024, help="about how long each document is (1024)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads of each worker, its share of the CPU (1; a GPU each)"
+    )
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ModelOptions.add_flags(p)
+    p.set_defaults(run=publish)
 
     a = lt.add_parser(
         "attacks", help="each attack of the trust review, bounded, against real processes: honest fetch and edge RSS"
@@ -349,6 +362,17 @@ def network(args: argparse.Namespace) -> int:
     config = network_config(args)
     options = ModelOptions.from_args(args)
     return run_network_bench(config, options.load(), options)
+
+
+def publish(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.publish import PublishBenchConfig, run_publish_bench
+
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        raise InvalidArgument(f"--workers {args.workers!r} is not a comma list of worker counts, e.g. 1,2") from None
+    config = PublishBenchConfig(workers, args.documents, args.tokens, args.threads, args.markdown)
+    return run_publish_bench(config, ModelOptions.from_args(args))
 
 
 def attacks(args: argparse.Namespace) -> int:

@@ -80,8 +80,14 @@ class Cluster:
     _edge_token_file: Path | None = None
     _tokens_file: Path | None = None
     _tls_args: list[str] = field(default_factory=list)
+    origin_workers: int = 1
+    """Origin processes (origin, origin1, ...) on one store; more than one needs `--catalog` in
+    `origin_args` (kvcdn.origin.catalog). Edges use the first."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables set for every process besides the inherited ones."""
     start_timeout_s: float = 600.0
     origin_address: str = ""
+    origin_addresses: list[str] = field(default_factory=list)
     edge_addresses: list[str] = field(default_factory=list)
     metrics_urls: dict[str, str] = field(default_factory=dict)
     """Prometheus endpoint of each process by name (origin, edge0, ...)."""
@@ -102,7 +108,8 @@ class Cluster:
             str(port_file),
         ]
         with (Path(self._tmp.name) / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env = {**os.environ, **self.env}
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self._procs.append((name, proc))
         return port_file
 
@@ -149,8 +156,12 @@ class Cluster:
                 self.server_tls = TLSFiles(pki["server"], pki["server_key"], pki["ca"])
                 signing += self._tls_args
             origin_args = ["origin", "--store", str(self.store_dir), *signing, *self.origin_args]
-            origin_file = self._spawn("origin", origin_args)
-            self.origin_address = self._wait("origin", origin_file)
+            names = ["origin", *(f"origin{i}" for i in range(1, self.origin_workers))]
+            named = self.origin_workers > 1 or "--catalog" in self.origin_args
+            workers = [["--worker", name] if named else [] for name in names]
+            files = [self._spawn(name, [*origin_args, *w]) for name, w in zip(names, workers, strict=True)]
+            self.origin_addresses = [self._wait(name, f) for name, f in zip(names, files, strict=True)]
+            self.origin_address = self.origin_addresses[0]
             # With peers, every edge must know the others' addresses before it starts: pick free ports.
             ports = free_ports(self.host, self.edges) if self.peers else [0] * self.edges
             ring = ["--peers", ",".join(f"{self.host}:{p}" for p in ports)] if self.peers else []

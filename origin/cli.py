@@ -70,6 +70,15 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="a signed answer for a document's latest version is valid this long (default: 3600)",
     )
+    s.add_argument(
+        "--catalog",
+        default="",
+        metavar="URL",
+        help="PostgreSQL URL of a catalog shared by several origin workers (postgresql://USER@HOST/DB): "
+        "manifests, invalidations and the publish queue live there, blocks in --store, which the workers "
+        "share; publishes are spread over every worker (default: this origin keeps its own)",
+    )
+    s.add_argument("--worker", default="", help="this worker's name in the shared publish queue (default: the host's)")
     add_tls_flags(s)
     ModelOptions.add_flags(s)
     s.set_defaults(run=run)
@@ -97,6 +106,8 @@ def config_from(args: argparse.Namespace) -> OriginConfig:
         tls=TLSFiles.from_args(args),
         bulk_port=args.bulk_port,
         metrics_port=args.metrics_port,
+        catalog=args.catalog,
+        worker=args.worker,
     )
 
 

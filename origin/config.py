@@ -69,6 +69,15 @@ class OriginConfig:
     """How long a signed answer for a document's latest version may be relied on (its `valid_until`):
     the most an edge replaying an old answer can hold a client back; also the clock skew tolerated."""
 
+    catalog: str = ""
+    """PostgreSQL URL of a catalog shared with other origin workers (kvcdn.origin.catalog): manifests,
+    the invalidation feed and the publish queue live there, blocks in `store_dir`, which the workers
+    share; empty: this process keeps its own (files in `store_dir`)."""
+    worker: str = ""
+    """This worker's name in the shared publish queue (default: host name and a number)."""
+    catalog_connect_s: float = 10.0
+    """How long to try reaching the catalog's database at start before giving up (UNAVAILABLE)."""
+
     def __post_init__(self) -> None:
         if self.max_document_tokens <= 0:
             raise InvalidArgument("max_document_tokens must be positive")
@@ -84,6 +93,15 @@ class OriginConfig:
             )
         if self.closed_reads and self.tokens is None:
             raise InvalidArgument("closed reads need a tokens file (--tokens) naming who may read")
+        if self.catalog and self.store_bytes:
+            raise InvalidArgument(
+                "--store-bytes counts what one process writes and cannot budget a store that several workers "
+                "share (--catalog): size the shared volume instead"
+            )
+        if self.catalog and not self.catalog.startswith(("postgresql://", "postgres://")):
+            raise InvalidArgument(
+                f"--catalog must be a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE), not {self.catalog!r}"
+            )
         if self.store_bytes < 0:
             raise InvalidArgument("store_bytes must be >= 0 (0: no budget)")
         if self.rate_limit < 0:

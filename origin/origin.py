@@ -10,16 +10,14 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from kvcdn.errors import DigestMismatch, InvalidArgument, LimitExceeded, NotFound
+from kvcdn.errors import DigestMismatch, InvalidArgument, LimitExceeded, NotFound, Unavailable
 from kvcdn.model import adapter
-from kvcdn.model.codecs import encode
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.receiving import KVAssembler
-from kvcdn.model.tensors import LayerKV, block_payload
+from kvcdn.origin.blockwork import load_prefix, store_block, store_encodings
+from kvcdn.origin.catalog import Catalog, PgEvents, PgManifests, SharedLock
 from kvcdn.origin.config import OriginConfig
+from kvcdn.origin.queue import LocalQueue, SharedQueue
 from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
 from kvcdn.spec.codecs import CODECS, best_prefix, max_encoded_bytes, parse_codecs
 from kvcdn.spec.identity import block_keys, block_spans, check_read_request, content_digest, encoded_key
@@ -28,7 +26,7 @@ from kvcdn.store.blockstore import BlockStore
 from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.frames import EncodedBlock, Frame, encode_block, encode_stored, stream_blocks
+from kvcdn.wire.frames import EncodedBlock, Frame, encode_stored, stream_blocks
 from kvcdn.wire.metrics import OriginMetrics, Stat
 
 __all__ = ["Origin", "PublishResult"]
@@ -58,16 +56,28 @@ class Origin:
         self.blocks = BlockStore(config.store_dir / "blocks", quarantine=config.store_dir / "quarantine")
         if config.store_bytes:
             self.blocks.size()  # counted once now (a scan of the store), then kept up to date
-        self.manifests = ManifestStore(config.store_dir, config.store_dir / "quarantine")
-        self.events = EventLog(config.store_dir, config.store_dir / "quarantine")
+        self.catalog: Catalog | None = None
+        """The catalog shared with other workers (--catalog); None: this process's own store."""
+        self.manifests: ManifestStore | PgManifests
+        self.events: EventLog | PgEvents
+        self._manifest_lock: asyncio.Lock | SharedLock
+        self.queue: LocalQueue | SharedQueue
+        if config.catalog:
+            self.catalog = Catalog(config.catalog, self.fingerprint, self.geometry.to_proto(), config.catalog_connect_s)
+            self.manifests, self.events = self.catalog.manifests, self.catalog.events
+            self._manifest_lock = self.catalog.lock
+            self.queue = SharedQueue(self.catalog, self._work, config.worker)
+        else:
+            self.manifests = ManifestStore(config.store_dir, config.store_dir / "quarantine")
+            self.events = EventLog(config.store_dir, config.store_dir / "quarantine")
+            self._manifest_lock = asyncio.Lock()
+            self.queue = LocalQueue(self._work)
         self._new_event = asyncio.Condition()
         self._read_cache: ByteLRU[bytes, EncodedBlock] = ByteLRU(config.read_cache_bytes, lambda b: b.n_bytes)
-        self._publishing: SingleFlight[str, asyncio.Future[tuple[int, float]]] = SingleFlight()
         self._reserved = 0
         """Bytes publishes under way may still add to the store (counted against its budget)."""
         self._repairing: SingleFlight[bytes, asyncio.Future[None]] = SingleFlight()
         self._model_lock = asyncio.Lock()
-        self._manifest_lock = asyncio.Lock()
         self.signer = Signer.from_file(config.signing_key) if config.signing_key is not None else None
         self._signed: ByteLRU[bytes, pb.BlockInfo] = ByteLRU(1 << 16, lambda _: 1)
         """Signed infos of recently looked-up blocks (a signature costs ~50 us; lookups repeat)."""
@@ -76,6 +86,29 @@ class Origin:
         self.blocks_computed = 0
         self.blocks_repaired = 0
         self.publishes = 0
+
+    async def start(self) -> None:
+        """With a shared catalog: follow its notifications and feed, take publish jobs."""
+        if self.catalog is not None and isinstance(self.queue, SharedQueue):
+            self.catalog.start(self._on_events)
+            self.queue.start()
+
+    async def close(self) -> None:
+        await self.queue.close()
+        if self.catalog is not None:
+            self.catalog.close()
+
+    async def _on_events(self, events: list[pb.InvalidationEvent]) -> None:
+        """Other workers' purges: forget the blocks they removed, wake this worker's Watch streams."""
+        self._forget([key for event in events for key in event.keys])
+        async with self._new_event:
+            self._new_event.notify_all()
+
+    def _forget(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            self.blocks.forget(key)
+            self._read_cache.pop(key)
+            self._signed.pop(key)
 
     def stats(self) -> list[Stat]:
         """The origin's counters, for kvcdn.wire.metrics (read at scrape time)."""
@@ -133,72 +166,90 @@ class Origin:
         need = self._room_for(document, len(ids), keys, offered)
         self._reserved += need
         try:
-            computed, prefill_s = await self._publishing.do(digest, lambda: self._compute(ids, keys))
-            if offered:
-                await self._encode(ids, keys, offered)
+            for _ in range(3):  # again if a purge removed some of its blocks before the manifest was written
+                computed, prefill_s = await self.queue.run(digest, ids, offered)
+                async with self._manifest_lock:
+                    answer = await asyncio.get_running_loop().run_in_executor(
+                        None, self._commit, document, ids, keys, offered
+                    )
+                if answer is not None:
+                    break
+            else:
+                raise Unavailable(f"purges kept removing blocks of {document!r} while it was published; publish again")
         finally:
             self._reserved -= need
-        async with self._manifest_lock:
-            version = self.manifests.next_version(document)
-            if version - 1 in self.manifests.versions(document):
-                latest = self.manifests.get(document, version - 1)
-                if latest.content_digest == digest and tuple(latest.codecs) == offered:
-                    return PublishResult(self._answer(latest, False, True), computed, prefill_s)
-            manifest = pb.Manifest(
-                document=document,
-                version=version,
-                fingerprint=self.fingerprint,
-                geometry=self.geometry.to_proto(),
-                token_count=len(ids),
-                blocks=[self._stored_info(k) for k in keys],
-                content_digest=digest,
-                codecs=offered,
-                token_ids=ids,
-                issued_at=int(time.time()),
+        manifest, fresh = answer
+        if fresh:
+            log.info(
+                "published %s v%d: %d tokens, %d blocks (%d computed)",
+                document,
+                manifest.version,
+                len(ids),
+                len(keys),
+                computed,
             )
-            self.manifests.put(manifest)
-        log.info(
-            "published %s v%d: %d tokens, %d blocks (%d computed)",
-            document,
-            manifest.version,
-            len(ids),
-            len(keys),
-            computed,
-        )
         return PublishResult(self._answer(manifest, False, True), computed, prefill_s)
+
+    def _commit(
+        self, document: str, ids: list[int], keys: list[bytes], codecs: tuple[str, ...]
+    ) -> tuple[pb.Manifest, bool] | None:
+        """Under the manifest lock: the document's latest manifest if it describes the same content
+        in the same codecs (and False), else a new version's (and True); None if a block of `keys`
+        is not on disk (purged since it was computed)."""
+        digest = content_digest(ids)
+        version = self.manifests.next_version(document)
+        if version - 1 in self.manifests.versions(document):
+            latest = self.manifests.get(document, version - 1)
+            if latest.content_digest == digest and tuple(latest.codecs) == codecs:
+                return latest, False
+        if not all(encoded_key(k, c) in self.blocks for k in keys for c in ("raw", *codecs)):
+            return None
+        manifest = pb.Manifest(
+            document=document,
+            version=version,
+            fingerprint=self.fingerprint,
+            geometry=self.geometry.to_proto(),
+            token_count=len(ids),
+            blocks=[self._stored_info(k) for k in keys],
+            content_digest=digest,
+            codecs=codecs,
+            token_ids=ids,
+            issued_at=int(time.time()),
+        )
+        self.manifests.put(manifest)
+        return manifest, True
 
     async def purge(self, document: str, version: int) -> tuple[list[int], int, int]:
         """Remove `document` (one version, or all for 0) and the blocks no other manifest uses; append
         an invalidation event. Returns (versions removed, blocks removed, event seq)."""
         check_document_name(document)
         async with self._manifest_lock:
-            versions = self.manifests.versions(document)
-            if version:
-                if version not in versions:
-                    raise NotFound(f"document {document!r} has no version {version}")
-                versions = [version]
-            damaged = self.manifests.forget_damaged(document) if not version else []
-            if not versions and not damaged:
-                raise NotFound(f"document {document!r} has not been published")
-            # Reading every manifest and deleting files is disk work: off the event loop, which keeps
+            # Manifests, files and the feed are disk or database work: off the event loop, which keeps
             # serving meanwhile (every manifest change holds this lock).
-            orphans = await asyncio.get_running_loop().run_in_executor(None, self._remove, document, versions)
-            for key in orphans:
-                self._read_cache.pop(key)
-                self._signed.pop(key)
-            event = self.events.append(document, version, orphans)
+            removed, orphans, event = await asyncio.get_running_loop().run_in_executor(
+                None, self._purge, document, version
+            )
+            self._forget(orphans)
         async with self._new_event:
             self._new_event.notify_all()
-        log.info("purged %s %s: %d blocks, event %d", document, versions, len(orphans), event.seq)
-        return sorted([*versions, *damaged]), len(orphans), event.seq
+        log.info("purged %s %s: %d blocks, event %d", document, removed, len(orphans), event.seq)
+        return removed, len(orphans), event.seq
 
-    def _remove(self, document: str, versions: Sequence[int]) -> list[bytes]:
-        """Delete `versions` of `document` and the blocks no remaining manifest uses (the store's
-        index says which); returns those keys."""
+    def _purge(self, document: str, version: int) -> tuple[list[int], list[bytes], pb.InvalidationEvent]:
+        """Delete the versions, then the blocks no remaining manifest uses (the store's index says
+        which), then announce them; returns the versions, the blocks' keys and the event."""
+        versions = self.manifests.versions(document)
+        if version:
+            if version not in versions:
+                raise NotFound(f"document {document!r} has no version {version}")
+            versions = [version]
+        damaged = self.manifests.forget_damaged(document) if not version else []
+        if not versions and not damaged:
+            raise NotFound(f"document {document!r} has not been published")
         orphans = sorted({k for v in versions for k in self.manifests.delete(document, v)})
         for key in orphans:
             self.blocks.delete(key)
-        return orphans
+        return sorted([*versions, *damaged]), orphans, self.events.append(document, version, orphans)
 
     async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
         """Invalidation events after `after_seq`, then each new one; never ends by itself."""
@@ -239,6 +290,14 @@ class Origin:
         assert info is not None, "publish stores every block before its manifest"
         return info
 
+    async def _work(self, ids: list[int], codecs: tuple[str, ...]) -> tuple[int, float]:
+        """A publish queue's work (kvcdn.origin.queue): store `ids`' blocks raw and in `codecs`."""
+        keys = block_keys(self.model.fingerprint, ids, self.geometry.block_tokens)
+        computed, prefill_s = await self._compute(ids, keys)
+        if codecs:
+            await self._encode(ids, keys, codecs)
+        return computed, prefill_s
+
     async def _compute(self, ids: list[int], keys: list[bytes], reuse: bool = True) -> tuple[int, float]:
         """Prefill what is not stored yet and store the new blocks, reusing the longest stored prefix
         (not with `reuse` False: a repair recomputes from the first token, as a first publish does)."""
@@ -250,9 +309,8 @@ class Origin:
         loop = asyncio.get_running_loop()
         async with self._model_lock:
             try:
-                past = await loop.run_in_executor(
-                    None, self._load_prefix, keys[:have], spans[have - 1][1] if have else 0
-                )
+                n = spans[have - 1][1] if have else 0
+                past = await loop.run_in_executor(None, load_prefix, self.blocks, self.model, keys[:have], n)
             except DigestMismatch:  # a stored prefix block was corrupt (quarantined now): compute it too
                 have, past = 0, None
             start = spans[have][0]
@@ -264,7 +322,10 @@ class Origin:
         stored = 0
         for i in range(have, len(keys)):
             s, e = spans[i]
-            stored += await loop.run_in_executor(None, self._store_block, keys[i], i, layers, s, e)
+            block = await loop.run_in_executor(None, store_block, self.blocks, self.geometry, keys[i], i, layers, s, e)
+            if block is not None:
+                self._read_cache.put(keys[i], block)
+                stored += 1
         self.blocks_computed += stored
         return stored, prefill_s
 
@@ -277,18 +338,18 @@ class Origin:
             async with self._model_lock:  # computed once, by a prefill
                 shaping = await loop.run_in_executor(None, getattr, self.model, "key_shaping")
         try:
-            await loop.run_in_executor(None, self._store_encodings, keys, codecs, shaping)
+            await loop.run_in_executor(None, store_encodings, self.blocks, self.model, keys, codecs, shaping)
         except DigestMismatch:
             await self._compute(ids, keys, reuse=False)
-            await loop.run_in_executor(None, self._store_encodings, keys, codecs, shaping)
+            await loop.run_in_executor(None, store_encodings, self.blocks, self.model, keys, codecs, shaping)
 
     async def _repair(self, key: bytes) -> None:
         """Recompute the block `key`, whose stored file failed its digests (moved to quarantine), from
         the token ids of a manifest that uses it; manifests that describe it are updated if the new
         bytes differ (a block first computed after a stored prefix is recomputed from token 0)."""
+        loop = asyncio.get_running_loop()
         async with self._manifest_lock:
-            users = self.manifests.users(key)
-            manifest = self.manifests.get(*users[0]) if users else None
+            manifest = await loop.run_in_executor(None, self._a_user, key)
         if manifest is None or not manifest.token_ids:
             raise DigestMismatch(
                 f"stored block {key.hex()[:16]}… was corrupt (quarantined) and no manifest with token ids uses "
@@ -302,55 +363,29 @@ class Origin:
         self.blocks_repaired += 1
         log.warning("recomputed corrupt block %s… from %s v%d", key.hex()[:16], manifest.document, manifest.version)
         async with self._manifest_lock:
-            for document, version in self.manifests.users(key):
-                stored = self.manifests.get(document, version)
-                fresh = [self.blocks.info(b.key) or b for b in stored.blocks]
-                if any(f.frame_digests != b.frame_digests for f, b in zip(fresh, stored.blocks, strict=True)):
-                    del stored.blocks[:]
-                    stored.blocks.extend(fresh)
-                    self.manifests.put(stored)
+            await loop.run_in_executor(None, self._redescribe, key)
 
-    def _load_prefix(self, keys: Sequence[bytes], n_tokens: int) -> list[LayerKV] | None:
-        if not keys:
-            return None
-        assembler = KVAssembler(self.geometry, n_tokens, self.model.device)
-        for key in keys:
-            info, payload, _ = self.blocks.get(key)
-            assembler.write(info.index * self.geometry.block_tokens, info.n_tokens, 0, payload)
-        return assembler.layers()
+    def _a_user(self, key: bytes) -> pb.Manifest | None:
+        """The oldest manifest that uses the stored block `key`."""
+        users = self.manifests.users(key)
+        return self.manifests.get(*users[0]) if users else None
 
-    def _store_encodings(self, keys: Sequence[bytes], codecs: Sequence[str], shaping: torch.Tensor | None) -> None:
-        """Store each block of `keys` encoded with each of `codecs` (lossy ones with the model's key
-        `shaping`), where not stored yet."""
-        for key in keys:
-            missing = [c for c in codecs if encoded_key(key, c) not in self.blocks]
-            if not missing:
-                continue
-            info, payload, _ = self.blocks.get(key)
-            for codec in missing:
-                first = info.index == 0
-                data = encode(codec, self.geometry, info.n_tokens, payload, first, shaping, self.model.device)
-                frame_bytes = self.geometry.frame_bytes
-                block = encode_block(
-                    encoded_key(key, codec), info.index, info.n_tokens, data, frame_bytes, codec, info.n_bytes
-                )
-                self.blocks.put(block.info, data, frame_bytes)
-
-    def _store_block(self, key: bytes, index: int, layers: list[LayerKV], start: int, end: int) -> bool:
-        """Store the block of tokens [start, end) unless it is stored; True if it was not."""
-        if key in self.blocks:
-            return False
-        payload = block_payload(self.geometry, layers, start, end)
-        block = encode_block(key, index, end - start, payload, self.geometry.frame_bytes)
-        self.blocks.put(block.info, payload, self.geometry.frame_bytes)
-        self._read_cache.put(key, block)
-        return True
+    def _redescribe(self, key: bytes) -> None:
+        """Rewrite the manifests that use `key` where its recomputed bytes differ from what they say."""
+        for document, version in self.manifests.users(key):
+            stored = self.manifests.get(document, version)
+            fresh = [self.blocks.info(b.key) or b for b in stored.blocks]
+            if any(f.frame_digests != b.frame_digests for f, b in zip(fresh, stored.blocks, strict=True)):
+                del stored.blocks[:]
+                stored.blocks.extend(fresh)
+                self.manifests.put(stored)
 
     # --- read side --------------------------------------------------------------------------------
 
-    def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
+    async def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
         """The manifest of `document` (version 0: the latest), with its token ids if asked for, signed."""
-        return self._answer(self.manifests.get(document, version), token_ids, version == 0)
+        stored = await asyncio.get_running_loop().run_in_executor(None, self.manifests.get, document, version)
+        return self._answer(stored, token_ids, version == 0)
 
     def _answer(self, manifest: pb.Manifest, token_ids: bool, latest: bool) -> pb.Manifest:
         """A manifest as answers carry it: token ids only if asked for, signed with the current key

@@ -23,19 +23,25 @@ log = logging.getLogger(__name__)
 async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin, Server]:
     """Start an origin for an already loaded model; the caller stops the returned server."""
     origin = Origin(config, model)
-    auth = Authorizer.from_file(config.tokens, config.closed_reads) if config.tokens is not None else None
-    limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
-    service = OriginService(origin, ServerMetrics(origin.stats), auth, limiter)
-    server = await start_server(
-        config.listen,
-        service,
-        publisher=service,
-        invalidations=service,
-        bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
-        bulk_port=config.bulk_port,
-        metrics_port=config.metrics_port,
-        tls=config.tls,
-    )
+    await origin.start()
+    try:
+        auth = Authorizer.from_file(config.tokens, config.closed_reads) if config.tokens is not None else None
+        limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
+        service = OriginService(origin, ServerMetrics(origin.stats), auth, limiter)
+        server = await start_server(
+            config.listen,
+            service,
+            publisher=service,
+            invalidations=service,
+            bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
+            bulk_port=config.bulk_port,
+            metrics_port=config.metrics_port,
+            tls=config.tls,
+        )
+    except BaseException:
+        await origin.close()
+        raise
+    server.on_stop.append(origin.close)
     log.info("origin serving %s on %s (fingerprint %s…)", model.name, server.address, origin.fingerprint[:16])
     return origin, server
 

@@ -30,7 +30,7 @@ class _OriginReads:
         return self.origin.info()
 
     async def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
-        return self.origin.manifest(document, version, token_ids)
+        return await self.origin.manifest(document, version, token_ids)
 
     async def lookup(
         self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False

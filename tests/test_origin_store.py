@@ -176,13 +176,13 @@ async def test_a_damaged_manifest_costs_only_its_own_document(llama: LoadedModel
         # Damaged while running: the next read quarantines it, the rest goes on.
         (origin.manifests._dir("b") / "1.manifest").write_bytes(b"\xff" * 40)
         with pytest.raises(DigestMismatch):
-            origin.manifest("b", 0)
+            await origin.manifest("b", 0)
         assert origin.manifests.quarantined == 2
         assert dict(origin.stats())[OriginMetrics.METADATA_QUARANTINED] == 2
         # Purging every version forgets the damaged ones too.
         assert (await origin.purge("b", 0))[0] == [1]
         with pytest.raises(NotFound):
-            origin.manifest("b", 0)
+            await origin.manifest("b", 0)
     finally:
         await stop_network(net)
     assert ManifestStore(store).next_version("a") == 3  # after a restart too

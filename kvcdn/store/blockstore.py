@@ -54,7 +54,13 @@ class BlockStore:
         return self.root / h[:2] / f"{h}.blk"
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._infos or self.path(key).exists()
+        """Whether the block's file is there (asked of the disk: another process sharing the folder,
+        an origin worker, may have removed it)."""
+        return self.path(key).exists()
+
+    def forget(self, key: bytes) -> None:
+        """Drop what is remembered of `key` (another process removed its file)."""
+        self._infos.pop(key, None)
 
     def put(self, info: pb.BlockInfo, payload: bytes | memoryview | list[memoryview], frame_bytes: int) -> int:
         """Store a block whose payload is one buffer or consecutive pieces of it (an edge's frame

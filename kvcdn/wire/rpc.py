@@ -273,6 +273,8 @@ class Server:
         self.metrics = metrics
         self.metrics_port = metrics_port
         """Port of the `/metrics` HTTP endpoint; 0 when it is off."""
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        """Called when the server has stopped (what it served closes)."""
 
     @property
     def metrics_url(self) -> str:
@@ -291,6 +293,8 @@ class Server:
             await self.bulk.stop()
         await self.grpc.stop(grace_s)
         self.metrics.stop()
+        for close in self.on_stop:
+            await close()
 
 
 async def start_server(
