@@ -184,9 +184,13 @@ class Catalog:
     def notify(self, channel: str, payload: str = "") -> None:
         self.query("SELECT pg_notify(%s, %s)", (channel, payload))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.close_connections()
+
+    def close_connections(self) -> None:
         self._lock_conn.close()
         self.pool.close()
 

@@ -96,7 +96,7 @@ class Origin:
     async def close(self) -> None:
         await self.queue.close()
         if self.catalog is not None:
-            self.catalog.close()
+            await self.catalog.close()
 
     async def _on_events(self, events: list[pb.InvalidationEvent]) -> None:
         """Other workers' purges: forget the blocks they removed, wake this worker's Watch streams."""

@@ -137,7 +137,7 @@ class SharedQueue:
             seen = self.catalog.generation("kvcdn_jobs")
             try:
                 job = await self._claim()
-            except KVCDNError as exc:
+            except Exception as exc:  # the database is down, or its tables are not what they should be
                 log.warning("cannot take publish jobs: %s; trying again in 1 s", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -198,7 +198,7 @@ class SharedQueue:
             await self._query(
                 "DELETE FROM kvcdn_jobs WHERE state IN ('done', 'failed') AND finished < now() - interval '1 hour'"
             )
-        except KVCDNError as exc:  # the lease lapses and another worker takes the job over
+        except Exception as exc:  # the lease lapses and another worker takes the job over
             log.warning("could not record the end of publish job %d: %s", job, exc)
 
     async def _renew(self, job: int) -> None:

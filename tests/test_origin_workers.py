@@ -239,13 +239,13 @@ def test_the_catalog_answers_as_the_one_process_store(
         assert [e.seq for e in events.events[1:]] == [2] and list(events.events[0].keys) == [own1, own2]
     finally:
         if catalog is not None:
-            catalog.close()
+            catalog.close_connections()
     if catalog is not None:  # a second worker's view: the same feed, read from the table
         again = Catalog(catalog_url, llama.fingerprint_hex, llama.geometry.to_proto())
         try:
             assert [e.document for e in again.events.events] == ["doc", "other"]
         finally:
-            again.close()
+            again.close_connections()
 
 
 def test_the_publish_benchmark_spreads_a_burst_over_worker_processes(
