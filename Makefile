@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install model proto proto-check lint format typecheck conformance postgres prometheus-check test test-fast demo bench gpu-wheels gpu-check vllm-env clean
+.PHONY: install model proto proto-check lint format typecheck conformance postgres prometheus-check image-check test test-fast demo bench gpu-wheels gpu-check vllm-env clean
 # vLLM's CPU build in an environment of its own: it bounds transformers below 5.20, kvcdn asks for 5.24.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -97,6 +97,9 @@ gpu-wheels:  ## here, with a package index: the wheels a GPU machine without net
 
 gpu-check:  ## on a GPU machine, after gpu-wheels: CUDA tests and the GPU benchmark (TUNE=1: and what chose the defaults)
 	scripts/gpu-check.sh $(if $(TUNE),tune)
+
+image-check: install model  ## as root, with buildah and debootstrap: build the image without Docker, run an origin and an edge from it
+	deploy/docker/check.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
-"""The container image's recipe (deploy/docker/Dockerfile, not built on this machine: no Docker
-daemon), the Kubernetes manifests (deploy/k8s, checked against the API's schemas and kvcdn's own
-flags), and `kvcdn health`, the probe they run."""
+"""The container image's recipe (deploy/docker/Dockerfile; `make image-check` builds and runs it with
+buildah, outside the suite: it needs root and minutes), the Kubernetes manifests (deploy/k8s,
+checked against the API's schemas and kvcdn's own flags), and `kvcdn health`, the probe they run."""
 
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def test_the_image_copies_every_package_and_runs_as_a_user_without_a_model() -> 
     (check,) = [args for op, args in steps if op == "HEALTHCHECK"]
     assert "kvcdn health" in check
     assert len([1 for op, _ in steps if op == "FROM"]) == 2  # multi-stage
+
+
+def test_every_package_folder_is_installed_by_a_non_editable_install() -> None:
+    """An editable install (`make install`) finds every folder; a wheel or an image carries only the
+    packages pyproject.toml lists: a subpackage left out breaks them alone (it once did: the codecs)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"kvcdn": "kvcdn", **{folder: name for name, folder in project["package-dir"].items()}}
+    found = set()
+    for top, name in folders.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join([name, *parts]))
+    assert found == set(project["packages"]), f"not listed: {sorted(found - set(project['packages']))}"
 
 
 def _health(address: str, *flags: str) -> subprocess.CompletedProcess[str]:

@@ -174,6 +174,10 @@ def provision_default_model(models_dir: Path) -> Path:
         staged = work / "model"
         plain.save_pretrained(str(staged))
         tokenizer.save_pretrained(str(staged))
+        # Readable by every user (safetensors writes its file 0600): an image's non-root user, or a
+        # server's own account, loads a model another account provisioned. A model is no secret.
+        for path in [staged, *staged.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staged.rename(target)  # atomic: a half-converted model never looks provisioned
