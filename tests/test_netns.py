@@ -1,6 +1,7 @@
 """Several hosts on one machine: the origin and two edges each in a network namespace of their own,
 joined by veth links to a bridge the agent (this process) sits on, so every hop crosses a real
-interface and addresses are not loopback. Then one edge is cut off from the origin and from its
+interface and addresses are not loopback; inside the namespaces hosts have names (the edges reach
+the origin as origin.kvcdn.test). Then one edge is cut off from the origin and from its
 peer (blackhole routes in its namespace: packets vanish, as in a real partition, while agents still
 reach it), and an agent still gets the whole cache, exact, from the other edge.
 
@@ -29,11 +30,21 @@ PREFIX = f"kvn{os.getpid() % 10000}"
 BRIDGE = f"{PREFIX}br"
 AGENT_IP = "10.77.0.1"
 HOSTS = {"origin": "10.77.0.10", "edge1": "10.77.0.11", "edge2": "10.77.0.12"}
+DOMAIN = "kvcdn.test"
+"""Each host's name is NAME.kvcdn.test inside the namespaces (`ip netns exec` reads /etc/netns/NS/hosts
+as /etc/hosts): the edges reach the origin by its name."""
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
     cmd = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
     subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+
+
+def _resolve(ns: str, name: str) -> str:
+    """The address `name` resolves to inside namespace `ns` ("" if none)."""
+    cmd = ["ip", "netns", "exec", ns, "getent", "hosts", name]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.split()
+    return out[0] if out else ""
 
 
 def _why_not() -> str:
@@ -62,6 +73,7 @@ pytestmark = pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT or "")
 def hosts() -> Iterator[dict[str, str]]:
     """A namespace per host in HOSTS, each with a veth to the bridge; the agent is on the bridge."""
     made: list[str] = []
+    names = "".join(f"{address} {name}.{DOMAIN}\n" for name, address in HOSTS.items())
     try:
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{AGENT_IP}/24", "dev", BRIDGE)
@@ -70,6 +82,8 @@ def hosts() -> Iterator[dict[str, str]]:
             ns, outside, inside = f"{PREFIX}{name}", f"{PREFIX}o{i}", f"{PREFIX}i{i}"
             _ip("netns", "add", ns)
             made.append(ns)
+            (Path("/etc/netns") / ns).mkdir(parents=True, exist_ok=True)
+            (Path("/etc/netns") / ns / "hosts").write_text(f"127.0.0.1 localhost\n{names}")
             _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
             _ip("link", "set", inside, "netns", ns)
             _ip("link", "set", outside, "master", BRIDGE, "up")
@@ -81,6 +95,7 @@ def hosts() -> Iterator[dict[str, str]]:
         for i, ns in enumerate(made):
             subprocess.run(["ip", "link", "del", f"{PREFIX}o{i}"], capture_output=True)  # and its other end
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
 
 
@@ -124,10 +139,13 @@ async def test_an_edge_cut_off_from_the_origin_and_its_peer_costs_agents_only_a_
             ],
         )
         ring = [f"{HOSTS[e]}:7080" for e in ("edge1", "edge2")]
+        # The edges know the origin by its name, resolved in their own namespaces.
+        assert _resolve(hosts["edge1"], f"origin.{DOMAIN}") == HOSTS["origin"]
+        named_origin = f"origin.{DOMAIN}:{origin.rsplit(':', 1)[1]}"
         for edge in ("edge1", "edge2"):
             start(
                 edge,
-                ["edge", "--origin", origin, "--listen", f"{HOSTS[edge]}:7080", "--peers", ",".join(ring)],
+                ["edge", "--origin", named_origin, "--listen", f"{HOSTS[edge]}:7080", "--peers", ",".join(ring)],
             )
         texts = {name: (SAMPLES / name).read_text()[:3000] for name in ("apache-2.0.txt", "mpl-2.0.txt")}
         async with CacheReader(origin) as publisher:  # the agent's host reaches the origin's over the bridge
