@@ -155,8 +155,11 @@ class Catalog:
                     for channel in CHANNELS:
                         await conn.execute(f"LISTEN {channel}")
                     await self._bump(*CHANNELS)  # whatever happened while nobody listened
-                    async for note in conn.notifies():
-                        await self._bump(note.channel)
+                    # Closed before the connection is (aclosing): the generator holds the connection's
+                    # lock, and closing the connection under it would wait for ever.
+                    async with contextlib.aclosing(conn.notifies()) as notes:
+                        async for note in notes:
+                            await self._bump(note.channel)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -187,7 +190,8 @@ class Catalog:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a stop never hangs on the database
+            await asyncio.wait(self._tasks, timeout=5)
         self.close_connections()
 
     def close_connections(self) -> None:

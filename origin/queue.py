@@ -84,8 +84,7 @@ class SharedQueue:
     async def close(self) -> None:
         if self._serving is not None:
             self._serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._serving
+            await asyncio.wait([self._serving], timeout=5)  # bounded: a stop never hangs on a job
 
     async def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return await asyncio.get_running_loop().run_in_executor(None, self.catalog.query, sql, params)
