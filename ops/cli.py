@@ -1,16 +1,21 @@
-"""The operators' commands (`up`, `stats`, `demo`, `provision`), registered with kvcdn.cli."""
+"""The operators' commands (`up`, `stats`, `demo`, `provision`, `keys`, `certs`, `health`, `ledger`), registered with
+kvcdn.cli."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from kvcdn.errors import InvalidArgument, KVCDNError
 from kvcdn.flags import add_connection_flags, add_edges_flag, add_tls_flags, parse_size
@@ -86,6 +91,37 @@ def register(sub: Any) -> None:
     s = sub.add_parser("provision", help="fetch and convert the embedded default model")
     s.add_argument("--models-dir", default=os.environ.get("KVCDN_MODELS_DIR"))
     s.set_defaults(run=provision)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db",
+        default=os.environ.get("KVCDN_LEDGER", "kvcdn-ledger.db"),
+        help="the ledger: a SQLite file (default kvcdn-ledger.db) or a postgresql:// URL (env KVCDN_LEDGER)",
+    )
+    s = sub.add_parser("ledger", help="settle the receipts edges sign: ingest, balances, statements, reversals")
+    ledger = s.add_subparsers(dest="ledger_command", required=True, metavar="ingest|balances|statement|flags|reverse")
+    i = ledger.add_parser("ingest", parents=[common], help="check and settle files of receipts (ReceiptBatch)")
+    i.add_argument("batches", nargs="+", metavar="BATCH", help="a file holding one serialized ReceiptBatch")
+    i.add_argument("--edge-keys", required=True, help="the edges' receipt keys (.pub files), comma-separated")
+    i.add_argument(
+        "--fee-bps",
+        type=int,
+        help="the network's share of each price, in basis points (kept in the ledger; 0 at first)",
+    )
+    i.set_defaults(run=ledger_ingest)
+    ledger.add_parser("balances", parents=[common], help="every account's balance").set_defaults(run=ledger_balances)
+    ledger.add_parser("flags", parents=[common], help="receipts and checkpoints set aside, and why").set_defaults(
+        run=ledger_flags
+    )
+    st = ledger.add_parser("statement", parents=[common], help="what a publisher earned in a period")
+    st.add_argument("--publisher", required=True, help="the publisher's key id")
+    st.add_argument("--from", dest="start", help="first day (UTC, YYYY-MM-DD; default: the beginning)")
+    st.add_argument("--to", dest="end", help="day after the last (UTC, YYYY-MM-DD; default: now)")
+    st.set_defaults(run=ledger_statement)
+    r = ledger.add_parser("reverse", parents=[common], help="post the negation of a transaction (a correction)")
+    r.add_argument("transaction", type=int)
+    r.add_argument("--memo", required=True, help="why (kept with the reversal)")
+    r.set_defaults(run=ledger_reverse)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -214,4 +250,100 @@ def certs(args: argparse.Namespace) -> int:
         print(f"{name:11} {path}")
     print("servers: --tls-cert server.pem --tls-key server.key [--tls-ca ca.pem: require client certificates]")
     print("callers: --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key]")
+    return 0
+
+
+def _ms(day: str | None, default: int, flag: str) -> int:
+    if not day:
+        return default
+    try:
+        when = datetime.datetime.fromisoformat(day).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise InvalidArgument(f"{flag} {day!r} is not a day such as 2026-12-01") from None
+    return int(when.timestamp() * 1000)
+
+
+def ledger_ingest(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvcdn.ops.ledger import Ledger
+    from kvcdn.spec.provenance import TrustStore
+    from kvcdn.v1 import kvcdn_pb2 as pb
+
+    keys = TrustStore.from_files([Path(p) for p in args.edge_keys.split(",") if p]).keys
+    ledger = Ledger(args.db, args.fee_bps)
+    try:
+        for path in args.batches:
+            try:
+                batch = pb.ReceiptBatch.FromString(Path(path).read_bytes())
+            except (OSError, DecodeError) as exc:
+                raise InvalidArgument(f"{path}: not a readable ReceiptBatch ({exc})") from None
+            report = ledger.ingest(batch, keys)
+            print(
+                f"{path}: {report.posted} posted, {report.stored} new, {report.duplicates} counted already, "
+                f"{len(report.flagged)} flagged"
+            )
+            for edge, seq, why in report.flagged:
+                Console(stderr=True).print(f"  flagged: edge {edge} receipt {seq}: {why}", markup=False)
+    finally:
+        ledger.close()
+    return 0
+
+
+def ledger_balances(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvcdn.ops.ledger import Ledger
+
+    ledger = Ledger(args.db)
+    try:
+        table = Table("account", "asset", "balance", title=f"kvcdn ledger {args.db}")
+        for (account, asset), amount in sorted(ledger.balances().items()):
+            table.add_row(account, asset, f"{amount:,}")
+        Console().print(table)
+        unbalanced = ledger.unbalanced()
+    finally:
+        ledger.close()
+    if unbalanced:
+        print(f"transactions whose entries do not sum to zero: {unbalanced}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def ledger_flags(args: argparse.Namespace) -> int:
+    from kvcdn.ops.ledger import Ledger
+
+    ledger = Ledger(args.db)
+    try:
+        for edge, seq, why in ledger.flags():
+            print(f"edge {edge} receipt {seq}: {why}")
+    finally:
+        ledger.close()
+    return 0
+
+
+def ledger_statement(args: argparse.Namespace) -> int:
+    from kvcdn.ops.ledger import Ledger
+
+    ledger = Ledger(args.db)
+    try:
+        end = _ms(args.end, int(time.time() * 1000), "--to")
+        s = ledger.statement(args.publisher, _ms(args.start, 0, "--from"), end)
+    finally:
+        ledger.close()
+    amounts = ", ".join(f"{amount:,} {asset}" for asset, amount in sorted(s.amounts.items())) or "nothing"
+    print(f"publisher {s.publisher}: {s.receipts} receipts, earned {amounts}")
+    print(f"merkle root of the receipts settled: {s.root.hex()}")
+    return 0
+
+
+def ledger_reverse(args: argparse.Namespace) -> int:
+    from kvcdn.ops.ledger import Ledger
+
+    ledger = Ledger(args.db)
+    try:
+        print(f"transaction {ledger.reverse(args.transaction, args.memo)} reverses {args.transaction}")
+    finally:
+        ledger.close()
     return 0

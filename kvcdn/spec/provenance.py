@@ -154,6 +154,11 @@ class Signer:
         self._key = key
         self.key_id = key_id(key.public_key())
 
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        """The private key (an edge signs its receipts with its own: kvcdn.spec.receipts)."""
+        return self._key
+
     @classmethod
     def from_file(cls, path: Path) -> Signer:
         """The key in `path`; refused if its public half beside it (`.pub`) says it has expired."""

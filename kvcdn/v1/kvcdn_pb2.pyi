@@ -678,3 +678,142 @@ class InvalidationEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvalidationEvent: _TypeAlias = InvalidationEvent  # noqa: Y015
+
+@_typing.final
+class Receipt(_message.Message):
+    """What an edge signs for one load it served (SPEC.md section 14); ledgers settle them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EDGE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    edge: _builtins.str
+    """Key id of the edge's receipt key (as a publisher key's: SPEC.md section 12)."""
+    seq: _builtins.int
+    """Position in that key's chain, counting from 1."""
+    prev_hash: _builtins.bytes
+    """Hash of the key's previous receipt; 32 zero bytes for seq 1."""
+    grant_id: _builtins.str
+    """The grant the load was made under."""
+    idempotency_key: _builtins.str
+    """Names the load: a retried load carries the same key and is charged once."""
+    agent: _builtins.str
+    """The account charged."""
+    publisher: _builtins.str
+    """Key id of the publisher whose document was loaded, the document and its version."""
+    document: _builtins.str
+    version: _builtins.int
+    blocks: _builtins.int
+    """What was served."""
+    bytes: _builtins.int
+    tokens: _builtins.int
+    price: _builtins.int
+    """The price charged, in the smallest unit of `asset`."""
+    asset: _builtins.str
+    time_ms: _builtins.int
+    """When, in milliseconds since the epoch."""
+    signature: _builtins.bytes
+    """Ed25519 over the receipt statement."""
+    def __init__(
+        self,
+        *,
+        edge: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        prev_hash: _builtins.bytes = ...,
+        grant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        publisher: _builtins.str = ...,
+        document: _builtins.str = ...,
+        version: _builtins.int = ...,
+        blocks: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        price: _builtins.int = ...,
+        asset: _builtins.str = ...,
+        time_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "asset", b"asset", "blocks", b"blocks", "bytes", b"bytes", "document", b"document", "edge", b"edge", "grant_id", b"grant_id", "idempotency_key", b"idempotency_key", "prev_hash", b"prev_hash", "price", b"price", "publisher", b"publisher", "seq", b"seq", "signature", b"signature", "time_ms", b"time_ms", "tokens", b"tokens", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """An edge's signed Merkle root over a run of its receipts (SPEC.md section 14)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EDGE_FIELD_NUMBER: _builtins.int
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    edge: _builtins.str
+    first_seq: _builtins.int
+    last_seq: _builtins.int
+    root: _builtins.bytes
+    time_ms: _builtins.int
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        edge: _builtins.str = ...,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        root: _builtins.bytes = ...,
+        time_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge", b"edge", "first_seq", b"first_seq", "last_seq", b"last_seq", "root", b"root", "signature", b"signature", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class ReceiptBatch(_message.Message):
+    """Receipts and checkpoints as they travel to a ledger (`kvcdn ledger ingest` reads files of one)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Receipt]: ...
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]: ...
+    def __init__(
+        self,
+        *,
+        receipts: _abc.Iterable[Global___Receipt] | None = ...,
+        checkpoints: _abc.Iterable[Global___Checkpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "receipts", b"receipts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptBatch: _TypeAlias = ReceiptBatch  # noqa: Y015
