@@ -183,6 +183,16 @@ def register(sub: Any) -> None:
     e.add_argument("--storage-usd-per-gb-month", type=float, default=0.023, help="($0.023)")
     e.add_argument("--storage-months", type=float, default=1.0, help="how long copies are kept (1)")
     e.add_argument("--from-run", metavar="REPORT_JSON", help="price a `kvcdn loadtest run` report's traffic")
+    e.add_argument(
+        "--price-per-load",
+        type=float,
+        default=0.0,
+        metavar="USD",
+        help="sell the cache at this price a load: what the agent saves, the publisher and the network earn",
+    )
+    e.add_argument(
+        "--network-fee-bps", type=int, default=500, help="the network's share of each price (500 = 5%%; it pays egress)"
+    )
     e.add_argument("--sweep", help=f"comma list of {', '.join(SWEEPS)}: CSV + PNG per sweep")
     e.add_argument("--out", default="kvcdn-economics", help="folder of the sweeps' files (kvcdn-economics)")
     e.add_argument("--markdown", action="store_true", help="tables as Markdown")
@@ -305,6 +315,8 @@ def economics_request(args: argparse.Namespace) -> EconomicsRequest:
             storage_usd_per_gb_month=args.storage_usd_per_gb_month,
             storage_months=args.storage_months,
         )
+    if args.price_per_load:
+        inputs = replace(inputs, price_per_load_usd=args.price_per_load, network_fee_bps=args.network_fee_bps)
     return EconomicsRequest(
         inputs=inputs,
         paper=args.paper,

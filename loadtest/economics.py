@@ -127,9 +127,15 @@ class Inputs:
     replicas: int = 2
     storage_usd_per_gb_month: float = 0.023
     storage_months: float = 1.0
+    price_per_load_usd: float = 0.0
+    """What the publisher charges an agent per load (0: no market: only costs are compared)."""
+    network_fee_bps: int = 0
+    """The network's (the CDN's) share of each price, in basis points; it pays egress and storage."""
 
     def __post_init__(self) -> None:
         checks = {
+            "price per load (>= 0)": self.price_per_load_usd >= 0,
+            "network fee (0..10000 basis points)": 0 <= self.network_fee_bps <= 10_000,
             "tokens": self.tokens > 0,
             "agents": self.agents > 0,
             "loads per agent": self.loads_per_agent >= 1,
@@ -184,6 +190,17 @@ class Inputs:
                 "storage",
                 f"${self.storage_usd_per_gb_month:g}/GB-month x {self.storage_months:g} months",
                 "--storage-usd-per-gb-month, --storage-months",
+            ),
+            *(
+                [
+                    (
+                        "price per load",
+                        f"${self.price_per_load_usd:g}, the network keeps {self.network_fee_bps / 100:g}%",
+                        "--price-per-load, --network-fee-bps",
+                    )
+                ]
+                if self.price_per_load_usd
+                else []
             ),
         ]
 

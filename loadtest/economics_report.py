@@ -23,6 +23,7 @@ from kvcdn.loadtest.economics import (
     sweep,
     verdict,
 )
+from kvcdn.loadtest.market import market
 from kvcdn.spec.geometry import Geometry
 
 __all__ = [
@@ -255,6 +256,7 @@ def to_json(i: Inputs) -> dict[str, Any]:
         "inputs": inputs,
         "costs": {name: {**asdict(x), "total": x.total, "per_load": x.per_load} for name, x in c.items()},
         "verdict": asdict(v),
+        **({"market": asdict(market(i))} if i.price_per_load_usd else {}),
     }
 
 
@@ -319,6 +321,16 @@ def report(i: Inputs, markdown: bool, measured: dict[str, Any] | None = None) ->
     ]
     out.append(_table(f"cost of {i.loads:,.0f} loads", head, rows, markdown))
     out.append("\n".join(verdict(i).sentences(i)))
+    if i.price_per_load_usd:
+        m = market(i)
+        money = [
+            ("agent", _money(-m.agent_cost_per_load * i.loads), _money(m.agent_saving_per_load * i.loads)),
+            ("publisher", _money(m.publisher_revenue), _money(m.publisher_net)),
+            ("network", _money(m.network_revenue), _money(m.network_revenue - m.network_cost)),
+        ]
+        title = f"selling the cache at ${m.price:g} a load, {i.loads:,.0f} loads"
+        out.append(_table(title, ["party", "pays (-) / is paid", "better off than re-prefill / net"], money, markdown))
+        out.append("\n".join(m.sentences(i)))
     return out
 
 

@@ -15,6 +15,7 @@ from kvcdn.cli import main
 from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.economics import PAPER, Inputs, ReuseCurve, costs, geometry_from, paper_figures, sweep, verdict
 from kvcdn.loadtest.economics_report import curve_from_bench, write_sweep
+from kvcdn.loadtest.market import market
 from kvcdn.model.loading import LoadedModel
 
 
@@ -205,3 +206,30 @@ def test_a_bad_codecs_report_is_a_sentence(tmp_path: Path, capsys: pytest.Captur
     _codecs_report(report, {"raw": 1.0}, dtype="bfloat16")
     assert main(["loadtest", "economics", "--codecs-report", str(report), "--dtype", "float32"]) == 2
     assert "--dtypes float32" in capsys.readouterr().err
+
+
+def test_selling_per_load_splits_the_money_and_every_party_adds_up(capsys: pytest.CaptureFixture[str]) -> None:
+    i = replace(PAPER, agents=1000, price_per_load_usd=0.005, network_fee_bps=500)
+    m = market(i)
+    reuse = i.prefill_usd / i.reuse_ratio
+    assert m.agent_saving_per_load == pytest.approx(i.prefill_usd - 0.005 - reuse)
+    assert m.publisher_revenue + m.network_revenue == pytest.approx(1000 * 0.005)  # the price, split
+    assert m.network_revenue == pytest.approx(1000 * 0.005 * 0.05)
+    assert m.publisher_net == pytest.approx(m.publisher_revenue - i.prefill_usd)
+    assert m.payback_loads * 0.005 * 0.95 == pytest.approx(i.prefill_usd)
+    edge = costs(i)["edge"]
+    assert m.network_cost == pytest.approx(edge.origin_egress + edge.edge_egress + edge.storage)
+    assert m.network_floor_price * 0.05 * 1000 == pytest.approx(m.network_cost)  # the fee then covers the costs
+    # Above the max price an agent is better off prefilling, and is told so.
+    dear = replace(i, price_per_load_usd=m.max_price * 1.01)
+    assert market(dear).agent_saving_per_load < 0
+    assert any("no agent should buy" in s for s in market(dear).sentences(dear))
+    assert market(replace(i, network_fee_bps=0)).network_floor_price == math.inf
+    with pytest.raises(InvalidArgument, match="network fee"):
+        Inputs(price_per_load_usd=0.01, network_fee_bps=20_000)
+    assert main(["loadtest", "economics", "--agents", "1000", "--price-per-load", "0.005", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["market"]["price"] == 0.005 and out["market"]["network_revenue"] == pytest.approx(0.25)
+    assert main(["loadtest", "economics", "--agents", "1000", "--price-per-load", "0.005", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "selling the cache at $0.005 a load" in text and "the publisher earns" in text
