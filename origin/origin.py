@@ -202,7 +202,9 @@ class Origin:
             latest = self.manifests.get(document, version - 1)
             if latest.content_digest == digest and tuple(latest.codecs) == codecs:
                 return latest, False
-        if not all(encoded_key(k, c) in self.blocks for k in keys for c in ("raw", *codecs)):
+        # Read from the files, not remembered: another worker may have purged and recomputed a block.
+        infos = [info for k in keys if (info := self.blocks.info(k, fresh=True)) is not None]
+        if len(infos) < len(keys) or not all(encoded_key(k, c) in self.blocks for k in keys for c in codecs):
             return None
         manifest = pb.Manifest(
             document=document,
@@ -210,7 +212,7 @@ class Origin:
             fingerprint=self.fingerprint,
             geometry=self.geometry.to_proto(),
             token_count=len(ids),
-            blocks=[self._stored_info(k) for k in keys],
+            blocks=infos,
             content_digest=digest,
             codecs=codecs,
             token_ids=ids,
@@ -284,11 +286,6 @@ class Origin:
                 f"of its {budget / 1e6:.1f} MB budget (--store-bytes): purge documents or raise the budget"
             )
         return need
-
-    def _stored_info(self, key: bytes) -> pb.BlockInfo:
-        info = self.blocks.info(key)
-        assert info is not None, "publish stores every block before its manifest"
-        return info
 
     async def _work(self, ids: list[int], codecs: tuple[str, ...]) -> tuple[int, float]:
         """A publish queue's work (kvcdn.origin.queue): store `ids`' blocks raw and in `codecs`."""

@@ -108,16 +108,20 @@ class BlockStore:
         self.quarantined += 1
         return f"moved to {self.quarantine}"
 
-    def info(self, key: bytes) -> pb.BlockInfo | None:
-        """The stored block's info (from its header only), or None when absent."""
-        cached = self._infos.get(key)
+    def info(self, key: bytes, fresh: bool = False) -> pb.BlockInfo | None:
+        """The stored block's info (from its header only), or None when absent; `fresh`: read from the
+        file even when remembered (another process sharing the folder may have rewritten it)."""
+        cached = None if fresh else self._infos.get(key)
         if cached is not None:
             return cached
         try:
             with self.path(key).open("rb") as f:
                 magic, length, _ = _HEAD.unpack(f.read(_HEAD.size))
                 info = pb.BlockInfo.FromString(f.read(length)) if magic == _MAGIC else None
-        except (FileNotFoundError, struct.error):
+        except FileNotFoundError:
+            self._infos.pop(key, None)
+            return None
+        except struct.error:
             return None
         if info is not None:
             self._infos[key] = info
