@@ -271,22 +271,19 @@ def ledger_ingest(args: argparse.Namespace) -> int:
     from kvcdn.v1 import kvcdn_pb2 as pb
 
     keys = TrustStore.from_files([Path(p) for p in args.edge_keys.split(",") if p]).keys
-    ledger = Ledger(args.db, args.fee_bps)
-    try:
+    with Ledger(args.db, args.fee_bps) as ledger:
         for path in args.batches:
             try:
                 batch = pb.ReceiptBatch.FromString(Path(path).read_bytes())
             except (OSError, DecodeError) as exc:
                 raise InvalidArgument(f"{path}: not a readable ReceiptBatch ({exc})") from None
-            report = ledger.ingest(batch, keys)
+            report = ledger.ingest(batch, keys)  # a batch is one database transaction
             print(
                 f"{path}: {report.posted} posted, {report.stored} new, {report.duplicates} counted already, "
                 f"{len(report.flagged)} flagged"
             )
             for edge, seq, why in report.flagged:
                 Console(stderr=True).print(f"  flagged: edge {edge} receipt {seq}: {why}", markup=False)
-    finally:
-        ledger.close()
     return 0
 
 
@@ -296,15 +293,12 @@ def ledger_balances(args: argparse.Namespace) -> int:
 
     from kvcdn.ops.ledger import Ledger
 
-    ledger = Ledger(args.db)
-    try:
-        table = Table("account", "asset", "balance", title=f"kvcdn ledger {args.db}")
-        for (account, asset), amount in sorted(ledger.balances().items()):
-            table.add_row(account, asset, f"{amount:,}")
-        Console().print(table)
-        unbalanced = ledger.unbalanced()
-    finally:
-        ledger.close()
+    with Ledger(args.db) as ledger:
+        balances, unbalanced = ledger.balances(), ledger.unbalanced()
+    table = Table("account", "asset", "balance", title=f"kvcdn ledger {args.db}")
+    for (account, asset), amount in sorted(balances.items()):
+        table.add_row(account, asset, f"{amount:,}")
+    Console().print(table)
     if unbalanced:
         print(f"transactions whose entries do not sum to zero: {unbalanced}", file=sys.stderr)
         return 1
@@ -314,24 +308,18 @@ def ledger_balances(args: argparse.Namespace) -> int:
 def ledger_flags(args: argparse.Namespace) -> int:
     from kvcdn.ops.ledger import Ledger
 
-    ledger = Ledger(args.db)
-    try:
+    with Ledger(args.db) as ledger:
         for edge, seq, why in ledger.flags():
             print(f"edge {edge} receipt {seq}: {why}")
-    finally:
-        ledger.close()
     return 0
 
 
 def ledger_statement(args: argparse.Namespace) -> int:
     from kvcdn.ops.ledger import Ledger
 
-    ledger = Ledger(args.db)
-    try:
-        end = _ms(args.end, int(time.time() * 1000), "--to")
-        s = ledger.statement(args.publisher, _ms(args.start, 0, "--from"), end)
-    finally:
-        ledger.close()
+    start, end = _ms(args.start, 0, "--from"), _ms(args.end, int(time.time() * 1000), "--to")
+    with Ledger(args.db) as ledger:
+        s = ledger.statement(args.publisher, start, end)
     amounts = ", ".join(f"{amount:,} {asset}" for asset, amount in sorted(s.amounts.items())) or "nothing"
     print(f"publisher {s.publisher}: {s.receipts} receipts, earned {amounts}")
     print(f"merkle root of the receipts settled: {s.root.hex()}")
@@ -341,9 +329,6 @@ def ledger_statement(args: argparse.Namespace) -> int:
 def ledger_reverse(args: argparse.Namespace) -> int:
     from kvcdn.ops.ledger import Ledger
 
-    ledger = Ledger(args.db)
-    try:
+    with Ledger(args.db) as ledger:
         print(f"transaction {ledger.reverse(args.transaction, args.memo)} reverses {args.transaction}")
-    finally:
-        ledger.close()
     return 0

@@ -136,6 +136,12 @@ class Ledger:
     def close(self) -> None:
         self.db.conn.close()
 
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- ingest ------------------------------------------------------------------------------------
 
     def ingest(self, batch: pb.ReceiptBatch, keys: Mapping[str, Ed25519PublicKey]) -> IngestReport:
