@@ -85,13 +85,14 @@ class Catalog:
             self.pool.close()
             raise Unavailable(f"cannot reach the origin's catalog database {self.where} ({exc}): is it up?") from None
         try:
-            self._setup(fingerprint, geometry)
-            self._lock_conn = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_s))
+            with _reaching(self.where):
+                self._setup(fingerprint, geometry)
+                self._lock_conn = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_s))
+            self.manifests = PgManifests(self)
+            self.events = PgEvents(self)
         except BaseException:
             self.pool.close()
             raise
-        self.manifests = PgManifests(self)
-        self.events = PgEvents(self)
         self.lock = SharedLock(self)
         self._generations = dict.fromkeys(CHANNELS, 0)
         self._changed = asyncio.Condition()
@@ -141,7 +142,7 @@ class Catalog:
             seen = self.generation("kvcdn_events")
             try:
                 new = await asyncio.get_running_loop().run_in_executor(None, self.events.refresh)
-            except Unavailable as exc:
+            except Exception as exc:  # the database is down (or a row is not an event): look again later
                 log.warning("cannot follow the catalog's invalidations: %s", exc)
                 new = []
             if new:
