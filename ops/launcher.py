@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kvcdn.errors import Unavailable
+from kvcdn.errors import InvalidArgument, Unavailable
 from kvcdn.spec.provenance import generate_key
 from kvcdn.wire.auth import ROLES, write_tokens
 from kvcdn.wire.tls import TLSFiles, make_test_ca
@@ -129,6 +129,8 @@ class Cluster:
         raise Unavailable(f"{name} did not start within {self.start_timeout_s:.0f} s")
 
     def start(self) -> Cluster:
+        if self.origin_workers > 1 and "--catalog" not in self.origin_args:
+            raise InvalidArgument("several origin workers share a catalog: give origin_args a --catalog URL")
         self._tmp = tempfile.TemporaryDirectory(prefix="kvcdn-up-")
         try:
             signing: list[str] = []

@@ -266,20 +266,22 @@ class Ledger:
         ]
 
     def statement(self, publisher: str, start_ms: int = 0, end_ms: int = 2**62) -> Statement:
-        """What `publisher` earned from receipts timed in [start_ms, end_ms)."""
+        """What `publisher` was credited in [start_ms, end_ms): the receipts charged in it (their
+        count and Merkle root) and, per asset, those credits net of reversals posted in it."""
+        account = f"publisher:{publisher}"
         rows = self.db.run(
-            "SELECT r.hash, e.asset, e.amount FROM ledger_receipts r "
-            "JOIN ledger_transactions t ON t.receipt = r.hash "
+            "SELECT r.hash FROM ledger_receipts r JOIN ledger_transactions t ON t.receipt = r.hash "
             "JOIN ledger_entries e ON e.transaction_id = t.id AND e.account = %s "
-            "WHERE r.publisher = %s AND r.time_ms >= %s AND r.time_ms < %s ORDER BY r.edge, r.seq",
-            (f"publisher:{publisher}", publisher, start_ms, end_ms),
+            "WHERE t.time_ms >= %s AND t.time_ms < %s ORDER BY r.edge, r.seq",
+            (account, start_ms, end_ms),
         )
-        amounts: dict[str, int] = {}
-        for _, asset, amount in rows:
-            amounts[asset] = amounts.get(asset, 0) + int(amount)
-        return Statement(
-            publisher, start_ms, end_ms, len(rows), amounts, merkle_root([bytes.fromhex(h) for h, _, _ in rows])
+        sums = self.db.run(
+            "SELECT e.asset, SUM(e.amount) FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.transaction_id "
+            "WHERE e.account = %s AND t.time_ms >= %s AND t.time_ms < %s GROUP BY e.asset",
+            (account, start_ms, end_ms),
         )
+        root = merkle_root([bytes.fromhex(h) for (h,) in rows])
+        return Statement(publisher, start_ms, end_ms, len(rows), {a: int(x) for a, x in sums}, root)
 
     def reverse(self, transaction: int, memo: str) -> int:
         """Post the negation of `transaction` (the one way to correct the ledger); its id."""

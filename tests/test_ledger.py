@@ -209,8 +209,12 @@ def test_a_posting_is_corrected_only_by_a_reversal(ledger_url: str) -> None:
     try:
         ledger.ingest(pb.ReceiptBatch(receipts=[edge.issue(_load("a", "p", 1000, 0))]), _keys([edge]))
         (tx,) = {t for (t,) in ledger.db.run("SELECT id FROM ledger_transactions")}
+        charged = ledger.statement("p")
         reversal = ledger.reverse(int(tx), "refund: the agent could not use the cache")
         assert all(v == 0 for v in ledger.balances().values()) and ledger.unbalanced() == []
+        # The statement of a period that holds both nets the reversal; the receipt stays settled in it.
+        after = ledger.statement("p")
+        assert (charged.amounts, after.amounts, after.receipts) == ({"USDC": 950}, {"USDC": 0}, 1)
         with pytest.raises(InvalidArgument, match="reversed already"):
             ledger.reverse(int(tx), "again")
         with pytest.raises(InvalidArgument, match="itself a reversal"):

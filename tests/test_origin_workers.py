@@ -24,6 +24,7 @@ from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
 from kvcdn.model.prompt import document_ids
+from kvcdn.ops.launcher import Cluster
 from kvcdn.ops.postgres import LocalPostgres, postgres_binaries
 from kvcdn.origin import Origin, OriginConfig, start_origin
 from kvcdn.origin.catalog import Catalog
@@ -258,3 +259,5 @@ def test_the_publish_benchmark_spreads_a_burst_over_worker_processes(
     assert sum(two.jobs.values()) == 4 and set(two.jobs) == {"origin", "origin1"}, two.jobs
     with pytest.raises(InvalidArgument, match="--workers"):
         PublishBenchConfig(workers=(0,))
+    with pytest.raises(InvalidArgument, match="share a catalog"):  # two processes on one folder's own files
+        Cluster(tiny_dirs["llama"] / "never-made", edges=0, origin_workers=2).start()

@@ -133,13 +133,17 @@ class BulkServer:
     port: int
     _sock: socket.socket
     _task: asyncio.Task[None]
-    _conns: set[asyncio.Task[None]]
+    _conns: dict[asyncio.Task[None], socket.socket]
+    """Each connection's task and its socket."""
 
     async def stop(self) -> None:
         self._task.cancel()
-        for task in list(self._conns):
+        conns = dict(self._conns)
+        for task in conns:
             task.cancel()
-        await asyncio.gather(self._task, *self._conns, return_exceptions=True)
+        await asyncio.gather(self._task, *conns, return_exceptions=True)
+        for sock in conns.values():  # a task cancelled before it ran never reached its own close
+            sock.close()
         self._sock.close()
 
 
@@ -348,13 +352,13 @@ async def start_bulk_server(
         raise InvalidArgument(f"cannot bind the bulk port {host}:{port}: {exc.strerror}") from None
     sock.listen(128)
     sock.setblocking(False)
-    conns: set[asyncio.Task[None]] = set()
+    conns: dict[asyncio.Task[None], socket.socket] = {}
     options = _Options(limits, tls, auth, limiter, _Turns(limits.pending, limits.pending_per_peer))
     per_peer: dict[str, int] = {}
     cannot_accept, refusing = ThrottledWarning(log, _WARN_EVERY_S), ThrottledWarning(log, _WARN_EVERY_S)
 
     def done(peer: str, task: asyncio.Task[None]) -> None:
-        conns.discard(task)
+        conns.pop(task, None)
         per_peer[peer] -= 1
         if not per_peer[peer]:
             del per_peer[peer]
@@ -375,7 +379,7 @@ async def start_bulk_server(
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(_serve(conn, peer, stream, metrics, options))
-            conns.add(task)
+            conns[task] = conn
             per_peer[peer] = per_peer.get(peer, 0) + 1
             task.add_done_callback(functools.partial(done, peer))
 
