@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -89,7 +90,7 @@ def _jobs(pg: LocalPostgres, database: str, since_id: int) -> tuple[dict[str, in
 
 
 def measure(config: PublishBenchConfig, options: ModelOptions, n_workers: int, pg: LocalPostgres) -> PublishRow:
-    database = f"kvcdn_publish_{n_workers}"
+    database = f"kvcdn_publish_{n_workers}_{uuid.uuid4().hex[:8]}"  # a fresh catalog per row
     url = pg.create_database(database)
     with TemporaryDirectory(prefix="kvcdn-publish-") as store:
         cluster = Cluster(
@@ -102,7 +103,7 @@ def measure(config: PublishBenchConfig, options: ModelOptions, n_workers: int, p
             env={"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)},
         )
         with cluster:
-            # Warm-up: one short document per worker at once (each worker takes one: its first prefill
+            # Warm-up: one short document per worker at once (usually one each: a worker's first prefill
             # pays for allocations and kernels' first runs).
             asyncio.run(_publish_all(cluster.origin_address, burst_texts(n_workers, 64, "warm-up"), "warm-up"))
             _, last = _jobs(pg, database, 0)
