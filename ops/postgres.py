@@ -7,6 +7,7 @@ package creates (the folder is handed to it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -44,7 +45,13 @@ class LocalPostgres:
         self._user: list[str] = []
         if os.geteuid() == 0:
             self._user = ["runuser", "-u", "postgres", "--"]
-            shutil.chown(self._tmp.name, "postgres")
+            try:
+                shutil.chown(self._tmp.name, "postgres")
+            except LookupError:
+                self._tmp.cleanup()
+                raise Unavailable(
+                    "running as root, PostgreSQL needs the `postgres` user its Debian package makes"
+                ) from None
 
     def _run(self, *cmd: str) -> str:
         done = subprocess.run([*self._user, *cmd], capture_output=True, text=True, timeout=120, check=False)
@@ -53,15 +60,22 @@ class LocalPostgres:
         return done.stdout
 
     def start(self) -> LocalPostgres:
+        assert self.bin is not None
+        try:
+            self._start(self.bin)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, binaries: Path) -> None:
         from kvcdn.ops.launcher import free_ports
 
-        assert self.bin is not None
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "kvcdn", "--auth=trust", "-E", "UTF8")
+        self._run(str(binaries / "initdb"), "-D", str(self.data), "-U", "kvcdn", "--auth=trust", "-E", "UTF8")
         self.port = free_ports("127.0.0.1", 1)[0]
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self._tmp.name} -c fsync=off"
         log = str(Path(self._tmp.name) / "server.log")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
-        return self
+        self._run(str(binaries / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://kvcdn@127.0.0.1:{self.port}/{database}"
@@ -76,7 +90,8 @@ class LocalPostgres:
 
     def stop(self) -> None:
         if self.port and self.bin is not None:
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            with contextlib.suppress(Unavailable):  # it never started, or stopped already
+                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
             self.port = 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

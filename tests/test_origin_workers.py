@@ -42,8 +42,14 @@ TEXT = (SAMPLES / "gpl-3.0.txt").read_text()
 def postgres() -> Iterator[LocalPostgres]:
     if postgres_binaries() is None:
         pytest.skip("PostgreSQL is not installed (Debian's postgresql package): the shared catalog needs a real server")
-    with LocalPostgres() as pg:
+    try:
+        pg = LocalPostgres().start()
+    except Unavailable as exc:  # installed, but it cannot run here
+        pytest.skip(f"PostgreSQL cannot run here: {exc}")
+    try:
         yield pg
+    finally:
+        pg.stop()
 
 
 @pytest.fixture
