@@ -16,18 +16,17 @@ digest and the codecs), and gets back how many blocks that computed and the pref
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from kvcdn.errors import KVCDNError, Unavailable, error_for
+from kvcdn.spec.identity import pack_token_ids, unpack_token_ids
 from kvcdn.store.singleflight import SingleFlight
 
 if TYPE_CHECKING:
@@ -110,14 +109,11 @@ class SharedQueue:
 
     async def _submit(self, key: bytes, ids: list[int], codecs: tuple[str, ...]) -> int:
         """The id of the active job for `key`: a new one, or the one another publish queued."""
-        packed = array.array("I", ids)
-        if sys.byteorder == "big":
-            packed.byteswap()
         while True:
             rows = await self._query(
                 "INSERT INTO kvcdn_jobs (job_key, token_ids, codecs) VALUES (%s, %s, %s) "
                 "ON CONFLICT (job_key) WHERE state IN ('queued', 'running') DO NOTHING RETURNING id",
-                (key, packed.tobytes(), ",".join(codecs)),
+                (key, pack_token_ids(ids), ",".join(codecs)),
             )
             if rows:
                 await asyncio.get_running_loop().run_in_executor(None, self.catalog.notify, "kvcdn_jobs", "")
@@ -167,11 +163,7 @@ class SharedQueue:
         job, packed, codecs, attempts = rows[0]
         if attempts > 1:
             log.warning("took over publish job %d (attempt %d): its previous worker stopped mid-job", job, attempts)
-        ids = array.array("I")
-        ids.frombytes(bytes(packed))
-        if sys.byteorder == "big":
-            ids.byteswap()
-        return int(job), ids.tolist(), tuple(c for c in codecs.split(",") if c)
+        return int(job), unpack_token_ids(bytes(packed)), tuple(c for c in codecs.split(",") if c)
 
     async def _run_job(self, job: int, ids: list[int], codecs: tuple[str, ...]) -> None:
         renewing = asyncio.get_running_loop().create_task(self._renew(job))

@@ -30,6 +30,8 @@ __all__ = [
     "encoded_key",
     "fingerprint_json",
     "model_fingerprint",
+    "pack_token_ids",
+    "unpack_token_ids",
 ]
 
 DEFAULT_BLOCK_TOKENS = 256
@@ -70,11 +72,17 @@ def model_fingerprint(**inputs: Any) -> bytes:
     return hashlib.sha256(fingerprint_json(**inputs).encode("ascii")).digest()
 
 
-def _le_u32(ids: Sequence[int]) -> bytes:
+def pack_token_ids(ids: Sequence[int]) -> bytes:
+    """Token ids as little-endian u32, as block keys and content digests hash them."""
     arr = np.asarray(ids, dtype=np.int64)
     if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
         raise ValueError("token ids must fit in an unsigned 32-bit integer")
     return arr.astype("<u4").tobytes()
+
+
+def unpack_token_ids(data: bytes) -> list[int]:
+    """The token ids `pack_token_ids` packed."""
+    return [int(i) for i in np.frombuffer(data, dtype="<u4")]
 
 
 def block_spans(n_tokens: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> list[tuple[int, int]]:
@@ -91,7 +99,7 @@ def block_keys(fingerprint: bytes, ids: Sequence[int], block_tokens: int = DEFAU
     keys: list[bytes] = []
     prev = fingerprint
     for start, end in block_spans(len(ids), block_tokens):
-        prev = hashlib.sha256(prev + _le_u32(ids[start:end])).digest()
+        prev = hashlib.sha256(prev + pack_token_ids(ids[start:end])).digest()
         keys.append(prev)
     return keys
 
@@ -106,7 +114,7 @@ def encoded_key(key: bytes, codec: str) -> bytes:
 
 def content_digest(ids: Sequence[int]) -> str:
     """Hex SHA-256 of a token sequence as LE-u32: a document version's content identity."""
-    return hashlib.sha256(_le_u32(ids)).hexdigest()
+    return hashlib.sha256(pack_token_ids(ids)).hexdigest()
 
 
 def digest(data: bytes | memoryview) -> bytes:

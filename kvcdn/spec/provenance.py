@@ -49,6 +49,7 @@ __all__ = [
     "key_id",
     "manifest_statement",
     "read_expiry",
+    "statement_text",
     "utc_text",
 ]
 
@@ -63,7 +64,8 @@ class Untrusted(DigestMismatch):
     """Data not signed by a trusted publisher (DATA_LOSS on the wire: the receiver fails over)."""
 
 
-def _text(s: str) -> bytes:
+def statement_text(s: str) -> bytes:
+    """A text in a signed statement: `u32 length | UTF-8` (the publisher's and the edges' alike)."""
     raw = s.encode("utf-8")
     return struct.pack("<I", len(raw)) + raw
 
@@ -78,7 +80,7 @@ def block_statement(fingerprint: bytes, info: pb.BlockInfo) -> bytes:
             fingerprint,
             info.key,
             struct.pack("<IIQQ", info.index, info.n_tokens, info.n_bytes, info.raw_bytes),
-            _text(info.codec if info.codec != "raw" else ""),
+            statement_text(info.codec if info.codec != "raw" else ""),
             struct.pack("<I", len(info.frame_digests)),
             *info.frame_digests,
         )
@@ -92,14 +94,14 @@ def manifest_statement(manifest: pb.Manifest) -> bytes:
     return b"".join(
         (
             _MANIFEST,
-            _text(manifest.document),
+            statement_text(manifest.document),
             struct.pack("<I", manifest.version),
-            _text(manifest.fingerprint),
-            _text(manifest.content_digest),
+            statement_text(manifest.fingerprint),
+            statement_text(manifest.content_digest),
             struct.pack("<IQQI", manifest.token_count, manifest.issued_at, manifest.valid_until, len(manifest.blocks)),
             *(b.key for b in manifest.blocks),
             struct.pack("<I", len(manifest.codecs)),
-            *(_text(c) for c in manifest.codecs),
+            *(statement_text(c) for c in manifest.codecs),
         )
     )
 

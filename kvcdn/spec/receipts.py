@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kvcdn.spec.provenance import Signer, key_id
+from kvcdn.spec.provenance import statement_text as _text
 from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
@@ -41,11 +42,6 @@ GENESIS = bytes(32)
 """The `prev_hash` of an edge key's first receipt."""
 _RECEIPT = b"kvcdn-receipt-v1\x00"
 _CHECKPOINT = b"kvcdn-checkpoint-v1\x00"
-
-
-def _text(s: str) -> bytes:
-    raw = s.encode("utf-8")
-    return struct.pack("<I", len(raw)) + raw
 
 
 def receipt_statement(r: pb.Receipt) -> bytes:
