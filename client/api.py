@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_keys
 from kvcdn.spec.placement import Membership, Placement, balance
 from kvcdn.spec.provenance import TrustStore
+from kvcdn.spec.receipts import RECEIPT_KEY
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.receiver import Progress
 from kvcdn.wire.source import Suspects, Transport, fail_over, stream_from
@@ -91,6 +93,8 @@ class FetchedCache:
     """Where the receiving threads of its bulk streams spent their time."""
     copy_s: float = 0.0
     """Seconds a GPU spent copying the cache's bytes from host staging (CUDA events; 0 on the CPU)."""
+    receipts: list[pb.Receipt] = field(default_factory=list)
+    """The edges' signed receipts for a priced load (`KVClient.fetch_document`), one per stream."""
 
     def cache(self, model: LoadedModel) -> Any:
         """A fresh transformers DynamicCache over these tensors (generate() grows a cache in place;
@@ -299,13 +303,27 @@ class KVClient:
             self.estimates.observe_prefill(model.device_key, n, timed[n])
         return timed
 
+    async def fetch_document(
+        self, model: LoadedModel, document: str, version: int = 0, codecs: Sequence[str] | None = None
+    ) -> tuple[FetchedCache, pb.Manifest]:
+        """The cache of a published document (version 0: the latest) and its manifest (with its token
+        ids). A priced one is loaded as such: each stream names the document and pays with the
+        config's wallet (a fresh proof per request), and `receipts` holds what the edges signed."""
+        t0 = time.perf_counter()
+        manifest = await self.manifest(document, version, token_ids=True)
+        paid = (document, manifest.version, secrets.token_hex(8))
+        blocks = await self.lookup(model, list(manifest.token_ids), codecs)
+        return await self._fetch_blocks(model, blocks, t0, paid), manifest
+
     async def fetch(self, model: LoadedModel, ids: Sequence[int], codecs: Sequence[str] | None = None) -> FetchedCache:
         """Stream and verify the longest cached prefix of `ids` into tensors on the model's device, in
         the first of `codecs` (default: the config's) that holds it, decoded."""
         t0 = time.perf_counter()
         return await self._fetch_blocks(model, await self.lookup(model, ids, codecs), t0)
 
-    async def _fetch_blocks(self, model: LoadedModel, blocks: list[pb.BlockInfo], t0: float) -> FetchedCache:
+    async def _fetch_blocks(
+        self, model: LoadedModel, blocks: list[pb.BlockInfo], t0: float, paid: tuple[str, int, str] | None = None
+    ) -> FetchedCache:
         geometry = await self.geometry_for(model)
         n_tokens = sum(b.n_tokens for b in blocks)
         if not blocks:
@@ -325,7 +343,7 @@ class KVClient:
 
         async def stream(run: Run, at: Progress) -> list[str]:
             async with gate:
-                return await self._stream_into(model.fingerprint_hex, geometry, run, assembler, at, receiving)
+                return await self._stream_into(model.fingerprint_hex, geometry, run, assembler, at, receiving, paid)
 
         results = await asyncio.gather(
             *(stream(r, p) for r, p in zip(runs, progress, strict=True)), return_exceptions=True
@@ -349,6 +367,7 @@ class KVClient:
             codec=codec,
             receiving=receiving,
             copy_s=into.copy_s,
+            receipts=[pb.Receipt.FromString(v) for p in progress for k, v in p.trailers if k == RECEIPT_KEY],
         )
         self.estimates.observe_fetch(fetch_key(codec, str(model.device)), fetched.n_bytes, fetched.fetch_s)
         return fetched
@@ -394,17 +413,26 @@ class KVClient:
         assembler: Target,
         progress: Progress,
         receiving: ReceiveTimes,
+        paid: tuple[str, int, str] | None = None,
     ) -> list[str]:
         """Write every frame of `run` into `assembler`, asking its edge first, then the first block's
         route on the ring in order, resuming on the next edge after a failure at exactly the frame
-        where it broke (the bulk streams' receiving threads add their times to `receiving`)."""
+        where it broke (the bulk streams' receiving threads add their times to `receiving`). `paid`:
+        (document, version, load id) of a load, each request named by where it starts."""
         blocks = run.blocks
         route = self.placement.route(blocks[0].key)
 
         async def attempt(address: str) -> None:
             started = time.perf_counter()
+            load = None
+            if paid is not None and self.config.wallet is not None:
+                document, version, load_id = paid
+                key = f"{load_id}/{blocks[progress.block].index}.{progress.frame}"
+                load = self.config.wallet.load(document, version, address, key)
+            elif paid is not None:
+                load = pb.Load(document=paid[0], version=paid[1], idempotency_key=paid[2])
             cpu_s = await stream_from(
-                self._reader(address), fingerprint, blocks, geometry, assembler, progress, self._transport
+                self._reader(address), fingerprint, blocks, geometry, assembler, progress, self._transport, load=load
             )
             receiving.cpu_s += cpu_s  # (not `+= await`: other streams add meanwhile)
             if cpu_s:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
+from kvcdn.spec.grants import Wallet
 from kvcdn.spec.placement import DEFAULT_REPLICAS, is_loopback, read_edges
 from kvcdn.wire.tls import TLSFiles
 
@@ -73,6 +74,10 @@ class ClientConfig:
     """Publisher public keys (PEM): every block info and manifest must carry a signature by one of
     them (kvcdn.spec.provenance), else the edge's answer is refused and the next edge asked; empty:
     no signature checks (digests still bind frames to the infos an edge sent)."""
+
+    wallet: Wallet | None = None
+    """The grant and key this agent pays for priced documents with (`KVClient.fetch_document`);
+    None: it loads free documents only."""
 
     def __post_init__(self) -> None:
         edges = read_edges(self.edges)  # fail early on a malformed list or a missing file

@@ -60,6 +60,19 @@ def register(sub: Any) -> None:
         "--peer-timeout", type=float, default=1.0, help="seconds to wait for a peer's first frame before the origin (1)"
     )
     s.add_argument(
+        "--grant-issuers",
+        type=lambda v: tuple(Path(p) for p in v.split(",") if p),
+        default=(),
+        help="public keys (.pub, comma-separated) of the grant issuers this edge trusts: it then serves priced "
+        "documents to agents with their grants and signs a receipt per load (default: no priced documents)",
+    )
+    s.add_argument("--receipt-key", type=Path, help="this edge's receipt signing key (kvcdn keys generate)")
+    s.add_argument(
+        "--receipts", type=Path, help="folder of the receipt journal and of outbox/batch-*.pb for kvcdn ledger ingest"
+    )
+    s.add_argument("--receipt-batch", type=int, default=100, help="receipts per batch shipped to the outbox (100)")
+    s.add_argument("--revocations", type=Path, help="file of revoked grant ids, one a line, followed while running")
+    s.add_argument(
         "--grpc-pulls",
         action="store_true",
         help="load blocks from peers and the origin over gRPC, not their bulk ports (to compare the two)",
@@ -88,6 +101,11 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         token=read_token(args.token_file),
         tokens=args.tokens,
         rate_limit=args.rate_limit,
+        grant_issuers=args.grant_issuers,
+        receipt_key=args.receipt_key,
+        receipts_dir=args.receipts,
+        receipt_batch=args.receipt_batch,
+        revocations=args.revocations,
     )
 
 

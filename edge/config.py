@@ -85,6 +85,20 @@ class EdgeConfig:
     rate_limit: float = 0.0
     """Calls (and bulk streams) a second per client, by token or else address; peers and the origin's
     own callers with an `edge` or `publisher` token are not limited (kvcdn.wire.ratelimit). 0: none."""
+    grant_issuers: tuple[Path, ...] = ()
+    """Public keys (PEM) of the grant issuers this edge trusts (kvcdn.edge.tolls); empty: it serves
+    no priced document."""
+    receipt_key: Path | None = None
+    """This edge's receipt signing key (`kvcdn keys generate`); needed with `grant_issuers`."""
+    receipts_dir: Path | None = None
+    """Folder of the receipt journal and the outbox of batches (kvcdn.edge.receiptbook); needed with
+    `grant_issuers`."""
+    receipt_batch: int = 100
+    """Receipts per batch shipped to the outbox."""
+    receipt_batch_s: float = 60.0
+    """A batch is shipped at least this often when receipts wait."""
+    revocations: Path | None = None
+    """File of revoked grant ids, one a line, read again whenever it changes (None: none)."""
 
     @property
     def pinned_budget(self) -> int:
@@ -113,5 +127,9 @@ class EdgeConfig:
             raise InvalidArgument("remembered_misses and remembered_infos must be >= 0")
         if self.membership_refresh_s <= 0:
             raise InvalidArgument("membership_refresh_s must be positive")
+        if self.grant_issuers and (self.receipt_key is None or self.receipts_dir is None):
+            raise InvalidArgument("an edge that takes grants (--grant-issuers) needs --receipt-key and --receipts")
+        if self.receipt_batch < 1 or self.receipt_batch_s <= 0:
+            raise InvalidArgument("--receipt-batch must be at least 1 and receipt_batch_s positive")
         if self.peers:
             read_edges(self.peers)  # fail early on a malformed list or a missing file

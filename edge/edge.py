@@ -29,7 +29,8 @@ from kvcdn.edge.feed import Feed
 from kvcdn.edge.peers import Peers
 from kvcdn.edge.pins import Hold, Pins
 from kvcdn.edge.pulls import Pull, PullTarget
-from kvcdn.edge.tiers import Tier, tier_stats
+from kvcdn.edge.tiers import Tier
+from kvcdn.edge.tolls import Tolls
 from kvcdn.edge.upstream import OriginAnswers
 from kvcdn.edge.vouching import Voucher
 from kvcdn.errors import InvalidArgument, KVCDNError, NotFound, Unavailable
@@ -41,8 +42,8 @@ from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.tuning import trim_after_frees
 from kvcdn.v1 import kvcdn_pb2 as pb
+from kvcdn.wire.bulk import Trailers
 from kvcdn.wire.frames import EncodedBlock, Frame, FrameSource, stream_blocks
-from kvcdn.wire.metrics import EdgeMetrics, Stat
 from kvcdn.wire.receiver import Progress
 from kvcdn.wire.source import Transport, fail_over, stream_from
 from kvcdn.wire.stub import CacheReader
@@ -93,6 +94,8 @@ class Edge:
         self.peers: Peers | None = None
         """The ring and the other edges on it (set by `start` when `config.peers` names them)."""
         self.feed = Feed(upstream, self.invalidate)
+        self.tolls = Tolls(config)
+        """What priced loads pay here, and their receipts (kvcdn.edge.tolls)."""
         self.answers = OriginAnswers(
             upstream,
             config.disk_dir / _ORIGIN_INFO_FILE if config.disk_dir is not None else None,
@@ -130,6 +133,7 @@ class Edge:
         if self.peers is not None:
             self.peers.start()
         self.feed.start()
+        self.tolls.start(address)
         frees = lambda: (self.pins.released, [tier.stats().evictions for tier in self.tiers])  # noqa: E731
         self._trimming = asyncio.get_running_loop().create_task(trim_after_frees(frees))
 
@@ -161,38 +165,20 @@ class Edge:
             await self.peers.close()
         await self.upstream.close()
         self._pulling.shutdown(wait=False)
+        self.tolls.close()
 
     # --- read side --------------------------------------------------------------------------------
 
-    def stats(self) -> list[Stat]:
-        """The edge's counters, for kvcdn.wire.metrics (read at scrape time)."""
-        return [
-            (EdgeMetrics.ORIGIN_FETCHES, self.origin_fetches),
-            (EdgeMetrics.BYTES_FROM_ORIGIN, self.bytes_from_origin),
-            (EdgeMetrics.PEER_FETCHES, self.peer_fetches),
-            (EdgeMetrics.BYTES_FROM_PEERS, self.bytes_from_peers),
-            (EdgeMetrics.ADMISSIONS_REFUSED, self.admissions_refused),
-            (EdgeMetrics.PULLS_IN_FLIGHT, len(self._loads)),
-            (EdgeMetrics.INVALIDATION_SEQ, self.invalidated_seq),
-            (EdgeMetrics.INVALIDATED_BLOCKS, self.invalidated_blocks),
-            (EdgeMetrics.PINNED_BYTES, self.pins.used),
-            (EdgeMetrics.UNTRUSTED_DROPPED, self.voucher.dropped),
-            (EdgeMetrics.STREAMS_CUT, self.pins.streams_cut),
-            (EdgeMetrics.BLOCK_BUFFER_BYTES, self.buffers.pooled_bytes),
-            *(stat for tier in self.tiers for stat in tier_stats(tier)),
-        ]
+    @property
+    def loads_in_flight(self) -> int:
+        return len(self._loads)
 
     async def origin_info(self) -> pb.ServerInfo:
         """The origin's ServerInfo (kept on the disk tier too: kvcdn.edge.upstream)."""
         return await self.answers.server_info()
 
     async def info(self) -> pb.ServerInfo:
-        info = pb.ServerInfo()
-        info.CopyFrom(await self.origin_info())
-        info.role = "edge"
-        info.ClearField("bulk_port")  # the origin's; the server answers with its own
-        info.ClearField("metrics_port")
-        return info
+        return await self.answers.edge_info()
 
     async def manifest(self, document: str, version: int, token_ids: bool = False) -> pb.Manifest:
         return await self.answers.manifest(document, version, token_ids)
@@ -331,7 +317,7 @@ class Edge:
     async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
         """Load one block into `pull` from its owners on the ring (if this edge is not one) or the
         origin, verifying every frame against the origin's digests before anyone sees it."""
-        info = self._infos.pop(key)
+        info = self._infos.get(key)  # kept: a stream's tolls read it (`_info_of`)
         if info is None:
             if self._recently_missed(_choice(key, ("raw",))):
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
@@ -339,6 +325,7 @@ class Edge:
             if not infos:
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
             info = infos[0]
+            self._infos.put(key, info)
         geometry = Geometry.from_proto((await self.origin_info()).geometry)
         pull.start(len(info.frame_digests))
         target = PullTarget(info, geometry, pull, asyncio.get_running_loop(), self.buffers)
@@ -410,16 +397,26 @@ class Edge:
             self.pins.release(hold, size)  # the caller asks for the next block: this one is sent
 
     async def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
+        self,
+        fingerprint: str,
+        keys: Sequence[bytes],
+        start_frame: int,
+        from_peer: bool = False,
+        load: pb.Load | None = None,
+        trailers: Trailers | None = None,
     ) -> AsyncIterator[Frame]:
         """The frames of `keys` in order, from frame `start_frame` of the first (`from_peer`: another
-        edge asks, so this one loads only from its tiers or the origin)."""
+        edge asks, so this one loads only from its tiers or the origin), as part of `load` if given:
+        what priced blocks need (kvcdn.edge.tolls); a charged request's receipt goes to `trailers`."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
         # The stream ends at the first block the origin lacks (its pull answers NOT_FOUND with no
         # lookup of its own): no block after it is loaded ahead, each with a lookup of its own.
         due = await self._look_up_unknown(fingerprint, keys)
+        known = lambda key: self._held(key) or self._infos.get(key)  # noqa: E731 (held, or told by a lookup)
+        bill = await self.tolls.admit(fingerprint, keys[:due], start_frame, from_peer, load, known, self.manifest)
         with self.pins.stream() as hold:
-            async for frame in stream_blocks(self._ahead(fingerprint, keys[:due], not from_peer, hold), start_frame):
+            frames = stream_blocks(self._ahead(fingerprint, keys[:due], not from_peer, hold), start_frame)
+            async for frame in frames if bill is None else self.tolls.metered(bill, frames, trailers):
                 yield frame
                 hold.touch()
 

@@ -8,17 +8,37 @@ from kvcdn.edge.config import EdgeConfig
 from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.edge import Edge
 from kvcdn.edge.peers import reader_for
-from kvcdn.edge.tiers import MemoryTier, Tier
+from kvcdn.edge.tiers import MemoryTier, Tier, tier_stats
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.metrics import EdgeMetrics, ServerMetrics, Stat
 from kvcdn.wire.ratelimit import RateLimiter
-from kvcdn.wire.readside import ReadService
+from kvcdn.wire.readside import ReadService, serve_stream
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 
-__all__ = ["build_edge", "run_edge", "serve_edge", "start_edge"]
+__all__ = ["build_edge", "edge_stats", "run_edge", "serve_edge", "start_edge"]
 
 log = logging.getLogger(__name__)
+
+
+def edge_stats(edge: Edge) -> list[Stat]:
+    """The edge's counters, for kvcdn.wire.metrics (read at scrape time)."""
+    return [
+        (EdgeMetrics.ORIGIN_FETCHES, edge.origin_fetches),
+        (EdgeMetrics.BYTES_FROM_ORIGIN, edge.bytes_from_origin),
+        (EdgeMetrics.PEER_FETCHES, edge.peer_fetches),
+        (EdgeMetrics.BYTES_FROM_PEERS, edge.bytes_from_peers),
+        (EdgeMetrics.ADMISSIONS_REFUSED, edge.admissions_refused),
+        (EdgeMetrics.PULLS_IN_FLIGHT, edge.loads_in_flight),
+        (EdgeMetrics.INVALIDATION_SEQ, edge.invalidated_seq),
+        (EdgeMetrics.INVALIDATED_BLOCKS, edge.invalidated_blocks),
+        (EdgeMetrics.PINNED_BYTES, edge.pins.used),
+        (EdgeMetrics.UNTRUSTED_DROPPED, edge.voucher.dropped),
+        (EdgeMetrics.STREAMS_CUT, edge.pins.streams_cut),
+        (EdgeMetrics.BLOCK_BUFFER_BYTES, edge.buffers.pooled_bytes),
+        *(stat for tier in edge.tiers for stat in tier_stats(tier)),
+        *edge.tolls.stats(),
+    ]
 
 
 def build_edge(config: EdgeConfig) -> Edge:
@@ -40,9 +60,12 @@ async def serve_edge(edge: Edge) -> Server:
         server = await start_server(
             config.listen,
             ReadService(
-                edge, ServerMetrics(edge.stats), auth, RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
+                edge,
+                ServerMetrics(lambda: edge_stats(edge)),
+                auth,
+                RateLimiter(config.rate_limit) if config.rate_limit > 0 else None,
             ),
-            bulk_stream=lambda fp, keys, start: edge.stream(fp, keys, start),
+            bulk_stream=lambda request, trailers: serve_stream(edge, request, trailers),
             bulk_port=config.bulk_port,
             metrics_port=config.metrics_port,
             tls=config.tls,

@@ -54,6 +54,15 @@ class OriginAnswers:
         self.manifest_calls = 0
         """GetManifest calls this edge sent its origin."""
 
+    async def edge_info(self) -> pb.ServerInfo:
+        """What an edge answers GetInfo with: the origin's, as an edge (without the origin's ports)."""
+        info = pb.ServerInfo()
+        info.CopyFrom(await self.server_info())
+        info.role = "edge"
+        info.ClearField("bulk_port")  # the origin's; the server answers with its own
+        info.ClearField("metrics_port")
+        return info
+
     async def server_info(self) -> pb.ServerInfo:
         """The origin's ServerInfo; with a disk tier, from the copy kept there while the origin is
         unreachable."""

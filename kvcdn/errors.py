@@ -13,13 +13,15 @@ KVCDNError                      base; `.code` is the gRPC status it travels as
 └── DeadlineExceeded            DEADLINE_EXCEEDED    the call ran past its deadline
 ```
 
-Servers abort with `exc.code` and `str(exc)`; clients turn a `grpc.RpcError` back into the same class
+Servers abort with `exc.code` and `str(exc)`, and send `exc.trailers` as trailing metadata (a refused
+priced load says there what would pay: kvcdn.spec.prices); clients turn a `grpc.RpcError` back into the same class
 with `from_rpc_error`, so callers catch domain errors, never transport ones. A call the other side
 cancelled (CANCELLED, e.g. a server going away mid-call) arrives as Unavailable: retryable elsewhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import grpc
@@ -44,6 +46,11 @@ class KVCDNError(Exception):
     """Base of every error kvcdn raises on purpose."""
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, *args: object, trailers: Mapping[str, str | bytes] | None = None) -> None:
+        super().__init__(*args)
+        self.trailers: dict[str, str | bytes] = dict(trailers or {})
+        """Trailing metadata the error travels with (keys ending `-bin` carry bytes)."""
 
 
 class NotFound(KVCDNError):
@@ -102,7 +109,10 @@ def from_rpc_error(err: grpc.RpcError, peer: str) -> KVCDNError:
     """The typed error for a failed call to `peer`; unknown codes become a plain KVCDNError."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    return error_for(code, details, peer)
+    exc = error_for(code, details, peer)
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    exc.trailers = {k: v for k, v in trailing or () if k.startswith(("kvcdn-", "payment-"))}
+    return exc
 
 
 def error_for(code: grpc.StatusCode, details: str, peer: str) -> KVCDNError:

@@ -36,6 +36,7 @@ from kvcdn.ops.launcher import Cluster
 from kvcdn.spec.identity import block_keys
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import read_token
+from kvcdn.wire.bulk import Trailers
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.readside import ReadService
 from kvcdn.wire.rpc import start_server
@@ -186,9 +187,15 @@ class _Forger:
         return await self.upstream.lookup(fingerprint, keys, codecs, from_peer)
 
     def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
+        self,
+        fingerprint: str,
+        keys: Sequence[bytes],
+        start_frame: int,
+        from_peer: bool = False,
+        load: pb.Load | None = None,
+        trailers: Trailers | None = None,
     ) -> AsyncIterator[bytes]:
-        return self.upstream.stream(fingerprint, keys, start_frame, from_peer)
+        return self.upstream.stream(fingerprint, keys, start_frame, from_peer, load)
 
 
 FORGED_FETCHES = 20

@@ -14,9 +14,10 @@ from kvcdn.model.tensors import LayerKV, block_payload
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import encoded_key
 from kvcdn.store.blockstore import BlockStore
+from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock, encode_block
 
-__all__ = ["load_prefix", "store_block", "store_encodings"]
+__all__ = ["load_prefix", "mark_priced", "store_block", "store_encodings"]
 
 
 def load_prefix(blocks: BlockStore, model: LoadedModel, keys: Sequence[bytes], n_tokens: int) -> list[LayerKV] | None:
@@ -61,3 +62,18 @@ def store_encodings(
                 encoded_key(key, codec), info.index, info.n_tokens, data, geometry.frame_bytes, codec, info.n_bytes
             )
             blocks.put(block.info, data, geometry.frame_bytes)
+
+
+def mark_priced(infos: list[pb.BlockInfo], priced: set[bytes]) -> list[pb.BlockInfo]:
+    """`infos`, those of `priced` keys as copies marked `priced` (BlockInfo.priced)."""
+    if not priced:
+        return infos
+    out = []
+    for info in infos:
+        if info.key in priced:
+            marked = pb.BlockInfo()
+            marked.CopyFrom(info)
+            marked.priced = True
+            info = marked
+        out.append(info)
+    return out

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS kvcdn_manifests (
 CREATE TABLE IF NOT EXISTS kvcdn_block_users (
   key bytea NOT NULL, document text NOT NULL, version integer NOT NULL, PRIMARY KEY (key, document, version));
 CREATE INDEX IF NOT EXISTS kvcdn_block_users_version ON kvcdn_block_users (document, version);
+ALTER TABLE kvcdn_block_users ADD COLUMN IF NOT EXISTS priced boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS kvcdn_events (seq bigint PRIMARY KEY, body bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS kvcdn_jobs (
   id bigserial PRIMARY KEY, job_key bytea NOT NULL, token_ids bytea NOT NULL, codecs text NOT NULL,
@@ -246,6 +247,13 @@ class PgManifests:
         )
         return [(d, v) for d, v in rows]
 
+    def priced(self, keys: Sequence[bytes]) -> set[bytes]:
+        """Those of `keys` that only priced versions use (BlockInfo.priced)."""
+        rows = self._catalog.query(
+            "SELECT key FROM kvcdn_block_users WHERE key = ANY(%s) GROUP BY key HAVING bool_and(priced)", (list(keys),)
+        )
+        return {bytes(k) for (k,) in rows}
+
     def versions(self, document: str) -> list[int]:
         rows = self._catalog.query(
             "SELECT version FROM kvcdn_manifests WHERE document = %s ORDER BY version", (document,)
@@ -264,9 +272,10 @@ class PgManifests:
                 (manifest.document, manifest.version, manifest.SerializeToString()),
             )
             with conn.cursor() as cur:
+                priced = manifest.HasField("price")
                 cur.executemany(
-                    "INSERT INTO kvcdn_block_users VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                    [(key, manifest.document, manifest.version) for key in dict.fromkeys(stored_keys(manifest))],
+                    "INSERT INTO kvcdn_block_users VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    [(k, manifest.document, manifest.version, priced) for k in dict.fromkeys(stored_keys(manifest))],
                 )
 
     def get(self, document: str, version: int = 0) -> pb.Manifest:

@@ -14,13 +14,14 @@ from kvcdn.errors import DigestMismatch, InvalidArgument, LimitExceeded, NotFoun
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.origin.blockwork import load_prefix, store_block, store_encodings
+from kvcdn.origin.blockwork import load_prefix, mark_priced, store_block, store_encodings
 from kvcdn.origin.catalog import Catalog, PgEvents, PgManifests, SharedLock
 from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.queue import LocalQueue, SharedQueue
-from kvcdn.origin.store import EventLog, ManifestStore, check_document_name
+from kvcdn.origin.store import EventLog, ManifestStore, check_document_name, with_ids
 from kvcdn.spec.codecs import CODECS, best_prefix, max_encoded_bytes, parse_codecs
 from kvcdn.spec.identity import block_keys, block_spans, check_read_request, content_digest, encoded_key
+from kvcdn.spec.prices import check_price
 from kvcdn.spec.provenance import Signer
 from kvcdn.store.blockstore import BlockStore
 from kvcdn.store.lru import ByteLRU
@@ -139,10 +140,14 @@ class Origin:
 
     # --- write side -------------------------------------------------------------------------------
 
-    async def publish(self, document: str, text: str, codecs: Sequence[str] | None = None) -> PublishResult:
+    async def publish(
+        self, document: str, text: str, codecs: Sequence[str] | None = None, price: pb.Price | None = None
+    ) -> PublishResult:
         """Compute and store `document`'s cache (raw, and encoded with `codecs`, default the config's)
-        and version its manifest."""
+        and version its manifest (priced at `price`: kvcdn.spec.prices; None: free)."""
         check_document_name(document)
+        if price is not None:
+            check_price(price)
         offered = tuple(c for c in parse_codecs(codecs or self.config.codecs, "codecs", True) if c != "raw")
         if not text.strip():
             raise InvalidArgument("the document text is empty")
@@ -170,7 +175,7 @@ class Origin:
                 computed, prefill_s = await self.queue.run(digest, ids, offered)
                 async with self._manifest_lock:
                     answer = await asyncio.get_running_loop().run_in_executor(
-                        None, self._commit, document, ids, keys, offered
+                        None, self._commit, document, ids, keys, offered, price
                     )
                 if answer is not None:
                     break
@@ -191,16 +196,17 @@ class Origin:
         return PublishResult(self._answer(manifest, False, True), computed, prefill_s)
 
     def _commit(
-        self, document: str, ids: list[int], keys: list[bytes], codecs: tuple[str, ...]
+        self, document: str, ids: list[int], keys: list[bytes], codecs: tuple[str, ...], price: pb.Price | None
     ) -> tuple[pb.Manifest, bool] | None:
         """Under the manifest lock: the document's latest manifest if it describes the same content
-        in the same codecs (and False), else a new version's (and True); None if a block of `keys`
-        is not on disk (purged since it was computed)."""
+        in the same codecs at the same price (and False), else a new version's (and True); None if a
+        block of `keys` is not on disk (purged since it was computed)."""
         digest = content_digest(ids)
         version = self.manifests.next_version(document)
         if version - 1 in self.manifests.versions(document):
             latest = self.manifests.get(document, version - 1)
-            if latest.content_digest == digest and tuple(latest.codecs) == codecs:
+            same_price = (latest.price if latest.HasField("price") else None) == price
+            if latest.content_digest == digest and tuple(latest.codecs) == codecs and same_price:
                 return latest, False
         # Read from the files, not remembered: another worker may have purged and recomputed a block.
         infos = [info for k in keys if (info := self.blocks.info(k, fresh=True)) is not None]
@@ -217,6 +223,7 @@ class Origin:
             codecs=codecs,
             token_ids=ids,
             issued_at=int(time.time()),
+            price=price,
         )
         self.manifests.put(manifest)
         return manifest, True
@@ -387,7 +394,7 @@ class Origin:
     def _answer(self, manifest: pb.Manifest, token_ids: bool, latest: bool) -> pb.Manifest:
         """A manifest as answers carry it: token ids only if asked for, signed with the current key
         (as the `latest` version for --manifest-ttl from now)."""
-        out = _with_ids(manifest, token_ids)
+        out = with_ids(manifest, token_ids)
         if self.signer is not None:
             if out is manifest:
                 out = pb.Manifest()
@@ -400,7 +407,8 @@ class Origin:
         each info signed when the origin has a key."""
         check_read_request(fingerprint, self.fingerprint, keys)
         found = best_prefix(keys, parse_codecs(codecs, "codecs", allow_empty=True), self.blocks.info)
-        return found if self.signer is None else [self._sign(info) for info in found]
+        found = found if self.signer is None else [self._sign(info) for info in found]
+        return mark_priced(found, self.manifests.priced([i.key for i in found]))
 
     def _sign(self, info: pb.BlockInfo) -> pb.BlockInfo:
         assert self.signer is not None
@@ -433,13 +441,3 @@ class Origin:
     async def _blocks(self, keys: Sequence[bytes]) -> AsyncIterator[EncodedBlock]:
         for key in keys:
             yield await self.block(key)
-
-
-def _with_ids(manifest: pb.Manifest, token_ids: bool) -> pb.Manifest:
-    """`manifest` as stored, or a copy without its token ids (what answers carry unless asked)."""
-    if token_ids or not manifest.token_ids:
-        return manifest
-    out = pb.Manifest()
-    out.CopyFrom(manifest)
-    out.ClearField("token_ids")
-    return out

@@ -12,6 +12,7 @@ from kvcdn.origin.service import OriginService
 from kvcdn.wire.auth import Authorizer
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
+from kvcdn.wire.readside import serve_stream
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 
@@ -33,7 +34,7 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
             service,
             publisher=service,
             invalidations=service,
-            bulk_stream=lambda fp, keys, start: origin.stream(fp, keys, start),
+            bulk_stream=lambda request, trailers: serve_stream(service.reads, request, trailers),
             bulk_port=config.bulk_port,
             metrics_port=config.metrics_port,
             tls=config.tls,

@@ -11,6 +11,7 @@ from kvcdn.origin.origin import Origin
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.v1 import kvcdn_pb2_grpc as pb_grpc
 from kvcdn.wire.auth import Authorizer
+from kvcdn.wire.bulk import Trailers
 from kvcdn.wire.frames import Frame
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
@@ -38,8 +39,16 @@ class _OriginReads:
         return self.origin.lookup(fingerprint, keys, codecs)
 
     def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
+        self,
+        fingerprint: str,
+        keys: Sequence[bytes],
+        start_frame: int,
+        from_peer: bool = False,
+        load: pb.Load | None = None,
+        trailers: Trailers | None = None,
     ) -> AsyncIterator[Frame]:
+        """The origin charges nothing (edges do): a priced deployment closes its reads (`--closed-reads`)
+        so that only edges, on their `edge` tokens, stream from it."""
         return self.origin.stream(fingerprint, keys, start_frame)
 
 
@@ -58,7 +67,8 @@ class OriginService(ReadService, pb_grpc.PublisherServicer, pb_grpc.Invalidation
 
     @rpc_errors
     async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:
-        result = await self.origin.publish(request.document, request.text, request.codecs)
+        price = request.price if request.HasField("price") else None
+        result = await self.origin.publish(request.document, request.text, request.codecs, price)
         return pb.PublishResponse(
             manifest=result.manifest, computed_blocks=result.computed_blocks, prefill_s=result.prefill_s
         )

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -28,7 +29,7 @@ from kvcdn.spec.identity import encoded_key
 from kvcdn.store.files import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["EventLog", "ManifestStore", "check_document_name", "stored_keys"]
+__all__ = ["EventLog", "ManifestStore", "check_document_name", "stored_keys", "with_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,16 @@ before the digest are the bare Manifest; they are checked against their path and
 def stored_keys(manifest: pb.Manifest) -> list[bytes]:
     """Every block key a manifest's document is stored under: raw and each offered encoding."""
     return [encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", *manifest.codecs)]
+
+
+def with_ids(manifest: pb.Manifest, token_ids: bool) -> pb.Manifest:
+    """`manifest` as stored, or a copy without its token ids (what answers carry unless asked)."""
+    if token_ids or not manifest.token_ids:
+        return manifest
+    out = pb.Manifest()
+    out.CopyFrom(manifest)
+    out.ClearField("token_ids")
+    return out
 
 
 _NAME = re.compile(r"[A-Za-z0-9._/-]{1,200}")
@@ -90,6 +101,8 @@ class ManifestStore:
         self.quarantine = quarantine if quarantine is not None else root / "quarantine"
         remove_temporaries(self.root)
         self._users: dict[bytes, set[Version]] = {}
+        self._priced: set[Version] = set()
+        """Versions whose manifests carry a price."""
         self._damaged: dict[str, set[int]] = {}
         """Versions quarantined, by document folder (their numbers are not given to new versions)."""
         self.quarantined = 0
@@ -124,12 +137,21 @@ class ManifestStore:
         )
 
     def _index(self, manifest: pb.Manifest) -> None:
+        version = (manifest.document, manifest.version)
         for key in stored_keys(manifest):
-            self._users.setdefault(key, set()).add((manifest.document, manifest.version))
+            self._users.setdefault(key, set()).add(version)
+        if manifest.HasField("price"):
+            self._priced.add(version)
 
     def users(self, key: bytes) -> list[Version]:
         """The (document, version) pairs whose manifests use the stored block `key`, oldest first."""
         return sorted(self._users.get(key, ()))
+
+    def priced(self, keys: Sequence[bytes]) -> set[bytes]:
+        """Those of `keys` that only priced versions use (BlockInfo.priced)."""
+        if not self._priced:
+            return set()
+        return {k for k in keys if (users := self._users.get(k)) and users <= self._priced}
 
     def _dir(self, document: str) -> Path:
         return self.root / _folder(document)
@@ -182,6 +204,7 @@ class ManifestStore:
         """Remove a version's manifest; returns the stored block keys no manifest uses any more."""
         manifest = self.get(document, version)
         (self._dir(document) / f"{version}.manifest").unlink(missing_ok=True)
+        self._priced.discard((document, version))
         orphans = []
         for key in dict.fromkeys(stored_keys(manifest)):
             users = self._users.get(key, set())

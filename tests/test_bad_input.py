@@ -8,7 +8,7 @@ import json
 import logging
 import shutil
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -346,7 +346,7 @@ async def test_the_bulk_port_bounds_slow_and_greedy_peers_and_keeps_serving(
 
     block = encode_block(bytes(32), 0, 1, b"payload" * 100, 256)
 
-    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+    async def stream(request: pb.StreamBlocksRequest, trailers: dict[str, str | bytes]) -> AsyncIterator[bytes]:
         for frame in block.frames:
             yield frame
 
@@ -394,7 +394,7 @@ async def test_a_bulk_reader_that_stops_reading_is_cut_off_after_the_send_stall(
     # 64 MiB in 1 MiB frames: far more than the socket buffers hold, so sends must wait for the reader.
     block = encode_block(bytes(32), 0, 1, bytes(64 << 20), 1 << 20)
 
-    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+    async def stream(request: pb.StreamBlocksRequest, trailers: dict[str, str | bytes]) -> AsyncIterator[bytes]:
         for frame in block.frames:
             yield frame
 

@@ -10,6 +10,7 @@ import torch
 from kvcdn.client import KVClient
 from kvcdn.edge import EdgeConfig, start_edge
 from kvcdn.edge.disk import DiskTier
+from kvcdn.edge.server import edge_stats
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
@@ -80,7 +81,7 @@ async def test_edge_serves_from_disk_after_memory_eviction_and_after_restart_wit
         assert edge.origin_fetches == len(manifest.blocks)
         assert disk_tier(edge).hits == len(manifest.blocks)
         assert again.cached_tokens == len(doc)
-        stats = dict(edge.stats())
+        stats = dict(edge_stats(edge))
         assert stats[EdgeMetrics.DISK.hits] == len(manifest.blocks)
         assert stats[EdgeMetrics.DISK.blocks] == len(manifest.blocks) and stats[EdgeMetrics.DISK.bytes] > again.n_bytes
     finally:

@@ -80,7 +80,7 @@ async def test_pending_tls_handshakes_on_the_bulk_port_take_turns(tmp_path: Path
     server_tls = TLSFiles(files["server"], files["server_key"], files["ca"])
     block = encode_block(bytes(32), 0, 1, b"payload" * 100, 256)
 
-    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+    async def stream(request: pb.StreamBlocksRequest, trailers: dict[str, str | bytes]) -> AsyncIterator[bytes]:
         for frame in block.frames:
             yield frame
 
@@ -235,14 +235,14 @@ async def test_servers_name_the_caller_of_each_stream(tmp_path: Path) -> None:
     callers: list[str | None] = []
     block = encode_block(bytes(32), 0, 1, b"payload" * 100, 256)
 
-    async def stream(fingerprint: str, keys: Sequence[bytes], start: int) -> AsyncIterator[bytes]:
+    async def stream(request: pb.StreamBlocksRequest, trailers: dict[str, str | bytes]) -> AsyncIterator[bytes]:
         callers.append(CALLER.get())
         for frame in block.frames:
             yield frame
 
     class Reads:
-        def stream(self, fingerprint: str, keys: Sequence[bytes], start: int, from_peer: bool = False) -> Any:
-            return stream(fingerprint, keys, start)
+        def stream(self, fingerprint: str, keys: Sequence[bytes], start: int, **_: Any) -> Any:
+            return stream(pb.StreamBlocksRequest(fingerprint=fingerprint, keys=keys, start_frame=start), {})
 
     tokens = {"r" * 32: "reader", "e" * 32: "edge"}
     service = ReadService(Reads(), ServerMetrics(), Authorizer(tokens))  # type: ignore[arg-type]

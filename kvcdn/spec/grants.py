@@ -34,16 +34,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
-from kvcdn.errors import LimitExceeded, PermissionDenied, Unauthenticated
-from kvcdn.spec.provenance import key_id
+from kvcdn.errors import InvalidArgument, LimitExceeded, PermissionDenied, Unauthenticated
+from kvcdn.spec.prices import request_name
+from kvcdn.spec.provenance import Signer, key_id
+from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["ALG", "Grant", "GrantChecker", "Scope", "issue_grant", "make_proof", "thumbprint"]
+__all__ = ["ALG", "Grant", "GrantChecker", "Scope", "Wallet", "issue_grant", "make_proof", "thumbprint"]
 
 ALG = "Ed25519"
 _PROOF_TYPE = "kvcdn-pop+jwt"
@@ -135,6 +138,31 @@ def make_proof(agent_key: Ed25519PrivateKey, grant: str, audience: str, request:
     }
     header = {"alg": ALG, "typ": _PROOF_TYPE, "jwk": key.as_dict(private=False)}
     return str(jwt.encode(header, claims, key, algorithms=[ALG]))
+
+
+@dataclass(frozen=True)
+class Wallet:
+    """What an agent pays for priced loads with: its grant and the key the grant is bound to."""
+
+    grant: str
+    key: Ed25519PrivateKey
+
+    @classmethod
+    def from_files(cls, grant: Path, key: Path) -> Wallet:
+        """The grant in `grant` (its compact JWS, as issued) and the agent's key in `key` (`kvcdn keys generate`)."""
+        try:
+            token = grant.read_text().strip()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the grant {grant}: {exc.strerror}") from None
+        return cls(token, Signer.from_file(key).key)
+
+    def load(self, document: str, version: int, audience: str, idempotency_key: str) -> pb.Load:
+        """A request's Load: the grant and a fresh proof for `audience` (the edge asked)."""
+        request = request_name(document, version, idempotency_key)
+        proof = make_proof(self.key, self.grant, audience, request)
+        return pb.Load(
+            document=document, version=version, grant=self.grant, proof=proof, idempotency_key=idempotency_key
+        )
 
 
 def _num(claims: Mapping[str, object], name: str) -> float:

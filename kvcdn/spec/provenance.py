@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 _BLOCK = b"kvcdn-block-v1\x00"
 _EXPIRES = re.compile(rb"^Expires:(.*)$", re.MULTILINE)
 _MANIFEST = b"kvcdn-manifest-v2\x00"
+_PRICED_MANIFEST = b"kvcdn-manifest-v3\x00"
 
 
 class Untrusted(DigestMismatch):
@@ -90,10 +91,14 @@ def block_statement(fingerprint: bytes, info: pb.BlockInfo) -> bytes:
 def manifest_statement(manifest: pb.Manifest) -> bytes:
     """What a manifest signature covers: `"kvcdn-manifest-v2\\0" | text document | u32 version | text
     fingerprint (hex) | text content_digest | u32 token_count | u64 issued_at | u64 valid_until | u32 n |
-    n block keys | u32 m | m texts codecs`, texts as `u32 length | UTF-8`."""
+    n block keys | u32 m | m texts codecs`, texts as `u32 length | UTF-8`. A priced manifest's starts
+    `"kvcdn-manifest-v3\\0"` and ends `| u64 per_load | u64 per_token | text asset | text pay_to`, so a
+    price can be neither stripped from a signed manifest nor added to one."""
+    priced = manifest.HasField("price")
+    price = manifest.price
     return b"".join(
         (
-            _MANIFEST,
+            _PRICED_MANIFEST if priced else _MANIFEST,
             statement_text(manifest.document),
             struct.pack("<I", manifest.version),
             statement_text(manifest.fingerprint),
@@ -102,8 +107,14 @@ def manifest_statement(manifest: pb.Manifest) -> bytes:
             *(b.key for b in manifest.blocks),
             struct.pack("<I", len(manifest.codecs)),
             *(statement_text(c) for c in manifest.codecs),
+            *(_price_statement(price) if priced else ()),
         )
     )
+
+
+def _price_statement(price: pb.Price) -> tuple[bytes, ...]:
+    amounts = struct.pack("<QQ", price.per_load, price.per_token)
+    return amounts, statement_text(price.asset), statement_text(price.pay_to)
 
 
 def key_id(public: Ed25519PublicKey) -> str:

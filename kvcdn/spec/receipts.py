@@ -27,6 +27,7 @@ from kvcdn.v1 import kvcdn_pb2 as pb
 
 __all__ = [
     "GENESIS",
+    "RECEIPT_KEY",
     "ReceiptSigner",
     "checkpoint_problem",
     "checkpoint_statement",
@@ -38,6 +39,8 @@ __all__ = [
     "verify_inclusion",
 ]
 
+RECEIPT_KEY = "kvcdn-receipt-bin"
+"""Trailing metadata key of a load's receipt (a serialized Receipt) on the stream that earned it."""
 GENESIS = bytes(32)
 """The `prev_hash` of an edge key's first receipt."""
 _RECEIPT = b"kvcdn-receipt-v1\x00"

@@ -29,7 +29,11 @@ port (ServerInfo.bulk_port), because gRPC's per-message costs cap a 1 MiB stream
 what the socket carries. The client sends `u32 n | StreamBlocksRequest (n bytes)`; the server answers
 per frame `u32 header_len | u32 payload_len | FrameHeader | payload`, then `u32 0xFFFFFFFF | u32 0`
 at the end, or `u32 0xFFFFFFFE | u32 n | u32 grpc status code | message (n - 4 bytes, UTF-8)` on an
-error. All integers are little-endian. Receivers write payloads straight into their tensors and
+error. Before its end record, a stream that charged for a load (StreamBlocksRequest.load) sends
+a trailer record `u32 0xFFFFFFFD | u32 n | key (UTF-8) | 0x00 | value` with key `kvcdn-receipt-bin`
+and the Receipt as value (over gRPC: trailing metadata `kvcdn-receipt-bin`); trailing metadata of an
+error (a refused load's `payment-required`) travels in trailer records before its error record.
+All integers are little-endian. Receivers write payloads straight into their tensors and
 check each frame's BLAKE3 digest there. Same requests, same frames, same errors as StreamBlocks.
 
 Errors use gRPC status codes: NOT_FOUND unknown key or document; INVALID_ARGUMENT malformed request;
@@ -176,6 +180,7 @@ class BlockInfo(_message.Message):
     RAW_BYTES_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNER_FIELD_NUMBER: _builtins.int
+    PRICED_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     """32-byte key: the chained SHA-256 key of the block's tokens for a raw block; for an encoded one,
     SHA-256(chained key || "kvcdn-codec:" || codec name), so each encoding is a block of its own.
@@ -199,6 +204,11 @@ class BlockInfo(_message.Message):
     """
     signer: _builtins.str
     """Key id of the signing key: the first 8 bytes, hex, of SHA-256 of the raw Ed25519 public key."""
+    priced: _builtins.bool
+    """Set by the origin on its answers: every document that uses this block is priced (Manifest.price),
+    so edges stream it only within a load that names one of them (StreamBlocksRequest.load). Not
+    covered by `signature` (a block of a free document is free whoever else uses it).
+    """
     @_builtins.property
     def frame_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """BLAKE3-256 digest of every frame of the payload, in order."""
@@ -215,14 +225,49 @@ class BlockInfo(_message.Message):
         raw_bytes: _builtins.int = ...,
         signature: _builtins.bytes = ...,
         signer: _builtins.str = ...,
+        priced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "frame_digests", b"frame_digests", "index", b"index", "key", b"key", "n_bytes", b"n_bytes", "n_tokens", b"n_tokens", "raw_bytes", b"raw_bytes", "signature", b"signature", "signer", b"signer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "frame_digests", b"frame_digests", "index", b"index", "key", b"key", "n_bytes", b"n_bytes", "n_tokens", b"n_tokens", "priced", b"priced", "raw_bytes", b"raw_bytes", "signature", b"signature", "signer", b"signer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BlockInfo: _TypeAlias = BlockInfo  # noqa: Y015
+
+@_typing.final
+class Price(_message.Message):
+    """What loading a document costs (SPEC.md section 15): `per_load` once per load plus `per_token` for
+    each token of the cache served, in the smallest unit of `asset`, credited to `pay_to`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PER_LOAD_FIELD_NUMBER: _builtins.int
+    PER_TOKEN_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    PAY_TO_FIELD_NUMBER: _builtins.int
+    per_load: _builtins.int
+    per_token: _builtins.int
+    asset: _builtins.str
+    """The asset's name, such as "USDC" (at most 32 characters)."""
+    pay_to: _builtins.str
+    """The publisher's account the ledger credits (at most 200 characters)."""
+    def __init__(
+        self,
+        *,
+        per_load: _builtins.int = ...,
+        per_token: _builtins.int = ...,
+        asset: _builtins.str = ...,
+        pay_to: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "pay_to", b"pay_to", "per_load", b"per_load", "per_token", b"per_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Price: _TypeAlias = Price  # noqa: Y015
 
 @_typing.final
 class Manifest(_message.Message):
@@ -243,6 +288,7 @@ class Manifest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNER_FIELD_NUMBER: _builtins.int
     VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Publisher-chosen document name."""
     version: _builtins.int
@@ -284,6 +330,10 @@ class Manifest(_message.Message):
         these without reproducing the tokenizer. Empty for documents published before kvcdn stored them.
         """
 
+    @_builtins.property
+    def price(self) -> Global___Price:
+        """What a load of this document costs; unset: free. Signed with the rest (manifest statement v3)."""
+
     def __init__(
         self,
         *,
@@ -300,10 +350,11 @@ class Manifest(_message.Message):
         signature: _builtins.bytes = ...,
         signer: _builtins.str = ...,
         valid_until: _builtins.int = ...,
+        price: Global___Price | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "issued_at", b"issued_at", "signature", b"signature", "signer", b"signer", "token_count", b"token_count", "token_ids", b"token_ids", "valid_until", b"valid_until", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "codecs", b"codecs", "content_digest", b"content_digest", "document", b"document", "fingerprint", b"fingerprint", "geometry", b"geometry", "issued_at", b"issued_at", "price", b"price", "signature", b"signature", "signer", b"signer", "token_count", b"token_count", "token_ids", b"token_ids", "valid_until", b"valid_until", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,6 +462,7 @@ class StreamBlocksRequest(_message.Message):
     START_FRAME_FIELD_NUMBER: _builtins.int
     FROM_PEER_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Hex fingerprint of the caller's model; a different one fails with FAILED_PRECONDITION."""
     start_frame: _builtins.int
@@ -428,6 +480,12 @@ class StreamBlocksRequest(_message.Message):
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Block keys to stream, in order (32 bytes each)."""
 
+    @_builtins.property
+    def load(self) -> Global___Load:
+        """The document these blocks are loaded as, and what pays for it: needed for blocks of priced
+        documents (BlockInfo.priced). Every key must be one of that version's blocks (raw or encoded).
+        """
+
     def __init__(
         self,
         *,
@@ -436,14 +494,53 @@ class StreamBlocksRequest(_message.Message):
         start_frame: _builtins.int = ...,
         from_peer: _builtins.bool = ...,
         token: _builtins.str = ...,
+        load: Global___Load | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "from_peer", b"from_peer", "keys", b"keys", "start_frame", b"start_frame", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "from_peer", b"from_peer", "keys", b"keys", "load", b"load", "start_frame", b"start_frame", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamBlocksRequest: _TypeAlias = StreamBlocksRequest  # noqa: Y015
+
+@_typing.final
+class Load(_message.Message):
+    """A load of a document under a grant (SPEC.md section 15)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    document: _builtins.str
+    version: _builtins.int
+    """The version (not 0: a load names what it pays for)."""
+    grant: _builtins.str
+    """The grant (a JWT, compact JWS) and a proof of its key made for this request (kvcdn-pop+jwt, with
+    `aud` the edge's address and `req` "DOCUMENT@VERSION#IDEMPOTENCY_KEY").
+    """
+    proof: _builtins.str
+    idempotency_key: _builtins.str
+    """Names this request: a retried request carries the same key and is charged once."""
+    def __init__(
+        self,
+        *,
+        document: _builtins.str = ...,
+        version: _builtins.int = ...,
+        grant: _builtins.str = ...,
+        proof: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "grant", b"grant", "idempotency_key", b"idempotency_key", "proof", b"proof", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Load: _TypeAlias = Load  # noqa: Y015
 
 @_typing.final
 class FrameHeader(_message.Message):
@@ -515,6 +612,7 @@ class PublishRequest(_message.Message):
     DOCUMENT_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
     document: _builtins.str
     """Document name; letters, digits and "._-/" only, at most 200 characters."""
     text: _builtins.str
@@ -525,16 +623,21 @@ class PublishRequest(_message.Message):
     def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Encodings to offer besides raw: "lossless", "fp8", "int4", "int8". Empty: the origin's default."""
 
+    @_builtins.property
+    def price(self) -> Global___Price:
+        """What a load costs (unset: free). A priced version's blocks are streamed only within loads."""
+
     def __init__(
         self,
         *,
         document: _builtins.str = ...,
         text: _builtins.str = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
+        price: Global___Price | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "document", b"document", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "document", b"document", "price", b"price", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,7 +29,11 @@ port (ServerInfo.bulk_port), because gRPC's per-message costs cap a 1 MiB stream
 what the socket carries. The client sends `u32 n | StreamBlocksRequest (n bytes)`; the server answers
 per frame `u32 header_len | u32 payload_len | FrameHeader | payload`, then `u32 0xFFFFFFFF | u32 0`
 at the end, or `u32 0xFFFFFFFE | u32 n | u32 grpc status code | message (n - 4 bytes, UTF-8)` on an
-error. All integers are little-endian. Receivers write payloads straight into their tensors and
+error. Before its end record, a stream that charged for a load (StreamBlocksRequest.load) sends
+a trailer record `u32 0xFFFFFFFD | u32 n | key (UTF-8) | 0x00 | value` with key `kvcdn-receipt-bin`
+and the Receipt as value (over gRPC: trailing metadata `kvcdn-receipt-bin`); trailing metadata of an
+error (a refused load's `payment-required`) travels in trailer records before its error record.
+All integers are little-endian. Receivers write payloads straight into their tensors and
 check each frame's BLAKE3 digest there. Same requests, same frames, same errors as StreamBlocks.
 
 Errors use gRPC status codes: NOT_FOUND unknown key or document; INVALID_ARGUMENT malformed request;

@@ -23,7 +23,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -42,17 +42,19 @@ from kvcdn.wire.logs import ThrottledWarning
 from kvcdn.wire.metrics import BULK_METHOD, ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter, check_call
 
-__all__ = ["DEFAULT_LIMITS", "BulkLimits", "BulkServer", "start_bulk_server"]
+__all__ = ["DEFAULT_LIMITS", "BulkLimits", "BulkServer", "StreamFn", "Trailers", "start_bulk_server", "trailer_records"]
 
 log = logging.getLogger(__name__)
 
 # The record format, shared with kvcdn.wire.receiver: a record is two u32 (header length, payload
 # length), then the serialized FrameHeader and the payload; an error record's first u32 is _ERROR,
-# the stream's end is (_END, 0).
+# the stream's end is (_END, 0). Trailing metadata (a receipt, a refusal's payment terms) travels in
+# trailer records, `(_TRAILER, n)` and n bytes `key | 0x00 | value`, before the end or error record.
 _PAIR = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _END = 0xFFFFFFFF
 _ERROR = 0xFFFFFFFE
+_TRAILER = 0xFFFFFFFD
 _MAX_REQUEST_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 4096
 _TLS_PIECE = 256 * 1024
@@ -120,7 +122,19 @@ class _Options:
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-StreamFn = Callable[[str, Sequence[bytes], int], AsyncIterator[Frame]]
+Trailers = dict[str, str | bytes]
+"""Trailing metadata of a stream (gRPC's trailing metadata; trailer records on the bulk port)."""
+StreamFn = Callable[[pb.StreamBlocksRequest, Trailers], AsyncIterator[Frame]]
+"""Serves a request's frames, filling in its trailers as it goes (sent after the last frame)."""
+
+
+def trailer_records(trailers: Trailers) -> bytes:
+    """`trailers` as bulk trailer records."""
+    out = []
+    for key, value in trailers.items():
+        body = key.encode() + b"\x00" + (value if isinstance(value, bytes) else value.encode())
+        out.append(_PAIR.pack(_TRAILER, len(body)) + body)
+    return b"".join(out)
 
 
 # --- server --------------------------------------------------------------------------------------
@@ -295,17 +309,19 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
             except TimeoutError:
                 raise DeadlineExceeded(f"no whole bulk request within {limits.request_s:g} s") from None
             check_call(options.auth, options.limiter, peer, req.token, "StreamBlocks")  # as over gRPC
-            async for raw in stream(req.fingerprint, req.keys, req.start_frame):
+            trailers: Trailers = {}
+            async for raw in stream(req, trailers):
                 header, payload = frame_parts(raw)
                 record = _PAIR.pack(len(header), len(payload)) + bytes(header)
                 await conn.send(record, payload, stall_s=limits.send_stall_s)
                 payload_served.inc(len(payload))
                 wire_served.inc(len(record) + len(payload))
-            await conn.send(_PAIR.pack(_END, 0), stall_s=limits.send_stall_s)
+            await conn.send(trailer_records(trailers) + _PAIR.pack(_END, 0), stall_s=limits.send_stall_s)
         except KVCDNError as exc:
             code = exc.code
             message = str(exc).encode()
             record = _PAIR.pack(_ERROR, 4 + len(message)) + _U32.pack(exc.code.value[0]) + message
+            record = trailer_records(exc.trailers) + record
             with contextlib.suppress(OSError):
                 if conn is not None:  # None: the TLS handshake failed, there is no channel to answer on
                     await conn.send(record, stall_s=limits.request_s)

@@ -11,12 +11,13 @@ import grpc
 
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.auth import Authorizer
+from kvcdn.wire.bulk import Trailers
 from kvcdn.wire.frames import Frame, as_bytes
 from kvcdn.wire.metrics import ServerMetrics
 from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.rpc import rpc_errors, stream_errors
 
-__all__ = ["ReadService", "Reads"]
+__all__ = ["ReadService", "Reads", "serve_stream"]
 
 
 class Reads(Protocol):
@@ -31,8 +32,26 @@ class Reads(Protocol):
     ) -> list[pb.BlockInfo]: ...
 
     def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int, from_peer: bool = False
+        self,
+        fingerprint: str,
+        keys: Sequence[bytes],
+        start_frame: int,
+        from_peer: bool = False,
+        load: pb.Load | None = None,
+        trailers: Trailers | None = None,
     ) -> AsyncIterator[Frame]: ...
+
+
+def serve_stream(reads: Reads, request: pb.StreamBlocksRequest, trailers: Trailers) -> AsyncIterator[Frame]:
+    """`reads`' frames for a StreamBlocks request (gRPC or bulk), its trailers filled in as it goes."""
+    return reads.stream(
+        request.fingerprint,
+        request.keys,
+        request.start_frame,
+        from_peer=request.from_peer,
+        load=request.load if request.HasField("load") else None,
+        trailers=trailers,
+    )
 
 
 class ReadService:
@@ -67,7 +86,8 @@ class ReadService:
     async def StreamBlocks(
         self, request: pb.StreamBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        async for frame in self.reads.stream(
-            request.fingerprint, request.keys, request.start_frame, from_peer=request.from_peer
-        ):
+        trailers: Trailers = {}
+        async for frame in serve_stream(self.reads, request, trailers):
             yield as_bytes(frame)
+        if trailers:
+            context.set_trailing_metadata(tuple(trailers.items()))

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import blake3
@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from kvcdn.errors import DeadlineExceeded, DigestMismatch, Unavailable, error_for
 from kvcdn.spec.geometry import Geometry
 from kvcdn.v1 import kvcdn_pb2 as pb
-from kvcdn.wire.bulk import _CODES, _END, _ERROR, _MAX_HEADER_BYTES, _MAX_REQUEST_BYTES, _PAIR, _U32
+from kvcdn.wire.bulk import _CODES, _END, _ERROR, _MAX_HEADER_BYTES, _MAX_REQUEST_BYTES, _PAIR, _TRAILER, _U32
 from kvcdn.wire.frames import check_digest, expect_frame
 
 __all__ = ["FrameTarget", "Progress", "receive_into", "settle_frame"]
@@ -62,6 +62,8 @@ class Progress:
     frame: int = 0
     first_frame_at: float = 0.0
     """time.perf_counter() when the first frame was verified and written (0: none yet)."""
+    trailers: list[tuple[str, bytes]] = field(default_factory=list)
+    """The trailing metadata of the streams that completed (a charged load's receipt among them)."""
 
     def advance(self, frames_in_block: int) -> bool:
         """One more frame of the current block is verified and written; True when that completed it."""
@@ -186,13 +188,14 @@ def receive_into(
     token: str = "",
     from_peer: bool = False,
     first_frame_s: float | None = None,
+    load: pb.Load | None = None,
 ) -> float:
     """Stream `blocks` from `progress` on, writing each payload in place and verifying it, within
     `timeout_s` for the whole stream (as gRPC's deadline for StreamBlocks); over TLS with `tls`
     (the server's certificate checked for `address`'s host), sending `token` for closed reads
     (`from_peer`: an edge asks another, see StreamBlocksRequest.from_peer), and giving up with
-    DeadlineExceeded if no frame has settled within `first_frame_s` (a stalled peer). Returns the
-    CPU seconds this thread spent on it.
+    DeadlineExceeded if no frame has settled within `first_frame_s` (a stalled peer), as part of `load`
+    where given. Returns the CPU seconds this thread spent on it; the stream's trailers go to `progress`.
 
     Blocking: run it in a worker thread. Frames arrive a batch at a time (`_receive_frames`) and each
     is verified in this thread right after the read that completed it, while its bytes are still in
@@ -208,6 +211,7 @@ def receive_into(
         start_frame=progress.frame,
         token=token,
         from_peer=from_peer,
+        load=load,
     ).SerializeToString()
     peer = f"{address[0]}:{address[1]} (bulk{', TLS' if tls else ''})"
     deadline = time.monotonic() + timeout_s
@@ -225,11 +229,13 @@ def receive_into(
                 sock.settimeout(None)  # blocking reads from here on, cut off at the deadline
                 stream = _Stream(sock)
                 with _CutOff(raw, deadline, first) as cut_off:
-                    _receive_frames(stream, peer, blocks, geometry, assembler, progress)
-                    first, second = _PAIR.unpack(stream.read(_PAIR.size))
-                    _raise_if_error(stream, peer, first, second)
-                if first != _END:
+                    trailers: list[tuple[str, bytes]] = []
+                    _receive_frames(stream, peer, blocks, geometry, assembler, progress, trailers)
+                    marker, length = _next_record(stream, peer, trailers)
+                    _raise_if_error(stream, peer, marker, length, trailers)
+                if marker != _END:
                     raise DigestMismatch(f"{peer} sent more frames than the blocks hold")
+                progress.trailers += trailers
     except OSError as exc:  # TimeoutError (connect, handshake), ConnectionError, ssl.SSLError among them
         if cut_off is not None and cut_off.expired == "first frame":
             raise DeadlineExceeded(f"{peer}: no frame within {first_frame_s:g} s") from None
@@ -241,16 +247,35 @@ def receive_into(
     return time.thread_time() - cpu_s
 
 
-def _raise_if_error(stream: _Stream, peer: str, marker: int, length: int) -> None:
-    """Raise the typed error an error record carries (`marker` and `length` already read); a record
-    too short to hold a status is a malformed stream (DigestMismatch: the caller fails over)."""
+def _next_record(stream: _Stream, peer: str, trailers: list[tuple[str, bytes]]) -> tuple[int, int]:
+    """The next record's two lengths, after the trailer records before it (kept in `trailers`)."""
+    while True:
+        first, second = _PAIR.unpack(stream.read(_PAIR.size))
+        if first != _TRAILER:
+            return first, second
+        if second > _MAX_REQUEST_BYTES:
+            raise DigestMismatch(f"{peer} sent a trailer record of {second} bytes (at most {_MAX_REQUEST_BYTES})")
+        key, sep, value = stream.read(second).partition(b"\x00")
+        if not sep:
+            raise DigestMismatch(f"{peer} sent a trailer record without a key")
+        trailers.append((key.decode(errors="replace"), value))
+
+
+def _raise_if_error(
+    stream: _Stream, peer: str, marker: int, length: int, trailers: list[tuple[str, bytes]] | None = None
+) -> None:
+    """Raise the typed error an error record carries (`marker` and `length` already read), with the
+    `trailers` sent before it; a record too short to hold a status is a malformed stream
+    (DigestMismatch: the caller fails over)."""
     if marker != _ERROR:
         return
     if length < _U32.size:
         raise DigestMismatch(f"{peer} sent an error record of {length} bytes, too short for a status")
     record = stream.read(min(length, _MAX_REQUEST_BYTES))
     (code,) = _U32.unpack_from(record)
-    raise error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
+    exc = error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
+    exc.trailers = {k: v if k.endswith("-bin") else v.decode(errors="replace") for k, v in trailers or ()}
+    raise exc
 
 
 def _hash(views: list[memoryview]) -> bytes:
@@ -372,6 +397,7 @@ def _receive_frames(
     geometry: Geometry,
     assembler: FrameTarget,
     progress: Progress,
+    trailers: list[tuple[str, bytes]],
 ) -> None:
     """Every frame from `progress` on, a batch at a time: the records of the frames due next are
     read with scatter reads, heads into small buffers and payloads straight into the target's
@@ -396,7 +422,7 @@ def _receive_frames(
         if not expected:
             stream.unread(batch.rest(stream.filled))
             d = batch.due[batch.settled]
-            settle(d, _receive_frame(stream, peer, d.info, d.index, geometry, assembler))
+            settle(d, _receive_frame(stream, peer, d.info, d.index, geometry, assembler, trailers))
 
 
 def _receive_frame(
@@ -406,11 +432,12 @@ def _receive_frame(
     index: int,
     geometry: Geometry,
     assembler: FrameTarget,
+    trailers: list[tuple[str, bytes]],
 ) -> list[memoryview]:
     """Frame `index` of `info`'s block, its record parsed and checked, written in place; returns the
     views its payload landed in (typed errors for an error record or the stream's end)."""
-    header_len, payload_len = _PAIR.unpack(stream.read(_PAIR.size))
-    _raise_if_error(stream, peer, header_len, payload_len)
+    header_len, payload_len = _next_record(stream, peer, trailers)
+    _raise_if_error(stream, peer, header_len, payload_len, trailers)
     if header_len == _END:
         raise Unavailable(f"{peer} ended the stream at block {info.index} frame {index}")
     if header_len > _MAX_HEADER_BYTES:

@@ -71,7 +71,7 @@ Resp = TypeVar("Resp")
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, KVCDNError):
         log.debug("%s failed: %s %s", method, exc.code.name, exc)
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, str(exc), tuple(exc.trailers.items()))
     incident = secrets.token_hex(4)
     log.error("%s failed unexpectedly (incident %s)", method, incident, exc_info=exc)
     # The details stay in the server's log: a message could disclose paths, keys or internals.

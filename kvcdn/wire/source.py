@@ -58,8 +58,10 @@ async def stream_from(
     transport: Transport,
     from_peer: bool = False,
     first_frame_s: float | None = None,
+    load: pb.Load | None = None,
 ) -> float:
-    """Every frame of `blocks` from `progress` on, from `reader`'s server into `target`, verified;
+    """Every frame of `blocks` from `progress` on, from `reader`'s server into `target`, verified (as
+    part of `load` where given: its trailers, a receipt among them, go to `progress.trailers`);
     the CPU seconds the bulk stream's thread spent (0 over gRPC). Raises the typed error of a failure
     (Unavailable, DeadlineExceeded, DigestMismatch...) with `progress` past the frames that settled;
     DeadlineExceeded too when no frame settles within `first_frame_s` (a stalled peer: skip it).
@@ -88,6 +90,7 @@ async def stream_from(
                 transport.token,
                 from_peer,
                 first_frame_s,
+                load,
             )
         except Unavailable as exc:
             if (progress.block, progress.frame) != before:
@@ -102,7 +105,9 @@ async def stream_from(
     keys = [b.key for b in blocks[progress.block :]]
     try:
         async with asyncio.timeout(first_frame_s) as waiting:
-            async for raw in reader.stream(fingerprint, keys, progress.frame, from_peer=from_peer):
+            trailers: list[tuple[str, bytes]] = []
+            frames = reader.stream(fingerprint, keys, progress.frame, from_peer=from_peer, load=load, trailers=trailers)
+            async for raw in frames:
                 if progress.block == len(blocks):
                     raise DigestMismatch(f"{reader.address} sent more frames than the blocks hold")
                 header, payload = decode_frame(raw, reader.address)
@@ -124,6 +129,7 @@ async def stream_from(
         raise DeadlineExceeded(f"{reader.address}: no frame within {first_frame_s:g} s") from None
     if progress.block < len(blocks):
         raise Unavailable(f"{reader.address} ended the stream early at block {progress.block}")
+    progress.trailers += trailers
     return 0.0
 
 

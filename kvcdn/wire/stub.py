@@ -123,17 +123,27 @@ class CacheReader:
         return list(resp.blocks)
 
     async def stream(
-        self, fingerprint: str, keys: Sequence[bytes], start_frame: int = 0, from_peer: bool = False
+        self,
+        fingerprint: str,
+        keys: Sequence[bytes],
+        start_frame: int = 0,
+        from_peer: bool = False,
+        load: pb.Load | None = None,
+        trailers: list[tuple[str, bytes]] | None = None,
     ) -> AsyncIterator[bytes]:
         """Encoded frames of `keys` in order, from frame `start_frame` of the first key (`from_peer`:
-        an edge asking another edge, see StreamBlocksRequest.from_peer)."""
+        an edge asking another edge, see StreamBlocksRequest.from_peer), as part of `load` where
+        given; a stream that completes adds its trailing metadata to `trailers`."""
         request = pb.StreamBlocksRequest(
-            fingerprint=fingerprint, keys=keys, start_frame=start_frame, from_peer=from_peer
+            fingerprint=fingerprint, keys=keys, start_frame=start_frame, from_peer=from_peer, load=load
         )
         call = self._stream(request, timeout=self.stream_timeout_s, metadata=self._credentials)
         async with aclosing(self._drain(call)) as frames:
             async for raw in frames:
                 yield raw
+        if trailers is not None:
+            for key, value in await call.trailing_metadata() or ():
+                trailers.append((key, value if isinstance(value, bytes) else value.encode()))
 
     async def publish(
         self, document: str, text: str, codecs: Sequence[str] = (), timeout_s: float = 1800.0
