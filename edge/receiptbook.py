@@ -69,8 +69,9 @@ class ReceiptBook:
         self._journal_path = root / "journal"
         head_path = root / "head.pb"
         head = pb.Receipt.FromString(head_path.read_bytes()) if head_path.exists() else None
-        self.pending = _read_journal(self._journal_path)
         seq, prev = (head.seq, receipt_hash(head)) if head is not None else (0, GENESIS)
+        # Receipts up to the head were shipped (a crash may leave them in the journal after their batch).
+        self.pending = [r for r in _read_journal(self._journal_path) if r.seq > seq]
         for r in self.pending:
             if r.seq != seq + 1 or r.prev_hash != prev:
                 raise DigestMismatch(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,12 +85,14 @@ async def start_network(
     tokens: Path | None = None,
     edge_token: str = "",
     edge_tokens: Path | None = None,
+    edge_options: dict[str, Any] | None = None,
     **origin_kwargs: int,
 ) -> Network:
     """An origin and one edge on loopback. Documents are offered raw only unless `codecs` names
     encodings (the tests of codecs do; the others check raw blocks by key). `signing_key`: the origin
     signs with it; `trust`: the edge requires those keys' signatures; `tokens`: the origin's tokens
-    file, `edge_token` the edge's own, `edge_tokens` closes the edge's reads to that file's tokens."""
+    file, `edge_token` the edge's own, `edge_tokens` closes the edge's reads to that file's tokens;
+    `edge_options`: more EdgeConfig fields."""
     origin, origin_server = await start_origin(
         OriginConfig(
             store_dir=store,
@@ -113,6 +116,7 @@ async def start_network(
             trust=trust,
             token=edge_token,
             tokens=edge_tokens,
+            **(edge_options or {}),
         )
     )
     return Network(model, origin, origin_server, edge, edge_server)
