@@ -31,6 +31,10 @@ def register(sub: Any) -> None:
         default=(),
         help="encodings to offer besides raw, e.g. lossless,int8,int4 (default: the origin's --codecs)",
     )
+    s.add_argument("--price-per-load", type=int, default=0, help="what a load costs, in the asset's smallest unit")
+    s.add_argument("--price-per-token", type=int, default=0, help="and per token of the cache served")
+    s.add_argument("--asset", default="USDC", help="what the price is in (USDC)")
+    s.add_argument("--pay-to", help="the publisher's account the ledger credits (needed with a price)")
     add_connection_flags(s)
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(run=publish)
@@ -48,7 +52,16 @@ def register(sub: Any) -> None:
         s = sub.add_parser(name, help=help_text)
         add_edges_flag(s)
         add_connection_flags(s)
-        s.add_argument("--doc", required=True, metavar="FILE")
+        if name == "fetch":
+            which = s.add_mutually_exclusive_group(required=True)
+            which.add_argument("--doc", metavar="FILE", help="the document's text (its cache is found by its tokens)")
+            which.add_argument(
+                "--document", metavar="NAME[@VERSION]", help="a published document by name: a priced one is paid for"
+            )
+            s.add_argument("--grant", type=Path, help="the grant (a JWT file) that pays for priced documents")
+            s.add_argument("--agent-key", type=Path, help="the key the grant is bound to (kvcdn keys generate)")
+        else:
+            s.add_argument("--doc", required=True, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print one JSON object")
         s.add_argument(
             "--codecs",
@@ -91,10 +104,22 @@ def publish(args: argparse.Namespace) -> int:
         raise InvalidArgument("--name applies to a single FILE")
     texts = [_read_text(f, "FILE") for f in files]  # every file readable before anything is published
 
+    price = None
+    if args.price_per_load or args.price_per_token:
+        from kvcdn.spec.prices import check_price
+        from kvcdn.v1 import kvcdn_pb2 as pb
+
+        if not args.pay_to:
+            raise InvalidArgument("a priced document names the account it pays (--pay-to)")
+        price = pb.Price(
+            per_load=args.price_per_load, per_token=args.price_per_token, asset=args.asset, pay_to=args.pay_to
+        )
+        check_price(price)
+
     async def run() -> list[Any]:
         async with CacheReader(args.origin, token=read_token(args.token_file), tls=TLSFiles.from_args(args)) as origin:
             return [
-                await origin.publish(args.name or f.stem, text, args.codecs)
+                await origin.publish(args.name or f.stem, text, args.codecs, price=price)
                 for f, text in zip(files, texts, strict=True)
             ]
 
@@ -147,17 +172,28 @@ def fetch(args: argparse.Namespace) -> int:
     from kvcdn.client.api import KVClient
     from kvcdn.model.prompt import document_ids
 
-    text = _read_text(args.doc, "--doc")
     model = ModelOptions.from_args(args).load()
-    doc = document_ids(model.tokenizer, text)
+    if args.document:
+        name, _, version = args.document.partition("@")
+        if version and not version.isdigit():
+            raise InvalidArgument(f"--document {args.document!r}: the version after @ is a number")
 
-    async def run() -> Any:
-        async with KVClient(_client_config(args)) as client:
-            return await client.fetch(model, doc)
+        async def by_name() -> Any:
+            async with KVClient(_client_config(args)) as client:
+                return await client.fetch_document(model, name, int(version or 0))
 
-    fetched = asyncio.run(run())
+        fetched, manifest = asyncio.run(by_name())
+        doc = list(manifest.token_ids)
+    else:
+        doc = document_ids(model.tokenizer, _read_text(args.doc, "--doc"))
+
+        async def by_text() -> Any:
+            async with KVClient(_client_config(args)) as client:
+                return await client.fetch(model, doc)
+
+        fetched = asyncio.run(by_text())
     if fetched.cached_tokens == 0:
-        print(f"{args.doc}: not cached on the edges (publish it first)", file=sys.stderr)
+        print(f"{args.doc or args.document}: not cached on the edges (publish it first)", file=sys.stderr)
         return 1
     result = {
         "doc_tokens": len(doc),
@@ -168,6 +204,8 @@ def fetch(args: argparse.Namespace) -> int:
         "gb_per_s": round(fetched.n_bytes / fetched.fetch_s / 1e9, 3),
         "verified_frames": "all (BLAKE3)",
         "edges": fetched.edges_used,
+        "charged": {r.asset: sum(x.price for x in fetched.receipts if x.asset == r.asset) for r in fetched.receipts},
+        "receipts": [f"{r.edge}#{r.seq}" for r in fetched.receipts],
     }
     if args.json:
         print(json.dumps(result))
@@ -224,10 +262,18 @@ def ask(args: argparse.Namespace) -> int:
 def _client_config(args: argparse.Namespace) -> Any:
     from kvcdn.client.api import ClientConfig
 
+    wallet = None
+    if getattr(args, "grant", None) or getattr(args, "agent_key", None):
+        from kvcdn.spec.grants import Wallet
+
+        if not (args.grant and args.agent_key):
+            raise InvalidArgument("--grant and --agent-key go together (the grant is bound to that key)")
+        wallet = Wallet.from_files(args.grant, args.agent_key)
     return ClientConfig(
         tuple(args.edges),
         codecs=args.codecs,
         trust=args.trust,
         tls=TLSFiles.from_args(args),
         token=read_token(args.token_file),
+        wallet=wallet,
     )

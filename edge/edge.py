@@ -33,7 +33,7 @@ from kvcdn.edge.tiers import Tier
 from kvcdn.edge.tolls import Tolls
 from kvcdn.edge.upstream import OriginAnswers
 from kvcdn.edge.vouching import Voucher
-from kvcdn.errors import InvalidArgument, KVCDNError, NotFound, Unavailable
+from kvcdn.errors import InvalidArgument, KVCDNError, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from kvcdn.spec.codecs import best_prefix, parse_codecs
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import check_read_request, encoded_key
@@ -352,6 +352,8 @@ class Edge:
             except asyncio.CancelledError:
                 target.abandon()  # a bulk stream's thread appends nothing more
                 raise
+            except (Unauthenticated, PermissionDenied) as exc:  # a peer that serves priced blocks to tokens only
+                raise exc if not from_peer else Unavailable(f"{exc}; asking the next source") from None
             finally:
                 got = target.payload_bytes - had
                 if from_peer:

@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
     s.set_defaults(run=demo)
 
     s = sub.add_parser("keys", help="publisher signing keys: make one, or show a key file's id")
-    keys = s.add_subparsers(dest="keys_command", required=True, metavar="generate|show")
+    keys = s.add_subparsers(dest="keys_command", required=True, metavar="generate|show|grant")
     g = keys.add_parser("generate", help="a new Ed25519 publisher key: KEY (private, mode 0600) and KEY.pub")
     g.add_argument("key", help="where to write the private key, e.g. publisher.key (never overwritten)")
     g.add_argument(
@@ -81,6 +81,18 @@ def register(sub: Any) -> None:
     k = keys.add_parser("show", help="the key id of a public (.pub) or private key file")
     k.add_argument("key")
     k.set_defaults(run=keys_show)
+    gi = keys.add_parser("grant", help="issue a grant (a JWT) that lets an agent load priced documents; prints it")
+    gi.add_argument("--issuer-key", required=True, type=Path, help="the issuer's private key (edges trust its .pub)")
+    gi.add_argument(
+        "--agent-key", required=True, type=Path, help="the agent's public key (.pub): the grant is bound to it"
+    )
+    gi.add_argument("--agent", required=True, help="the agent's account, charged in the ledger")
+    gi.add_argument("--cap", required=True, type=int, help="the most the grant may be charged, smallest units")
+    gi.add_argument("--asset", default="USDC", help="what the cap is in (USDC)")
+    gi.add_argument("--publishers", default="", help="pay_to accounts it may pay (comma-separated; default any)")
+    gi.add_argument("--documents", default="", help="document names it covers (comma-separated; default any)")
+    gi.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid (3600)")
+    gi.set_defaults(run=keys_grant)
 
     s = sub.add_parser("certs", help="a test CA with server and client certificates, for TLS trials")
     s.add_argument("--out", required=True, help="folder for ca.pem, server.pem/.key, client.pem/.key")
@@ -99,7 +111,9 @@ def register(sub: Any) -> None:
         help="the ledger: a SQLite file (default kvcdn-ledger.db) or a postgresql:// URL (env KVCDN_LEDGER)",
     )
     s = sub.add_parser("ledger", help="settle the receipts edges sign: ingest, balances, statements, reversals")
-    ledger = s.add_subparsers(dest="ledger_command", required=True, metavar="ingest|balances|statement|flags|reverse")
+    ledger = s.add_subparsers(
+        dest="ledger_command", required=True, metavar="ingest|balances|statement|flags|reverse|reconcile"
+    )
     i = ledger.add_parser("ingest", parents=[common], help="check and settle files of receipts (ReceiptBatch)")
     i.add_argument("batches", nargs="+", metavar="BATCH", help="a file holding one serialized ReceiptBatch")
     i.add_argument("--edge-keys", required=True, help="the edges' receipt keys (.pub files), comma-separated")
@@ -114,7 +128,7 @@ def register(sub: Any) -> None:
         run=ledger_flags
     )
     st = ledger.add_parser("statement", parents=[common], help="what a publisher earned in a period")
-    st.add_argument("--publisher", required=True, help="the publisher's key id")
+    st.add_argument("--publisher", required=True, help="the publisher's account (the pay_to of its prices)")
     st.add_argument("--from", dest="start", help="first day (UTC, YYYY-MM-DD; default: the beginning)")
     st.add_argument("--to", dest="end", help="day after the last (UTC, YYYY-MM-DD; default: now)")
     st.set_defaults(run=ledger_statement)
@@ -122,6 +136,12 @@ def register(sub: Any) -> None:
     r.add_argument("transaction", type=int)
     r.add_argument("--memo", required=True, help="why (kept with the reversal)")
     r.set_defaults(run=ledger_reverse)
+    rc = ledger.add_parser(
+        "reconcile", parents=[common], help="the receipts held against the edges' own counters; exit 1 on a difference"
+    )
+    add_edges_flag(rc)
+    add_connection_flags(rc, trust=False)
+    rc.set_defaults(run=ledger_reconcile)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -242,6 +262,19 @@ def keys_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys_grant(args: argparse.Namespace) -> int:
+    from kvcdn.spec.grants import Scope, issue_grant
+    from kvcdn.spec.provenance import Signer, TrustStore
+
+    [agent_key] = TrustStore.from_files([args.agent_key]).keys.values()
+    publishers, documents = (tuple(x for x in v.split(",") if x) for v in (args.publishers, args.documents))
+    scope = Scope(publishers=publishers, documents=documents)
+    print(
+        issue_grant(Signer.from_file(args.issuer_key).key, agent_key, args.agent, scope, args.cap, args.asset, args.ttl)
+    )
+    return 0
+
+
 def certs(args: argparse.Namespace) -> int:
     from kvcdn.wire.tls import make_test_ca
 
@@ -332,3 +365,32 @@ def ledger_reverse(args: argparse.Namespace) -> int:
     with Ledger(args.db) as ledger:
         print(f"transaction {ledger.reverse(args.transaction, args.memo)} reverses {args.transaction}")
     return 0
+
+
+def ledger_reconcile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvcdn.ops.ledger import Ledger
+    from kvcdn.ops.reconcile import counters_of, reconcile
+    from kvcdn.spec.placement import read_edges
+    from kvcdn.wire.auth import read_token
+    from kvcdn.wire.tls import TLSFiles
+
+    edges = list(read_edges(args.edges))
+    counters = asyncio.run(counters_of(edges, read_token(args.token_file), TLSFiles.from_args(args)))
+    with Ledger(args.db) as ledger:
+        rows = reconcile(ledger, counters)
+    table = Table("edge", "receipt key", "signed", "in ledger", "bytes sent", "bytes receipted", "charged", "verdict")
+    for r in rows:
+        c = r.counters
+        charged = ", ".join(f"{v:,} {a}" for a, v in sorted(r.charged.items())) or "-"
+        verdict = "; ".join(r.problems) or "matches"
+        table.add_row(
+            c.address, c.edge_key, str(r.signed), str(r.receipts), f"{c.charged_bytes:,}", f"{r.receipted_bytes:,}",
+            charged, verdict,
+        )  # fmt: skip
+    Console().print(table)
+    if not rows:
+        print("no edge among --edges signs receipts (none takes grants)", file=sys.stderr)
+    return 1 if any(r.problems for r in rows) or not rows else 0

@@ -10,6 +10,7 @@ import json
 import shutil
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,9 +80,11 @@ async def test_node_client_fetches_the_bytes_kvcdns_client_fetches(
         # on the next edge of the route and still writes the same bytes.
         real = by_address[bad].stream
 
-        async def tampers(fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False) -> AsyncIterator[bytes]:
+        async def tampers(
+            fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False, **kw: Any
+        ) -> AsyncIterator[bytes]:
             sent = 0
-            async for raw in real(fp, keys, start, from_peer):
+            async for raw in real(fp, keys, start, from_peer, **kw):
                 if keys[0] == fetched_first_key and sent == 1:
                     raw = bytes(raw[:-1]) + bytes([raw[-1] ^ 1])
                 yield raw

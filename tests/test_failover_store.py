@@ -79,7 +79,7 @@ async def test_parallel_runs_and_one_broken_mid_block_resumes_on_the_next_edge_a
 
             def serving(address: str, dies: bool) -> Callable[..., AsyncIterator[bytes]]:
                 async def stream(
-                    fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+                    fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False, **kw: Any
                 ) -> AsyncIterator[bytes]:
                     nonlocal streaming, peak
                     requests.append((address, keys[0], len(keys), start))
@@ -87,7 +87,7 @@ async def test_parallel_runs_and_one_broken_mid_block_resumes_on_the_next_edge_a
                     peak = max(peak, streaming)
                     try:
                         await asyncio.sleep(0.01)  # the other runs' streams open meanwhile
-                        async for raw in real[address](fp, keys, start, from_peer):
+                        async for raw in real[address](fp, keys, start, from_peer, **kw):
                             yield raw
                             if dies and keys[0] == manifest.blocks[0].key:
                                 raise Unavailable("edge died")  # one frame into the first run
@@ -136,11 +136,11 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
             real_bad, real_good = by_address[bad].stream, by_address[good].stream
 
             async def corrupts_its_second_frame(
-                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False, **kw: Any
             ) -> AsyncIterator[bytes]:
                 asked.append((bad, keys[0], start))
                 sent = 0
-                async for raw in real_bad(fp, keys, start, from_peer):
+                async for raw in real_bad(fp, keys, start, from_peer, **kw):
                     if sent == 1:  # a compromised edge: a flipped payload byte, or bytes that are no Frame
                         raw = bytes(raw)
                         raw = raw[:-1] + bytes([raw[-1] ^ 1]) if fault == "tampered" else b"\x0a\x7f" + raw[:5]
@@ -148,10 +148,10 @@ async def test_bad_frames_from_an_edge_fail_over_to_the_next_at_that_frame(
                     sent += 1
 
             async def records(
-                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+                fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False, **kw: Any
             ) -> AsyncIterator[bytes]:
                 asked.append((good, keys[0], start))
-                async for raw in real_good(fp, keys, start, from_peer):
+                async for raw in real_good(fp, keys, start, from_peer, **kw):
                     yield raw
 
             by_address[bad].stream = corrupts_its_second_frame  # type: ignore[method-assign]
@@ -238,9 +238,9 @@ async def test_a_failure_after_the_last_frame_still_yields_the_verified_cache(
     real = network.edge.stream
 
     async def fails_at_the_end(
-        fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False
+        fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False, **kw: Any
     ) -> AsyncIterator[bytes]:
-        async for raw in real(fp, keys, start, from_peer):
+        async for raw in real(fp, keys, start, from_peer, **kw):
             yield raw
         raise Unavailable("edge died after sending everything")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -108,8 +109,10 @@ async def test_auto_prefills_when_the_edge_is_slow_and_fetches_when_it_is_fast(
     doc = document_ids(model.tokenizer, sample_text)
     real = network.edge.stream
 
-    async def slow(fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False) -> AsyncIterator[bytes]:
-        async for raw in real(fp, keys, start, from_peer):
+    async def slow(
+        fp: str, keys: Sequence[bytes], start: int, from_peer: bool = False, **kw: Any
+    ) -> AsyncIterator[bytes]:
+        async for raw in real(fp, keys, start, from_peer, **kw):
             await asyncio.sleep(0.005)  # a congested edge: 5 ms a 4 KiB frame
             yield raw
 

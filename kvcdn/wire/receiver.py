@@ -255,15 +255,11 @@ def _next_record(stream: _Stream, peer: str, trailers: list[tuple[str, bytes]]) 
             return first, second
         if second > _MAX_REQUEST_BYTES:
             raise DigestMismatch(f"{peer} sent a trailer record of {second} bytes (at most {_MAX_REQUEST_BYTES})")
-        key, sep, value = stream.read(second).partition(b"\x00")
-        if not sep:
-            raise DigestMismatch(f"{peer} sent a trailer record without a key")
+        key, _, value = stream.read(second).partition(b"\x00")
         trailers.append((key.decode(errors="replace"), value))
 
 
-def _raise_if_error(
-    stream: _Stream, peer: str, marker: int, length: int, trailers: list[tuple[str, bytes]] | None = None
-) -> None:
+def _raise_if_error(stream: _Stream, peer: str, marker: int, length: int, trailers: list[tuple[str, bytes]]) -> None:
     """Raise the typed error an error record carries (`marker` and `length` already read), with the
     `trailers` sent before it; a record too short to hold a status is a malformed stream
     (DigestMismatch: the caller fails over)."""
@@ -274,7 +270,7 @@ def _raise_if_error(
     record = stream.read(min(length, _MAX_REQUEST_BYTES))
     (code,) = _U32.unpack_from(record)
     exc = error_for(_CODES.get(code, grpc.StatusCode.UNKNOWN), record[4:].decode(errors="replace"), peer)
-    exc.trailers = {k: v if k.endswith("-bin") else v.decode(errors="replace") for k, v in trailers or ()}
+    exc.trailers = {k: v if k.endswith("-bin") else v.decode(errors="replace") for k, v in trailers}
     raise exc
 
 

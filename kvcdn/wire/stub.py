@@ -146,10 +146,16 @@ class CacheReader:
                 trailers.append((key, value if isinstance(value, bytes) else value.encode()))
 
     async def publish(
-        self, document: str, text: str, codecs: Sequence[str] = (), timeout_s: float = 1800.0
+        self,
+        document: str,
+        text: str,
+        codecs: Sequence[str] = (),
+        timeout_s: float = 1800.0,
+        price: pb.Price | None = None,
     ) -> pb.PublishResponse:
-        """Publish `text` as `document`, offered raw and in `codecs` (empty: the origin's default)."""
-        request = pb.PublishRequest(document=document, text=text, codecs=codecs)
+        """Publish `text` as `document`, offered raw and in `codecs` (empty: the origin's default), at
+        `price` (None: free)."""
+        request = pb.PublishRequest(document=document, text=text, codecs=codecs, price=price)
         resp: pb.PublishResponse = await self._call(
             self._publisher.Publish(request, timeout=timeout_s, metadata=self._credentials)
         )
