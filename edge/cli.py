@@ -71,6 +71,9 @@ def register(sub: Any) -> None:
         "--receipts", type=Path, help="folder of the receipt journal and of outbox/batch-*.pb for kvcdn ledger ingest"
     )
     s.add_argument("--receipt-batch", type=int, default=100, help="receipts per batch shipped to the outbox (100)")
+    s.add_argument(
+        "--receipt-batch-s", type=float, default=60.0, help="seconds at most a receipt waits to be shipped (60)"
+    )
     s.add_argument("--revocations", type=Path, help="file of revoked grant ids, one a line, followed while running")
     s.add_argument(
         "--grpc-pulls",
@@ -105,6 +108,7 @@ def config_from(args: argparse.Namespace) -> EdgeConfig:
         receipt_key=args.receipt_key,
         receipts_dir=args.receipts,
         receipt_batch=args.receipt_batch,
+        receipt_batch_s=args.receipt_batch_s,
         revocations=args.revocations,
     )
 

@@ -16,6 +16,7 @@ the stream broke; a stream that completes carries it in its trailers (`kvcdn-rec
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -130,10 +131,23 @@ class Tolls:
         """Payload bytes sent within priced loads (this process), receipted or not."""
         self.charged_requests = 0
         self.refused = 0
+        self._shipping: asyncio.Task[None] | None = None
 
     def start(self, address: str) -> None:
+        """Take proofs made for `address` (or the advertised one); ship receipts every `receipt_batch_s`."""
         if self.checker is not None:
             self.checker.audience = self.config.advertise or address
+        if self.book is not None:
+            self._shipping = asyncio.get_running_loop().create_task(self._ship_every(self.config.receipt_batch_s))
+
+    async def _ship_every(self, period_s: float) -> None:
+        assert self.book is not None
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self.book.ship()
+            except OSError as exc:  # a full disk: the receipts stay in the journal, shipped next time
+                log.error("could not ship receipts to %s: %s", self.book.outbox, exc)
 
     def _refuse(self, exc: KVCDNError, manifest: pb.Manifest) -> KVCDNError:
         """`exc`, carrying in its trailers what would pay for `manifest` (x402's PaymentRequired)."""
@@ -261,5 +275,7 @@ class Tolls:
         )
 
     def close(self) -> None:
+        if self._shipping is not None:
+            self._shipping.cancel()
         if self.book is not None:
             self.book.close()

@@ -1,4 +1,4 @@
-"""`kvcdn loadtest bench|codecs|run|network|publish|attacks|economics`, registered with kvcdn.cli: each
+"""`kvcdn loadtest bench|codecs|run|network|publish|priced|attacks|economics`, registered with kvcdn.cli: each
 builds its typed config from the flags, so bad flags fail before any model loads or process starts."""
 
 from __future__ import annotations
@@ -142,6 +142,23 @@ def register(sub: Any) -> None:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ModelOptions.add_flags(p)
     p.set_defaults(run=publish)
+
+    pr = lt.add_parser(
+        "priced", help="agents pay for priced documents through edges; the ledger, receipts and edges' counters agree?"
+    )
+    pr.add_argument("--edges", type=int, default=2, help="edge processes (2)")
+    pr.add_argument("--agents", type=int, default=4, help="agents, each with a grant and a key of its own (4)")
+    pr.add_argument("--publishers", type=int, default=2, help="publishers, each with its own prices (2)")
+    pr.add_argument("--documents", type=int, default=4, help="priced documents (4)")
+    pr.add_argument("--loads", type=int, default=24, help="loads in all (24)")
+    pr.add_argument("--tokens", type=int, default=400, help="about how long each document is (400)")
+    pr.add_argument("--fee-bps", type=int, default=500, help="the network's share of each price (500: 5%%)")
+    pr.add_argument(
+        "--ledger", default="", help="a SQLite file or postgresql:// URL to settle in (default: a temporary file)"
+    )
+    pr.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    ModelOptions.add_flags(pr)
+    pr.set_defaults(run=priced)
 
     a = lt.add_parser(
         "attacks", help="each attack of the trust review, bounded, against real processes: honest fetch and edge RSS"
@@ -385,6 +402,16 @@ def publish(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--workers {args.workers!r} is not a comma list of worker counts, e.g. 1,2") from None
     config = PublishBenchConfig(workers, args.documents, args.tokens, args.threads, args.markdown)
     return run_publish_bench(config, ModelOptions.from_args(args))
+
+
+def priced(args: argparse.Namespace) -> int:
+    from kvcdn.loadtest.priced import PricedConfig, run_priced_report
+
+    config = PricedConfig(
+        args.edges, args.agents, args.publishers, args.documents, args.loads, args.tokens, args.fee_bps, args.ledger,
+        args.markdown,
+    )  # fmt: skip
+    return run_priced_report(config, ModelOptions.from_args(args))
 
 
 def attacks(args: argparse.Namespace) -> int:
