@@ -172,23 +172,26 @@ def fetch(args: argparse.Namespace) -> int:
     from kvcdn.client.api import KVClient
     from kvcdn.model.prompt import document_ids
 
+    # Mistakes are reported before the model loads.
+    text = _read_text(args.doc, "--doc") if args.doc else ""
+    name, _, version = (args.document or "").partition("@")
+    if version and not version.isdigit():
+        raise InvalidArgument(f"--document {args.document!r}: the version after @ is a number")
+    config = _client_config(args)
     model = ModelOptions.from_args(args).load()
     if args.document:
-        name, _, version = args.document.partition("@")
-        if version and not version.isdigit():
-            raise InvalidArgument(f"--document {args.document!r}: the version after @ is a number")
 
         async def by_name() -> Any:
-            async with KVClient(_client_config(args)) as client:
+            async with KVClient(config) as client:
                 return await client.fetch_document(model, name, int(version or 0))
 
         fetched, manifest = asyncio.run(by_name())
         doc = list(manifest.token_ids)
     else:
-        doc = document_ids(model.tokenizer, _read_text(args.doc, "--doc"))
+        doc = document_ids(model.tokenizer, text)
 
         async def by_text() -> Any:
-            async with KVClient(_client_config(args)) as client:
+            async with KVClient(config) as client:
                 return await client.fetch(model, doc)
 
         fetched = asyncio.run(by_text())

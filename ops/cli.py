@@ -266,7 +266,10 @@ def keys_grant(args: argparse.Namespace) -> int:
     from kvcdn.spec.grants import Scope, issue_grant
     from kvcdn.spec.provenance import Signer, TrustStore
 
-    [agent_key] = TrustStore.from_files([args.agent_key]).keys.values()
+    try:
+        [agent_key] = TrustStore.from_files([args.agent_key]).keys.values()
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"--agent-key: {exc}".replace("--trust ", "")) from None
     publishers, documents = (tuple(x for x in v.split(",") if x) for v in (args.publishers, args.documents))
     scope = Scope(publishers=publishers, documents=documents)
     print(
