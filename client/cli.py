@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.client.policy import POLICIES
-from kvcdn.errors import InvalidArgument
+from kvcdn.errors import InvalidArgument, KVCDNError
 from kvcdn.flags import add_connection_flags, add_edges_flag, add_origin_flag
 from kvcdn.model.options import ModelOptions
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
@@ -185,7 +185,10 @@ def fetch(args: argparse.Namespace) -> int:
             async with KVClient(config) as client:
                 return await client.fetch_document(model, name, int(version or 0))
 
-        fetched, manifest = asyncio.run(by_name())
+        try:
+            fetched, manifest = asyncio.run(by_name())
+        except KVCDNError as exc:
+            raise _with_terms(exc) from None
         doc = list(manifest.token_ids)
     else:
         doc = document_ids(model.tokenizer, text)
@@ -218,6 +221,22 @@ def fetch(args: argparse.Namespace) -> int:
             f"{fetched.fetch_s * 1e3:.0f} ms ({result['gb_per_s']} GB/s), every frame verified"
         )
     return 0
+
+
+def _with_terms(exc: KVCDNError) -> KVCDNError:
+    """`exc`, its message ending with what would pay, where the edge said (x402's PaymentRequired)."""
+    from kvcdn.spec.prices import PAYMENT_REQUIRED_KEY, decode_payment_required
+
+    terms = exc.trailers.get(PAYMENT_REQUIRED_KEY)
+    if not terms:
+        return exc
+    required = decode_payment_required(terms)
+    offers = "; or ".join(
+        f"{int(a.amount):,} {a.asset} to {a.pay_to} ({a.scheme}: a grant from issuer "
+        f"{' or '.join(a.extra.get('grantIssuers', [])) or '?'}, --grant and --agent-key)"
+        for a in required.accepts
+    )
+    return type(exc)(f"{exc}. A load pays {offers}", trailers=exc.trailers)
 
 
 def ask(args: argparse.Namespace) -> int:

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import signal
 import sys
 import tempfile
 import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.message import DecodeError
 
 from kvcdn.errors import InvalidArgument, KVCDNError
 from kvcdn.flags import add_connection_flags, add_edges_flag, add_tls_flags, parse_size
 from kvcdn.model.options import ModelOptions
+from kvcdn.ops.ledger_cli import register_ledger
 
 __all__ = ["register"]
 
@@ -44,6 +42,12 @@ def register(sub: Any) -> None:
         "--tls",
         action="store_true",
         help="mutual TLS on every port, from a test CA made in the store (prints the client's files to export)",
+    )
+    s.add_argument(
+        "--sell",
+        action="store_true",
+        help="edges take grants for priced documents and ship every receipt at once to STORE/receipts (makes a "
+        "grant issuer key and the edges' receipt keys in STORE/keys; prints them to export)",
     )
     ModelOptions.add_flags(s)
     s.set_defaults(run=up)
@@ -82,7 +86,12 @@ def register(sub: Any) -> None:
     k.add_argument("key")
     k.set_defaults(run=keys_show)
     gi = keys.add_parser("grant", help="issue a grant (a JWT) that lets an agent load priced documents; prints it")
-    gi.add_argument("--issuer-key", required=True, type=Path, help="the issuer's private key (edges trust its .pub)")
+    gi.add_argument(
+        "--issuer-key",
+        type=Path,
+        default=os.environ.get("KVCDN_GRANT_ISSUER_KEY"),
+        help="the issuer's private key, whose .pub the edges trust (env KVCDN_GRANT_ISSUER_KEY)",
+    )
     gi.add_argument(
         "--agent-key", required=True, type=Path, help="the agent's public key (.pub): the grant is bound to it"
     )
@@ -104,44 +113,7 @@ def register(sub: Any) -> None:
     s.add_argument("--models-dir", default=os.environ.get("KVCDN_MODELS_DIR"))
     s.set_defaults(run=provision)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--db",
-        default=os.environ.get("KVCDN_LEDGER", "kvcdn-ledger.db"),
-        help="the ledger: a SQLite file (default kvcdn-ledger.db) or a postgresql:// URL (env KVCDN_LEDGER)",
-    )
-    s = sub.add_parser("ledger", help="settle the receipts edges sign: ingest, balances, statements, reversals")
-    ledger = s.add_subparsers(
-        dest="ledger_command", required=True, metavar="ingest|balances|statement|flags|reverse|reconcile"
-    )
-    i = ledger.add_parser("ingest", parents=[common], help="check and settle files of receipts (ReceiptBatch)")
-    i.add_argument("batches", nargs="+", metavar="BATCH", help="a file holding one serialized ReceiptBatch")
-    i.add_argument("--edge-keys", required=True, help="the edges' receipt keys (.pub files), comma-separated")
-    i.add_argument(
-        "--fee-bps",
-        type=int,
-        help="the network's share of each price, in basis points (kept in the ledger; 0 at first)",
-    )
-    i.set_defaults(run=ledger_ingest)
-    ledger.add_parser("balances", parents=[common], help="every account's balance").set_defaults(run=ledger_balances)
-    ledger.add_parser("flags", parents=[common], help="receipts and checkpoints set aside, and why").set_defaults(
-        run=ledger_flags
-    )
-    st = ledger.add_parser("statement", parents=[common], help="what a publisher earned in a period")
-    st.add_argument("--publisher", required=True, help="the publisher's account (the pay_to of its prices)")
-    st.add_argument("--from", dest="start", help="first day (UTC, YYYY-MM-DD; default: the beginning)")
-    st.add_argument("--to", dest="end", help="day after the last (UTC, YYYY-MM-DD; default: now)")
-    st.set_defaults(run=ledger_statement)
-    r = ledger.add_parser("reverse", parents=[common], help="post the negation of a transaction (a correction)")
-    r.add_argument("transaction", type=int)
-    r.add_argument("--memo", required=True, help="why (kept with the reversal)")
-    r.set_defaults(run=ledger_reverse)
-    rc = ledger.add_parser(
-        "reconcile", parents=[common], help="the receipts held against the edges' own counters; exit 1 on a difference"
-    )
-    add_edges_flag(rc)
-    add_connection_flags(rc, trust=False)
-    rc.set_defaults(run=ledger_reconcile)
+    register_ledger(sub)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -154,6 +126,9 @@ def up(args: argparse.Namespace) -> int:
         edge_args = ["--mem-bytes", str(args.mem_bytes)]
         if args.disk_bytes:
             edge_args += ["--disk-bytes", str(args.disk_bytes)]
+        selling = _selling(store, args.edges) if args.sell else None
+        if selling is not None:
+            edge_args += ["--grant-issuers", str(selling.issuer.with_suffix(".pub")), "--receipt-batch", "1"]
         cluster = Cluster(
             store_dir=store,
             edges=args.edges,
@@ -163,6 +138,7 @@ def up(args: argparse.Namespace) -> int:
             auth=True,
             closed_reads=args.closed_reads,
             tls=args.tls,
+            edge_args_by_index=selling.edge_args if selling is not None else {},
         )
         print("starting origin (loading the model) ...", file=sys.stderr, flush=True)
         with cluster:
@@ -181,6 +157,10 @@ def up(args: argparse.Namespace) -> int:
                 print(f"export KVCDN_TLS_CA={cluster.client_tls.ca}  # the CA the servers' certificates verify with")
             if args.closed_reads:
                 print(f"# reads are closed: agents use --token-file {cluster.reader_token_file}")
+            if selling is not None:
+                print(f"export KVCDN_GRANT_ISSUER_KEY={selling.issuer}  # signs agents' grants: kvcdn keys grant")
+                print(f"export KVCDN_RECEIPT_KEYS={selling.receipt_keys}  # the edges' receipt keys: kvcdn ledger")
+                print(f"export KVCDN_RECEIPTS={store / 'receipts'}  # EDGE/outbox/batch-*.pb: kvcdn ledger ingest")
             print("# ready: Ctrl-C (or kill %1) stops them all", flush=True)
             stop = threading.Event()
             # Explicit handlers: a shell that starts `kvcdn up &` ignores SIGINT in it by default.
@@ -190,6 +170,31 @@ def up(args: argparse.Namespace) -> int:
                 pass
             print("stopping ...", file=sys.stderr)
     return 0
+
+
+@dataclass(frozen=True)
+class _Selling:
+    issuer: Path
+    receipt_keys: str
+    """The edges' receipt public keys, comma-separated."""
+    edge_args: dict[int, list[str]]
+
+
+def _selling(store: Path, edges: int) -> _Selling:
+    """`kvcdn up --sell`: a grant issuer's key and a receipt key per edge (made once, in STORE/keys)."""
+    from kvcdn.spec.provenance import generate_key
+
+    keys = store / "keys"
+    names = ["grant-issuer", *(f"edge{i}-receipts" for i in range(edges))]
+    for name in names:
+        if not (keys / f"{name}.key").exists():
+            generate_key(keys / f"{name}.key")
+    edge_args = {
+        i: ["--receipt-key", str(keys / f"edge{i}-receipts.key"), "--receipts", str(store / "receipts" / f"edge{i}")]
+        for i in range(edges)
+    }
+    pubs = ",".join(str(keys / f"{name}.pub") for name in names[1:])
+    return _Selling(keys / "grant-issuer.key", pubs, edge_args)
 
 
 def stats(args: argparse.Namespace) -> int:
@@ -266,6 +271,8 @@ def keys_grant(args: argparse.Namespace) -> int:
     from kvcdn.spec.grants import Scope, issue_grant
     from kvcdn.spec.provenance import Signer, TrustStore
 
+    if not args.issuer_key:
+        raise InvalidArgument("--issuer-key names the grant issuer's private key (or set KVCDN_GRANT_ISSUER_KEY)")
     try:
         [agent_key] = TrustStore.from_files([args.agent_key]).keys.values()
     except InvalidArgument as exc:
@@ -287,113 +294,3 @@ def certs(args: argparse.Namespace) -> int:
     print("servers: --tls-cert server.pem --tls-key server.key [--tls-ca ca.pem: require client certificates]")
     print("callers: --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key]")
     return 0
-
-
-def _ms(day: str | None, default: int, flag: str) -> int:
-    if not day:
-        return default
-    try:
-        when = datetime.datetime.fromisoformat(day).replace(tzinfo=datetime.UTC)
-    except ValueError:
-        raise InvalidArgument(f"{flag} {day!r} is not a day such as 2026-12-01") from None
-    return int(when.timestamp() * 1000)
-
-
-def ledger_ingest(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from kvcdn.ops.ledger import Ledger
-    from kvcdn.spec.provenance import TrustStore
-    from kvcdn.v1 import kvcdn_pb2 as pb
-
-    keys = TrustStore.from_files([Path(p) for p in args.edge_keys.split(",") if p]).keys
-    with Ledger(args.db, args.fee_bps) as ledger:
-        for path in args.batches:
-            try:
-                batch = pb.ReceiptBatch.FromString(Path(path).read_bytes())
-            except (OSError, DecodeError) as exc:
-                raise InvalidArgument(f"{path}: not a readable ReceiptBatch ({exc})") from None
-            report = ledger.ingest(batch, keys)  # a batch is one database transaction
-            print(
-                f"{path}: {report.posted} posted, {report.stored} new, {report.duplicates} counted already, "
-                f"{len(report.flagged)} flagged"
-            )
-            for edge, seq, why in report.flagged:
-                Console(stderr=True).print(f"  flagged: edge {edge} receipt {seq}: {why}", markup=False)
-    return 0
-
-
-def ledger_balances(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from kvcdn.ops.ledger import Ledger
-
-    with Ledger(args.db) as ledger:
-        balances, unbalanced = ledger.balances(), ledger.unbalanced()
-    table = Table("account", "asset", "balance", title=f"kvcdn ledger {args.db}")
-    for (account, asset), amount in sorted(balances.items()):
-        table.add_row(account, asset, f"{amount:,}")
-    Console().print(table)
-    if unbalanced:
-        print(f"transactions whose entries do not sum to zero: {unbalanced}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def ledger_flags(args: argparse.Namespace) -> int:
-    from kvcdn.ops.ledger import Ledger
-
-    with Ledger(args.db) as ledger:
-        for edge, seq, why in ledger.flags():
-            print(f"edge {edge} receipt {seq}: {why}")
-    return 0
-
-
-def ledger_statement(args: argparse.Namespace) -> int:
-    from kvcdn.ops.ledger import Ledger
-
-    start, end = _ms(args.start, 0, "--from"), _ms(args.end, int(time.time() * 1000), "--to")
-    with Ledger(args.db) as ledger:
-        s = ledger.statement(args.publisher, start, end)
-    amounts = ", ".join(f"{amount:,} {asset}" for asset, amount in sorted(s.amounts.items())) or "nothing"
-    print(f"publisher {s.publisher}: {s.receipts} receipts, earned {amounts}")
-    print(f"merkle root of the receipts settled: {s.root.hex()}")
-    return 0
-
-
-def ledger_reverse(args: argparse.Namespace) -> int:
-    from kvcdn.ops.ledger import Ledger
-
-    with Ledger(args.db) as ledger:
-        print(f"transaction {ledger.reverse(args.transaction, args.memo)} reverses {args.transaction}")
-    return 0
-
-
-def ledger_reconcile(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from kvcdn.ops.ledger import Ledger
-    from kvcdn.ops.reconcile import counters_of, reconcile
-    from kvcdn.spec.placement import read_edges
-    from kvcdn.wire.auth import read_token
-    from kvcdn.wire.tls import TLSFiles
-
-    edges = list(read_edges(args.edges))
-    counters = asyncio.run(counters_of(edges, read_token(args.token_file), TLSFiles.from_args(args)))
-    with Ledger(args.db) as ledger:
-        rows = reconcile(ledger, counters)
-    table = Table("edge", "receipt key", "signed", "in ledger", "bytes sent", "bytes receipted", "charged", "verdict")
-    for r in rows:
-        c = r.counters
-        charged = ", ".join(f"{v:,} {a}" for a, v in sorted(r.charged.items())) or "-"
-        verdict = "; ".join(r.problems) or "matches"
-        table.add_row(
-            c.address, c.edge_key, str(r.signed), str(r.receipts), f"{c.charged_bytes:,}", f"{r.receipted_bytes:,}",
-            charged, verdict,
-        )  # fmt: skip
-    Console().print(table)
-    if not rows:
-        print("no edge among --edges signs receipts (none takes grants)", file=sys.stderr)
-    return 1 if any(r.problems for r in rows) or not rows else 0

@@ -3,6 +3,7 @@ origin + edge networks on 127.0.0.1 ephemeral ports that are always stopped."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from kvcdn.edge import Edge, EdgeConfig, start_edge
 from kvcdn.edge.disk import DiskTier
 from kvcdn.edge.tiers import MemoryTier
+from kvcdn.errors import Unavailable
 from kvcdn.model.loading import LoadedModel, load_model
+from kvcdn.ops.postgres import LocalPostgres, postgres_binaries
 from kvcdn.origin import Origin, OriginConfig, start_origin
 from kvcdn.wire.rpc import Server
 from tests.tinymodels import ARCHITECTURES, make_tiny_model
@@ -140,3 +143,28 @@ async def network(llama: LoadedModel, tmp_path: Path) -> AsyncIterator[Network]:
 @pytest.fixture
 def sample_text() -> Iterator[str]:
     yield (SAMPLES / "apache-2.0.txt").read_text()[:3000]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[LocalPostgres | None]:
+    if postgres_binaries() is None:
+        yield None
+        return
+    try:
+        pg = LocalPostgres().start()
+    except Unavailable:  # installed, but it cannot run here: the SQLite run still covers the schema
+        yield None
+        return
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path, postgres: LocalPostgres | None) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    if postgres is None:
+        pytest.skip("PostgreSQL is not installed (Debian's postgresql package): the SQLite run covers the schema")
+    return postgres.create_database(f"ledger_{uuid.uuid4().hex[:12]}")

@@ -10,15 +10,13 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kvcdn.errors import InvalidArgument, NotFound, Unavailable
+from kvcdn.errors import InvalidArgument, NotFound
 from kvcdn.ops.ledger import Ledger
-from kvcdn.ops.postgres import LocalPostgres, postgres_binaries
 from kvcdn.spec.provenance import generate_key
 from kvcdn.spec.receipts import (
     GENESIS,
@@ -84,31 +82,6 @@ def test_a_receipt_verifies_and_one_altered_field_does_not() -> None:
     assert "signature does not verify" in receipt_problem(altered, keys)
     stranger = ReceiptSigner(Ed25519PrivateKey.generate()).issue(_load("a", "p", 100, 0))
     assert "not trusted" in receipt_problem(stranger, keys)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[LocalPostgres | None]:
-    if postgres_binaries() is None:
-        yield None
-        return
-    try:
-        pg = LocalPostgres().start()
-    except Unavailable:  # installed, but it cannot run here: the SQLite run still covers the schema
-        yield None
-        return
-    try:
-        yield pg
-    finally:
-        pg.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path, postgres: LocalPostgres | None) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    if postgres is None:
-        pytest.skip("PostgreSQL is not installed (Debian's postgresql package): the SQLite run covers the schema")
-    return postgres.create_database(f"ledger_{uuid.uuid4().hex[:12]}")
 
 
 def _edges(n: int) -> list[ReceiptSigner]:

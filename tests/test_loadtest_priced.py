@@ -1,7 +1,8 @@
 """`kvcdn loadtest priced` against real processes: several agents with grants of their own load
 several publishers' priced documents through two edges, and the three accounts of those loads agree
 exactly: the receipts the agents got, the ledger's postings (every transaction balanced, each
-publisher credited its prices less the fee), and the bytes the edges counted going out."""
+publisher credited its prices less the fee), and the bytes the edges counted going out; settled in
+SQLite and in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from kvcdn.model.options import ModelOptions
 
 
 def test_a_priced_load_test_ends_with_ledger_receipts_and_edge_counters_equal(
-    tiny_dirs: dict[str, Path], llama: LoadedModel
+    tiny_dirs: dict[str, Path], llama: LoadedModel, ledger_url: str
 ) -> None:
     options = ModelOptions(str(tiny_dirs["llama"]), "float32", "cpu")
-    config = PricedConfig(edges=2, agents=3, publishers=2, documents=3, loads=9, tokens=120, fee_bps=500)
+    config = PricedConfig(edges=2, agents=3, publishers=2, documents=3, loads=9, tokens=120, ledger=ledger_url)
     run = run_priced(config, options, model=llama)
     assert run.problems == [] and run.flags == 0
     # What each load should cost, from the signed manifests' prices and the documents' lengths:
