@@ -6,12 +6,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvcdn.errors import InvalidArgument
 from kvcdn.spec.codecs import DEFAULT_ACCEPT, parse_codecs
-from kvcdn.spec.grants import Wallet
 from kvcdn.spec.placement import DEFAULT_REPLICAS, is_loopback, read_edges
 from kvcdn.wire.tls import TLSFiles
+
+if TYPE_CHECKING:  # joserfc loads only where an agent pays (the vLLM connector's environment has none)
+    from kvcdn.spec.grants import Wallet
 
 __all__ = ["ClientConfig", "default_streams_per_run"]
 

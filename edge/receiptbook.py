@@ -15,6 +15,7 @@ same receipts again in the next batch, which the ledger counts once (kvcdn.ops.l
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from kvcdn.errors import DigestMismatch
+from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.spec.receipts import GENESIS, ReceiptSigner, receipt_hash
 from kvcdn.store.files import atomic_write, remove_temporaries
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -64,10 +65,22 @@ class ReceiptBook:
         self.root = root
         self.outbox = root / "outbox"
         self.outbox.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(root)
+        self._lock = (root / "lock").open("a")
+        try:  # two edges on one folder would fork the chain and overwrite each other's batches
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._open(signer, batch)
+        except BaseException as exc:
+            self._lock.close()
+            if isinstance(exc, BlockingIOError):
+                raise InvalidArgument(f"another edge keeps its receipts in {root}: one folder per edge") from None
+            raise
+
+    def _open(self, signer: ReceiptSigner, batch: int) -> None:
+        """Resume the chain where the head and the journal leave it."""
+        remove_temporaries(self.root)
         self.batch = batch
-        self._journal_path = root / "journal"
-        head_path = root / "head.pb"
+        self._journal_path = self.root / "journal"
+        head_path = self.root / "head.pb"
         head = pb.Receipt.FromString(head_path.read_bytes()) if head_path.exists() else None
         seq, prev = (head.seq, receipt_hash(head)) if head is not None else (0, GENESIS)
         # Receipts up to the head were shipped (a crash may leave them in the journal after their batch).
@@ -82,9 +95,8 @@ class ReceiptBook:
         self.signer = signer
         self._journal = self._journal_path.open("ab")
         if self.pending:
-            log.info(
-                "receipt book %s: %d receipts not yet shipped; the chain goes on at %d", root, len(self.pending), seq
-            )
+            n = len(self.pending)
+            log.info("receipt book %s: %d receipts not shipped yet; the chain goes on at %d", self.root, n, seq)
 
     @property
     def edge(self) -> str:
@@ -99,7 +111,10 @@ class ReceiptBook:
         os.fsync(self._journal.fileno())
         self.pending.append(receipt)
         if len(self.pending) >= self.batch:
-            self.ship()
+            try:
+                self.ship()
+            except OSError as exc:  # the receipt is safe in the journal: the next batch takes it
+                log.error("could not ship receipts to %s: %s", self.outbox, exc)
         return receipt
 
     def ship(self) -> Path | None:
@@ -120,5 +135,8 @@ class ReceiptBook:
 
     def close(self) -> None:
         """Ship what is pending and close the journal."""
-        self.ship()
-        self._journal.close()
+        try:
+            self.ship()
+        finally:
+            self._journal.close()
+            self._lock.close()

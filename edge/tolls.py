@@ -187,6 +187,8 @@ class Tolls:
             raise InvalidArgument(f"block {stray[0].hex()[:16]}… is not one of {load.document} v{load.version}'s")
         if not is_priced(manifest.price):
             return None
+        if not load.idempotency_key:
+            raise InvalidArgument("a load needs an idempotency key (the same for a retried request)")
         if self.checker is None:
             raise self._refuse(
                 PermissionDenied("this edge serves no priced documents (it trusts no grant issuer)"), manifest
@@ -212,8 +214,6 @@ class Tolls:
             )
         except KVCDNError as exc:
             raise self._refuse(exc, manifest) from None
-        if not load.idempotency_key:
-            raise InvalidArgument("a load needs an idempotency key (the same for a retried request)")
         self.charged_requests += 1
         return Bill(load, manifest, grant, [i for i in infos if i is not None], most, start_frame)
 

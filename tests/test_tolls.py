@@ -206,10 +206,13 @@ def test_a_receipt_book_crashed_mid_batch_loses_no_receipt_and_duplicates_none(t
         )  # fmt: skip
 
     def crash(book: ReceiptBook) -> None:
-        """The process dies: nothing more is written (its open journal goes with it)."""
+        """The process dies: nothing more is written (its open journal and lock go with it)."""
         book._journal.close()
+        book._lock.close()
 
     book = ReceiptBook(tmp_path, ReceiptSigner(key), batch=3)
+    with pytest.raises(InvalidArgument, match="one folder per edge"):
+        ReceiptBook(tmp_path, ReceiptSigner(Ed25519PrivateKey.generate()))  # a second edge on the same folder
     for n in range(5):
         book.issue(receipt(n))  # 1..3 shipped; 4 and 5 wait in the journal
     crash(book)

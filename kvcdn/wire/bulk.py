@@ -342,6 +342,29 @@ async def _serve(sock: socket.socket, peer: str, stream: StreamFn, metrics: Serv
             metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
+def _set_once(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    """The next connection. Unlike `loop.sock_accept`, a cancellation can only come while waiting for
+    one, never between accepting a connection and returning it (which left its socket to the garbage
+    collector, and a ResourceWarning in whatever ran then)."""
+    while True:
+        try:
+            conn, address = sock.accept()
+            return conn, address
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _set_once, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
 async def start_bulk_server(
     host: str,
     port: int,
@@ -382,7 +405,7 @@ async def start_bulk_server(
     async def accept_loop() -> None:
         while True:
             try:
-                conn, address = await loop.sock_accept(sock)
+                conn, address = await _accept(loop, sock)
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: wait for connections to end, go on
                 cannot_accept("bulk port cannot accept (%s); retrying every 0.1 s", exc.strerror or exc)
                 await asyncio.sleep(0.1)
