@@ -93,9 +93,9 @@ class Edge:
         self._trimming: asyncio.Task[None] | None = None  # frees heap back (kvcdn.tuning)
         self.peers: Peers | None = None
         """The ring and the other edges on it (set by `start` when `config.peers` names them)."""
-        self.feed = Feed(upstream, self.invalidate)
         self.tolls = Tolls(config)
         """What priced loads pay here, and their receipts (kvcdn.edge.tolls)."""
+        self.feed = Feed(upstream, self.invalidate, self.tolls.apply)
         self.answers = OriginAnswers(
             upstream,
             config.disk_dir / _ORIGIN_INFO_FILE if config.disk_dir is not None else None,

@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class Feed:
-    """The origin's invalidation feed as `upstream` serves it; `apply` takes each event in order, and
-    `seq` is how far the events applied so far reach."""
+    """The origin's invalidation feed as `upstream` serves it; each of `apply` takes each event in
+    order, and `seq` is how far the events applied so far reach."""
 
-    def __init__(self, upstream: CacheReader, apply: Callable[[pb.InvalidationEvent], None]) -> None:
+    def __init__(self, upstream: CacheReader, *apply: Callable[[pb.InvalidationEvent], None]) -> None:
         self.upstream = upstream
         self.apply = apply
         self.seq = 0
@@ -29,7 +29,8 @@ class Feed:
         self._follower: asyncio.Task[None] | None = None
 
     def _apply(self, event: pb.InvalidationEvent) -> None:
-        self.apply(event)
+        for apply in self.apply:
+            apply(event)
         self.seq = event.seq
 
     def start(self, retry_s: float = 1.0) -> None:

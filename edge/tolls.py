@@ -3,8 +3,9 @@
 A block every document of which is priced (BlockInfo.priced, set by the origin) is streamed only
 within a *load*: a request that names the document and version (StreamBlocksRequest.load) with a
 grant and a proof of its key (kvcdn.spec.grants), checked here offline against the issuers this edge
-trusts (`--grant-issuers`) and the ids revoked (`--revocations`, a file of grant ids followed while
-the edge runs). Every key of a load must be one of that version's blocks, raw or encoded. Peers
+trusts (`--grant-issuers`) and the ids revoked: by an issuer's signed revocation list, which the
+origin relays in its invalidation feed (`kvcdn keys revoke`), or by the operator's file (`--revocations`,
+followed while the edge runs). Every key of a load must be one of that version's blocks, raw or encoded. Peers
 stream priced blocks from each other without a load only on an `edge` token (`--tokens`): without
 tokens a from-peer request is anyone's.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -125,6 +127,11 @@ class Tolls:
                 config.receipts_dir, ReceiptSigner.from_file(config.receipt_key), config.receipt_batch
             )
         self._revocations = _Revocations(config.revocations)
+        self._signed_revocations = config.receipts_dir / "revocations" if config.receipts_dir else None
+        """The issuers' revocation lists this edge applied, one a line (the feed may not replay them)."""
+        if self.checker is not None and self._signed_revocations is not None and self._signed_revocations.exists():
+            for line in self._signed_revocations.read_text().split():
+                self.checker.revoke_signed(line)
         self.first_seq = self.book.signer.seq + 1 if self.book is not None else 0
         """The first receipt this process signs: the counters below count from it."""
         self.charged_bytes = 0
@@ -148,6 +155,24 @@ class Tolls:
                 self.book.ship()
             except OSError as exc:  # a full disk: the receipts stay in the journal, shipped next time
                 log.error("could not ship receipts to %s: %s", self.book.outbox, exc)
+
+    def apply(self, event: pb.InvalidationEvent) -> None:
+        """An event of the origin's feed: a revocation list it relays is applied (and kept) here."""
+        if not event.revocation or self.checker is None:
+            return
+        try:
+            ids = self.checker.revoke_signed(event.revocation)
+        except KVCDNError as exc:
+            log.warning(
+                "invalidation event %d: a revocation list that does not check out is ignored: %s", event.seq, exc
+            )
+            return
+        if self._signed_revocations is not None:
+            with self._signed_revocations.open("a") as f:
+                f.write(event.revocation + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        log.info("invalidation event %d revokes grants %s", event.seq, ", ".join(ids))
 
     def _refuse(self, exc: KVCDNError, manifest: pb.Manifest) -> KVCDNError:
         """`exc`, carrying in its trailers what would pay for `manifest` (x402's PaymentRequired)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcdn.errors import InvalidArgument, KVCDNError
-from kvcdn.flags import add_connection_flags, add_edges_flag, add_tls_flags, parse_size
+from kvcdn.flags import add_connection_flags, add_edges_flag, add_origin_flag, add_tls_flags, parse_size
 from kvcdn.model.options import ModelOptions
 from kvcdn.ops.ledger_cli import register_ledger
 
@@ -72,7 +72,7 @@ def register(sub: Any) -> None:
     s.set_defaults(run=demo)
 
     s = sub.add_parser("keys", help="publisher signing keys: make one, or show a key file's id")
-    keys = s.add_subparsers(dest="keys_command", required=True, metavar="generate|show|grant")
+    keys = s.add_subparsers(dest="keys_command", required=True, metavar="generate|show|grant|revoke")
     g = keys.add_parser("generate", help="a new Ed25519 publisher key: KEY (private, mode 0600) and KEY.pub")
     g.add_argument("key", help="where to write the private key, e.g. publisher.key (never overwritten)")
     g.add_argument(
@@ -102,6 +102,17 @@ def register(sub: Any) -> None:
     gi.add_argument("--documents", default="", help="document names it covers (comma-separated; default any)")
     gi.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid (3600)")
     gi.set_defaults(run=keys_grant)
+    rv = keys.add_parser("revoke", help="revoke grants: a list the issuer signs, relayed to every edge by the origin")
+    rv.add_argument(
+        "--issuer-key",
+        type=Path,
+        default=os.environ.get("KVCDN_GRANT_ISSUER_KEY"),
+        help="the issuer's private key (env KVCDN_GRANT_ISSUER_KEY)",
+    )
+    add_origin_flag(rv, "origin HOST:PORT that relays it in its invalidation feed (with a publisher token)")
+    add_connection_flags(rv, trust=False)
+    rv.add_argument("grant_ids", nargs="+", metavar="GRANT_ID", help="the grants' ids (their jti)")
+    rv.set_defaults(run=keys_revoke)
 
     s = sub.add_parser("certs", help="a test CA with server and client certificates, for TLS trials")
     s.add_argument("--out", required=True, help="folder for ca.pem, server.pem/.key, client.pem/.key")
@@ -282,6 +293,26 @@ def keys_grant(args: argparse.Namespace) -> int:
     print(
         issue_grant(Signer.from_file(args.issuer_key).key, agent_key, args.agent, scope, args.cap, args.asset, args.ttl)
     )
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    from kvcdn.spec.grants import issue_revocation
+    from kvcdn.spec.provenance import Signer
+    from kvcdn.wire.auth import read_token
+    from kvcdn.wire.stub import CacheReader
+    from kvcdn.wire.tls import TLSFiles
+
+    if not args.issuer_key:
+        raise InvalidArgument("--issuer-key names the grant issuer's private key (or set KVCDN_GRANT_ISSUER_KEY)")
+    revocation = issue_revocation(Signer.from_file(args.issuer_key).key, args.grant_ids)
+
+    async def relay() -> int:
+        async with CacheReader(args.origin, token=read_token(args.token_file), tls=TLSFiles.from_args(args)) as origin:
+            return await origin.revoke(revocation)
+
+    seq = asyncio.run(relay())
+    print(f"revoked {', '.join(args.grant_ids)}: invalidation event {seq}, on its way to every edge")
     return 0
 
 

@@ -335,10 +335,10 @@ class PgEvents:
             self.events += new
         return new
 
-    def append(self, document: str, version: int, keys: list[bytes]) -> pb.InvalidationEvent:
+    def append(self, document: str, version: int, keys: list[bytes], revocation: str = "") -> pb.InvalidationEvent:
         """Append an event (the caller holds the catalog lock, so the seq is free) and announce it."""
         (last,) = self._catalog.query("SELECT coalesce(max(seq), 0) FROM kvcdn_events")[0]
-        event = pb.InvalidationEvent(seq=last + 1, document=document, version=version, keys=keys)
+        event = pb.InvalidationEvent(seq=last + 1, document=document, version=version, keys=keys, revocation=revocation)
         self._catalog.query("INSERT INTO kvcdn_events VALUES (%s, %s)", (event.seq, event.SerializeToString()))
         self._catalog.notify("kvcdn_events")
         self.refresh()

@@ -28,13 +28,13 @@ from kvcdn.store.lru import ByteLRU
 from kvcdn.store.singleflight import SingleFlight
 from kvcdn.v1 import kvcdn_pb2 as pb
 from kvcdn.wire.frames import EncodedBlock, Frame, encode_stored, stream_blocks
-from kvcdn.wire.metrics import OriginMetrics, Stat
 
 __all__ = ["Origin", "PublishResult"]
 
 log = logging.getLogger(__name__)
 
 
+_MAX_REVOCATION = 64 << 10
 _MAX_BYTES_PER_TOKEN = 16
 """Text bytes per token a publish may bring before it is refused untokenized."""
 
@@ -111,18 +111,9 @@ class Origin:
             self._read_cache.pop(key)
             self._signed.pop(key)
 
-    def stats(self) -> list[Stat]:
-        """The origin's counters, for kvcdn.wire.metrics (read at scrape time)."""
-        return [
-            (OriginMetrics.PUBLISHES, self.publishes),
-            (OriginMetrics.PREFILL_RUNS, self.prefill_runs),
-            (OriginMetrics.PREFILL_SECONDS, self.prefill_s_total),
-            (OriginMetrics.BLOCKS_COMPUTED, self.blocks_computed),
-            (OriginMetrics.READ_CACHE_BYTES, self._read_cache.bytes),
-            (OriginMetrics.BLOCKS_QUARANTINED, self.blocks.quarantined),
-            (OriginMetrics.METADATA_QUARANTINED, self.manifests.quarantined + self.events.damaged),
-            (OriginMetrics.BLOCKS_REPAIRED, self.blocks_repaired),
-        ]
+    @property
+    def read_cache_bytes(self) -> int:
+        return self._read_cache.bytes
 
     @property
     def fingerprint(self) -> str:
@@ -259,6 +250,19 @@ class Origin:
         for key in orphans:
             self.blocks.delete(key)
         return sorted([*versions, *damaged]), orphans, self.events.append(document, version, orphans)
+
+    async def revoke(self, revocation: str) -> int:
+        """Relay a grant issuer's signed revocation list to the edges in the feed; the event's seq. The
+        edges check its signature (the origin holds no issuer key): here only its form and size."""
+        if not 0 < len(revocation) <= _MAX_REVOCATION or revocation.count(".") != 2 or not revocation.isascii():
+            raise InvalidArgument(
+                f"a revocation is a compact JWS of at most {_MAX_REVOCATION} bytes (kvcdn keys revoke)"
+            )
+        async with self._manifest_lock:  # the feed's numbering, as a purge's
+            event = await asyncio.get_running_loop().run_in_executor(None, self.events.append, "", 0, [], revocation)
+        async with self._new_event:
+            self._new_event.notify_all()
+        return event.seq
 
     async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
         """Invalidation events after `after_seq`, then each new one; never ends by itself."""

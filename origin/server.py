@@ -10,15 +10,29 @@ from kvcdn.origin.config import OriginConfig
 from kvcdn.origin.origin import Origin
 from kvcdn.origin.service import OriginService
 from kvcdn.wire.auth import Authorizer
-from kvcdn.wire.metrics import ServerMetrics
+from kvcdn.wire.metrics import OriginMetrics, ServerMetrics, Stat
 from kvcdn.wire.ratelimit import RateLimiter
 from kvcdn.wire.readside import serve_stream
 from kvcdn.wire.rpc import Server, start_server
 from kvcdn.wire.serving import serve_until_stopped
 
-__all__ = ["run_origin", "start_origin"]
+__all__ = ["origin_stats", "run_origin", "start_origin"]
 
 log = logging.getLogger(__name__)
+
+
+def origin_stats(origin: Origin) -> list[Stat]:
+    """The origin's counters, for kvcdn.wire.metrics (read at scrape time)."""
+    return [
+        (OriginMetrics.PUBLISHES, origin.publishes),
+        (OriginMetrics.PREFILL_RUNS, origin.prefill_runs),
+        (OriginMetrics.PREFILL_SECONDS, origin.prefill_s_total),
+        (OriginMetrics.BLOCKS_COMPUTED, origin.blocks_computed),
+        (OriginMetrics.READ_CACHE_BYTES, origin.read_cache_bytes),
+        (OriginMetrics.BLOCKS_QUARANTINED, origin.blocks.quarantined),
+        (OriginMetrics.METADATA_QUARANTINED, origin.manifests.quarantined + origin.events.damaged),
+        (OriginMetrics.BLOCKS_REPAIRED, origin.blocks_repaired),
+    ]
 
 
 async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin, Server]:
@@ -28,7 +42,7 @@ async def start_origin(config: OriginConfig, model: LoadedModel) -> tuple[Origin
     try:
         auth = Authorizer.from_file(config.tokens, config.closed_reads) if config.tokens is not None else None
         limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
-        service = OriginService(origin, ServerMetrics(origin.stats), auth, limiter)
+        service = OriginService(origin, ServerMetrics(lambda: origin_stats(origin)), auth, limiter)
         server = await start_server(
             config.listen,
             service,

@@ -78,6 +78,10 @@ class OriginService(ReadService, pb_grpc.PublisherServicer, pb_grpc.Invalidation
         versions, blocks, seq = await self.origin.purge(request.document, request.version)
         return pb.PurgeResponse(versions=versions, blocks_removed=blocks, seq=seq)
 
+    @rpc_errors
+    async def Revoke(self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext) -> pb.RevokeResponse:
+        return pb.RevokeResponse(seq=await self.origin.revoke(request.revocation))
+
     @feed_errors
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext

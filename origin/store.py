@@ -312,8 +312,10 @@ class EventLog:
     def last_seq(self) -> int:
         return self.events[-1].seq if self.events else 0
 
-    def append(self, document: str, version: int, keys: list[bytes]) -> pb.InvalidationEvent:
-        event = pb.InvalidationEvent(seq=self.last_seq + 1, document=document, version=version, keys=keys)
+    def append(self, document: str, version: int, keys: list[bytes], revocation: str = "") -> pb.InvalidationEvent:
+        event = pb.InvalidationEvent(
+            seq=self.last_seq + 1, document=document, version=version, keys=keys, revocation=revocation
+        )
         record = _record(event)
         with self.path.open("r+b" if self.path.exists() else "wb") as f:
             f.seek(self._valid_bytes)

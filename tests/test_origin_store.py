@@ -16,6 +16,7 @@ from kvcdn.errors import DigestMismatch, LimitExceeded, NotFound
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
+from kvcdn.origin.server import origin_stats
 from kvcdn.origin.store import EventLog, ManifestStore
 from kvcdn.spec.identity import encoded_key
 from kvcdn.v1 import kvcdn_pb2 as pb
@@ -178,7 +179,7 @@ async def test_a_damaged_manifest_costs_only_its_own_document(llama: LoadedModel
         with pytest.raises(DigestMismatch):
             await origin.manifest("b", 0)
         assert origin.manifests.quarantined == 2
-        assert dict(origin.stats())[OriginMetrics.METADATA_QUARANTINED] == 2
+        assert dict(origin_stats(origin))[OriginMetrics.METADATA_QUARANTINED] == 2
         # Purging every version forgets the damaged ones too.
         assert (await origin.purge("b", 0))[0] == [1]
         with pytest.raises(NotFound):

@@ -6,6 +6,7 @@ keeps its chain across a crash mid-batch, losing and duplicating nothing in the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvcdn.client import ClientConfig, KVClient
 from kvcdn.edge.receiptbook import ReceiptBook
+from kvcdn.edge.tolls import Tolls
 from kvcdn.errors import InvalidArgument, LimitExceeded, Unauthenticated
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
 from kvcdn.ops.ledger import Ledger
-from kvcdn.spec.grants import Scope, Wallet, issue_grant
+from kvcdn.spec.grants import Scope, Wallet, issue_grant, issue_revocation
 from kvcdn.spec.identity import block_keys
 from kvcdn.spec.prices import PAYMENT_REQUIRED_KEY, decode_payment_required
 from kvcdn.spec.provenance import Signer, TrustStore, generate_key
@@ -246,3 +248,39 @@ def test_a_receipt_book_crashed_mid_batch_loses_no_receipt_and_duplicates_none(t
     assert ledger.flags() == []
     assert [s for (s,) in ledger.db.run("SELECT seq FROM ledger_receipts ORDER BY seq")] == list(range(1, 9))
     assert ledger.balances()[("agent:a", "USDC")] == -7 * 8
+
+
+async def test_an_issuers_signed_revocation_reaches_the_edge_through_the_origins_feed(
+    market: Market, sample_text: str
+) -> None:
+    net = market.net
+    await net.origin.publish("handbook", sample_text, price=PRICE)
+
+    async def load(wallet: Wallet) -> None:
+        async with market.client(wallet) as client:
+            await client.fetch_document(net.model, "handbook")
+
+    async def relayed(seq: int) -> None:
+        for _ in range(200):
+            if net.edge.feed.seq >= seq:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"the edge did not apply feed event {seq}")
+
+    with pytest.raises(InvalidArgument, match="compact JWS"):
+        await net.origin.revoke("not a revocation")
+    await load(market.wallet(grant_id="g-live"))
+    stranger = Ed25519PrivateKey.generate()
+    await relayed(await net.origin.revoke(issue_revocation(stranger, ["g-live"])))
+    await load(market.wallet(grant_id="g-live"))  # nobody the edge trusts signed that: ignored
+    await relayed(await net.origin.revoke(issue_revocation(market.issuer, ["g-live"])))
+    with pytest.raises(Unauthenticated, match="g-live was revoked by its issuer"):
+        await load(market.wallet(grant_id="g-live"))
+    await load(market.wallet(grant_id="g-other"))  # the issuer's other grants still load
+    await net.edge_server.stop(0)
+    await net.edge.close()
+    restarted = Tolls(net.edge.config)  # the edge keeps what it applied: its feed may not replay it
+    try:
+        assert restarted.checker is not None and f"{restarted.issuers[0]}:g-live" in restarted.checker.revoked
+    finally:
+        restarted.close()

@@ -46,10 +46,21 @@ from kvcdn.spec.prices import request_name
 from kvcdn.spec.provenance import Signer, key_id
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["ALG", "Grant", "GrantChecker", "Scope", "Wallet", "issue_grant", "make_proof", "thumbprint"]
+__all__ = [
+    "ALG",
+    "Grant",
+    "GrantChecker",
+    "Scope",
+    "Wallet",
+    "issue_grant",
+    "issue_revocation",
+    "make_proof",
+    "thumbprint",
+]
 
 ALG = "Ed25519"
 _PROOF_TYPE = "kvcdn-pop+jwt"
+_REVOCATION_TYPE = "kvcdn-revocation+jwt"
 
 
 def thumbprint(public: Ed25519PublicKey) -> str:
@@ -124,6 +135,15 @@ def issue_grant(
         "cap": {"amount": cap, "asset": asset},
     }
     return str(jwt.encode({"alg": ALG, "typ": "JWT", "kid": kid}, claims, OKPKey.import_key(issuer), algorithms=[ALG]))
+
+
+def issue_revocation(issuer: Ed25519PrivateKey, grant_ids: Iterable[str], now: float | None = None) -> str:
+    """A revocation list signed by `issuer`: edges that trust it refuse those of its grants from the
+    moment it reaches them (the origin relays it in its invalidation feed: `kvcdn keys revoke`)."""
+    kid = key_id(issuer.public_key())
+    claims = {"iss": kid, "iat": int(time.time() if now is None else now), "revoked": sorted(set(grant_ids))}
+    header = {"alg": ALG, "typ": _REVOCATION_TYPE, "kid": kid}
+    return str(jwt.encode(header, claims, OKPKey.import_key(issuer), algorithms=[ALG]))
 
 
 def make_proof(agent_key: Ed25519PrivateKey, grant: str, audience: str, request: str, now: float | None = None) -> str:
@@ -211,7 +231,20 @@ class GrantChecker:
         """Proof ids seen, with when they stop being acceptable anyway."""
 
     def revoke(self, grant_ids: Iterable[str]) -> None:
+        """Refuse these grant ids, whoever issued them (an operator's list: `kvcdn edge --revocations`)."""
         self.revoked.update(grant_ids)
+
+    def revoke_signed(self, revocation: str) -> list[str]:
+        """Refuse the grants a revocation list (`issue_revocation`) names, of the issuer that signed it;
+        returns their ids. Unauthenticated for a list no trusted issuer signed."""
+        head = _unverified_header(revocation)
+        issuer = self.issuers.get(str(head.get("kid", "")))
+        if head.get("typ") != _REVOCATION_TYPE or issuer is None:
+            raise Unauthenticated("the revocation list is not signed by a grant issuer this edge trusts")
+        claims = self._decode(revocation, issuer, "revocation list")
+        ids = _names(claims.get("revoked"))
+        self.revoked.update(f"{claims.get('iss')}:{gid}" for gid in ids)
+        return list(ids)
 
     def _decode(self, token: str, key: OKPKey, what: str) -> Mapping[str, object]:
         try:
@@ -244,7 +277,7 @@ class GrantChecker:
         gid = str(claims.get("jti", ""))
         if not _num(claims, "nbf") - self.skew_s <= t < _num(claims, "exp") + self.skew_s:
             raise Unauthenticated(f"grant {gid} is expired or not yet valid: ask its issuer for a new one")
-        if gid in self.revoked:
+        if gid in self.revoked or f"{claims.get('iss')}:{gid}" in self.revoked:
             raise Unauthenticated(f"grant {gid} was revoked by its issuer")
         self._check_proof(grant, proof, claims, request, t)
         scope_claim, cap_claim = _part(claims, "scope"), _part(claims, "cap")

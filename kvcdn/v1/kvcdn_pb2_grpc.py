@@ -253,6 +253,11 @@ class PublisherStub:
                 request_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeRequest.SerializeToString,
                 response_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeResponse.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/kvcdn.v1.Publisher/Revoke',
+                request_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.RevokeResponse.FromString,
+                _registered_method=True)
 
 
 class PublisherServicer:
@@ -275,6 +280,13 @@ class PublisherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Relay a grant issuer's signed revocation list to every edge, through the invalidation feed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PublisherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +299,11 @@ def add_PublisherServicer_to_server(servicer, server):
                     servicer.Purge,
                     request_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeRequest.FromString,
                     response_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.PurgeResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=kvcdn_dot_v1_dot_kvcdn__pb2.RevokeRequest.FromString,
+                    response_serializer=kvcdn_dot_v1_dot_kvcdn__pb2.RevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +361,33 @@ class Publisher:
             '/kvcdn.v1.Publisher/Purge',
             kvcdn_dot_v1_dot_kvcdn__pb2.PurgeRequest.SerializeToString,
             kvcdn_dot_v1_dot_kvcdn__pb2.PurgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcdn.v1.Publisher/Revoke',
+            kvcdn_dot_v1_dot_kvcdn__pb2.RevokeRequest.SerializeToString,
+            kvcdn_dot_v1_dot_kvcdn__pb2.RevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -146,6 +146,8 @@ class PublisherStub:
     """Removes a document (one version, or all of them) and every block no remaining document uses.
     Edges learn of it through Invalidations.Watch and drop those blocks.
     """
+    Revoke: _grpc.UnaryUnaryMultiCallable[_kvcdn_pb2.RevokeRequest, _kvcdn_pb2.RevokeResponse]
+    """Relay a grant issuer's signed revocation list to every edge, through the invalidation feed."""
 
 @_typing.type_check_only
 class PublisherAsyncStub(PublisherStub):
@@ -160,6 +162,8 @@ class PublisherAsyncStub(PublisherStub):
     """Removes a document (one version, or all of them) and every block no remaining document uses.
     Edges learn of it through Invalidations.Watch and drop those blocks.
     """
+    Revoke: _aio.UnaryUnaryMultiCallable[_kvcdn_pb2.RevokeRequest, _kvcdn_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Relay a grant issuer's signed revocation list to every edge, through the invalidation feed."""
 
 class PublisherServicer(metaclass=_abc_1.ABCMeta):
     """The write side, served by the origin only."""
@@ -183,6 +187,14 @@ class PublisherServicer(metaclass=_abc_1.ABCMeta):
         """Removes a document (one version, or all of them) and every block no remaining document uses.
         Edges learn of it through Invalidations.Watch and drop those blocks.
         """
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _kvcdn_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcdn_pb2.RevokeResponse, _abc.Awaitable[_kvcdn_pb2.RevokeResponse]]:
+        """Relay a grant issuer's signed revocation list to every edge, through the invalidation feed."""
 
 def add_PublisherServicer_to_server(servicer: PublisherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

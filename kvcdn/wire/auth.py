@@ -1,7 +1,7 @@
 """Credentials: bearer tokens with roles, checked where a call meets gRPC (and on the bulk port).
 
 The origin's write side and its invalidation feed are not for everyone who can reach it: with a
-tokens file (`kvcdn origin --tokens FILE`, lines `ROLE TOKEN`), Publish and Purge need a `publisher`
+tokens file (`kvcdn origin --tokens FILE`, lines `ROLE TOKEN`), Publish, Purge and Revoke need a `publisher`
 token and Watch an `edge` (or `publisher`) token, sent as gRPC metadata `authorization: Bearer TOKEN`.
 No token, or an unknown one, is UNAUTHENTICATED; a token whose role may not call the method is
 PERMISSION_DENIED. Reads (GetManifest, LookupPrefix, StreamBlocks, the bulk port) are open by
@@ -30,7 +30,7 @@ __all__ = ["ROLES", "Authorizer", "bearer", "read_token", "token_of", "write_tok
 READS = frozenset({"GetManifest", "LookupPrefix", "StreamBlocks"})
 """Methods that need a token only where reads are closed."""
 ROLES: dict[str, frozenset[str]] = {
-    "publisher": frozenset({"Publish", "Purge", "Watch"}) | READS,
+    "publisher": frozenset({"Publish", "Purge", "Revoke", "Watch"}) | READS,
     "edge": frozenset({"Watch"}) | READS,
     "reader": READS,
 }

@@ -171,6 +171,12 @@ class CacheReader:
         )
         return resp
 
+    async def revoke(self, revocation: str) -> int:
+        """Relay a grant issuer's signed revocation list to the edges; the feed event's seq."""
+        request = pb.RevokeRequest(revocation=revocation)
+        resp = await self._call(self._publisher.Revoke(request, timeout=self.timeout_s, metadata=self._credentials))
+        return int(resp.seq)
+
     async def watch(self, after_seq: int) -> AsyncIterator[pb.InvalidationEvent]:
         """The origin's invalidation events after `after_seq`, as they happen (no deadline)."""
         call = self._invalidations.Watch(pb.WatchRequest(after_seq=after_seq), metadata=self._credentials)
