@@ -86,12 +86,7 @@ def register(sub: Any) -> None:
     k.add_argument("key")
     k.set_defaults(run=keys_show)
     gi = keys.add_parser("grant", help="issue a grant (a JWT) that lets an agent load priced documents; prints it")
-    gi.add_argument(
-        "--issuer-key",
-        type=Path,
-        default=os.environ.get("KVCDN_GRANT_ISSUER_KEY"),
-        help="the issuer's private key, whose .pub the edges trust (env KVCDN_GRANT_ISSUER_KEY)",
-    )
+    _add_issuer_key(gi)
     gi.add_argument(
         "--agent-key", required=True, type=Path, help="the agent's public key (.pub): the grant is bound to it"
     )
@@ -101,14 +96,12 @@ def register(sub: Any) -> None:
     gi.add_argument("--publishers", default="", help="pay_to accounts it may pay (comma-separated; default any)")
     gi.add_argument("--documents", default="", help="document names it covers (comma-separated; default any)")
     gi.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid (3600)")
+    gi.add_argument(
+        "--id", default="", help="the grant's id, which receipts name and revocations use (default: random)"
+    )
     gi.set_defaults(run=keys_grant)
     rv = keys.add_parser("revoke", help="revoke grants: a list the issuer signs, relayed to every edge by the origin")
-    rv.add_argument(
-        "--issuer-key",
-        type=Path,
-        default=os.environ.get("KVCDN_GRANT_ISSUER_KEY"),
-        help="the issuer's private key (env KVCDN_GRANT_ISSUER_KEY)",
-    )
+    _add_issuer_key(rv)
     add_origin_flag(rv, "origin HOST:PORT that relays it in its invalidation feed (with a publisher token)")
     add_connection_flags(rv, trust=False)
     rv.add_argument("grant_ids", nargs="+", metavar="GRANT_ID", help="the grants' ids (their jti)")
@@ -278,34 +271,45 @@ def keys_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def keys_grant(args: argparse.Namespace) -> int:
-    from kvcdn.spec.grants import Scope, issue_grant
-    from kvcdn.spec.provenance import Signer, TrustStore
+def _add_issuer_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--issuer-key",
+        type=Path,
+        default=os.environ.get("KVCDN_GRANT_ISSUER_KEY"),
+        help="the grant issuer's private key, whose .pub the edges trust (env KVCDN_GRANT_ISSUER_KEY)",
+    )
+
+
+def _issuer_key(args: argparse.Namespace) -> Any:
+    """The grant issuer's private key of `--issuer-key`."""
+    from kvcdn.spec.provenance import Signer
 
     if not args.issuer_key:
         raise InvalidArgument("--issuer-key names the grant issuer's private key (or set KVCDN_GRANT_ISSUER_KEY)")
+    return Signer.from_file(args.issuer_key).key
+
+
+def keys_grant(args: argparse.Namespace) -> int:
+    from kvcdn.spec.grants import Scope, issue_grant
+    from kvcdn.spec.provenance import TrustStore
+
     try:
         [agent_key] = TrustStore.from_files([args.agent_key]).keys.values()
     except InvalidArgument as exc:
         raise InvalidArgument(f"--agent-key: {exc}".replace("--trust ", "")) from None
     publishers, documents = (tuple(x for x in v.split(",") if x) for v in (args.publishers, args.documents))
     scope = Scope(publishers=publishers, documents=documents)
-    print(
-        issue_grant(Signer.from_file(args.issuer_key).key, agent_key, args.agent, scope, args.cap, args.asset, args.ttl)
-    )
+    print(issue_grant(_issuer_key(args), agent_key, args.agent, scope, args.cap, args.asset, args.ttl, args.id))
     return 0
 
 
 def keys_revoke(args: argparse.Namespace) -> int:
     from kvcdn.spec.grants import issue_revocation
-    from kvcdn.spec.provenance import Signer
     from kvcdn.wire.auth import read_token
     from kvcdn.wire.stub import CacheReader
     from kvcdn.wire.tls import TLSFiles
 
-    if not args.issuer_key:
-        raise InvalidArgument("--issuer-key names the grant issuer's private key (or set KVCDN_GRANT_ISSUER_KEY)")
-    revocation = issue_revocation(Signer.from_file(args.issuer_key).key, args.grant_ids)
+    revocation = issue_revocation(_issuer_key(args), args.grant_ids)
 
     async def relay() -> int:
         async with CacheReader(args.origin, token=read_token(args.token_file), tls=TLSFiles.from_args(args)) as origin:

@@ -34,6 +34,7 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
             ["keys", "grant", "--issuer-key", missing, "--agent-key", missing, "--agent", "a", "--cap", "1"],
             "--agent-key",
         ),
+        (["keys", "revoke", "--origin", DEAD, "g1"], "--issuer-key"),
         (["ledger", "reconcile", "--db", str(tmp / "l.db"), "--edges", DEAD], "UNAVAILABLE"),
         (["edge", "--origin", DEAD, "--grant-issuers", missing], "--receipt-key and --receipts"),
         (["ask", "--edges", DEAD, "--doc", missing, "--question", "q"], "cannot read --doc"),
