@@ -317,7 +317,7 @@ class Edge:
     async def _pull(self, fingerprint: str, key: bytes, pull: Pull) -> EncodedBlock:
         """Load one block into `pull` from its owners on the ring (if this edge is not one) or the
         origin, verifying every frame against the origin's digests before anyone sees it."""
-        info = self._infos.get(key)  # kept: a stream's tolls read it (`_info_of`)
+        info = self._infos.get(key)  # kept: a stream's tolls read it (`stream`, `known`)
         if info is None:
             if self._recently_missed(_choice(key, ("raw",))):
                 raise NotFound(f"block {key.hex()[:16]}… is not stored at the origin")
