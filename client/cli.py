@@ -210,7 +210,7 @@ def fetch(args: argparse.Namespace) -> int:
         "gb_per_s": round(fetched.n_bytes / fetched.fetch_s / 1e9, 3),
         "verified_frames": "all (BLAKE3)",
         "edges": fetched.edges_used,
-        "charged": {r.asset: sum(x.price for x in fetched.receipts if x.asset == r.asset) for r in fetched.receipts},
+        "charged": _charged(fetched.receipts),
         "receipts": [f"{r.edge}#{r.seq}" for r in fetched.receipts],
     }
     if args.json:
@@ -221,6 +221,14 @@ def fetch(args: argparse.Namespace) -> int:
             f"{fetched.fetch_s * 1e3:.0f} ms ({result['gb_per_s']} GB/s), every frame verified"
         )
     return 0
+
+
+def _charged(receipts: list[Any]) -> dict[str, int]:
+    """What receipts charged, by asset."""
+    out: dict[str, int] = {}
+    for r in receipts:
+        out[r.asset] = out.get(r.asset, 0) + r.price
+    return out
 
 
 def _with_terms(exc: KVCDNError) -> KVCDNError:

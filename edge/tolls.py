@@ -207,7 +207,7 @@ class Tolls:
         if load.version < 1:
             raise InvalidArgument("a load names the version it pays for (StreamBlocksRequest.load.version >= 1)")
         manifest = await manifest_of(load.document, load.version)
-        ours = {encoded_key(b.key, c) for b in manifest.blocks for c in ("raw", *manifest.codecs)}
+        ours = {encoded_key(b.key, c): b for b in manifest.blocks for c in ("raw", *manifest.codecs)}
         if stray := [k for k in keys if k not in ours]:
             raise InvalidArgument(f"block {stray[0].hex()[:16]}… is not one of {load.document} v{load.version}'s")
         if not is_priced(manifest.price):
@@ -221,10 +221,8 @@ class Tolls:
         infos = [info_of(k) for k in keys]
         if any(i is None for i in infos):
             raise Unavailable("the origin could not be asked about the blocks of this load; retry")
-        index = {b.key: b.index for b in manifest.blocks}
-        raw = {encoded_key(b.key, c): b for b in manifest.blocks for c in ("raw", *manifest.codecs)}
-        begun = [raw[k] for k in (keys[1:] if start_frame else keys)]
-        most = charge(manifest.price, sum(b.n_tokens for b in begun), any(index[b.key] == 0 for b in begun))
+        begun = [ours[k] for k in (keys[1:] if start_frame else keys)]  # the manifest's (raw) infos
+        most = charge(manifest.price, sum(b.n_tokens for b in begun), any(b.index == 0 for b in begun))
         self._revocations.refresh(self.checker)
         try:
             grant = self.checker.check(

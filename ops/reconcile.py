@@ -71,6 +71,7 @@ async def edge_counters(address: str, token: str = "", tls: TLSFiles | None = No
 def reconcile(ledger: Ledger, counters: list[EdgeCounters]) -> list[Reconciliation]:
     """Each edge's counters against the receipts the ledger holds of them; `problems` says every difference."""
     out = []
+    flags = ledger.flags()
     for c in counters:
         r = Reconciliation(c)
         rows = ledger.db.run(
@@ -88,7 +89,7 @@ def reconcile(ledger: Ledger, counters: list[EdgeCounters]) -> list[Reconciliati
             r.problems.append(
                 f"the edge sent {c.charged_bytes:,} bytes in priced loads, its receipts say {r.receipted_bytes:,}"
             )
-        flagged = [f for f in ledger.flags() if f[0] == c.edge_key]
+        flagged = [f for f in flags if f[0] == c.edge_key]
         if flagged:
             r.problems.append(f"{len(flagged)} receipt(s) or checkpoint(s) of this key set aside (kvcdn ledger flags)")
         out.append(r)
@@ -96,12 +97,14 @@ def reconcile(ledger: Ledger, counters: list[EdgeCounters]) -> list[Reconciliati
 
 
 def _ranges(seqs: list[int]) -> str:
-    parts, start = [], seqs[0]
-    for prev, cur in zip(seqs, [*seqs[1:], None], strict=True):
-        if cur != prev + 1 if cur is not None else True:
-            parts.append(str(start) if start == prev else f"{start}..{prev}")
-            start = cur if cur is not None else start
-    return ", ".join(parts)
+    """Sorted numbers as runs: `1..3, 7`."""
+    runs: list[list[int]] = []
+    for seq in seqs:
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 async def counters_of(addresses: list[str], token: str = "", tls: TLSFiles | None = None) -> list[EdgeCounters]:
