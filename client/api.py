@@ -93,6 +93,8 @@ class FetchedCache:
     """Where the receiving threads of its bulk streams spent their time."""
     copy_s: float = 0.0
     """Seconds a GPU spent copying the cache's bytes from host staging (CUDA events; 0 on the CPU)."""
+    land_s: float = 0.0
+    """Seconds from the last stream's end to the cache ready on its device (the last copies landing)."""
     receipts: list[pb.Receipt] = field(default_factory=list)
     """The edges' signed receipts for a priced load (`KVClient.fetch_document`), one per stream."""
 
@@ -355,6 +357,7 @@ class KVClient:
                 raise result
             used += [address for address in result if address not in used]
         first_frame_at = min((p.first_frame_at for p in progress if p.first_frame_at), default=t0)
+        streamed_at = time.perf_counter()
         layers = await asyncio.get_running_loop().run_in_executor(None, self._land, assembler)
         fetched = FetchedCache(
             layers=layers,
@@ -367,6 +370,7 @@ class KVClient:
             codec=codec,
             receiving=receiving,
             copy_s=into.copy_s,
+            land_s=time.perf_counter() - streamed_at,
             receipts=[pb.Receipt.FromString(v) for p in progress for k, v in p.trailers if k == RECEIPT_KEY],
         )
         self.estimates.observe_fetch(fetch_key(codec, str(model.device)), fetched.n_bytes, fetched.fetch_s)

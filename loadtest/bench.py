@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,7 +31,7 @@ from kvcdn.client.api import KVClient, ReceiveTimes
 from kvcdn.client.config import ClientConfig
 from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.baseline import RawTCP, blake3_gbps, cpu_seconds, verified_bound
-from kvcdn.loadtest.bench_report import crossover, render, render_costs
+from kvcdn.loadtest.bench_report import print_report
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
@@ -44,6 +46,7 @@ from kvcdn.wire.tls import TLSFiles
 
 __all__ = [
     "BenchRow",
+    "BenchStopped",
     "measure",
     "run_bench",
     "sample_corpus",
@@ -112,6 +115,11 @@ class BenchRow:
     """The share of the fetches' time their receiving threads ran on a core (kvcdn.client.ReceiveTimes)."""
     copy_s: float = 0.0
     """Seconds the GPU spent copying a fetch's bytes from host staging (the mean; 0 on the CPU)."""
+    first_frame_s: float = 0.0
+    """Seconds from a fetch's start to its first verified frame: lookup, connections, the edges'
+    first sends (the mean). With `land_s`, the part of a fetch that streaming faster does not shorten."""
+    land_s: float = 0.0
+    """Seconds from the last frame to a cache ready on the device (the last copies, the mean)."""
     raw_receiver_cpu_s: float = 0.0
     """CPU seconds of this process receiving the raw TCP baseline of the same bytes (the mean)."""
     raw_sender_cpu_s: float = 0.0
@@ -160,25 +168,25 @@ async def measure(
     server_tls: TLSFiles | None = None,
     edge_pids: Sequence[int] = (),
     each_codec: bool = False,
+    rows: list[BenchRow] | None = None,
 ) -> list[BenchRow]:
-    """Publish `texts` at `origin` (offered in the codecs the client accepts), warm the edges, and
-    measure each (see the module docstring), with the CPU time each side spent (`edge_pids`: the edge
-    processes); `each_codec`: a row for each codec the client accepts, else one in the first the
-    origin holds. Under TLS (`server_tls`, and the client's in `client_config`) the raw baseline is a
-    TLS transfer too. Each row is also logged on stderr as soon as it is measured."""
+    """Publish each of `texts` at `origin` (offered in the codecs the client accepts) just before its
+    rows, warm the edges, and measure it (see the module docstring), with the CPU time each side
+    spent (`edge_pids`: the edge processes); `each_codec`: a row for each codec the client accepts,
+    else one in the first the origin holds. Under TLS (`server_tls`, and the client's in
+    `client_config`) the raw baseline is a TLS transfer too. Each row is appended to `rows` (returned)
+    and logged on stderr as soon as it is measured: a bench stopped midway still has its first rows."""
     baseline_tls = (server_tls, client_config.tls) if server_tls is not None and client_config.tls else None
     question = question_ids(model.tokenizer, "What is this text about?")
     offered = [c for c in client_config.codecs if c != "raw"]
-    async with CacheReader(origin, tls=client_config.tls) as publisher:
-        for text in texts:
-            with console.status(f"origin: publishing {len(document_ids(model.tokenizer, text))} tokens ..."):
-                await publisher.publish(f"bench-{len(text)}", text, offered)
-    rows = []
-    async with KVClient(client_config) as client:
+    rows = [] if rows is None else rows
+    async with CacheReader(origin, tls=client_config.tls) as publisher, KVClient(client_config) as client:
         frame_bytes = (await client.info()).geometry.frame_bytes
         for text in texts:
             doc = document_ids(model.tokenizer, text)
             ids = doc + question
+            with console.status(f"origin: publishing {len(doc)} tokens ..."):
+                await publisher.publish(f"bench-{len(text)}", text, offered)
             with console.status(f"local prefill of {len(doc)} tokens ..."):
                 # Best of `repeats`, as for the fetches: the first run on a GPU also pays for
                 # kernel selection and allocations that a serving agent has long paid for.
@@ -242,7 +250,16 @@ class _Fetches:
     receiving: ReceiveTimes = field(default_factory=ReceiveTimes)
     costs: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
-            ("client_cpu_s", "edges_cpu_s", "copy_s", "raw_receiver_cpu_s", "raw_sender_cpu_s"), 0.0
+            (
+                "client_cpu_s",
+                "edges_cpu_s",
+                "copy_s",
+                "first_frame_s",
+                "land_s",
+                "raw_receiver_cpu_s",
+                "raw_sender_cpu_s",
+            ),
+            0.0,
         )
     )
 
@@ -277,6 +294,8 @@ async def _fetches(
         out.costs["client_cpu_s"] += client_cpu_s / repeats
         out.costs["edges_cpu_s"] += edges_cpu_s / repeats
         out.costs["copy_s"] += fetched.copy_s / repeats
+        out.costs["first_frame_s"] += fetched.first_frame_s / repeats
+        out.costs["land_s"] += fetched.land_s / repeats
         out.receiving.cpu_s += fetched.receiving.cpu_s
         out.receiving.wall_s += fetched.receiving.wall_s
         # An agent done with a cache drops it; the next fetch then reuses that memory, as the TCP
@@ -334,7 +353,9 @@ class BenchConfig:
 
 
 def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) -> int:
-    """`kvcdn loadtest bench`: `model` (loaded from `options`) runs here; an origin loads the same."""
+    """`kvcdn loadtest bench`: `model` (loaded from `options`) runs here; an origin loads the same.
+    Stopped by SIGTERM (as `timeout` stops it) or Ctrl-C, it stops its cluster and still reports the
+    rows it measured, saying so, and exits 1."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and CI: do not squeeze the table into 80 columns
@@ -342,7 +363,9 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     # a shared prefix (a second pass over the rest), which on a GPU is other arithmetic than the
     # one-pass prefill that (a) compares with.
     texts = [text_of_length(model, f"Document {i}.\n\n{sample_corpus()}", n) for i, n in enumerate(config.lengths)]
-    with tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
+    rows: list[BenchRow] = []
+    stopped = ""
+    with _stopped_by_sigterm(), tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
         with console.status(f"starting an origin and {config.edges} edge(s) ..."):
             # Memory tiers that hold every length's cache at each of its owners, with room to spare (the
             # default 1 GiB does not hold a 32,768-token Qwen3-4B cache): a warm edge answers from memory.
@@ -366,7 +389,7 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
         )
         try:
             edge_pids = [cluster.process(f"edge{i}").pid for i in range(config.edges)]
-            rows = asyncio.run(
+            asyncio.run(
                 measure(
                     model,
                     cluster.origin_address,
@@ -377,32 +400,39 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
                     cluster.server_tls,
                     edge_pids,
                     config.each_codec,
+                    rows,
                 )
             )
+        except (BenchStopped, KeyboardInterrupt) as e:
+            stopped = str(e) or "Ctrl-C"
         finally:
             cluster.stop()
-    edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
-    if config.edges > 1 and not config.spread:
-        edges += ", blocks from their primary owners"
-    if config.streams_per_run > 1:
-        edges += f", {config.streams_per_run} streams an edge"
-    if config.frame_bytes != DEFAULT_FRAME_BYTES:
-        edges += f", {config.frame_bytes / (1 << 20):g} MiB frames"
-    signed = "signed blocks checked by edges and agent" if config.signed else "unsigned"
-    if config.tls:
-        signed += ", mutual TLS on every port"
-    title = f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, {signed}, loopback"
     if config.json_path is not None:
         report = {"model": model.name, "dtype": model.geometry.dtype, "rows": [asdict(r) for r in rows]}
-        config.json_path.write_text(json.dumps(report, indent=2) + "\n")
-    for out in (
-        render(rows, title, config.markdown, "TLS" if config.tls else "TCP"),
-        render_costs(rows, "Where the time went (CPU seconds per GB streamed, mean of the repeats)", config.markdown),
-    ):
-        if isinstance(out, str):
-            print(out + "\n")
-        else:
-            console.print(out)
-    print(f"Crossover: {crossover(rows)}")
+        config.json_path.write_text(json.dumps(report | ({"stopped": stopped} if stopped else {}), indent=2) + "\n")
+    print_report(rows, config, model, console)
+    if stopped:
+        print(f"Stopped by {stopped} after {len(rows)} row(s): the tables hold the rows measured by then.")
+        return 1
     # (b) must hold wherever (a) does; (a) and (c) are reported, not required (see BenchRow)
     return 0 if all(r.two_pass_matched or not r.kv_identical for r in rows) else 1
+
+
+class BenchStopped(Exception):
+    """A signal stopped the bench (its name is the message)."""
+
+
+@contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM raises BenchStopped in the main thread (once: a second one while the cluster stops is
+    ignored, so no edge is left running)."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise BenchStopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,12 +5,54 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from kvcdn.loadtest.bench import BenchRow
+from kvcdn.spec.geometry import DEFAULT_FRAME_BYTES
 
-__all__ = ["crossover", "figures_table", "grid", "render", "render_costs"]
+if TYPE_CHECKING:
+    from kvcdn.loadtest.bench import BenchConfig, BenchRow
+    from kvcdn.model.loading import LoadedModel
+
+__all__ = ["crossover", "figures_table", "grid", "print_report", "render", "render_costs", "title_of"]
+
+
+def title_of(config: BenchConfig, model: LoadedModel) -> str:
+    """What a bench measured, in the words its tables are titled with."""
+    edges = f"{config.edges} warm edges" if config.edges > 1 else "warm edge"
+    if config.edges > 1 and not config.spread:
+        edges += ", blocks from their primary owners"
+    if config.streams_per_run > 1:
+        edges += f", {config.streams_per_run} streams an edge"
+    if config.frame_bytes != DEFAULT_FRAME_BYTES:
+        edges += f", {config.frame_bytes / (1 << 20):g} MiB frames"
+    signed = "signed blocks checked by edges and agent" if config.signed else "unsigned"
+    if config.tls:
+        signed += ", mutual TLS on every port"
+    return f"kvcdn bench: {model.name}, {model.geometry.dtype} on {model.device}, {edges}, {signed}, loopback"
+
+
+def print_report(rows: list[BenchRow], config: BenchConfig, model: LoadedModel, console: Console) -> None:
+    """The bench's tables on stdout: one per codec (a row per length), where the time went, and the
+    crossover per codec."""
+    title = title_of(config, model)
+    codecs = list(dict.fromkeys(r.codec for r in rows)) or ["-"]
+    transport = "TLS" if config.tls else "TCP"
+    tables = [
+        render(
+            [r for r in rows if r.codec == c], f"{title}; {c}" if len(codecs) > 1 else title, config.markdown, transport
+        )
+        for c in codecs
+    ]
+    for out in (
+        *tables,
+        render_costs(rows, "Where the time went (CPU seconds per GB streamed, mean of the repeats)", config.markdown),
+    ):
+        if isinstance(out, str):
+            print(out + "\n")
+        else:
+            console.print(out)
+    print(f"Crossover: {crossover(rows)}" if rows else "Crossover: no row was measured.")
 
 
 def render(rows: list[BenchRow], title: str, markdown: bool, transport: str = "TCP") -> str | Table:
@@ -92,7 +134,8 @@ def crossover(rows: list[BenchRow]) -> str:
 def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Table:
     """Where the fetches' time went: CPU seconds per GB streamed of the client and the edges
     against the raw TCP baseline's receiver (plus one core's BLAKE3 of the same bytes, the least a
-    verifying receiver can spend) and sender, the receiving threads' busy share, the GPU's copies."""
+    verifying receiver can spend) and sender, the receiving threads' busy share, the fixed part of a
+    fetch (to its first frame, from its last frame to the cache ready), the GPU's copies."""
     head = [
         "tokens",
         "codec",
@@ -104,6 +147,8 @@ def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Tabl
         "raw sender s/GB",
         "edges / raw sender",
         "receiving threads busy",
+        "first frame s",
+        "landing s",
         "H2D copy s",
         "H2D GB/s",
     ]
@@ -123,6 +168,8 @@ def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Tabl
                 f"{sender:.3f}",
                 f"{r.per_gb(r.edges_cpu_s) / sender:.2f}x" if sender else "-",
                 f"{r.receive_busy:.0%}",
+                f"{r.first_frame_s:.4f}",
+                f"{r.land_s:.4f}",
                 f"{r.copy_s:.3f}" if r.copy_s else "-",
                 f"{r.wire_bytes / r.copy_s / 1e9:.1f}" if r.copy_s else "-",
             ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +19,8 @@ from rich.console import Console
 from kvcdn.cli import main
 from kvcdn.client.config import ClientConfig
 from kvcdn.loadtest.baseline import RawTCP, blake3_gbps, cpu_seconds, raw_tcp_gbps, verified_bound
-from kvcdn.loadtest.bench import measure, text_of_length
-from kvcdn.loadtest.bench_report import crossover, render, render_costs
+from kvcdn.loadtest.bench import BenchConfig, measure, text_of_length
+from kvcdn.loadtest.bench_report import crossover, print_report, render, render_costs
 from kvcdn.model.prompt import document_ids
 from kvcdn.wire.tls import TLSFiles, make_test_ca
 from tests.conftest import SAMPLES, Network
@@ -117,6 +119,11 @@ async def test_measure_each_codec_fetches_the_same_document_in_every_codec(
     assert len({r.prefill_s for r in rows}) == 1  # one local prefill a document, shared by its rows
     logged = capsys.readouterr().err.splitlines()
     assert [line.split(":")[0] for line in logged] == ["200 tokens int8", "200 tokens raw", "200 tokens lossless"]
+    print_report(rows, BenchConfig((200,), markdown=True, codecs=config.codecs, each_codec=True), model, Console())
+    printed = capsys.readouterr().out
+    titles = [line for line in printed.splitlines() if line.startswith("kvcdn bench:")]
+    assert [t.rsplit("; ", 1)[1] for t in titles] == ["int8", "raw", "lossless"]  # a table per codec
+    assert printed.count("\n| 200 | ") == 3 + 3  # a row in each, and each in the costs table
 
 
 def test_bench_on_random_weights_of_a_real_shape_over_two_edges(
@@ -141,3 +148,35 @@ def test_bench_refuses_an_unknown_geometry(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main(["loadtest", "bench", "--geometry", "gpt-7"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_bench_stopped_by_sigterm_reports_its_rows_and_stops_its_cluster(tmp_path: Path) -> None:
+    """As `timeout` stops a bench in `make gpu-check`: the rows measured by then are printed and
+    saved, the origin and edge processes are stopped with it, and the exit status says it stopped."""
+    import psutil
+
+    report = tmp_path / "bench.json"
+    argv = ["loadtest", "bench", "--geometry", "smollm2-135m", "--codecs", "raw", "--lengths", "64,30000"]
+    argv += ["--repeats", "1", "--dtype", "float32", "--device", "cpu", "--markdown", "--json", str(report)]
+    with subprocess.Popen(
+        [sys.executable, "-m", "kvcdn", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        watchdog = threading.Timer(240, proc.kill)  # a bench that never logs its first row fails, not hangs
+        watchdog.start()
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # the first row is logged; the 30,000-token prefill takes minutes here
+                if line.startswith("64 tokens raw: fetch"):
+                    break
+            children = psutil.Process(proc.pid).children(recursive=True)
+            assert len(children) >= 2  # the origin and the edge
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            watchdog.cancel()
+    assert proc.returncode == 1
+    assert "\n| 64 | " in out and "| 30000 |" not in out and "Where the time went" in out
+    assert "Stopped by SIGTERM after 1 row(s)" in out
+    saved = json.loads(report.read_text())
+    assert saved["stopped"] == "SIGTERM" and [r["tokens"] for r in saved["rows"]] == [64]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
