@@ -195,10 +195,10 @@ class Edge:
         self, fingerprint: str, keys: Sequence[bytes], codecs: Sequence[str] = (), from_peer: bool = False
     ) -> list[pb.BlockInfo]:
         """The longest prefix of `keys` in the first of `codecs` (empty: raw) that reaches it. This edge's
-        tiers, and its peers' for the blocks they own, answer alone when together they hold the whole
-        sequence in the encoding the origin chose last time for it (or in the first one asked for);
-        otherwise the origin is asked, and its infos remembered. `from_peer`: a peer asks which of
-        `keys` this edge holds (LookupPrefixRequest.from_peer): the tiers answer, nobody else."""
+        tiers and the infos it was told before (else its peers, for the blocks they own) answer alone
+        when together they cover the whole sequence in the encoding the origin chose last time for it
+        (or in the first one asked for); otherwise the origin is asked, and its infos remembered.
+        `from_peer`: a peer asks which of `keys` this edge holds: the tiers answer, nobody else."""
         check_read_request(fingerprint, (await self.origin_info()).fingerprint, keys)
         accepted = parse_codecs(codecs, "codecs", allow_empty=True) or ("raw",)
         if from_peer:
@@ -208,7 +208,8 @@ class Edge:
         def complete(found: list[pb.BlockInfo]) -> bool:
             return len(found) == len(keys) and (found[0].codec or "raw") in (accepted[0], self._chosen.get(choice))
 
-        found = best_prefix(keys, accepted, self._held)
+        # Infos told before were checked then and a purge drops them: a warm lookup asks no peer.
+        found = best_prefix(keys, accepted, lambda k: self._held(k) or self._infos.get(k))
         if not complete(found) and self.peers is not None:
             at_peers = await self.peers.infos(
                 fingerprint, keys, accepted, lambda key: self._held(key) is not None, self._trusted
