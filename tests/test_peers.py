@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from kvcdn.model.prompt import document_ids
 from kvcdn.ops.launcher import free_ports
 from kvcdn.spec.placement import Placement
 from kvcdn.wire.rpc import Server
+from kvcdn.wire.stub import CacheReader
 from tests.conftest import SAMPLES, start_network, stop_network
 
 Edges = dict[str, Edge]
@@ -128,6 +130,44 @@ async def test_warm_fetches_from_any_edge_cost_the_origin_nothing(llama: LoadedM
                     assert torch.equal(k, ck) and torch.equal(v, cv)
             assert _origin_rpcs(net.origin_server) == before
             assert sum(e.origin_fetches for e in edges.values()) == pulls
+    finally:
+        await stop_network(net)
+
+
+async def test_a_warm_lookup_asks_no_peer_and_a_purge_ends_that(llama: LoadedModel, tmp_path: Path) -> None:
+    """An edge answers a lookup from the infos it was told by an earlier one (its peers' or the
+    origin's) without asking its peers again, and a purge drops them: the next lookup asks afresh."""
+    net = await start_network(llama, tmp_path / "store")
+    try:
+        async with peered_edges(net.origin_server.address) as (edges, ring, _servers):
+            text = (SAMPLES / "gpl-3.0.txt").read_text()[:3000]
+            keys = [b.key for b in (await net.origin.publish("gpl3", text)).manifest.blocks]
+            doc = document_ids(llama.tokenizer, text)
+            asked: list[str] = []  # peers asked which blocks they hold (from_peer lookups)
+            for address, edge in edges.items():
+
+                async def counting(*args: Any, _lookup: Any = edge.lookup, _at: str = address, **kw: Any) -> Any:
+                    asked.extend([_at] if kw.get("from_peer") else [])
+                    return await _lookup(*args, **kw)
+
+                edge.lookup = counting  # type: ignore[method-assign]
+            x = ring.route(keys[0])[0]  # where the agent looks up; the blocks stream from their owners
+            assert any(x not in ring.owners(k) for k in keys), "the document should have blocks x does not hold"
+            async with KVClient(list(edges)) as client:
+                assert (await client.fetch(llama, doc)).cached_tokens == len(doc)  # cold: x asks around
+                for edge in edges.values():
+                    await edge.settle()
+                cold = len(asked)
+                assert cold > 0
+                assert (await client.fetch(llama, doc)).cached_tokens == len(doc)
+                assert len(asked) == cold  # warm: x knew every block's info
+                async with CacheReader(net.origin_server.address) as origin:
+                    purged = await origin.purge("gpl3")
+                for _ in range(500):  # the purge reaches x through its feed
+                    if edges[x].invalidated_seq >= purged.seq:
+                        break
+                    await asyncio.sleep(0.02)
+                assert (await client.fetch(llama, doc)).cached_tokens == 0
     finally:
         await stop_network(net)
 
