@@ -21,7 +21,8 @@ from kvcdn.errors import DeadlineExceeded, DigestMismatch, FingerprintMismatch, 
 from kvcdn.model import adapter
 from kvcdn.model.codecs import decodes_on_device
 from kvcdn.model.loading import LoadedModel
-from kvcdn.model.receiving import DecodingAssembler, KVAssembler, StagingPool
+from kvcdn.model.receiving import DecodingAssembler, KVAssembler
+from kvcdn.model.staging import StagingPool
 from kvcdn.model.tensors import LayerKV, synchronize
 from kvcdn.spec.codecs import parse_codecs
 from kvcdn.spec.geometry import Geometry

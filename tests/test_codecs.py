@@ -21,7 +21,8 @@ from kvcdn.model import adapter, codecs
 from kvcdn.model.codecs import decode, encode, fp8, int4, lossless, rotation, rotation_block
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.prompt import document_ids
-from kvcdn.model.receiving import DecodingAssembler, KVAssembler, StagingPool
+from kvcdn.model.receiving import DecodingAssembler, KVAssembler
+from kvcdn.model.staging import StagingPool
 from kvcdn.model.tensors import TORCH_DTYPES, LayerKV, bit_identical
 from kvcdn.spec.codecs import (
     CHUNKED,
@@ -329,16 +330,18 @@ def _assemble(
     on_device: bool,
     frame: int = 100,
     staging: StagingPool | None = None,
+    last_first: bool = False,
 ) -> list[LayerKV]:
     """Feed encoded `blocks` (frames of `frame` bytes, as a stream would) through a DecodingAssembler
-    (with `staging`, encoded blocks decoded with torch ops land in its buffers, as on a GPU)."""
+    (with `staging`, encoded blocks decoded with torch ops land in its buffers, as on a GPU), in
+    order or (`last_first`) the last block first."""
     infos = [
         pb.BlockInfo(index=i, n_tokens=min(g.block_tokens, n_tokens - i * g.block_tokens), n_bytes=len(b), codec=codec)
         for i, b in enumerate(blocks)
     ]
     into = KVAssembler(g, n_tokens, torch.device("cpu"), staging, host_staging=not on_device)
     target = DecodingAssembler(into, infos, on_device=on_device)
-    for info, data in zip(infos, blocks, strict=True):
+    for info, data in sorted(zip(infos, blocks, strict=True), key=lambda b: b[0].index, reverse=last_first):
         start = info.index * g.block_tokens
         for offset in range(0, len(data), frame):
             target.write(start, info.n_tokens, offset, memoryview(data[offset : offset + frame]))
@@ -362,6 +365,31 @@ def test_decoding_with_torch_ops_where_the_cache_lands_is_bit_identical(dtype: s
     host = _assemble(g, codec, blocks, n_tokens, on_device=False)
     device = _assemble(g, codec, blocks, n_tokens, on_device=True)
     assert bit_identical(device, host) and device[0][0].shape == (1, 3, n_tokens, 6)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])
+def test_blocks_decoded_where_the_cache_lands_go_in_batches_whatever_order_they_arrive_in(
+    codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU each torch op of a decode is a launch under the GIL the receiving threads share: 8
+    # consecutive blocks decode with one set of ops (a first block with its own flags, or a short last
+    # one, apart), the same batches in any arrival order, and the cache is the host's, bit for bit.
+    g = Geometry(layers=3, kv_heads=3, head_dim=6, dtype="bfloat16", block_tokens=16)
+    n_tokens = 18 * 16 + 5  # 19 blocks, the last one short
+    lengths = [min(16, n_tokens - s) for s in range(0, n_tokens, 16)]
+    blocks = [encode(codec, g, n, _kv(g, n, seed=i)[0], first=i == 0) for i, n in enumerate(lengths)]
+    host = _assemble(g, codec, blocks, n_tokens, on_device=False)
+    batches: list[int] = []  # blocks per decode
+    decode_lossy = codecs.decode_lossy
+    monkeypatch.setattr(
+        codecs, "decode_lossy", lambda c, part, *a: batches.append(part.layers // 3) or decode_lossy(c, part, *a)
+    )
+    first_apart = [1, 7] if codec != "int8" else [8]  # fp8 and int4 flag a document's first block
+    assert bit_identical(_assemble(g, codec, blocks, n_tokens, on_device=True), host)
+    assert batches == [*first_apart, 8, 2, 1]
+    batches.clear()
+    assert bit_identical(_assemble(g, codec, blocks, n_tokens, on_device=True, last_first=True), host)
+    assert batches == [2, 1, 8, *first_apart]
 
 
 @pytest.mark.parametrize("codec", ["fp8", "int8", "int4"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvcdn.errors import InvalidArgument
-from kvcdn.model.receiving import KVAssembler, StagingPool
+from kvcdn.model.receiving import KVAssembler
+from kvcdn.model.staging import StagingPool
 from kvcdn.model.tensors import TORCH_DTYPES, block_payload
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_spans

@@ -1,7 +1,7 @@
-"""Receiving a cache: the buffers verified frames are written into in place (`KVAssembler`), the
-decoding of encoded blocks as their frames arrive (`DecodingAssembler`), and the host staging both
-lease on a GPU (`StagingPool`). kvcdn.wire.receiver.FrameTarget is the interface the transports
-write through.
+"""Receiving a cache: the buffers verified frames are written into in place (`KVAssembler`) and the
+decoding of encoded blocks as their frames arrive (`DecodingAssembler`), both staged on the host
+through leases of a kvcdn.model.staging.StagingPool on a GPU. kvcdn.wire.receiver.FrameTarget is
+the interface the transports write through.
 
 The receiver keeps one token-major buffer per layer and tensor, shaped `[total_tokens, kv_heads,
 head_dim]`, so every (layer, tensor) segment of a block is one contiguous byte range of its buffer: a
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,94 +24,17 @@ import torch
 from kvcdn.errors import DigestMismatch, InvalidArgument
 from kvcdn.model import codecs
 from kvcdn.model.codecs.lossless import Planes
+from kvcdn.model.staging import Lease, StagingPool
 from kvcdn.model.tensors import TORCH_DTYPES, LayerKV, u8
 from kvcdn.spec.codecs import lossy_segment_bytes
 from kvcdn.spec.geometry import Geometry
 from kvcdn.spec.identity import block_spans
 from kvcdn.v1 import kvcdn_pb2 as pb
 
-__all__ = ["DecodingAssembler", "KVAssembler", "Lease", "StagingPool"]
+__all__ = ["DecodingAssembler", "KVAssembler"]
 
 _CudaStream: Any = torch.cuda.Stream  # partly annotated in torch
 _CudaEvent: Any = torch.cuda.Event
-
-
-_SLACK = 4
-"""StagingPool: the largest buffer a request takes, as a multiple of what it asked for."""
-
-
-class Lease:
-    """One staging buffer, held by whoever leased it until that holder calls `release` (once: a
-    buffer given back twice would be handed to two fetches at the same time)."""
-
-    def __init__(self, pool: StagingPool, buffer: torch.Tensor) -> None:
-        self.buffer = buffer
-        self._pool: StagingPool | None = pool
-
-    def release(self) -> None:
-        """Give the buffer back (no copy from it may still be in flight)."""
-        if self._pool is None:
-            raise RuntimeError("staging lease released twice")
-        pool, self._pool = self._pool, None
-        pool._returned(self)
-
-
-class StagingPool:
-    """The one allocator of host staging for landing fetched caches on a GPU: it hands out `Lease`s,
-    tracks them by identity, and reuses what their holders give back.
-
-    Pinned (page-locked) host memory copies to a GPU at full speed (54 GB/s measured on an H100
-    against 6 GB/s pageable) but pinning gigabytes costs more than the fetch it serves, so a client
-    pins buffers once and reuses them: a fetch leases one, receives into it, copies each verified block
-    to the GPU, and releases it once the last copy has landed. Thread-safe. `pin=False` gives the same
-    bookkeeping with ordinary memory (CPU tests run the GPU path's leases so).
-    """
-
-    def __init__(self, pin: bool = True, keep_bytes: int = 8 << 30) -> None:
-        self.pin = pin
-        self.keep_bytes = keep_bytes
-        """Free buffers kept beyond this many bytes are released."""
-        self._free: list[torch.Tensor] = []
-        self._out: dict[int, Lease] = {}
-        """Leases not yet released, by id (identity, never tensor equality)."""
-        self._lock = threading.Lock()
-        self.allocations = 0
-        """Buffers allocated so far (the rest were reused)."""
-
-    def lease(self, n_bytes: int) -> Lease:
-        """A lease on a uint8 host buffer of at least `n_bytes`: the smallest free one that fits and is
-        at most `_SLACK` times that, else a new one (an encoded block's few MB must not take, and
-        hold, the buffer a whole raw cache lands in)."""
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if n_bytes <= b.numel() <= _SLACK * n_bytes]
-            if fits:
-                buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-            else:
-                self.allocations += 1
-                buffer = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=self.pin)
-            lease = self._out[id(buffer)] = Lease(self, buffer)
-        return lease
-
-    def _returned(self, lease: Lease) -> None:
-        with self._lock:
-            if self._out.get(id(lease.buffer)) is not lease:
-                raise RuntimeError("staging lease released to a pool that did not grant it")
-            del self._out[id(lease.buffer)]
-            self._free.append(lease.buffer)
-            self._free.sort(key=lambda b: b.numel(), reverse=True)
-            while sum(b.numel() for b in self._free) > self.keep_bytes:
-                self._free.pop()  # the smallest go first: big fetches keep their buffers
-
-    @property
-    def free_bytes(self) -> int:
-        with self._lock:
-            return sum(b.numel() for b in self._free)
-
-    @property
-    def leased(self) -> int:
-        """Leases granted and not yet released."""
-        with self._lock:
-            return len(self._out)
 
 
 class KVAssembler:
@@ -274,6 +198,10 @@ class KVAssembler:
         return out
 
 
+DEVICE_BATCH_BLOCKS = 8
+"""DecodingAssembler: consecutive blocks decoded on the device with one set of torch ops."""
+
+
 class DecodingAssembler:
     """A frame target (kvcdn.wire.receiver.FrameTarget) for encoded blocks: frames land in a buffer of
     their block's encoded size, are decoded into `assembler`, and each block is handed on once it is
@@ -285,7 +213,9 @@ class DecodingAssembler:
     Where blocks decode (`on_device`, default `decodes_on_device`): on the CPU, into the assembler's
     host buffers (the cache, or staging for a GPU); or with torch ops where the cache lives: the
     encoded bytes land in pinned staging, are copied to the GPU on the assembler's side stream (2-4x
-    fewer bytes than raw ones) and decoded there, in order with the copy, overlapping the network."""
+    fewer bytes than raw ones) as each block completes, and decoded there in order with the copies,
+    `DEVICE_BATCH_BLOCKS` consecutive blocks at a time (the same batches whatever order they
+    arrive in, so a device decodes a cache alike every time), overlapping the network."""
 
     def __init__(self, assembler: KVAssembler, blocks: Sequence[pb.BlockInfo], on_device: bool | None = None) -> None:
         self.assembler = assembler
@@ -308,6 +238,12 @@ class DecodingAssembler:
         """Lossless blocks being decoded as their frames are verified."""
         self._lossy_done: dict[int, int] = {}
         """Lossy blocks decoded on the host as their frames are verified: layers decoded so far."""
+        starts = sorted(self._infos)
+        self._batches = [starts[i : i + DEVICE_BATCH_BLOCKS] for i in range(0, len(starts), DEVICE_BATCH_BLOCKS)]
+        self._batch_of = {start: i // DEVICE_BATCH_BLOCKS for i, start in enumerate(starts)}
+        self._copied: dict[int, tuple[torch.Tensor, int]] = {}
+        """Blocks copied to the device whose batch is not complete yet: their body and header flags."""
+        self._lock = threading.Lock()
 
     def regions(self, block_start: int, block_tokens: int, offset: int, length: int) -> list[np.ndarray]:
         info = self._infos.get(block_start)
@@ -391,12 +327,33 @@ class DecodingAssembler:
         host = staged.buffer[: info.n_bytes] if staged is not None else torch.from_numpy(data)
         with self.assembler.copying():
             body = host[codecs.HEAD.size :].to(self.device, non_blocking=True)
-        with self.assembler.side_stream():
-            values = codecs.decode_lossy(info.codec, geometry, block_tokens, body, flags)
-            self._finite.append(codecs.all_finite(values))
-            self.assembler.land(block_start, block_tokens, values)
         if staged is not None:
             self._held.append(staged)
+        batch = self._batches[self._batch_of[block_start]]
+        with self._lock:  # the thread that completes a batch decodes it
+            self._copied[block_start] = (body, flags)
+            if not all(start in self._copied for start in batch):
+                return
+            copied = [(start, *self._copied.pop(start)) for start in batch]
+        self._decode(copied)
+
+    def _decode(self, copied: list[tuple[int, torch.Tensor, int]]) -> None:
+        """Decode blocks copied to the device, each run of them with the same codec, length and flags
+        with one set of torch ops (bodies laid end to end are the body of a block of that many times
+        the layers), and land them: each op a kernel launch while holding the GIL, which the
+        receiving threads share, so a batch costs them about what one block did."""
+        geometry = self.assembler.geometry
+        segments = 2 * geometry.layers
+        same = lambda c: (self._infos[c[0]].codec, self._infos[c[0]].n_tokens, c[2])  # noqa: E731
+        for (codec, n_tokens, flags), group in itertools.groupby(copied, key=same):
+            run = list(group)
+            with self.assembler.side_stream():
+                body = run[0][1] if len(run) == 1 else torch.cat([body for _, body, _ in run])
+                part = dataclasses.replace(geometry, layers=geometry.layers * len(run))
+                values = codecs.decode_lossy(codec, part, n_tokens, body, flags)
+                self._finite.append(codecs.all_finite(values))
+                for i, (start, _, _) in enumerate(run):
+                    self.assembler.land(start, n_tokens, values[i * segments : (i + 1) * segments])
 
     def layers(self) -> list[LayerKV]:
         layers = self.assembler.layers()  # every copy and decode has run once this returns
@@ -413,6 +370,7 @@ class DecodingAssembler:
             self._held.pop().release()
         while self._staged:
             self._staged.popitem()[1].release()
+        self._copied.clear()
 
 
 @contextlib.contextmanager
