@@ -32,6 +32,7 @@ from kvcdn.client.config import ClientConfig
 from kvcdn.errors import InvalidArgument
 from kvcdn.loadtest.baseline import RawTCP, blake3_gbps, cpu_seconds, verified_bound
 from kvcdn.loadtest.bench_report import print_report
+from kvcdn.loadtest.codecs import encode_gbps
 from kvcdn.model import adapter
 from kvcdn.model.loading import LoadedModel
 from kvcdn.model.options import ModelOptions
@@ -120,6 +121,9 @@ class BenchRow:
     first sends (the mean). With `land_s`, the part of a fetch that streaming faster does not shorten."""
     land_s: float = 0.0
     """Seconds from the last frame to a cache ready on the device (the last copies, the mean)."""
+    encode_gbps: float = 0.0
+    """Raw cache bytes per second the origin's encoder turns into this codec on the model's device
+    (kvcdn.loadtest.codecs.encode_gbps: the document's first blocks; 0 for raw)."""
     raw_receiver_cpu_s: float = 0.0
     """CPU seconds of this process receiving the raw TCP baseline of the same bytes (the mean)."""
     raw_sender_cpu_s: float = 0.0
@@ -220,6 +224,7 @@ async def measure(
                     two_pass_matched=two_pass_matched,
                     matched=matched,
                     receive_busy=fetches.receiving.busy,
+                    encode_gbps=encode_gbps(model, fetches.codec, own),
                     **fetches.costs,
                 )
                 rows.append(row)

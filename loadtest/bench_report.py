@@ -135,7 +135,8 @@ def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Tabl
     """Where the fetches' time went: CPU seconds per GB streamed of the client and the edges
     against the raw TCP baseline's receiver (plus one core's BLAKE3 of the same bytes, the least a
     verifying receiver can spend) and sender, the receiving threads' busy share, the fixed part of a
-    fetch (to its first frame, from its last frame to the cache ready), the GPU's copies."""
+    fetch (to its first frame, from its last frame to the cache ready), the GPU's copies, and the
+    origin's encoder on the model's device."""
     head = [
         "tokens",
         "codec",
@@ -151,6 +152,7 @@ def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Tabl
         "landing s",
         "H2D copy s",
         "H2D GB/s",
+        "encode GB/s",
     ]
     body = []
     for r in rows:
@@ -172,6 +174,7 @@ def render_costs(rows: list[BenchRow], title: str, markdown: bool) -> str | Tabl
                 f"{r.land_s:.4f}",
                 f"{r.copy_s:.3f}" if r.copy_s else "-",
                 f"{r.wire_bytes / r.copy_s / 1e9:.1f}" if r.copy_s else "-",
+                f"{r.encode_gbps:.2f}" if r.encode_gbps else "-",
             ]
         )
     return grid(head, body, title, markdown)

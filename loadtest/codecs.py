@@ -43,7 +43,7 @@ from kvcdn.model.tensors import LayerKV, block_payload
 from kvcdn.spec.codecs import CODECS
 from kvcdn.spec.identity import block_spans
 
-__all__ = ["CodecRow", "CodecsConfig", "measure_codecs", "run_codecs"]
+__all__ = ["CodecRow", "CodecsConfig", "encode_gbps", "measure_codecs", "run_codecs"]
 
 _REPEATS = 3
 
@@ -135,6 +135,23 @@ def _nudged(layers: list[LayerKV], seed: int) -> list[LayerKV]:
         return picked.to(t.device)
 
     return [(nudge(k), nudge(v)) for k, v in layers]
+
+
+def encode_gbps(model: LoadedModel, codec: str, layers: list[LayerKV], max_blocks: int = 8) -> float:
+    """Raw cache bytes per second that `codec`'s encoder turns out on the model's device, as an origin
+    there encodes a published document (lossy codecs with the model's key shaping), over the first
+    `max_blocks` blocks of `layers` (a prefill), after one untimed block; 0 for raw."""
+    if codec == "raw":
+        return 0.0
+    g = model.geometry
+    spans = block_spans(layers[0][0].shape[2], g.block_tokens)[:max_blocks]
+    payloads = [block_payload(g, layers, s, e) for s, e in spans]
+    shaping = None if CODECS[codec].exact else model.key_shaping
+    encode(codec, g, spans[0][1] - spans[0][0], payloads[0], True, shaping, model.device)  # warm-up
+    t0 = time.perf_counter()
+    for (s, e), payload in zip(spans, payloads, strict=True):
+        encode(codec, g, e - s, payload, s == 0, shaping, model.device)  # bytes back on the host: synchronized
+    return sum(len(p) for p in payloads) / (time.perf_counter() - t0) / 1e9
 
 
 def measure_codecs(model: LoadedModel, config: CodecsConfig, console: Console) -> list[CodecRow]:

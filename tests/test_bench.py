@@ -117,6 +117,7 @@ async def test_measure_each_codec_fetches_the_same_document_in_every_codec(
     assert raw.kv_identical and lossless.kv_identical and not int8.kv_identical  # lossy: close, not equal
     assert raw.wire_bytes == raw.cache_bytes > lossless.wire_bytes > int8.wire_bytes
     assert len({r.prefill_s for r in rows}) == 1  # one local prefill a document, shared by its rows
+    assert int8.encode_gbps > 0 and lossless.encode_gbps > 0 and raw.encode_gbps == 0  # the origin's encoders
     logged = capsys.readouterr().err.splitlines()
     assert [line.split(":")[0] for line in logged] == ["200 tokens int8", "200 tokens raw", "200 tokens lossless"]
     print_report(rows, BenchConfig((200,), markdown=True, codecs=config.codecs, each_codec=True), model, Console())
@@ -124,6 +125,7 @@ async def test_measure_each_codec_fetches_the_same_document_in_every_codec(
     titles = [line for line in printed.splitlines() if line.startswith("kvcdn bench:")]
     assert [t.rsplit("; ", 1)[1] for t in titles] == ["int8", "raw", "lossless"]  # a table per codec
     assert printed.count("\n| 200 | ") == 3 + 3  # a row in each, and each in the costs table
+    assert "| encode GB/s |" in printed and "| first frame s | landing s |" in printed
 
 
 def test_bench_on_random_weights_of_a_real_shape_over_two_edges(

@@ -76,9 +76,7 @@ def encode(
     if codec == "lossless":
         return lossless.encode(geometry, n_tokens, payload)
     lossy = LOSSY[codec]
-    values = as_float(geometry, n_tokens, payload)
-    if device is not None:
-        values = values.to(device)
+    values = as_float(geometry, n_tokens, payload, device)
     flags = lossy.flags(values, geometry, first)
     sink = TORCH_DTYPES[geometry.dtype] if flags & SINK else None
     factor = shaping.to(values.device) if shaping is not None else None

@@ -65,9 +65,15 @@ def segments(geometry: Geometry) -> int:
     return 2 * geometry.layers
 
 
-def as_float(geometry: Geometry, n_tokens: int, payload: bytes | memoryview) -> torch.Tensor:
-    """The payload as float32 `[2 * layers, n_tokens, kv_heads, head_dim]` (segment order)."""
-    flat = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).view(TORCH_DTYPES[geometry.dtype])
+def as_float(
+    geometry: Geometry, n_tokens: int, payload: bytes | memoryview, device: torch.device | None = None
+) -> torch.Tensor:
+    """The payload as float32 `[2 * layers, n_tokens, kv_heads, head_dim]` (segment order), on
+    `device` (default the CPU): the bytes travel there as they are and widen there (one core of the
+    2-core machine took 64 ms to widen a 256-token Qwen3-4B block, 38 MB, of which the copy 4 ms;
+    and float32 would be twice the bytes to copy)."""
+    raw = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy())
+    flat = (raw if device is None else raw.to(device)).view(TORCH_DTYPES[geometry.dtype])
     return flat.reshape(segments(geometry), n_tokens, geometry.kv_heads, geometry.head_dim).float()
 
 
