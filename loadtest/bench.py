@@ -371,28 +371,29 @@ def run_bench(config: BenchConfig, model: LoadedModel, options: ModelOptions) ->
     rows: list[BenchRow] = []
     stopped = ""
     with _stopped_by_sigterm(), tempfile.TemporaryDirectory(prefix="kvcdn-bench-") as store:
-        with console.status(f"starting an origin and {config.edges} edge(s) ..."):
-            # Memory tiers that hold every length's cache at each of its owners, with room to spare (the
-            # default 1 GiB does not hold a 32,768-token Qwen3-4B cache): a warm edge answers from memory.
-            copies = DEFAULT_REPLICAS * (len(config.codecs) if config.each_codec else 1)
-            held = copies * model.geometry.token_bytes * sum(config.lengths) * 5 // 4 // config.edges
-            cluster = Cluster(
-                store_dir=Path(store),
-                edges=config.edges,
-                origin_args=[*options.flags(), "--frame-bytes", str(config.frame_bytes)],
-                edge_args=["--mem-bytes", str(max(1 << 30, held))],
-                signed=config.signed,
-                tls=config.tls,
-            ).start()
-        clients = ClientConfig(
-            tuple(cluster.edge_addresses),
-            streams_per_run=config.streams_per_run,
-            spread=config.spread,
-            codecs=config.codecs,
-            trust=(cluster.trust_file,) if cluster.trust_file is not None else (),
-            tls=cluster.client_tls,
+        # Memory tiers that hold every length's cache at each of its owners, with room to spare (the
+        # default 1 GiB does not hold a 32,768-token Qwen3-4B cache): a warm edge answers from memory.
+        copies = DEFAULT_REPLICAS * (len(config.codecs) if config.each_codec else 1)
+        held = copies * model.geometry.token_bytes * sum(config.lengths) * 5 // 4 // config.edges
+        cluster = Cluster(
+            store_dir=Path(store),
+            edges=config.edges,
+            origin_args=[*options.flags(), "--frame-bytes", str(config.frame_bytes)],
+            edge_args=["--mem-bytes", str(max(1 << 30, held))],
+            signed=config.signed,
+            tls=config.tls,
         )
         try:
+            with console.status(f"starting an origin and {config.edges} edge(s) ..."):
+                cluster.start()  # (stopped part-way, it stops what it started)
+            clients = ClientConfig(
+                tuple(cluster.edge_addresses),
+                streams_per_run=config.streams_per_run,
+                spread=config.spread,
+                codecs=config.codecs,
+                trust=(cluster.trust_file,) if cluster.trust_file is not None else (),
+                tls=cluster.client_tls,
+            )
             edge_pids = [cluster.process(f"edge{i}").pid for i in range(config.edges)]
             asyncio.run(
                 measure(

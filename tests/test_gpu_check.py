@@ -86,7 +86,7 @@ def _imported_distributions() -> set[str]:
                 for name in names:
                     top = name.split(".")[0]
                     if top not in sys.stdlib_module_names and top != "kvcdn":
-                        found |= {canonicalize_name(d) for d in owners[top]}
+                        found |= {canonicalize_name(d) for d in owners.get(top, [top])}  # not installed: its name
     return found
 
 
