@@ -24,6 +24,8 @@ BUDGET_S = 290
 taking 1-2 of them, runs the check twice."""
 PACKAGES = ("kvcdn", "origin", "edge", "client", "ops", "loadtest")
 """What the check's processes import from (integrations/ is vLLM's side, not on a GPU check)."""
+TESTS = ("conftest.py", "tinymodels.py", "test_gpu.py")
+"""The test files the check runs (tests/)."""
 GPU_MACHINE = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux"}
 GPU_MACHINE |= {"platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"}
 GPU_MACHINE |= {"implementation_name": "cpython", "platform_python_implementation": "CPython"}
@@ -74,19 +76,20 @@ def _listed() -> tuple[set[str], set[str], set[str]]:
 
 
 def _imported_distributions() -> set[str]:
-    """The distributions whose modules kvcdn's code imports (anywhere: a lazy import runs too)."""
+    """The distributions whose modules kvcdn's code and the check's tests import (anywhere in a file:
+    a lazy import runs too)."""
     owners = metadata.packages_distributions()
     found = set()
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                for name in names:
-                    top = name.split(".")[0]
-                    if top not in sys.stdlib_module_names and top != "kvcdn":
-                        found |= {canonicalize_name(d) for d in owners.get(top, [top])}  # not installed: its name
+    sources = [path for package in PACKAGES for path in (ROOT / package).rglob("*.py")]
+    for path in [*sources, *(ROOT / "tests" / name for name in TESTS)]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("kvcdn", "tests"):
+                    found |= {canonicalize_name(d) for d in owners.get(top, [top])}  # not installed: its name
     return found
 
 
@@ -106,7 +109,7 @@ def test_the_carried_wheels_hold_what_kvcdn_imports_and_what_they_need() -> None
     imported = _imported_distributions()
     assert {"joserfc", "psycopg", "torch", "grpcio"} <= imported  # the scan sees kvcdn's imports
     missing = imported - carried - image - unneeded
-    assert not missing, f"add to scripts/gpu-wheels.txt (kvcdn imports them): {sorted(missing)}"
+    assert not missing, f"add to scripts/gpu-wheels.txt (kvcdn or the check's tests import them): {sorted(missing)}"
     # What the carried wheels need in turn (psycopg's C library, pydantic's core, ...), to the image's edge.
     seen: set[str] = set()
     todo = sorted(carried)
