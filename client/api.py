@@ -276,14 +276,13 @@ class KVClient:
             c0 = time.perf_counter()
             await self.calibrate(model, ids)
             t0 += time.perf_counter() - c0  # a one-off measurement, not part of this fetch's time
+        rate_key = fetch_key(blocks[0].codec if blocks else "", str(model.device))
+        n_bytes = sum(b.n_bytes for b in blocks)
         decision = decide(
             policy,
             tokens=len(ids),
             cached_tokens=sum(b.n_tokens for b in blocks),
-            cached_bytes=sum(b.n_bytes for b in blocks),
-            fetch_bytes_per_s=self.estimates.fetch_bytes_per_s.get(
-                fetch_key(blocks[0].codec if blocks else "", str(model.device)), self.config.assumed_gbps * 1e9
-            ),
+            cached_fetch_s=self.estimates.fetch_seconds(rate_key, n_bytes, self.config.assumed_gbps * 1e9),
             prefill_seconds=lambda n: self.estimates.prefill_seconds(key, n),
         )
         if decision.action == "prefill":
@@ -374,7 +373,8 @@ class KVClient:
             land_s=time.perf_counter() - streamed_at,
             receipts=[pb.Receipt.FromString(v) for p in progress for k, v in p.trailers if k == RECEIPT_KEY],
         )
-        self.estimates.observe_fetch(fetch_key(codec, str(model.device)), fetched.n_bytes, fetched.fetch_s)
+        fixed_s = fetched.first_frame_s + fetched.land_s
+        self.estimates.observe_fetch(fetch_key(codec, str(model.device)), fetched.n_bytes, fetched.fetch_s, fixed_s)
         return fetched
 
     @staticmethod

@@ -1,14 +1,16 @@
 """Fetch or prefill: an agent should fetch a cache only when that is faster than computing it.
 
-The client keeps moving estimates (`Estimates`) of the bandwidth its fetches reach, per codec and
-device (decoding bounds a fetch as much as the network: fp8 decodes at ~0.4 GB/s per CPU core where
-raw bytes land at 2-3 GB/s), and of the seconds a prefill of each model on its device takes, by
+The client keeps moving estimates (`Estimates`) of what its fetches take, per codec and device: a
+fixed part (lookup to the first verified frame, last frame to a ready cache) and the bandwidth of the
+rest (decoding bounds a fetch as much as the network: fp8 decodes at ~0.4 GB/s per CPU core where raw
+bytes land at 2-3 GB/s); a short document's fetch is mostly its fixed part, so one rate measured on
+long ones would predict it too fast. It also keeps the seconds a prefill of each model on its device takes, by
 length: a prefill's time is not proportional to its length (on a GPU a short one is bound by kernel
 launches: Qwen3-4B on an H200 took 0.026 s for 1,024 tokens and 0.082 s for 3,774, 3.7x the tokens in
 3.2x the time), so it is read off the measured lengths, piecewise linear and extended along the
 nearest segment. For a sequence whose first `cached_tokens` tokens are on the edges it predicts
 
-    fetch   = cached bytes / bandwidth  +  prefill(tokens - cached_tokens)
+    fetch   = fixed  +  cached bytes / bandwidth  +  prefill(tokens - cached_tokens)
     prefill = prefill(tokens)
 
 (the tokens after the sequence, such as a question, cost the same either way). `decide` picks the
@@ -46,16 +48,32 @@ class Estimates:
     weight: float = 0.3
     """Weight of the newest measurement."""
     fetch_bytes_per_s: dict[str, float] = field(default_factory=dict)
-    """Bytes (as sent) per second a fetch reaches, lookup, decode and rebuild included, by `fetch_key`."""
+    """Bytes (as sent) per second a fetch streams, decoded and rebuilt, past its fixed part, by `fetch_key`."""
+    fetch_fixed_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of a fetch that do not grow with its bytes (lookup to the first verified frame, last
+    frame to a ready cache), by `fetch_key`."""
     prefill_s: dict[str, dict[int, float]] = field(default_factory=dict)
     """Seconds of a local prefill, by model (fingerprint and device), then by length in tokens."""
 
     def _blend(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new
 
-    def observe_fetch(self, key: str, n_bytes: int, seconds: float) -> None:
-        if n_bytes > 0 and seconds > 0:
-            self.fetch_bytes_per_s[key] = self._blend(self.fetch_bytes_per_s.get(key), n_bytes / seconds)
+    def observe_fetch(self, key: str, n_bytes: int, seconds: float, fixed_s: float = 0.0) -> None:
+        """A fetch of `n_bytes` in `seconds`, `fixed_s` of them its fixed part. Its rate counts only
+        when streaming was at least half of it: a fetch that was mostly its fixed part says little of
+        the bandwidth (a few frames in a millisecond)."""
+        if n_bytes <= 0 or seconds <= 0:
+            return
+        fixed_s = min(max(fixed_s, 0.0), seconds)
+        self.fetch_fixed_s[key] = self._blend(self.fetch_fixed_s.get(key), fixed_s)
+        if seconds - fixed_s >= seconds / 2:
+            rate = n_bytes / (seconds - fixed_s)
+            self.fetch_bytes_per_s[key] = self._blend(self.fetch_bytes_per_s.get(key), rate)
+
+    def fetch_seconds(self, key: str, n_bytes: int, assumed_bytes_per_s: float) -> float:
+        """The predicted seconds of a fetch of `n_bytes`: its fixed part (none before one is measured)
+        plus the bytes at the measured bandwidth (`assumed_bytes_per_s` before one is measured)."""
+        return self.fetch_fixed_s.get(key, 0.0) + n_bytes / self.fetch_bytes_per_s.get(key, assumed_bytes_per_s)
 
     def observe_prefill(self, model_key: str, n_tokens: int, seconds: float) -> None:
         if n_tokens > 0 and seconds > 0:
@@ -101,19 +119,19 @@ def decide(
     *,
     tokens: int,
     cached_tokens: int,
-    cached_bytes: int,
-    fetch_bytes_per_s: float | None,
+    cached_fetch_s: float | None,
     prefill_seconds: Callable[[int], float | None],
 ) -> Decision:
-    """Fetch or prefill a sequence of `tokens` whose first `cached_tokens` (`cached_bytes` of KV) the
-    edges hold, given the predicted seconds of a prefill of a number of tokens (None: unknown)."""
+    """Fetch or prefill a sequence of `tokens` whose first `cached_tokens` the edges hold, given the
+    predicted seconds of fetching those (`Estimates.fetch_seconds`; None: unknown) and of a prefill of
+    a number of tokens (None: unknown)."""
     if policy not in POLICIES:
         raise InvalidArgument(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     prefill_s = prefill_seconds(tokens)
     rest_s = prefill_seconds(tokens - cached_tokens) if tokens > cached_tokens else 0.0
     fetch_s = None
-    if fetch_bytes_per_s and prefill_s is not None and rest_s is not None:
-        fetch_s = cached_bytes / fetch_bytes_per_s + rest_s
+    if cached_fetch_s is not None and prefill_s is not None and rest_s is not None:
+        fetch_s = cached_fetch_s + rest_s
     if cached_tokens == 0:
         action: Literal["fetch", "prefill"] = "prefill"  # nothing to fetch
     elif policy == "auto":
