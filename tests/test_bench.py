@@ -64,6 +64,22 @@ def test_cpu_seconds_counts_what_another_process_ran() -> None:
     assert 0.2 <= spent < 1.0
 
 
+def test_cpu_seconds_of_another_process_are_finer_than_the_ticks() -> None:
+    """A 4 ms burst reads 4 ms, not the 0 or 10 ms of 10 ms ticks (an edge's share of a short fetch)."""
+    burst = "t = time.process_time()\nwhile time.process_time() - t < 0.004: pass\n"
+    child = f"import sys, time\nprint(flush=True)\ninput()\n{burst}print(flush=True)\ninput()\n"
+    with subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdout.readline()  # started: its start-up is not counted
+        before = cpu_seconds([proc.pid])
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # burst done
+        spent = cpu_seconds([proc.pid]) - before
+        proc.communicate(b"\n", timeout=10)
+    assert 0.004 <= spent < 0.008
+
+
 def test_the_verified_bound_is_receive_then_hash_on_one_core() -> None:
     assert verified_bound(4.0, 4.0) == 2.0 and verified_bound(3.0, 6.0) == 2.0
     assert 0.01 < blake3_gbps(4 << 20, 1 << 20, repeats=2) < 1000
