@@ -4,8 +4,8 @@ The client keeps moving estimates (`Estimates`) of what its fetches take, per co
 fixed part (lookup to the first verified frame, last frame to a ready cache) and the bandwidth of the
 rest (decoding bounds a fetch as much as the network: fp8 decodes at ~0.4 GB/s per CPU core where raw
 bytes land at 2-3 GB/s); a short document's fetch is mostly its fixed part, so one rate measured on
-long ones would predict it too fast. It also keeps the seconds a prefill of each model on its device takes, by
-length: a prefill's time is not proportional to its length (on a GPU a short one is bound by kernel
+long ones would predict it too fast. It also keeps the seconds a prefill of each model on its device
+takes, by length: a prefill's time is not proportional to its length (on a GPU a short one is bound by kernel
 launches: Qwen3-4B on an H200 took 0.026 s for 1,024 tokens and 0.082 s for 3,774, 3.7x the tokens in
 3.2x the time), so it is read off the measured lengths, piecewise linear and extended along the
 nearest segment. For a sequence whose first `cached_tokens` tokens are on the edges it predicts
