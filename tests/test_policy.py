@@ -64,9 +64,10 @@ def test_estimates_move_toward_new_measurements_per_codec_and_device() -> None:
 
 
 def test_a_short_fetch_pays_the_fixed_part_that_a_rate_alone_would_hide() -> None:
-    """Qwen3-4B on an H200 (147 KB a token): a 3,774-token fetch of 0.081 s, 6 ms of it to the first
-    frame and to a ready cache. One rate over the whole fetch (6.9 GB/s) predicts a 1,024-token fetch
-    at 0.022 s, under the 0.024 s prefill; the fixed part plus the streamed bytes predict 0.026 s."""
+    """Qwen3-4B's geometry (147 KB a token), a GPU-like fetch: 3,774 tokens in 0.081 s, 6 ms of it to
+    the first frame and to a ready cache, and an illustrative 0.024 s prefill of 1,024 tokens. One rate
+    over the whole fetch (6.9 GB/s) predicts a 1,024-token fetch at 0.022 s, under that prefill; the
+    fixed part plus the streamed bytes predict 0.026 s."""
     e = Estimates()
     key = fetch_key("", "cuda:0")
     token_bytes = 147_456
